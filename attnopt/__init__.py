@@ -1,0 +1,38 @@
+"""attnopt: an attention compiler for PyTorch.
+
+    report = attnopt.inspect(model, args)           # every attention site, and what attnopt would do
+    fast = attnopt.optimize(model, "exact", args)   # same function, attention through attnopt's kernels
+    torch.compile(model, backend="attnopt")         # as a dynamo backend, then Inductor
+
+Importing attnopt is light: it registers the ``torch.ops.attnopt`` custom ops and imports neither
+triton nor CUDA; kernels are generated and compiled when first needed.
+"""
+
+from attnopt import ops as _ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.api import AttnoptError, CaptureError, InputError, OptimizedModule, attention, inspect, optimize, report
+from attnopt.backend import Backend, make_backend
+from attnopt.policy import Exact, Keep, Linear, Policy, Sigmoid, Sparse
+from attnopt.report import Report, Site
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttnoptError",
+    "Backend",
+    "CaptureError",
+    "Exact",
+    "InputError",
+    "Keep",
+    "Linear",
+    "OptimizedModule",
+    "Policy",
+    "Report",
+    "Sigmoid",
+    "Site",
+    "Sparse",
+    "attention",
+    "inspect",
+    "make_backend",
+    "optimize",
+    "report",
+]

@@ -1,0 +1,205 @@
+"""The public entry points: ``inspect``, ``optimize``, ``report`` and ``attention``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from attnopt.backend import Backend
+from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.ops import new_seed
+from attnopt.passes import deviation
+from attnopt.policy import Exact, Policy, as_policy
+from attnopt.report import Report
+
+
+class AttnoptError(Exception):
+    """Base class of the errors attnopt raises on bad input."""
+
+
+class CaptureError(AttnoptError):
+    """The model could not be captured as FX graphs, or attnopt failed on a captured graph."""
+
+
+class InputError(AttnoptError, ValueError):
+    """The example inputs do not fit the model."""
+
+
+class OptimizedModule(nn.Module):
+    """The module ``optimize`` returns: the original module, run through attnopt's rewritten graphs.
+
+    Attributes, ``state_dict`` and ``load_state_dict`` are those of the wrapped module (same keys), so
+    checkpoints move freely between the two. The first call with new shapes captures and rewrites.
+    """
+
+    def __init__(self, module: nn.Module, policy: Policy, report: Report):
+        super().__init__()
+        self.module = module
+        backend = Backend(policy, then="eager", report=report)
+        object.__setattr__(self, "_attnopt_backend", backend)
+        object.__setattr__(self, "_attnopt_compiled", torch.compile(module, backend=backend))
+
+    @property
+    def attnopt_report(self) -> Report:
+        return self._attnopt_backend.report
+
+    @property
+    def policy(self) -> Policy:
+        return self._attnopt_backend.policy
+
+    def forward(self, *args, **kwargs):
+        return self._attnopt_compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def state_dict(self, *args, **kwargs):
+        return self.module.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        return self.module.load_state_dict(*args, **kwargs)
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"attnopt works on torch.nn.Module instances, got {type(model).__name__}")
+
+
+def _normalize(args: Any, kwargs: Any) -> tuple[tuple, dict]:
+    if isinstance(args, torch.Tensor):
+        args = (args,)
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
+    return tuple(args), dict(kwargs or {})
+
+
+def _leaves(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        out = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _leaves(x)]
+    return []
+
+
+def _run_eager(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return model(*args, **kwargs)
+    except Exception as exc:
+        raise InputError(
+            f"the example inputs do not fit {type(model).__name__}: calling it raised {type(exc).__name__}: {exc}. "
+            "Pass args/kwargs that the model's forward accepts."
+        ) from exc
+
+
+def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: dict) -> Any:
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            out = fn(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as exc:
+        raise CaptureError(f"attnopt failed on a graph captured from {type(model).__name__}: {exc.inner_exception!r}") from exc
+    except Exception as exc:
+        raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    if not backend.contexts:
+        raise CaptureError(
+            f"no graph of {type(model).__name__} could be captured: its forward ran entirely outside dynamo "
+            "(e.g. under torch._dynamo.disable, or with a graph break on every operation)."
+        )
+    return out
+
+
+def _output_deviation(want: Any, got: Any) -> float | None:
+    pairs = [(g, w) for g, w in zip(_leaves(got), _leaves(want)) if w.is_floating_point()]
+    return max((deviation(g, w) for g, w in pairs), default=None)
+
+
+def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrite: bool) -> tuple[Backend, Any, Any]:
+    want = _run_eager(model, args, kwargs)
+    backend = Backend(policy, then="eager", rewrite=rewrite)
+    compiled = torch.compile(model, backend=backend)
+    got = _run_captured(compiled, model, backend, args, kwargs)
+    return backend, want, got
+
+
+def _check_globs(policy: Policy, report: Report) -> None:
+    unmatched = policy.unmatched_globs([s.name for s in report.sites])
+    if unmatched:
+        raise ValueError(
+            f"policy override glob(s) {unmatched} match no attention site; sites are {[s.name for s in report.sites]}"
+        )
+
+
+def inspect(model: nn.Module, args: Any = (), kwargs: dict | None = None, policy: Any = "exact") -> Report:
+    """Captures ``model`` on the example inputs and reports every attention site and what ``policy`` would do."""
+    policy = as_policy(policy)
+    _check_model(model)
+    args, kwargs = _normalize(args, kwargs)
+    if not args and not kwargs:
+        raise ValueError("attnopt.inspect needs example inputs: inspect(model, args=(...,), kwargs={...})")
+    backend, _, _ = _capture(model, policy, args, kwargs, rewrite=False)
+    _check_globs(policy, backend.report)
+    return backend.report
+
+
+def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: dict | None = None) -> OptimizedModule:
+    """A module computing the same function as ``model`` with its attention sites rewritten per ``policy``.
+
+    With example inputs, the model is captured, rewritten and validated now (each site checked against
+    the original; deviants are rolled back) and the report records the largest output difference.
+    Without them, that happens at the first call.
+    """
+    policy = as_policy(policy)
+    _check_model(model)
+    args, kwargs = _normalize(args, kwargs)
+    report = Report()
+    optimized = OptimizedModule(model, policy, report)
+    if args or kwargs:
+        want = _run_eager(model, args, kwargs)
+        got = _run_captured(optimized, model, optimized._attnopt_backend, args, kwargs)
+        report.output_deviation = _output_deviation(want, got)
+        if model.training:
+            report.notes.append("the model is in training mode: dropout makes outputs random (call .eval() to compare)")
+        _check_globs(policy, report)
+    return optimized
+
+
+def report(module: nn.Module) -> Report:
+    """The report of a module returned by :func:`optimize`."""
+    if isinstance(module, OptimizedModule):
+        return module.attnopt_report
+    raise TypeError(f"attnopt.report takes a module returned by attnopt.optimize, got {type(module).__name__}")
+
+
+def attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None, variant: Any = None,
+              dropout_p: float = 0.0):  # fmt: skip
+    """attnopt's kernels called directly, with SDPA's layout and semantics.
+
+    q [..., Hq, Sq, D], k [..., Hkv, Sk, D], v [..., Hkv, Sk, Dv] (Hq % Hkv == 0: GQA needs no repeat);
+    ``attn_mask`` boolean (True = attend) or additive; ``is_causal`` is SDPA's (top-left aligned).
+    """
+    if variant is not None and not isinstance(as_policy(variant).default, Exact):
+        raise NotImplementedError(f"attnopt.attention: variant {variant!r} is not available yet; use 'exact'")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attnopt.attention: pass either attn_mask or is_causal=True, not both (as SDPA)")
+    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"attnopt.attention takes 3-D or 4-D q, k, v; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    seed = new_seed() if dropout_p > 0.0 else None
+    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
+    out, _ = torch.ops.attnopt.attention(q, k, v, attn_mask, float(dropout_p), causal, scale, seed)
+    return out.squeeze(0) if squeeze else out

@@ -1,0 +1,124 @@
+"""attnopt's torch custom ops: ``torch.ops.attnopt.attention`` and its backward.
+
+Both ops have a fake implementation (so ``torch.compile`` and ``torch.export`` trace them without
+running them), a CPU implementation (the plain PyTorch reference in ``kernels/exact``) and a CUDA
+implementation that launches the Triton kernel generated for the call's spec.
+
+Layout is SDPA's: q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] with Hq % Hkv == 0 (GQA is
+native: k and v are never repeated). ``causal`` is one of the ``CAUSAL_*`` codes of the reference.
+Dropout is driven by a 0-d int64 ``seed`` tensor so the backward replays the forward's mask.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnopt.kernels.exact import reference
+
+_NAMESPACE = "attnopt"
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attnopt::attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})"
+        )
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if attn_mask is not None and attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::attention", mutates_args=())
+def attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    dropout_p: float,
+    causal: int,
+    scale: float,
+    seed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
+    _check(q, k, v, attn_mask)
+    out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed)
+    return out, lse.contiguous()
+
+
+@attention_fwd.register_fake
+def _(q, k, v, attn_mask, dropout_p, causal, scale, seed):
+    _check(q, k, v, attn_mask)
+    b, hq, sq, _ = q.shape
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(b, hq, sq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=lse_dtype)
+
+
+@attention_fwd.register_kernel("cuda")
+def _(q, k, v, attn_mask, dropout_p, causal, scale, seed):
+    _check(q, k, v, attn_mask)
+    from attnopt.kernels.exact import triton_impl
+
+    if dropout_p > 0.0:
+        # The generated kernel has no dropout yet (codegen issue); the reference runs on the GPU instead.
+        out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed)
+        return out, lse.contiguous()
+    return triton_impl.forward(q, k, v, attn_mask, causal, scale)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
+def attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    attn_mask: Optional[Tensor],
+    dropout_p: float,
+    causal: int,
+    scale: float,
+    seed: Optional[Tensor],
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
+    dq, dk, dv, dmask = reference.attention_backward(
+        dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad
+    )
+    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad):
+    dmask = torch.empty_like(attn_mask) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, causal, scale, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
+    ctx.params = (dropout_p, causal, scale)
+    ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+    dropout_p, causal, scale = ctx.params
+    dq, dk, dv, dmask = attention_bwd(
+        dout.contiguous(), q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, ctx.mask_grad
+    )
+    return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def new_seed() -> Tensor:
+    """A fresh dropout seed (0-d int64, CPU) drawn from torch's default generator, so ``torch.manual_seed`` applies."""
+    return torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")

@@ -1,0 +1,213 @@
+"""The pipeline: one ordered list of named passes, each ``(GraphModule, Context) -> PassResult``.
+
+    dead-code -> detect -> decide -> rewrite -> validate
+
+``detect`` and ``decide`` only annotate the context; ``rewrite`` returns a new GraphModule (the input
+graph is never edited, so a rollback is a re-rewrite without the failing site); ``validate`` runs the
+original graph once on the example inputs, evaluates each rewritten site on the very operands the
+original saw, and rolls back any site whose output deviates beyond the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule, Interpreter, Node
+
+from attnopt.patterns import Detection, detect
+from attnopt.patterns.match import AttentionMatch, copy_graph, emit, replacement_graph
+from attnopt.policy import Exact, Keep, Policy
+from attnopt.report import Miss, Site
+
+# Largest relative deviation (max |new - old| / max |old|) a rewritten site may show, per dtype.
+TOLERANCE = {
+    torch.float64: 1e-7,
+    torch.float32: 1e-4,
+    torch.float16: 1e-2,
+    torch.bfloat16: 3e-2,
+}
+
+
+@dataclass
+class PassResult:
+    gm: GraphModule
+    changed: bool
+    detail: str = ""
+
+
+@dataclass
+class Context:
+    policy: Policy
+    graph_index: int = 0
+    example_inputs: list | None = None
+    detections: list[Detection] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    misses: list[Miss] = field(default_factory=list)
+    chosen: dict[str, AttentionMatch] = field(default_factory=dict)  # site name -> match to rewrite
+    original: GraphModule | None = None
+    log: list[tuple[str, bool, str]] = field(default_factory=list)
+
+
+def _is_impure(node: Node) -> bool:
+    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
+
+
+def dead_code(gm: GraphModule, ctx: Context) -> PassResult:
+    """Drops unused nodes, so an attention map computed and then discarded does not count as used."""
+    changed = gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    if changed:
+        gm.recompile()
+    ctx.original = gm
+    return PassResult(gm, changed)
+
+
+def detect_sites(gm: GraphModule, ctx: Context) -> PassResult:
+    ctx.detections = detect(gm)
+    for d in ctx.detections:
+        if d.match is None:
+            ctx.misses.append(Miss(d.name, ctx.graph_index, d.anchor.name, d.reason or "not attention"))
+        else:
+            ctx.sites.append(Site.from_detection(d, ctx.graph_index))
+    return PassResult(gm, False, f"{len(ctx.sites)} site(s), {len(ctx.misses)} miss(es)")
+
+
+def decide(gm: GraphModule, ctx: Context) -> PassResult:
+    matched = [d for d in ctx.detections if d.match is not None]
+    for d, site in zip(matched, ctx.sites):
+        if d.match.escape:
+            site.decision, site.reason = "keep", d.match.escape
+            continue
+        variant = ctx.policy.for_site(site.name)
+        if isinstance(variant, Keep):
+            site.decision, site.reason = "keep", "policy: keep"
+        elif isinstance(variant, Exact):
+            site.decision, site.reason = "exact", "fused attnopt kernel, same function"
+            ctx.chosen[site.name] = d.match
+        else:
+            site.decision, site.reason = "keep", f"variant {variant.name!r} is not available yet"
+    return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
+
+
+def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
+    """A new GraphModule in which every chosen site is one ``torch.ops.attnopt`` call."""
+    if not ctx.chosen:
+        return PassResult(ctx.original, False)
+    graph, env = copy_graph(ctx.original.graph)
+    lookup: Callable[[Any], Any] = lambda x: env[x] if isinstance(x, Node) else x  # noqa: E731
+    for m in ctx.chosen.values():
+        old = env[m.output]
+        with graph.inserting_before(old):
+            new = emit(graph, m, lookup)
+        old.replace_all_uses_with(new)
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.lint()
+    out = GraphModule(ctx.original, graph, class_name=type(ctx.original).__name__)
+    return PassResult(out, True, f"{len(ctx.chosen)} site(s) rewritten")
+
+
+class _Recorder(Interpreter):
+    def __init__(self, gm: GraphModule, wanted: set):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n: Node) -> Any:
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = result
+        return result
+
+
+def deviation(new: torch.Tensor, old: torch.Tensor) -> float:
+    """max |new - old| / max |old|, NaN-aware (NaN in one but not the other counts as infinite)."""
+    new, old = new.detach().double(), old.detach().double()
+    both_nan = new.isnan() & old.isnan()
+    diff = (new - old).abs().masked_fill(both_nan, 0.0).nan_to_num(nan=float("inf"))
+    scale = old.abs().masked_fill(old.isnan(), 0.0).max().clamp_min(1e-12) if old.numel() else 1.0
+    return float(diff.max() / scale) if diff.numel() else 0.0
+
+
+def _first_tensor(x: Any) -> torch.Tensor:
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _concrete(x: Any) -> Any:
+    """A dynamic-shape graph's size inputs arrive as SymInts; validation runs on their hints."""
+    if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and x.node.has_hint():
+        return x.node.hint
+    return x
+
+
+def _validation_skip(example_inputs: list | None) -> str | None:
+    if example_inputs is None:
+        return "no example inputs"
+    if any(isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
+        return "example inputs are fake tensors"
+    if any(isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and not x.node.has_hint() for x in example_inputs):
+        return "example sizes are symbolic without a hint"
+    return None
+
+
+def validate(gm: GraphModule, ctx: Context) -> PassResult:
+    """Checks every rewritten site against the original on the example inputs; rolls back deviants."""
+    skip = _validation_skip(ctx.example_inputs)
+    if not ctx.chosen or skip:
+        if skip and ctx.chosen:
+            for site in ctx.sites:
+                if site.name in ctx.chosen:
+                    site.reason += f" (not validated: {skip})"
+        return PassResult(gm, False, skip or "")
+    wanted = set()
+    for m in ctx.chosen.values():
+        wanted.update(m.operands())
+        wanted.add(m.output)
+    recorder = _Recorder(ctx.original, wanted)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+        rolled_back = []
+        for site in ctx.sites:
+            m = ctx.chosen.get(site.name)
+            if m is None:
+                continue
+            if m.dropout_p > 0.0:
+                site.reason += " (not validated: dropout is random)"
+                continue
+            want = _first_tensor(recorder.values[m.output])
+            tol = TOLERANCE.get(want.dtype, 1e-4)
+            sub, operands = replacement_graph(m)
+            try:
+                got = _first_tensor(sub(*[recorder.values[o] for o in operands]))
+            except Exception as exc:  # a replacement that cannot run is a rollback, never a crash
+                failure = f"rolled back: the replacement raised {type(exc).__name__}: {exc}"
+            else:
+                site.deviation = deviation(got, want)
+                failure = None
+                if site.deviation > tol:
+                    failure = f"rolled back: deviation {site.deviation:.2e} exceeds the {want.dtype} tolerance {tol:.0e}"
+            if failure:
+                site.decision, site.reason = "keep", failure
+                rolled_back.append(site.name)
+    if not rolled_back:
+        return PassResult(gm, False, "all sites within tolerance")
+    for name in rolled_back:
+        del ctx.chosen[name]
+    return PassResult(rewrite(gm, ctx).gm, True, f"rolled back {rolled_back}")
+
+
+PASSES: list[tuple[str, Callable[[GraphModule, Context], PassResult]]] = [
+    ("dead-code", dead_code),
+    ("detect", detect_sites),
+    ("decide", decide),
+    ("rewrite", rewrite),
+    ("validate", validate),
+]
+
+
+def run_pipeline(gm: GraphModule, ctx: Context, passes=None) -> GraphModule:
+    """Runs ``passes`` (default: all of :data:`PASSES`) in order; returns the final GraphModule."""
+    for name, fn in passes if passes is not None else PASSES:
+        result = fn(gm, ctx)
+        ctx.log.append((name, result.changed, result.detail))
+        gm = result.gm
+    return gm

@@ -1,0 +1,83 @@
+"""Attention detection: every SDPA call, ``nn.MultiheadAttention`` and hand-written softmax attention.
+
+:func:`detect` walks a graph once and returns a :class:`Detection` for every candidate: a match that can
+be rewritten, a match that must be kept (an intermediate escapes), or a softmax that is not attention
+as far as the matchers can tell (a *miss*, with the reason).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import networkx as nx
+from torch.fx import GraphModule, Node
+
+from attnopt.patterns import canonical as C
+from attnopt.patterns import manual, mha, sdpa
+from attnopt.patterns.match import AttentionMatch
+
+
+@dataclass
+class Detection:
+    name: str
+    anchor: Node
+    match: AttentionMatch | None
+    reason: str | None  # why it is a miss (match is None) or must be kept (match.escape)
+
+
+_DYNAMO_ROOT = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
+
+
+def module_path(node: Node) -> str:
+    """The dotted path of the innermost module that ``node`` was traced in ("" for the top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = _DYNAMO_ROOT.sub("", str(path))
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']+)'\]", r".\1", path)
+    return path.strip(".")
+
+
+def dataflow(gm: GraphModule) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    for n in gm.graph.nodes:
+        dag.add_node(n)
+        for user in n.users:
+            dag.add_edge(n, user)
+    return dag
+
+
+def detect(gm: GraphModule) -> list[Detection]:
+    dag = dataflow(gm)
+    found: list[Detection] = []
+    for node in gm.graph.nodes:
+        op = C.classify(node)
+        if op is None or op.kind not in (C.SDPA, C.MHA, C.SOFTMAX):
+            continue
+        if op.kind == C.SOFTMAX:
+            try:
+                m, reason = manual.match(node, dag), None
+            except manual.Miss as miss:
+                m, reason = None, str(miss)
+        else:
+            res = (sdpa if op.kind == C.SDPA else mha).match(node)
+            m, reason = (res, None) if isinstance(res, AttentionMatch) else (None, res)
+        if m is not None and m.escape:
+            reason = m.escape
+        found.append(Detection(module_path(node) or "<top>", node, m, reason))
+    counts: dict[str, int] = {}
+    for d in found:
+        counts[d.name] = counts.get(d.name, 0) + 1
+    seen: dict[str, int] = {}
+    for d in found:
+        if counts[d.name] > 1:
+            seen[d.name] = seen.get(d.name, 0) + 1
+            d.name = f"{d.name}#{seen[d.name]}"
+    return found
+
+
+__all__ = ["Detection", "detect", "module_path"]

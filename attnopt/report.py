@@ -1,0 +1,141 @@
+"""The report: every attention site attnopt found, what it decided and why, and every softmax it missed."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from attnopt.patterns import Detection
+from attnopt.patterns.canonical import tensor_meta
+from attnopt.patterns.match import CAUSAL_NAMES
+
+
+def _dim(x: Any) -> Any:
+    return int(x) if isinstance(x, int) or (isinstance(x, torch.SymInt) and x.node.has_hint()) else str(x)
+
+
+@dataclass
+class Site:
+    """One attention site: where it is, what it computes, and what attnopt did with it."""
+
+    name: str
+    kind: str  # "sdpa" | "manual" | "mha"
+    graph: int  # index of the captured graph it lives in
+    decision: str = "pending"  # "exact" | "keep"
+    reason: str = ""
+    heads: tuple = ()  # (query heads, key/value heads)
+    head_dims: tuple = ()  # (D, Dv)
+    seq: tuple = ()  # (Sq, Sk)
+    batch: Any = None
+    scale: float | None = None
+    mask: str = "none"
+    causal: str = "none"
+    dropout_p: float = 0.0
+    layout: str = ""
+    dtype: str = ""
+    deviation: float | None = None  # measured relative deviation from the original on the example inputs
+
+    @classmethod
+    def from_detection(cls, d: Detection, graph: int) -> "Site":
+        m = d.match
+        site = cls(name=d.name, kind=m.kind, graph=graph, scale=m.scale, mask=m.mask_kind,
+                   causal=CAUSAL_NAMES[m.causal], dropout_p=m.dropout_p)  # fmt: skip
+        q, k, v = tensor_meta(m.q), tensor_meta(m.k), tensor_meta(m.v)
+        if q is not None:
+            site.dtype = str(q.dtype).replace("torch.", "")
+        if "heads" in m.info:
+            site.heads, site.head_dims, site.layout = m.info["heads"], m.info["head_dims"], m.info["layout"]
+            site.seq = (_dim(q.shape[0]), _dim(k.shape[0])) if q is not None and k is not None else ()
+            site.batch = _dim(q.shape[1]) if q is not None else None
+            return site
+        if q is None or k is None or v is None:
+            return site
+        sk = k.shape[-1] if m.k_transposed else k.shape[-2]
+        site.head_dims = (_dim(q.shape[-1]), _dim(v.shape[-1]))
+        site.seq = (_dim(q.shape[-2]), _dim(sk))
+        if q.dim() == 4:
+            site.batch, site.heads = _dim(q.shape[0]), (_dim(q.shape[1]), _dim(k.shape[1]))
+            stored_seq_major = q.shape[1] > 1 and q.shape[2] > 1 and q.stride(1) < q.stride(2)
+            site.layout = "BSHD" if stored_seq_major else "BHSD"
+        else:
+            site.batch, site.heads, site.layout = None, (_dim(q.shape[0]), _dim(k.shape[0])), "(B*H)SD"
+        return site
+
+
+@dataclass
+class Miss:
+    """A softmax (or attention call) that attnopt did not recognize as a rewritable attention site."""
+
+    name: str
+    graph: int
+    node: str
+    reason: str
+
+
+@dataclass
+class Report:
+    sites: list[Site] = field(default_factory=list)
+    misses: list[Miss] = field(default_factory=list)
+    graphs: int = 0
+    output_deviation: float | None = None  # max relative output difference, original vs optimized
+    notes: list[str] = field(default_factory=list)
+
+    def merge_graph(self, sites: list[Site], misses: list[Miss]) -> None:
+        """Adds one captured graph's sites, replacing those a recompilation of the same code found again."""
+        names = {s.name for s in sites}
+        self.sites = [s for s in self.sites if s.name not in names] + sites
+        miss_keys = {(m.name, m.node) for m in misses}
+        self.misses = [m for m in self.misses if (m.name, m.node) not in miss_keys] + misses
+        self.graphs += 1
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(f"no attention site named {name!r}; sites: {[s.name for s in self.sites]}")
+
+    def to_dict(self) -> dict:
+        return {
+            "graphs": self.graphs,
+            "output_deviation": self.output_deviation,
+            "sites": [asdict(s) for s in self.sites],
+            "misses": [asdict(m) for m in self.misses],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str, **kwargs)
+
+    def __str__(self) -> str:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"attnopt: {len(self.sites)} attention site(s) in {self.graphs} graph(s)")
+        for col in ("site", "kind", "decision", "heads q/kv", "head dim", "seq q/k", "mask", "causal", "layout",
+                    "deviation", "reason"):  # fmt: skip
+            table.add_column(col, overflow="fold")
+        for s in self.sites:
+            dev = "-" if s.deviation is None else f"{s.deviation:.1e}"
+            table.add_row(s.name, s.kind, s.decision, "/".join(map(str, s.heads)), "/".join(map(str, s.head_dims)),
+                          "/".join(map(str, s.seq)), s.mask, s.causal, s.layout, dev, s.reason)  # fmt: skip
+        buf = io.StringIO()
+        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
+        console.print(table)
+        if self.misses:
+            misses = Table(title=f"{len(self.misses)} softmax(es) not rewritten")
+            for col in ("where", "node", "reason"):
+                misses.add_column(col, overflow="fold")
+            for m in self.misses:
+                misses.add_row(m.name, m.node, m.reason)
+            console.print(misses)
+        if self.output_deviation is not None:
+            console.print(f"max relative output difference vs the original: {self.output_deviation:.2e}")
+        for note in self.notes:
+            console.print(f"note: {note}")
+        return buf.getvalue().rstrip()
+
+    __repr__ = __str__
