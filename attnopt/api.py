@@ -28,6 +28,18 @@ class InputError(AttnoptError, ValueError):
     """The example inputs do not fit the model."""
 
 
+# Hugging Face models all run through one shared wrapper function, so each optimized model adds compiled
+# entries to the same code object; dynamo's default limit of 8 would silently fall back to eager after
+# a handful of models. attnopt's own calls run with this higher limit (scoped, never set globally).
+RECOMPILE_LIMIT = 256
+
+
+def _dynamo_limits():
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(
+        torch._dynamo.config.accumulated_recompile_limit, 4 * limit))
+
+
 class OptimizedModule(nn.Module):
     """The module ``optimize`` returns: the original module, run through attnopt's rewritten graphs.
 
@@ -51,7 +63,8 @@ class OptimizedModule(nn.Module):
         return self._attnopt_backend.policy
 
     def forward(self, *args, **kwargs):
-        return self._attnopt_compiled(*args, **kwargs)
+        with _dynamo_limits():
+            return self._attnopt_compiled(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -129,7 +142,8 @@ def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrit
     want = _run_eager(model, args, kwargs)
     backend = Backend(policy, then="eager", rewrite=rewrite)
     compiled = torch.compile(model, backend=backend)
-    got = _run_captured(compiled, model, backend, args, kwargs)
+    with _dynamo_limits():
+        got = _run_captured(compiled, model, backend, args, kwargs)
     return backend, want, got
 
 
