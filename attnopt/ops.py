@@ -5,7 +5,8 @@ running them), a CPU implementation (the plain PyTorch reference in ``kernels/ex
 implementation that launches the Triton kernel generated for the call's spec.
 
 Layout is SDPA's: q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] with Hq % Hkv == 0 (GQA is
-native: k and v are never repeated). ``causal`` is one of the ``CAUSAL_*`` codes of the reference.
+native: k and v are never repeated). ``causal`` is one of the ``CAUSAL_*`` codes of the reference;
+``softcap`` > 0 applies ``cap * tanh(s / cap)`` to the scaled scores before the mask (Gemma 2).
 Dropout is driven by a 0-d int64 ``seed`` tensor so the backward replays the forward's mask.
 """
 
@@ -44,15 +45,16 @@ def attention_fwd(
     causal: int,
     scale: float,
     seed: Optional[Tensor],
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, attn_mask)
-    out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed)
+    out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
     return out, lse.contiguous()
 
 
 @attention_fwd.register_fake
-def _(q, k, v, attn_mask, dropout_p, causal, scale, seed):
+def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     b, hq, sq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -60,13 +62,13 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed):
 
 
 @attention_fwd.register_kernel("cuda")
-def _(q, k, v, attn_mask, dropout_p, causal, scale, seed):
+def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     from attnopt.kernels.exact import triton_impl
 
-    if dropout_p > 0.0:
-        # The generated kernel has no dropout yet (codegen issue); the reference runs on the GPU instead.
-        out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed)
+    if dropout_p > 0.0 or softcap > 0.0:
+        # The generated kernel has no dropout or softcap yet (codegen issue 4); the reference runs on the GPU.
+        out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
         return out, lse.contiguous()
     return triton_impl.forward(q, k, v, attn_mask, causal, scale)
 
@@ -85,35 +87,36 @@ def attention_bwd(
     scale: float,
     seed: Optional[Tensor],
     mask_grad: bool,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
     dq, dk, dv, dmask = reference.attention_backward(
-        dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad
+        dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
     )
     return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad):
+def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
     dmask = torch.empty_like(attn_mask) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, dropout_p, causal, scale, seed = inputs
+    q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, attn_mask, seed)
-    ctx.params = (dropout_p, causal, scale)
+    ctx.params = (dropout_p, causal, scale, softcap)
     ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
-    dropout_p, causal, scale = ctx.params
+    dropout_p, causal, scale, softcap = ctx.params
     dq, dk, dv, dmask = attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, ctx.mask_grad
+        dout.contiguous(), q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, ctx.mask_grad, softcap
     )
-    return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None
+    return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

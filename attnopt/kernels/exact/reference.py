@@ -2,7 +2,7 @@
 
 Semantics (``shared/DESIGN.md`` §1)::
 
-    O = dropout(softmax(scale * Q Kᵀ + mask)) V
+    O = dropout(softmax(softcap(scale * Q Kᵀ) + mask)) V,   softcap(s) = cap · tanh(s / cap)  (cap > 0)
     Q: [B, Hq, Sq, D]   K: [B, Hkv, Sk, D]   V: [B, Hkv, Sk, Dv]   Hq % Hkv == 0
 
 * ``attn_mask`` broadcasts to ``[B, Hq, Sq, Sk]``; boolean means True = attend, floating point is
@@ -60,10 +60,12 @@ def _expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
     return t.repeat_interleave(hq // t.shape[1], dim=1) if t.shape[1] != hq else t
 
 
-def _scores(q, k, attn_mask, causal, scale):
-    """Masked, scaled fp32 scores [B, Hq, Sq, Sk] and the boolean keep-matrix (or None)."""
+def _scores(q, k, attn_mask, causal, scale, softcap=0.0):
+    """Masked, scaled (and softcapped) fp32 scores [B, Hq, Sq, Sk]."""
     kf = _expand_kv(_acc(k), q.shape[1])
     s = torch.matmul(_acc(q), kf.transpose(-2, -1)) * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
     keep = causal_keep(q.shape[-2], k.shape[-2], causal, q.device)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -75,10 +77,10 @@ def _scores(q, k, attn_mask, causal, scale):
     return s
 
 
-def attention_forward(q, k, v, attn_mask=None, dropout_p=0.0, causal=CAUSAL_NONE, scale=None, seed=None):
+def attention_forward(q, k, v, attn_mask=None, dropout_p=0.0, causal=CAUSAL_NONE, scale=None, seed=None, softcap=0.0):
     """Returns ``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32)``."""
     scale = default_scale(q.shape[-1]) if scale is None else scale
-    s = _scores(q, k, attn_mask, causal, scale)
+    s = _scores(q, k, attn_mask, causal, scale, softcap)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     if dropout_p > 0.0:
@@ -102,16 +104,17 @@ def _group_sum(t: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def attention_backward(dout, q, k, v, out, lse, attn_mask=None, dropout_p=0.0, causal=CAUSAL_NONE, scale=None,
-                       seed=None, mask_grad=False):
+                       seed=None, mask_grad=False, softcap=0.0):
     """Gradients ``(dq, dk, dv, dmask)`` of :func:`attention_forward`; ``dmask`` is None unless requested.
 
     With P = exp(S - lse), P̃ = P ⊙ keep / (1 - p) and O = P̃ V:
     dV = P̃ᵀ dO,  dP = (dO Vᵀ) ⊙ keep / (1 - p),  dS = P ⊙ (dP - rowsum(dO ⊙ O)),
-    dQ = scale · dS K,  dK = scale · dSᵀ Q,  dmask = dS (additive masks only).
+    dQ = scale · dS' K,  dK = scale · dS'ᵀ Q,  dmask = dS (additive masks only), where with a softcap
+    dS' = dS ⊙ (1 - tanh²(scale · QKᵀ / cap)) and dS' = dS without.
     """
     scale = default_scale(q.shape[-1]) if scale is None else scale
     hq, hkv = q.shape[1], k.shape[1]
-    s = _scores(q, k, attn_mask, causal, scale)
+    s = _scores(q, k, attn_mask, causal, scale, softcap)
     p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
     dof, vf = _acc(dout), _expand_kv(_acc(v), hq)
     dp = torch.matmul(dof, vf.transpose(-2, -1))
@@ -122,7 +125,10 @@ def attention_backward(dout, q, k, v, out, lse, attn_mask=None, dropout_p=0.0, c
     dv = torch.matmul(pd.transpose(-2, -1), dof)
     delta = (dof * _acc(out)).sum(dim=-1, keepdim=True)
     ds = p * (dp - delta)
+    dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
+    if softcap > 0.0:
+        raw = torch.matmul(_acc(q), _expand_kv(_acc(k), hq).transpose(-2, -1)) * scale
+        ds = ds * (1.0 - torch.tanh(raw / softcap) ** 2)
     dq = torch.matmul(ds, _expand_kv(_acc(k), hq)) * scale
     dk = torch.matmul(ds.transpose(-2, -1), _acc(q)) * scale
-    dmask = _reduce_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     return dq.to(q.dtype), _group_sum(dk, hkv).to(k.dtype), _group_sum(dv, hkv).to(v.dtype), dmask

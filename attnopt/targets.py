@@ -1,0 +1,86 @@
+"""What the CLI points at: a local Hugging Face model directory, or ``path/to/file.py:factory``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class TargetError(ValueError):
+    """A TARGET that does not exist or cannot be turned into a model."""
+
+
+@dataclass
+class Target:
+    model: torch.nn.Module
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+    description: str = ""
+    config: object = None
+
+
+def _from_hf_dir(path: Path, attn_implementation: str | None) -> Target:
+    if not (path / "config.json").is_file():
+        raise TargetError(f"{path} is a directory but has no config.json: not a Hugging Face model directory")
+    try:
+        import transformers
+    except ImportError as exc:
+        raise TargetError("loading a Hugging Face directory needs transformers: pip install 'attnopt[hf]'") from exc
+    from attnopt.zoo import example_inputs
+
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
+        if has_weights:
+            model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kw)
+            how = "weights from the directory"
+        else:
+            model = transformers.AutoModel.from_config(config, **kw)
+            how = "random weights (no weights in the directory)"
+    except (OSError, ValueError, KeyError) as exc:
+        raise TargetError(f"could not build a model from {path}: {exc}") from exc
+    model.eval()
+    args, kwargs = example_inputs(config)
+    return Target(model, args, kwargs, f"{type(model).__name__} ({config.model_type}) from {path}, {how}", config)
+
+
+def _from_factory(spec: str) -> Target:
+    file, _, name = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise TargetError(f"{file} does not exist (TARGET is a model directory or path/to/file.py:factory)")
+    module_spec = importlib.util.spec_from_file_location(f"attnopt_target_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        raise TargetError(f"importing {file} raised {type(exc).__name__}: {exc}") from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise TargetError(f"{file} has no callable {name!r}")
+    made = factory()
+    if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], torch.nn.Module):
+        raise TargetError(f"{spec} must return (model, args) or (model, args, kwargs); got {type(made).__name__}")
+    model, args = made[0], made[1]
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    kwargs = dict(made[2]) if len(made) == 3 else {}
+    return Target(model, args, kwargs, f"{type(model).__name__} from {spec}")
+
+
+def load_target(target: str, attn_implementation: str | None = None) -> Target:
+    """The model and example inputs named by ``target``."""
+    path = Path(os.path.expanduser(target))
+    if path.is_dir():
+        return _from_hf_dir(path, attn_implementation)
+    if ":" in target and target.rpartition(":")[0].endswith(".py"):
+        return _from_factory(target)
+    if path.exists():
+        raise TargetError(f"{target} is a file; TARGET is a Hugging Face model directory or path/to/file.py:factory")
+    raise TargetError(f"{target} does not exist (TARGET is a Hugging Face model directory or path/to/file.py:factory)")

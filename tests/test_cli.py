@@ -1,0 +1,86 @@
+"""The attnopt command line: inspect on a Hugging Face directory and on file.py:factory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from attnopt import zoo
+from attnopt.cli import main
+
+
+def test_help_lists_commands():
+    res = CliRunner().invoke(main, ["--help"])
+    assert res.exit_code == 0 and "inspect" in res.output
+
+
+def test_inspect_hf_directory_random_init(tmp_path):
+    zoo.config("llama").save_pretrained(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--attn", "eager"])
+    assert res.exit_code == 0, res.output
+    assert "random weights" in res.output
+    assert "layers.0.self_attn" in res.output and "layers.1.self_attn" in res.output
+
+
+def test_inspect_hf_directory_with_weights_json(tmp_path):
+    zoo.build("bert", "sdpa").model.save_pretrained(tmp_path)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert [s["decision"] for s in report["sites"]] == ["exact", "exact"]
+
+
+def test_inspect_factory(tmp_path):
+    src = tmp_path / "mymodel.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        def make():
+            m = torch.nn.MultiheadAttention(16, 2, batch_first=True).eval()
+            class Wrap(torch.nn.Module):
+                def __init__(self):
+                    super().__init__()
+                    self.attn = m
+                def forward(self, x):
+                    return self.attn(x, x, x, need_weights=False)[0]
+            return Wrap(), (torch.randn(2, 5, 16),)
+    """))
+    res = CliRunner().invoke(main, ["inspect", f"{src}:make"])
+    assert res.exit_code == 0, res.output
+    assert "attn" in res.output and "exact" in res.output
+
+
+def test_missing_target_fails_clearly(tmp_path):
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path / "nope")])
+    assert res.exit_code != 0 and "does not exist" in res.output
+
+
+def test_directory_without_config(tmp_path):
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert res.exit_code != 0 and "no config.json" in res.output
+
+
+def test_factory_missing_callable(tmp_path):
+    src = tmp_path / "m.py"
+    src.write_text("x = 1\n")
+    res = CliRunner().invoke(main, ["inspect", f"{src}:make"])
+    assert res.exit_code != 0 and "no callable 'make'" in res.output
+
+
+def test_console_script_installed():
+    script = Path(sys.executable).parent / "attnopt"  # the venv's bin/, whether or not it is activated
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "inspect" in out.stdout
+
+
+def test_backend_entry_point_without_importing_attnopt():
+    code = (
+        "import sys, torch\n"
+        "f = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), backend='attnopt')\n"
+        "q = torch.randn(1, 2, 5, 8)\n"
+        "torch.testing.assert_close(f(q, q, q), torch.nn.functional.scaled_dot_product_attention(q, q, q))\n"
+        "assert 'attnopt' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
