@@ -15,6 +15,26 @@ _LINEAR_ISSUE = "linear and sigmoid attention (issue 6)"
 _AUTO_ISSUE = "the auto policy (issue 7: cost model and calibration)"
 
 
+class ApproximateVariant:
+    """Protocol of a variant that replaces attention by a different function (sparse, linear, sigmoid).
+
+    ``unsupported(match)`` returns a reason when the site cannot take the variant (else None);
+    ``emit(graph, match, lookup)`` writes the replacement into ``graph`` (see
+    :func:`attnopt.patterns.match.emit` for the exact one); ``describe()`` is the report's reason.
+    """
+
+    name = "approximate"
+
+    def unsupported(self, match) -> str | None:
+        return None
+
+    def describe(self) -> str:
+        return f"{self.name} attention (changes the function)"
+
+    def emit(self, graph, match, lookup):
+        raise NotImplementedError(f"{type(self).__name__}.emit")
+
+
 @dataclass(frozen=True)
 class Exact:
     """Same function, through attnopt's fused kernel."""
@@ -87,7 +107,7 @@ def parse_variant(text: str) -> Variant:
 def _as_variant(v: Any, where: str) -> Variant:
     if isinstance(v, str):
         return parse_variant(v)
-    if isinstance(v, (Exact, Keep, Sparse, Linear, Sigmoid)):
+    if isinstance(v, (Exact, Keep, Sparse, Linear, Sigmoid, ApproximateVariant)):
         return v
     raise TypeError(f"{where}: expected a variant (attnopt.Exact(), attnopt.Keep(), ...) or a string, got {v!r}")
 

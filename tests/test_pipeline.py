@@ -205,3 +205,30 @@ def test_keep_policy_and_override_glob():
     opt = attnopt.optimize(Manual(), attnopt.Policy(default="exact", overrides={"*": "keep"}), (q, k, v))
     (site,) = attnopt.report(opt).sites
     assert site.decision == "keep" and site.reason == "policy: keep"
+
+
+class _Damped(attnopt.policy.ApproximateVariant):
+    """A toy approximate variant: the exact op, scaled by 0.99 (a 1% deviation)."""
+
+    name = "damped"
+
+    def emit(self, graph, m, lookup):
+        from attnopt.patterns.match import emit
+
+        return graph.call_function(torch.mul, (emit(graph, m, lookup), 0.99))
+
+
+@pytest.mark.parametrize("max_error,decision", [(None, "damped"), (0.1, "damped"), (1e-3, "keep")])
+def test_approximate_variant_is_measured_and_bounded_by_max_error(max_error, decision):
+    q, k, v, _ = _inputs()
+    policy = attnopt.Policy(default="exact", overrides={"*": _Damped()}, max_error=max_error)
+    opt = attnopt.optimize(Manual(), policy, (q, k, v))
+    (site,) = attnopt.report(opt).sites
+    assert site.decision == decision
+    assert site.deviation == pytest.approx(0.01, rel=1e-2)
+    if decision == "keep":
+        assert "max_error" in site.reason
+        torch.testing.assert_close(opt(q, k, v), Manual()(q, k, v))
+    else:
+        assert "approximate" in site.reason or max_error is not None
+        torch.testing.assert_close(opt(q, k, v), 0.99 * Manual()(q, k, v))

@@ -5,7 +5,9 @@
 ``detect`` and ``decide`` only annotate the context; ``rewrite`` returns a new GraphModule (the input
 graph is never edited, so a rollback is a re-rewrite without the failing site); ``validate`` runs the
 original graph once on the example inputs, evaluates each rewritten site on the very operands the
-original saw, and rolls back any site whose output deviates beyond the dtype's tolerance.
+original saw, and rolls back any exact site whose output deviates beyond the dtype's tolerance.
+Sites given a variant that changes the function (sparse, linear, ...) are measured and reported as
+approximate, and rolled back only when they exceed the policy's ``max_error``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Context:
     sites: list[Site] = field(default_factory=list)
     misses: list[Miss] = field(default_factory=list)
     chosen: dict[str, AttentionMatch] = field(default_factory=dict)  # site name -> match to rewrite
+    variants: dict[str, Any] = field(default_factory=dict)  # site name -> variant, for non-exact variants
     original: GraphModule | None = None
     log: list[tuple[str, bool, str]] = field(default_factory=list)
 
@@ -86,8 +89,20 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             site.decision, site.reason = "exact", "fused attnopt kernel, same function"
             ctx.chosen[site.name] = d.match
         else:
-            site.decision, site.reason = "keep", f"variant {variant.name!r} is not available yet"
+            unsupported = variant.unsupported(d.match)
+            if unsupported:
+                site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
+                continue
+            site.decision, site.reason = variant.name, variant.describe()
+            ctx.chosen[site.name] = d.match
+            ctx.variants[site.name] = variant
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
+
+
+def _emitter(ctx: Context, name: str) -> Callable:
+    """How site ``name`` is written: its variant's emitter, or the exact op call."""
+    variant = ctx.variants.get(name)
+    return variant.emit if variant is not None else emit
 
 
 def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
@@ -96,10 +111,10 @@ def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
         return PassResult(ctx.original, False)
     graph, env = copy_graph(ctx.original.graph)
     lookup: Callable[[Any], Any] = lambda x: env[x] if isinstance(x, Node) else x  # noqa: E731
-    for m in ctx.chosen.values():
+    for name, m in ctx.chosen.items():
         old = env[m.output]
         with graph.inserting_before(old):
-            new = emit(graph, m, lookup)
+            new = _emitter(ctx, name)(graph, m, lookup)
         old.replace_all_uses_with(new)
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
@@ -174,8 +189,9 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
                 site.reason += " (not validated: dropout is random)"
                 continue
             want = _first_tensor(recorder.values[m.output])
-            tol = TOLERANCE.get(want.dtype, 1e-4)
-            sub, operands = replacement_graph(m)
+            approximate = site.name in ctx.variants
+            tol = ctx.policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
+            sub, operands = replacement_graph(m, _emitter(ctx, site.name))
             try:
                 got = _first_tensor(sub(*[recorder.values[o] for o in operands]))
             except Exception as exc:  # a replacement that cannot run is a rollback, never a crash
@@ -183,11 +199,16 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
             else:
                 site.deviation = deviation(got, want)
                 failure = None
-                if site.deviation > tol:
+                if approximate and tol is None:
+                    site.reason += f" (approximate: measured deviation {site.deviation:.2e})"
+                elif approximate and site.deviation > tol:
+                    failure = f"rolled back: deviation {site.deviation:.2e} exceeds the policy's max_error {tol:.0e}"
+                elif site.deviation > tol:
                     failure = f"rolled back: deviation {site.deviation:.2e} exceeds the {want.dtype} tolerance {tol:.0e}"
             if failure:
                 site.decision, site.reason = "keep", failure
                 rolled_back.append(site.name)
+                ctx.variants.pop(site.name, None)
     if not rolled_back:
         return PassResult(gm, False, "all sites within tolerance")
     for name in rolled_back:

@@ -29,6 +29,17 @@ MASKED_FILL = "masked_fill"
 WHERE = "where"
 SDPA = "sdpa"
 MHA = "mha"
+EINSUM = "einsum"  # inputs: operands; attrs: equation (no spaces)
+BADDBMM = "baddbmm"  # inputs: (bias, batch1, batch2); attrs: beta, alpha
+RESHAPE = "reshape"  # view/reshape/flatten/unflatten/unsqueeze/squeeze: a row-major regrouping of dims
+EXPAND = "expand"  # broadcast view (expand / expand_as)
+PERMUTE = "permute"  # any permutation; attrs: dims (normalized, non-negative)
+REPEAT_INTERLEAVE = "repeat_interleave"  # attrs: repeats (int), dim (normalized)
+TANH = "tanh"
+SUB = "sub"
+NEG = "neg"
+ENCODER_LAYER = "encoder_layer"  # torch._transformer_encoder_layer_fwd (nn.TransformerEncoderLayer fast path)
+NATIVE_MHA = "native_mha"  # torch._native_multi_head_attention (nn.MultiheadAttention fast path)
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,19 @@ def _fn_targets(*names: str) -> set:
 
 
 _MATMUL_FNS = _fn_targets("matmul", "bmm") | {operator.matmul}
+_EINSUM_FNS = {torch.einsum, torch.functional.einsum}
+_BADDBMM_FNS = _fn_targets("baddbmm")
+_RESHAPE_FNS = _fn_targets("reshape", "flatten", "unflatten", "unsqueeze", "squeeze")
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as"}
+_EXPAND_METHODS = {"expand", "expand_as", "broadcast_to"}
+_REPEAT_INTERLEAVE_FNS = _fn_targets("repeat_interleave")
+_TANH_FNS = _fn_targets("tanh")
+_SUB_FNS = _fn_targets("sub", "subtract") | {operator.sub}
+_NEG_FNS = _fn_targets("neg", "negative") | {operator.neg}
+_ENCODER_LAYER_FNS = {f for f in (getattr(torch, "_transformer_encoder_layer_fwd", None),) if f is not None}
+_NATIVE_MHA_FNS = {f for f in (getattr(torch, "_native_multi_head_attention", None),) if f is not None}
+_INPLACE = {"mul_": "mul", "div_": "div", "add_": "add", "sub_": "sub", "masked_fill_": "masked_fill",
+            "tanh_": "tanh"}  # fmt: skip
 _MUL_FNS = _fn_targets("mul", "multiply") | {operator.mul}
 _DIV_FNS = _fn_targets("div", "divide", "true_divide") | {operator.truediv}
 _ADD_FNS = _fn_targets("add") | {operator.add}

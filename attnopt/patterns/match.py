@@ -136,11 +136,14 @@ def emit(graph: Graph, m: AttentionMatch, lookup: Callable[[Any], Any]) -> Node:
     return out
 
 
-def replacement_graph(m: AttentionMatch) -> tuple[torch.fx.GraphModule, list[Node]]:
-    """A standalone GraphModule computing ``m`` from its operands (used to validate one site)."""
+def replacement_graph(m: AttentionMatch, emitter: Callable | None = None) -> tuple[torch.fx.GraphModule, list[Node]]:
+    """A standalone GraphModule computing ``m`` from its operands (used to validate one site).
+
+    ``emitter`` writes the replacement (default: :func:`emit`, the exact op call).
+    """
     g = Graph()
     operands = m.operands()
     env = {n: g.placeholder(f"in_{i}") for i, n in enumerate(operands)}
-    out = emit(g, m, lambda x: env.get(x, x))
+    out = (emitter or emit)(g, m, lambda x: env.get(x, x))
     g.output(out)
     return torch.fx.GraphModule(torch.nn.Module(), g), operands
