@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from attnopt.backend import Backend
+from attnopt.cost import annotate
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.ops import new_seed
 from attnopt.passes import deviation
@@ -156,15 +157,30 @@ def _check_globs(policy: Policy, report: Report) -> None:
 
 
 def inspect(model: nn.Module, args: Any = (), kwargs: dict | None = None, policy: Any = "exact") -> Report:
-    """Captures ``model`` on the example inputs and reports every attention site and what ``policy`` would do."""
+    """Captures ``model`` on the example inputs and reports every attention site and what ``policy`` would do
+    (an auto policy is calibrated first)."""
     policy = as_policy(policy)
     _check_model(model)
     args, kwargs = _normalize(args, kwargs)
     if not args and not kwargs:
         raise ValueError("attnopt.inspect needs example inputs: inspect(model, args=(...,), kwargs={...})")
+    policy, calibration = _resolve_auto(model, policy, args, kwargs)
     backend, _, _ = _capture(model, policy, args, kwargs, rewrite=False)
     _check_globs(policy, backend.report)
+    annotate(backend.report, policy)
+    if calibration is not None:
+        calibration.annotate(backend.report)
     return backend.report
+
+
+def _resolve_auto(model: nn.Module, policy: Policy, args: tuple, kwargs: dict) -> tuple[Policy, Any]:
+    """An auto policy calibrated into a concrete one (with the calibration), any other as it is."""
+    if not policy.is_auto:
+        return policy, None
+    from attnopt.auto import calibrate
+
+    calibration = calibrate(model, policy, args, kwargs)
+    return calibration.policy, calibration
 
 
 def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: dict | None = None) -> OptimizedModule:
@@ -172,11 +188,13 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
 
     With example inputs, the model is captured, rewritten and validated now (each site checked against
     the original; deviants are rolled back) and the report records the largest output difference.
-    Without them, that happens at the first call.
+    Without them, that happens at the first call. An auto policy (``"auto:1e-2"``, ``Policy.auto(...)``)
+    is calibrated on the example inputs first (:mod:`attnopt.auto`).
     """
     policy = as_policy(policy)
     _check_model(model)
     args, kwargs = _normalize(args, kwargs)
+    policy, calibration = _resolve_auto(model, policy, args, kwargs)
     report = Report()
     optimized = OptimizedModule(model, policy, report)
     if args or kwargs:
@@ -186,6 +204,9 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
         if model.training:
             report.notes.append("the model is in training mode: dropout makes outputs random (call .eval() to compare)")
         _check_globs(policy, report)
+        annotate(report, policy)
+        if calibration is not None:
+            calibration.annotate(report)
     return optimized
 
 
@@ -204,7 +225,10 @@ def attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | N
     ``attn_mask`` boolean (True = attend) or additive; ``is_causal`` is SDPA's (top-left aligned).
     """
     if variant is not None and not isinstance(as_policy(variant).default, Exact):
-        raise NotImplementedError(f"attnopt.attention: variant {variant!r} is not available yet; use 'exact'")
+        raise NotImplementedError(
+            f"attnopt.attention runs exact attention only, not {variant!r}; apply other variants to a model with "
+            "attnopt.optimize(model, policy)"
+        )
     if is_causal and attn_mask is not None:
         raise ValueError("attnopt.attention: pass either attn_mask or is_causal=True, not both (as SDPA)")
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 
 import click
@@ -21,7 +23,9 @@ def main() -> None:
 @click.argument("target")
 @click.option("--attn", "attn_implementation", type=ATTN_CHOICES, default=None,
               help="Hugging Face attn_implementation to build the model with.")
-@click.option("--policy", default="exact", show_default=True, help="Policy whose decisions to show (exact, keep).")
+@click.option("--policy", default="exact", show_default=True,
+              help="Policy whose decisions to show: exact, keep, sliding_window:W, linear, sigmoid, auto[:max_error] "
+                   "(calibrated on the example inputs), or a .yaml/.json policy file.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(target: str, attn_implementation: str | None, policy: str, as_json: bool) -> None:
     """List the attention sites of TARGET: a Hugging Face model directory (config.json, weights optional:
@@ -31,13 +35,178 @@ def inspect(target: str, attn_implementation: str | None, policy: str, as_json: 
     try:
         t = load_target(target, attn_implementation)
         report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
-    except (TargetError, attnopt.AttnoptError, ValueError, NotImplementedError, TypeError) as exc:
+    except (TargetError, attnopt.AttnoptError, ValueError, NotImplementedError, TypeError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
         click.echo(report.to_json())
     else:
         click.echo(t.description)
         click.echo(str(report))
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises KeyboardInterrupt while a conversion runs, so its cleanup happens (main thread only)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@main.command()
+@click.argument("src")
+@click.option("--policy", required=True, help="exact, keep (sparse and linear policies arrive with issues 5 and 6), "
+              "or a .json/.yaml file with default, overrides and max_error.")
+@click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
+@click.option("--weights", default=None, help="Checkpoint for a file.py:factory SRC (.safetensors, or .pt/.pth/.bin/.ckpt "
+              "loaded with weights_only=True).")
+@click.option("--inputs", "inputs", multiple=True, help="Example input spec(s) NAME:AxB[:DTYPE], e.g. input_ids:1x512:int64 "
+              "(comma separated or repeated); default: derived from the config or the factory's.")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["pt2", "onnx"]),
+              help="Also write a torch.export program (model.pt2) and/or ONNX (model.onnx). Repeatable.")
+@click.option("--onnx-attention", type=click.Choice(["standard", "decomposed"]), default="standard", show_default=True,
+              help="standard: exact sites as ONNX Attention (opset 23); decomposed: attnopt-domain functions (opset 18).")
+@click.option("--validate", is_flag=True, help="Run original and converted (module, .pt2, ONNX) on sample inputs; "
+              "fail when the deviation exceeds the budget.")
+@click.option("--samples", default=3, show_default=True, help="Sample inputs for --validate.")
+@click.option("--max-error", type=float, default=None, help="Validation budget (relative deviation); default: the "
+              "policy's max_error, else the output dtype's tolerance (1e-4 for float32).")
+@click.option("--attn", "attn_implementation", type=ATTN_CHOICES, default=None,
+              help="Hugging Face attn_implementation to load the model with (default: transformers' choice).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (an attnopt artifact or an empty directory).")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate, samples, max_error,
+            attn_implementation, force, as_json, quiet) -> None:  # fmt: skip
+    """Convert SRC (a Hugging Face model directory, or path/to/file.py:factory with --weights) into an
+    optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module."""
+    import json
+
+    from attnopt.convert import ConvertError
+    from attnopt.convert import convert as run_convert
+
+    try:
+        with _sigterm_as_interrupt():
+            manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
+                                   validate=validate, samples=samples, max_error=max_error, force=force,
+                                   attn_implementation=attn_implementation, onnx_attention=onnx_attention,
+                                   progress=not quiet)  # fmt: skip
+    except ConvertError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, default=str))
+        return
+    sites = manifest["sites"]
+    rewritten = [s for s in sites if s["decision"] != "keep"]
+    click.echo(f"wrote {out}: {manifest['model']['class']}, {len(rewritten)} of {len(sites)} attention site(s) "
+               f"rewritten, output deviation {_fmt(manifest['output_deviation'])}")  # fmt: skip
+    for s in sites:
+        click.echo(f"  {s['name']}: {s['decision']} (deviation {_fmt(s['deviation'])}) {s['reason']}")
+    for fmt, entry in manifest["exports"].items():
+        click.echo(f"  {fmt}: {entry['file']}")
+    if manifest["validation"]:
+        v = manifest["validation"]
+        devs = ", ".join(f"{n} {_fmt(d)}" for n, d in v["deviation"].items())
+        click.echo(f"  validated on {v['samples']} sample(s), budget {v['budget']:.1e}: {devs}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+@main.command()
+@click.argument("artifact", metavar="DIR")
+@click.option("--runs", default=10, show_default=True, help="Timed calls per row (the median is reported).")
+@click.option("--warmup", default=3, show_default=True, help="Untimed calls first.")
+@click.option("--device", default=None, help="Device for the PyTorch rows (default: cuda if available, else cpu).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def bench(artifact, runs, warmup, device, as_json) -> None:
+    """Time the original model against the converted one in artifact DIR on the local device."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from attnopt.artifact import ArtifactError
+    from attnopt.convert import ConvertError
+    from attnopt.convert import bench as run_bench
+
+    try:
+        result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
+    except (ConvertError, ArtifactError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    table = Table(title=f"attnopt bench: {result['model']} ({', '.join(result['inputs'])}), median of {runs} "
+                        f"after {warmup} warmup")  # fmt: skip
+    for col in ("variant", "device", "median ms", "min ms", "speedup", "max deviation"):
+        table.add_column(col, justify="left" if col in ("variant", "device") else "right")
+    for r in result["rows"]:
+        table.add_row(r["name"], r["device"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['speedup']:.2f}x",
+                      f"{r['deviation']:.1e}")  # fmt: skip
+    Console(width=140).print(table)
+
+
+@main.group()
+def kernels() -> None:
+    """Generated Triton kernels: show the source attnopt renders for a kernel spec."""
+
+
+_CAUSAL_CODES = {"none": 0, "top-left": 1, "bottom-right": 2}
+
+
+@kernels.command("show")
+@click.option("--direction", type=click.Choice(["fwd", "bwd_pre", "bwd_dkdv", "bwd_dq"]), default="fwd",
+              show_default=True, help="The forward or one of the three backward kernels.")
+@click.option("--head-dim", type=int, required=True, help="q/k head dim (1..256).")
+@click.option("--head-dim-v", type=int, default=None, help="v head dim (default: --head-dim).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--causal", type=click.Choice(list(_CAUSAL_CODES)), default="none", show_default=True)
+@click.option("--mask", type=click.Choice(["none", "bool", "additive"]), default="none", show_default=True)
+@click.option("--bias", type=click.Choice(["none", "tensor", "alibi", "relpos"]), default="none", show_default=True)
+@click.option("--key-padding", is_flag=True, help="Per-batch key-padding lengths.")
+@click.option("--softcap", is_flag=True, help="Softcapped scores (Gemma 2).")
+@click.option("--dropout", is_flag=True, help="In-kernel Philox dropout.")
+@click.option("--group", type=int, default=1, show_default=True, help="Query heads per key/value head (GQA).")
+@click.option("--write-ds", is_flag=True, help="bwd_dq also stores dS (mask and bias gradients).")
+@click.option("--block-m", type=int, default=None, help="Query tile rows (default: the deterministic default).")
+@click.option("--block-n", type=int, default=None, help="Key tile rows.")
+@click.option("--num-warps", type=int, default=None)
+@click.option("--num-stages", type=int, default=None)
+@click.option("--gpu", "generation", type=click.Choice(["sm80", "sm86", "sm89", "sm90", "sm100"]), default=None,
+              help="Use this GPU generation's deterministic default tiles instead of the interpreter's.")
+@click.option("--path", "show_path", is_flag=True, help="Write the kernel into the cache and print its file path.")
+def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key_padding, softcap, dropout, group,
+                 write_ds, block_m, block_n, num_warps, num_stages, generation, show_path) -> None:  # fmt: skip
+    """Print the Triton source rendered for a kernel spec (its header holds the spec as JSON)."""
+    from attnopt.codegen import cache, render, tuning
+    from attnopt.codegen.spec import KernelSpec, default_tiles
+
+    dv = head_dim_v or head_dim
+    try:
+        spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype,
+                          causal=_CAUSAL_CODES[causal], mask=mask, bias=bias, key_padding=key_padding,
+                          softcap=softcap, dropout=dropout, group=group, write_ds=write_ds,
+                          **default_tiles(direction, dtype, head_dim, dv))
+        if generation is not None:
+            spec = tuning.default(spec, tuning.GENERATIONS[generation])
+        chosen = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+        spec = spec.replace(**{k: v for k, v in chosen.items() if v is not None})
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if show_path:
+        click.echo(str(cache.write_source(spec)))
+    else:
+        click.echo(render(spec), nl=False)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -64,13 +64,15 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
 @attention_fwd.register_kernel("cuda")
 def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
-    from attnopt.kernels.exact import triton_impl
-
-    if dropout_p > 0.0 or softcap > 0.0:
-        # The generated kernel has no dropout or softcap yet (codegen issue 4); the reference runs on the GPU.
+    if q.dtype == torch.float64:
+        # The generated kernels take fp16, bf16 and fp32; fp64 runs the reference on the GPU.
         out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
         return out, lse.contiguous()
-    return triton_impl.forward(q, k, v, attn_mask, causal, scale)
+    from attnopt.kernels.exact import triton_impl
+
+    # Dropout draws its mask with the kernels' Philox generator: a different mask than the CPU reference's for
+    # the same seed, replayed exactly by the CUDA backward.
+    return triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p, seed=seed)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
@@ -94,6 +96,20 @@ def attention_bwd(
         dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
     )
     return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+
+
+@attention_bwd.register_kernel("cuda")
+def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
+    if q.dtype == torch.float64:
+        dq, dk, dv, dmask = reference.attention_backward(
+            dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
+        )
+        return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+    from attnopt.kernels.exact import triton_impl
+
+    g = triton_impl.backward(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
+                             seed=seed, mask_grad=mask_grad)
+    return g.dq, g.dk, g.dv, g.dmask if g.dmask is not None else q.new_empty(0)
 
 
 @attention_bwd.register_fake

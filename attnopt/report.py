@@ -19,12 +19,23 @@ def _dim(x: Any) -> Any:
 
 
 @dataclass
+class Trial:
+    """One candidate the auto policy tried at a site: its model-output deviation and the verdict."""
+
+    variant: str
+    deviation: float | None  # max relative deviation of the model's outputs; None when not measured
+    predicted_speedup: float | None
+    verdict: str  # "chosen", "over budget", "backed off: ...", "not applicable: ...", "failed: ...", ...
+
+
+@dataclass
 class Site:
     """One attention site: where it is, what it computes, and what attnopt did with it."""
 
     name: str
     kind: str  # "sdpa" | "manual" | "mha"
     graph: int  # index of the captured graph it lives in
+    node: str = ""  # the anchor node (SDPA call, softmax, MHA call) in that graph
     decision: str = "pending"  # "exact" | "keep"
     reason: str = ""
     heads: tuple = ()  # (query heads, key/value heads)
@@ -38,17 +49,22 @@ class Site:
     layout: str = ""
     dtype: str = ""
     deviation: float | None = None  # measured relative deviation from the original on the example inputs
+    predicted_speedup: float | None = None  # cost model: the site as written over the decision, at the target length
+    tried: list[Trial] = field(default_factory=list)  # the auto policy's candidates at this site
 
     @classmethod
     def from_detection(cls, d: Detection, graph: int) -> "Site":
         m = d.match
-        site = cls(name=d.name, kind=m.kind, graph=graph, scale=m.scale, mask=m.mask_kind,
+        site = cls(name=d.name, kind=m.kind, graph=graph, node=d.anchor.name, scale=m.scale, mask=m.mask_kind,
                    causal=CAUSAL_NAMES[m.causal], dropout_p=m.dropout_p)  # fmt: skip
         q, k, v = tensor_meta(m.q), tensor_meta(m.k), tensor_meta(m.v)
         if q is not None:
             site.dtype = str(q.dtype).replace("torch.", "")
         if "heads" in m.info:
             site.heads, site.head_dims, site.layout = m.info["heads"], m.info["head_dims"], m.info["layout"]
+            if "seq" in m.info:  # the pattern knows its layout (manual, sdpa, mha)
+                site.seq, site.batch = m.info["seq"], m.info.get("batch")
+                return site
             site.seq = (_dim(q.shape[0]), _dim(k.shape[0])) if q is not None and k is not None else ()
             site.batch = _dim(q.shape[1]) if q is not None else None
             return site
@@ -85,9 +101,16 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def merge_graph(self, sites: list[Site], misses: list[Miss]) -> None:
-        """Adds one captured graph's sites, replacing those a recompilation of the same code found again."""
-        names = {s.name for s in sites}
-        self.sites = [s for s in self.sites if s.name not in names] + sites
+        """Adds one captured graph's sites, replacing those a recompilation of the same code found again
+        (same site name and anchor node)
+        (which keep the predicted speedup and the candidates the auto policy tried)."""
+        keys = {(s.name, s.node) for s in sites}
+        previous = {(s.name, s.node): s for s in self.sites}
+        for new in sites:
+            if (new.name, new.node) in previous:
+                old = previous[(new.name, new.node)]
+                new.predicted_speedup, new.tried = old.predicted_speedup, old.tried
+        self.sites = [s for s in self.sites if (s.name, s.node) not in keys] + sites
         miss_keys = {(m.name, m.node) for m in misses}
         self.misses = [m for m in self.misses if (m.name, m.node) not in miss_keys] + misses
         self.graphs += 1
@@ -115,13 +138,18 @@ class Report:
         from rich.table import Table
 
         table = Table(title=f"attnopt: {len(self.sites)} attention site(s) in {self.graphs} graph(s)")
+        tried = any(s.tried for s in self.sites)
         for col in ("site", "kind", "decision", "heads q/kv", "head dim", "seq q/k", "mask", "causal", "layout",
-                    "deviation", "reason"):  # fmt: skip
+                    "deviation", "speedup (pred.)", "reason", *(("tried",) if tried else ())):  # fmt: skip
             table.add_column(col, overflow="fold")
         for s in self.sites:
             dev = "-" if s.deviation is None else f"{s.deviation:.1e}"
-            table.add_row(s.name, s.kind, s.decision, "/".join(map(str, s.heads)), "/".join(map(str, s.head_dims)),
-                          "/".join(map(str, s.seq)), s.mask, s.causal, s.layout, dev, s.reason)  # fmt: skip
+            speedup = "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x"
+            row = [s.name, s.kind, s.decision, "/".join(map(str, s.heads)), "/".join(map(str, s.head_dims)),
+                   "/".join(map(str, s.seq)), s.mask, s.causal, s.layout, dev, speedup, s.reason]  # fmt: skip
+            if tried:
+                row.append("; ".join(f"{t.variant} {_short(t.deviation)} {t.verdict}" for t in s.tried) or "-")
+            table.add_row(*row)
         buf = io.StringIO()
         console = Console(file=buf, width=160, force_terminal=False, color_system=None)
         console.print(table)
@@ -139,3 +167,7 @@ class Report:
         return buf.getvalue().rstrip()
 
     __repr__ = __str__
+
+
+def _short(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"

@@ -54,6 +54,43 @@ NAMES = tuple(_SPECS)
 # transformers offers only eager attention for these (no sdpa implementation in the model code).
 EAGER_ONLY = frozenset({"gemma2", "bloom"})
 
+# Architectures beyond the named zoo, each written differently: multi-query attention with in-place
+# ``/=`` (falcon), a clamp of the scores to finfo.min (xglm), einsum over [S, B, H, D] with a relative
+# term (xlnet), fused multi-query projections (gpt_bigcode), a learned per-head logit scale on cosine
+# scores (swinv2), ALiBi-free GQA with sliding windows (qwen2), sqrt-scaled merged bmm (deberta-v2 is
+# left out: its padded query rows are fully masked with a finite fill, see the detection notes).
+_EXTRA_SPECS: dict[str, tuple[str, str, dict]] = {
+    "falcon": ("FalconConfig", "FalconModel", dict(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
+                                                   vocab_size=256)),
+    "xglm": ("XGLMConfig", "XGLMModel", dict(num_layers=2, attention_heads=4, d_model=64, ffn_dim=128,
+                                             vocab_size=256, max_position_embeddings=128)),
+    "xlnet": ("XLNetConfig", "XLNetModel", dict(n_layer=2, n_head=4, d_model=64, d_inner=128, vocab_size=256)),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeModel", dict(n_layer=2, n_head=4, n_embd=64, vocab_size=256,
+                                                                n_positions=128, multi_query=True,
+                                                                bos_token_id=1, eos_token_id=2)),
+    "swinv2": ("Swinv2Config", "Swinv2Model", dict(embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4,
+                                                   image_size=32, patch_size=2)),
+    "qwen2": ("Qwen2Config", "Qwen2Model", dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                hidden_size=64, intermediate_size=128, vocab_size=256,
+                                                max_position_embeddings=128)),
+}  # fmt: skip
+EXTRA_NAMES = tuple(_EXTRA_SPECS)
+# transformers offers only eager attention for these extra architectures.
+EXTRA_EAGER_ONLY = frozenset({"xglm", "xlnet", "swinv2"})
+
+
+def _spec(name: str) -> tuple[str, str, dict]:
+    if name in _SPECS:
+        return _SPECS[name]
+    if name in _EXTRA_SPECS:
+        return _EXTRA_SPECS[name]
+    raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(NAMES + EXTRA_NAMES)}")
+
+
+def implementations(name: str) -> tuple[str, ...]:
+    """The attention implementations transformers offers for zoo model ``name``."""
+    return ("eager",) if name in EAGER_ONLY or name in EXTRA_EAGER_ONLY else ("eager", "sdpa")
+
 
 @dataclass
 class ZooModel:
@@ -73,9 +110,7 @@ def _transformers():
 
 def config(name: str, **overrides: Any):
     """The small config of zoo model ``name`` (overrides win)."""
-    if name not in _SPECS:
-        raise KeyError(f"unknown zoo model {name!r}; known: {', '.join(NAMES)}")
-    cfg_cls, _, base = _SPECS[name]
+    cfg_cls, _, base = _spec(name)
     return getattr(_transformers(), cfg_cls)(**{**base, **overrides})
 
 
@@ -109,7 +144,7 @@ def build(name: str, attn_implementation: str = "eager", seed: int = 0, batch: i
           **overrides: Any) -> ZooModel:  # fmt: skip
     """Zoo model ``name`` with random weights (seeded), in eval mode, with its example inputs."""
     cfg = config(name, **overrides)
-    _, model_cls, _ = _SPECS[name]
+    _, model_cls, _ = _spec(name)
     torch.manual_seed(seed)
     model = getattr(_transformers(), model_cls)._from_config(cfg, attn_implementation=attn_implementation)
     model.eval()

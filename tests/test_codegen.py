@@ -7,6 +7,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: loaded kernel
 import ast
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,13 @@ def make(**changes) -> KernelSpec:
     [
         ("variant", "sparse"),
         ("direction", "bwd"),
+        ("bias", "rope"),
+        ("key_padding", 1),
+        ("softcap", None),
+        ("dropout", "yes"),
+        ("group", 0),
+        ("group", 2.0),
+        ("write_ds", True),
         ("dtype", "float64"),
         ("dtype", "torch.float16"),
         ("causal", 3),
@@ -76,8 +84,9 @@ def test_spec_key_is_stable_across_processes():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == make().key
-    canonical = ('{"block_m":64,"block_n":64,"causal":0,"direction":"fwd","dtype":"float16","head_dim":64,'
-                 '"head_dim_v":64,"mask":"none","num_stages":2,"num_warps":4,"variant":"exact"}')
+    canonical = ('{"bias":"none","block_m":64,"block_n":64,"causal":0,"direction":"fwd","dropout":false,'
+                 '"dtype":"float16","group":1,"head_dim":64,"head_dim_v":64,"key_padding":false,"mask":"none",'
+                 '"num_stages":2,"num_warps":4,"softcap":false,"variant":"exact","write_ds":false}')
     assert make().to_json() == canonical
 
 
@@ -111,40 +120,101 @@ def test_default_spec(dtype, d, dv, expected):
     assert default_spec(q, k, v, mask, 2) == spec
 
 
-def test_render_header_and_name():
-    spec = make(head_dim=24, head_dim_v=40, causal=1, mask="additive")
+DIRECTIONS = ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq")
+
+
+def _kernels(src: str) -> list[ast.FunctionDef]:
+    return [n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef)]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_render_header_and_name(direction):
+    spec = make(direction=direction, head_dim=24, head_dim_v=40, causal=1, mask="additive", group=2)
     src = render(spec)
     lines = src.splitlines()
     assert lines[0].startswith("# attnopt generated kernel")
     assert lines[1].startswith("# spec: ")
     assert KernelSpec.from_dict(json.loads(lines[1][len("# spec: "):])) == spec
-    tree = ast.parse(src)
-    kernels = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
-    assert [k.name for k in kernels] == [spec.name]
+    kernels = _kernels(src)
+    assert [k.name for k in kernels] == [spec.name] and spec.name.startswith(f"attnopt_exact_{direction}_")
     assert ast.unparse(kernels[0].decorator_list[0]) == "triton.jit"
     assert tuple(a.arg for a in kernels[0].args.args) == kernel_arg_names(spec)
-    assert "# [BLOCK_M, BLOCK_N]" in src
+    assert ast.get_docstring(kernels[0])
     assert render(spec) == src
 
 
+ALL_FEATURES = [
+    dict(causal=c, mask=m, bias=b, key_padding=kp, softcap=sc, dropout=dr, group=g)
+    for c in (0, 1, 2) for m in ("none", "bool", "additive") for b in ("none", "tensor", "alibi", "relpos")
+    for kp, sc, dr, g in ((False, False, False, 1), (True, True, True, 3))
+]
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_render_every_feature_combination_parses(direction):
+    """Every combination renders a module whose only function is the kernel, with its declared arguments."""
+    for features in ALL_FEATURES:
+        for write_ds in (False, True) if direction == "bwd_dq" else (False,):
+            spec = make(direction=direction, head_dim=40, head_dim_v=24, write_ds=write_ds, **features)
+            (kernel,) = _kernels(render(spec))
+            assert tuple(a.arg for a in kernel.args.args) == kernel_arg_names(spec)
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd_dkdv", "bwd_dq"])
 @pytest.mark.parametrize("causal", [0, 1, 2])
-def test_render_causal_is_compile_time(causal):
-    src = render(make(causal=causal))
+def test_render_causal_is_compile_time(direction, causal):
+    src = render(make(direction=direction, causal=causal))
     assert ("causal_offset = seq_k - seq_q" in src) == (causal == 2)
-    assert ("cols[None, :] <= offs_m[:, None] + causal_offset" in src) == (causal == 2)
-    assert ("cols[None, :] <= offs_m[:, None])" in src) == (causal == 1)
-    assert ("full_end = seq_k // BLOCK_N * BLOCK_N" in src) == (causal == 0)
+    assert bool(re.search(r"<= rows\[(:, None|None, :)\] \+ causal_offset", src)) == (causal == 2)
+    assert bool(re.search(r"<= rows\[(:, None|None, :)\](?! \+)", src)) == (causal == 1)
     assert "causal ==" not in src and "if causal" not in src
+    if direction == "bwd_dkdv":
+        assert ("diagonal query tiles" in src) == (causal != 0)
+    else:
+        assert ("full_end = seq_k // BLOCK_N * BLOCK_N" in src) == (causal == 0)
 
 
+@pytest.mark.parametrize("direction", ["fwd", "bwd_dkdv", "bwd_dq"])
 @pytest.mark.parametrize("mask", ["none", "bool", "additive"])
-def test_render_mask_is_compile_time(mask):
-    spec = make(mask=mask)
+def test_render_mask_is_compile_time(direction, mask):
+    spec = make(direction=direction, mask=mask)
     src = render(spec)
     assert ("Mask" in kernel_arg_names(spec)) == (mask != "none")
     assert ("mask_ptrs" in src) == (mask != "none")
     assert ("attend != 0" in src) == (mask == "bool")
-    assert ("bias.to(tl.float32) * LOG2E" in src) == (mask == "additive")
+    assert ("s += tl.load(mask_ptrs" in src) == (mask == "additive")
+
+
+@pytest.mark.parametrize("direction", ["fwd", "bwd_dkdv", "bwd_dq"])
+def test_render_features_are_compile_time(direction):
+    plain = render(make(direction=direction)).split("\n", 2)[2]  # without the spec line
+    for word in ("Bias", "Slopes", "RelTable", "KvLen", "softcap", "tl.rand", "seed", "GROUP +", "range(0, GROUP)"):
+        assert word not in plain
+    names = {
+        "bias": ("tensor", ["Bias", "bias_ptrs"]),
+        "alibi": ("alibi", ["Slopes", "alibi_slope2 * tl.abs("]),
+        "relpos": ("relpos", ["RelTable", "RelBucket", "bucket * stride_rel_n"]),
+    }
+    for kind, words in names.values():
+        src = render(make(direction=direction, bias=kind))
+        assert all(w in src for w in words), kind
+    assert "kv_end = " in render(make(direction=direction, key_padding=True))
+    capped = render(make(direction=direction, softcap=True))
+    assert "t = 1.0 - 2.0 / (e + 1.0)" in capped
+    assert ("ds = ds * (1.0 - t * t)" in capped) == (direction != "fwd")
+    dropped = render(make(direction=direction, dropout=True))
+    assert "tl.rand(seed, drop_row" in dropped
+    assert '@triton.jit(do_not_specialize=["seed", "philox_offset"])' in dropped
+    grouped = render(make(direction=direction, group=4))
+    assert "GROUP = tl.constexpr(4)" in grouped
+    assert ("for g in range(0, GROUP)" in grouped) == (direction == "bwd_dkdv")
+
+
+def test_render_write_ds():
+    assert "DS" not in kernel_arg_names(make(direction="bwd_dq"))
+    spec = make(direction="bwd_dq", write_ds=True)
+    assert "DS" in kernel_arg_names(spec)
+    assert "tl.store(ds_row[:, None] + cols[None, :], ds" in render(spec)
 
 
 def test_render_head_dim_padding_and_dtype():
@@ -157,6 +227,7 @@ def test_render_head_dim_padding_and_dtype():
     assert 'input_precision="ieee"' in render(make(dtype="float32"))
     assert 'input_precision="ieee"' not in exact
     assert "out.to(tl.bfloat16)" in render(make(dtype="bfloat16"))
+    assert "dk.to(tl.bfloat16)" in render(make(direction="bwd_dkdv", dtype="bfloat16"))
 
 
 def test_cache_writes_and_reuses(tmp_path, monkeypatch):
@@ -193,13 +264,98 @@ def test_cache_root_default(monkeypatch):
 
 
 def test_imports_stay_light():
-    code = "import sys, attnopt.codegen, attnopt.kernels.exact.triton_impl; assert 'triton' not in sys.modules"
+    code = ("import sys, attnopt.codegen, attnopt.codegen.tuning, attnopt.kernels.exact.triton_impl, "
+            "attnopt.kernels.exact.dispatch; assert 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 def test_optimized_path_never_imports_reference():
-    for path in [REPO / "attnopt" / "kernels" / "exact" / "triton_impl.py", *(REPO / "attnopt" / "codegen").glob("*.py")]:
+    exact = REPO / "attnopt" / "kernels" / "exact"
+    for path in [*(exact / n for n in ("triton_impl.py", "dropout.py", "dispatch.py")),
+                 *(REPO / "attnopt" / "codegen").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any("reference" in n for n in names), f"{path.name} imports the reference"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attnopt kernels show
+
+
+def test_cli_kernels_show_prints_the_rendered_source():
+    from click.testing import CliRunner
+
+    from attnopt.cli import main
+
+    res = CliRunner().invoke(main, ["kernels", "show", "--head-dim", "64", "--dtype", "bfloat16", "--causal",
+                                    "bottom-right", "--mask", "bool"])
+    assert res.exit_code == 0, res.output
+    spec = KernelSpec.from_dict(json.loads(res.output.splitlines()[1][len("# spec: "):]))
+    assert (spec.head_dim, spec.dtype, spec.causal, spec.mask, spec.direction) == (64, "bfloat16", 2, "bool", "fwd")
+    assert res.output == render(spec)
+
+
+def test_cli_kernels_show_options_and_tiles(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from attnopt.cli import main
+
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    args = ["kernels", "show", "--direction", "bwd_dkdv", "--head-dim", "72", "--head-dim-v", "40", "--group", "4",
+            "--bias", "alibi", "--key-padding", "--softcap", "--dropout", "--block-m", "16", "--num-stages", "3"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    spec = KernelSpec.from_dict(json.loads(res.output.splitlines()[1][len("# spec: "):]))
+    assert (spec.block_m, spec.num_stages, spec.group, spec.bias) == (16, 3, 4, "alibi")
+    assert spec.key_padding and spec.softcap and spec.dropout
+    sm90 = CliRunner().invoke(main, ["kernels", "show", "--head-dim", "128", "--gpu", "sm90"])
+    assert "tiles 128x128, num_warps 8, num_stages 3." in sm90.output
+    path = CliRunner().invoke(main, args + ["--path"]).output.strip()
+    assert Path(path).parent == tmp_path / "kernels" and Path(path).read_text() == res.output
+
+
+def test_cli_kernels_show_rejects_bad_specs():
+    from click.testing import CliRunner
+
+    from attnopt.cli import main
+
+    res = CliRunner().invoke(main, ["kernels", "show", "--head-dim", "300"])
+    assert res.exit_code != 0 and "KernelSpec.head_dim must be" in res.output
+    res = CliRunner().invoke(main, ["kernels", "show", "--head-dim", "64", "--write-ds"])
+    assert res.exit_code != 0 and "write_ds" in res.output
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiling for the GPU without one
+
+
+_COMPILE_SCRIPT = """
+import json
+from attnopt.codegen import offline, tuning
+from attnopt.codegen.spec import KernelSpec
+
+features = dict(head_dim=72, head_dim_v=40, dtype="float16", causal=2, mask="bool", bias="alibi", key_padding=True,
+                softcap=True, dropout=True, group=2, num_warps=4, num_stages=2)
+shared = {}
+for direction, (bm, bn) in (("fwd", (64, 64)), ("bwd_dkdv", (32, 64)), ("bwd_dq", (64, 64))):
+    spec = KernelSpec(direction=direction, block_m=bm, block_n=bn, **features)
+    shared[direction] = offline.compile_for(spec, (9, 0))["shared"]
+plain = tuning.default(KernelSpec(head_dim=128, head_dim_v=128, dtype="bfloat16", causal=0, mask="none", block_m=64,
+                                  block_n=64, num_warps=4, num_stages=2), tuning.GENERATIONS["sm90"])
+shared["plain"] = offline.compile_for(plain, (9, 0))["shared"]
+shared["plain_model"] = tuning.resources(plain, tuning.GENERATIONS["sm90"])[0]
+print(json.dumps(shared))
+"""
+
+
+def test_generated_kernels_compile_for_sm90(tmp_path):
+    """The Triton compiler (not the interpreter) accepts every feature of the forward and backward kernels for
+    sm_90a, and allocates the shared memory the tuning model predicts for the default H100 forward tile."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(ATTNOPT_CACHE_DIR=str(tmp_path / "attnopt"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shared = json.loads(out.stdout.splitlines()[-1])
+    assert all(shared[d] > 0 for d in ("fwd", "bwd_dkdv", "bwd_dq"))
+    assert shared["plain"] == shared["plain_model"] == 229376  # 128x128 tiles, 3 stages, D128 bf16

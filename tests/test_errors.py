@@ -30,18 +30,6 @@ def test_unknown_policy_string():
     _assert_untouched(z.model, snap)
 
 
-@pytest.mark.parametrize("policy,issue", [("auto", "issue 7"), ("sliding_window:128", "issue 5"), ("linear", "issue 6")])
-def test_later_policies_name_their_issue(policy, issue):
-    with pytest.raises(NotImplementedError, match=issue):
-        attnopt.optimize(nn.Linear(2, 2), policy)
-
-
-@pytest.mark.parametrize("cls,issue", [(attnopt.Sparse, "issue 5"), (attnopt.Linear, "issue 6"), (attnopt.Sigmoid, "issue 6")])
-def test_later_variants_name_their_issue(cls, issue):
-    with pytest.raises(NotImplementedError, match=issue):
-        cls()
-
-
 def test_inputs_that_do_not_fit():
     z = zoo.build("bert")
     snap = _snapshot(z.model)

@@ -1,8 +1,15 @@
-"""The generated exact-attention forward kernel against the reference, in Triton's CPU interpreter."""
+"""The generated exact-attention forward kernel against the reference.
+
+Kernels run in Triton's CPU interpreter. With ``ATTNOPT_TEST_GPU=1`` (on a CUDA machine, e.g.
+``ATTNOPT_TEST_GPU=1 pytest tests/test_kernel_exact.py tests/test_kernel_exact_bwd.py``) the same tests
+run the compiled kernels on the GPU instead, plus the ``gpu``-marked ones.
+"""
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
+GPU = os.environ.get("ATTNOPT_TEST_GPU") == "1"
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 
 import pytest
 import torch
@@ -10,8 +17,12 @@ import torch
 from attnopt.kernels.exact import reference, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 
+DEVICE = "cuda" if GPU else "cpu"
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 FP16_TOL = dict(atol=2e-3, rtol=2e-3)
+gpu_only = pytest.mark.skipif(not GPU, reason="set ATTNOPT_TEST_GPU=1 on a CUDA machine")
+# The softcap's exp(2x) overflows to inf for large scores (tanh = 1 exactly); numpy warns in the interpreter.
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,15 +37,26 @@ def qkv(b=2, hq=2, hkv=None, sq=7, sk=7, d=16, dv=None, dtype=torch.float32, see
     g = torch.Generator().manual_seed(seed)
     hkv = hq if hkv is None else hkv
     dv = d if dv is None else dv
-    q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
-    k = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
-    v = torch.randn(b, hkv, sk, dv, generator=g).to(dtype)
+    q = torch.randn(b, hq, sq, d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(b, hkv, sk, d, generator=g).to(DEVICE, dtype)
+    v = torch.randn(b, hkv, sk, dv, generator=g).to(DEVICE, dtype)
     return q, k, v
 
 
-def check(q, k, v, attn_mask=None, causal=CAUSAL_NONE, scale=None, tol=FP32_TOL):
-    out, lse = triton_impl.forward(q, k, v, attn_mask, causal, scale)
-    ref_out, ref_lse = reference.attention_forward(q, k, v, attn_mask, causal=causal, scale=scale)
+def rand(*shape, seed=1):
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def check(q, k, v, attn_mask=None, causal=CAUSAL_NONE, scale=None, tol=FP32_TOL, ref_mask=None, softcap=0.0,
+          **features):
+    """Kernel vs reference; ``ref_mask`` is the reference's equivalent of the features (default attn_mask)."""
+    out, lse = triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, **features)
+    ref_mask = attn_mask if ref_mask is None else ref_mask
+    ref_out, ref_lse = reference.attention_forward(q, k, v, ref_mask, causal=causal, scale=scale, softcap=softcap)
     assert out.dtype == q.dtype and out.shape == ref_out.shape
     assert lse.dtype == torch.float32 and lse.is_contiguous() and lse.shape == q.shape[:3]
     assert not out.isnan().any() and not lse.isnan().any()
@@ -72,16 +94,15 @@ def test_head_dims(d, dv):
 @pytest.mark.parametrize("shape", [(2, 1, 7, 33), (1, 2, 7, 33), (7, 33), (33,), (2, 2, 7, 33)])
 @pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
 def test_masks(kind, shape, causal):
-    g = torch.Generator().manual_seed(1)
-    keep = torch.rand(shape, generator=g) > 0.3
-    mask = keep if kind == "bool" else torch.randn(shape, generator=g).masked_fill(~keep, float("-inf"))
+    keep = rand(*shape) > 0.3
+    mask = keep if kind == "bool" else randn(*shape).masked_fill(~keep, float("-inf"))
     check(*qkv(sq=7, sk=33), mask, causal=causal)
 
 
 def test_non_contiguous_inputs_and_mask():
     """[B, S, H, D] storage seen as [B, H, S, D], and a transposed mask."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(hq=4, hkv=2, sq=9, sk=20, d=24))
-    mask = torch.randn(2, 4, 20, 9).transpose(-1, -2)
+    mask = randn(2, 4, 20, 9).transpose(-1, -2)
     assert not q.is_contiguous() and not mask.is_contiguous()
     check(q, k, v, mask, causal=CAUSAL_TOP_LEFT)
 
@@ -89,16 +110,16 @@ def test_non_contiguous_inputs_and_mask():
 @pytest.mark.parametrize("hq, hkv", [(4, 2), (4, 1), (6, 3)])
 @pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
 def test_gqa(hq, hkv, causal):
-    mask = torch.rand(1, hq, 9, 17, generator=torch.Generator().manual_seed(2)) > 0.2
+    mask = rand(1, hq, 9, 17, seed=2) > 0.2
     check(*qkv(hq=hq, hkv=hkv, sq=9, sk=17, d=40, dv=24), mask, causal=causal)
 
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_fully_masked_rows(kind):
-    keep = torch.ones(2, 2, 9, 17, dtype=torch.bool)
+    keep = torch.ones(2, 2, 9, 17, dtype=torch.bool, device=DEVICE)
     keep[0, 1, 3] = False
     keep[1, :, 8] = False
-    mask = keep if kind == "bool" else torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
     out, lse = check(*qkv(sq=9, sk=17), mask)
     assert (out[0, 1, 3] == 0).all() and (out[1, :, 8] == 0).all()
     assert lse[0, 1, 3] == float("-inf") and (lse[1, :, 8] == float("-inf")).all()
@@ -121,7 +142,7 @@ def test_empty_keys_and_queries():
 
 def test_scale():
     check(*qkv(sq=9, sk=12), scale=0.3)
-    check(*qkv(sq=9, sk=12), torch.randn(9, 12), causal=CAUSAL_TOP_LEFT, scale=1.0)
+    check(*qkv(sq=9, sk=12), randn(9, 12), causal=CAUSAL_TOP_LEFT, scale=1.0)
 
 
 @pytest.mark.parametrize("causal, mask_kind", [(CAUSAL_NONE, None), (CAUSAL_TOP_LEFT, "bool"),
@@ -130,15 +151,157 @@ def test_float16(causal, mask_kind):
     q, k, v = qkv(hq=4, hkv=2, sq=33, sk=40, d=40, dv=24, dtype=torch.float16)
     mask = None
     if mask_kind == "bool":
-        mask = torch.rand(33, 40, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask = rand(33, 40, seed=3) > 0.3
     elif mask_kind == "additive":
-        mask = torch.randn(2, 1, 33, 40, generator=torch.Generator().manual_seed(3)).half()
+        mask = randn(2, 1, 33, 40, seed=3).half()
     check(q, k, v, mask, causal=causal, tol=FP16_TOL)
 
 
-@pytest.mark.skip(reason="Triton's interpreter does not support bfloat16 tl.dot (triton-lang/triton#11584)")
-def test_bfloat16():
-    check(*qkv(sq=33, sk=40, d=40, dtype=torch.bfloat16), causal=CAUSAL_BOTTOM_RIGHT, tol=dict(atol=2e-2, rtol=2e-2))
+@gpu_only
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
+def test_bfloat16(causal):
+    """Triton's interpreter does not support bfloat16 tl.dot (triton-lang/triton#11584): GPU only."""
+    check(*qkv(sq=33, sk=40, d=40, dtype=torch.bfloat16), causal=causal, tol=dict(atol=2e-2, rtol=2e-2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Score features: softcap, ALiBi, bias tensor, relative position bias, key-padding lengths, dropout
+
+
+def alibi_bias(slopes, sq, sk):
+    """The reference's additive equivalent of ALiBi: -slope_h * |j - i - (Sk - Sq)|, [(B,) Hq, Sq, Sk]."""
+    i = torch.arange(sq, device=DEVICE)[:, None]
+    j = torch.arange(sk, device=DEVICE)[None, :]
+    return -slopes[..., None, None] * (j - i - (sk - sq)).abs()
+
+
+def t5_buckets(rel):
+    """A T5-like bucketing of relative positions j - i: signed, clipped to 8 buckets."""
+    return rel.clamp(-3, 4) + 3
+
+
+def rel_bias(table, buckets, sq, sk):
+    """table[buckets[j - i + Sq - 1], h] as [1, Hq, Sq, Sk]."""
+    rel = torch.arange(sk, device=DEVICE)[None, :] - torch.arange(sq, device=DEVICE)[:, None] + sq - 1
+    return table[buckets.long()[rel]].permute(2, 0, 1)[None]
+
+
+def padding_keep(kv_lens, sk):
+    """[B, 1, 1, Sk] bool: keys below each row's length."""
+    return (torch.arange(sk, device=DEVICE) < kv_lens[:, None])[:, None, None, :]
+
+
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT])
+@pytest.mark.parametrize("cap", [0.5, 30.0])
+def test_softcap(causal, cap):
+    check(*qkv(hq=4, hkv=2, sq=19, sk=40, d=24), causal=causal, scale=2.0, softcap=cap)
+
+
+def test_softcap_with_mask_fp16():
+    mask = randn(1, 2, 19, 40).half()
+    check(*qkv(sq=19, sk=40, d=24, dtype=torch.float16), mask, CAUSAL_BOTTOM_RIGHT, softcap=5.0, tol=FP16_TOL)
+
+
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT])
+@pytest.mark.parametrize("per_batch", [False, True])
+def test_alibi(causal, per_batch):
+    q, k, v = qkv(hq=4, hkv=2, sq=19, sk=70)
+    slopes = rand(2, 4) if per_batch else rand(4)
+    check(q, k, v, causal=causal, alibi_slopes=slopes, ref_mask=alibi_bias(slopes, 19, 70))
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 19, 40), (2, 1, 1, 40), (19, 40)])
+def test_bias_tensor_with_bool_mask(shape):
+    q, k, v = qkv(hq=4, hkv=2, sq=19, sk=40)
+    bias = randn(*shape)
+    keep = rand(2, 1, 19, 40) > 0.2
+    check(q, k, v, keep, CAUSAL_TOP_LEFT, bias=bias, ref_mask=bias.masked_fill(~keep, float("-inf")))
+
+
+@pytest.mark.parametrize("sq, sk", [(19, 40), (40, 19)])
+def test_relative_position_bias(sq, sk):
+    q, k, v = qkv(hq=4, sq=sq, sk=sk)
+    table = randn(8, 4)
+    buckets = triton_impl.relative_buckets(sq, sk, t5_buckets, device=DEVICE)
+    mask = randn(sq, sk, seed=2)
+    check(q, k, v, mask, CAUSAL_NONE, rel_table=table, rel_buckets=buckets,
+          ref_mask=mask + rel_bias(table, buckets, sq, sk))
+
+
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
+def test_key_padding_lengths(causal):
+    """Right padding per batch row, including a row with every key padded (zeros, lse -inf)."""
+    q, k, v = qkv(b=4, hq=2, sq=19, sk=70)
+    kv_lens = torch.tensor([70, 33, 1, 0], device=DEVICE)
+    out, lse = check(q, k, v, None, causal, kv_lens=kv_lens, ref_mask=padding_keep(kv_lens, 70))
+    assert (out[3] == 0).all() and (lse[3] == float("-inf")).all()
+
+
+def test_key_padding_with_additive_mask_and_alibi():
+    q, k, v = qkv(b=2, hq=2, sq=19, sk=40)
+    kv_lens = torch.tensor([25, 40], device=DEVICE)
+    slopes, mask = rand(2), randn(2, 1, 19, 40)
+    ref = (mask + alibi_bias(slopes, 19, 40)).masked_fill(~padding_keep(kv_lens, 40), float("-inf"))
+    check(q, k, v, mask, CAUSAL_TOP_LEFT, kv_lens=kv_lens, alibi_slopes=slopes, ref_mask=ref)
+
+
+def dropout_check(q, k, v, attn_mask, causal, p, seed, monkeypatch, philox_offset=0, tol=FP32_TOL):
+    """Kernel with dropout vs the reference math with the kernel's own keep-mask (materialized)."""
+    keep = triton_impl.dropout_mask(q.shape[:3] + k.shape[2:3], p, seed, philox_offset, device=DEVICE)
+    monkeypatch.setattr(reference, "dropout_keep", lambda shape, p, s, device: keep.expand(shape))
+    out, lse = triton_impl.forward(q, k, v, attn_mask, causal, dropout_p=p, seed=seed, philox_offset=philox_offset)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, attn_mask, p, causal, seed=torch.tensor(0))
+    torch.testing.assert_close(out, ref_out, **tol)
+    torch.testing.assert_close(lse, ref_lse, **tol)
+    return out, keep
+
+
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
+def test_dropout_matches_reference_with_kernel_mask(causal, monkeypatch):
+    q, k, v = qkv(hq=4, hkv=2, sq=19, sk=70, d=24)
+    dropout_check(q, k, v, rand(19, 70) > 0.2, causal, 0.3, 1234, monkeypatch)
+
+
+def test_dropout_seed_offset_and_tensor_seed(monkeypatch):
+    q, k, v = qkv(sq=19, sk=40)
+    out_a, keep_a = dropout_check(q, k, v, None, CAUSAL_NONE, 0.5, 7, monkeypatch)
+    out_b, keep_b = dropout_check(q, k, v, None, CAUSAL_NONE, 0.5, 2**40 + 3, monkeypatch)
+    out_c, keep_c = dropout_check(q, k, v, None, CAUSAL_NONE, 0.5, 7, monkeypatch, philox_offset=12345)
+    assert not torch.equal(keep_a, keep_b) and not torch.equal(keep_a, keep_c)
+    again, _ = triton_impl.forward(q, k, v, None, CAUSAL_NONE, dropout_p=0.5, seed=torch.tensor(7))
+    torch.testing.assert_close(again, out_a, rtol=0, atol=0)
+
+
+def test_dropout_keeps_one_minus_p():
+    """The keep fraction is 1 - p within 4 standard deviations, and every (head, row) draws its own mask."""
+    shape = (1, 2, 32, 64)
+    n = 1 * 2 * 32 * 64
+    for p in (0.1, 0.5, 0.9):
+        keep = triton_impl.dropout_mask(shape, p, seed=99, device=DEVICE)
+        assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+    keep = triton_impl.dropout_mask(shape, 0.5, seed=99, device=DEVICE)
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+
+
+def test_all_features_together(monkeypatch):
+    """GQA, bottom-right causal, bool mask, ALiBi, key padding, softcap and dropout in one kernel, odd dims."""
+    q, k, v = qkv(b=2, hq=4, hkv=2, sq=21, sk=50, d=20, dv=12)
+    keep_mask = rand(2, 1, 21, 50) > 0.1
+    slopes, kv_lens = rand(4), torch.tensor([50, 30], device=DEVICE)
+    keep = triton_impl.dropout_mask((2, 4, 21, 50), 0.2, 5, device=DEVICE)
+    monkeypatch.setattr(reference, "dropout_keep", lambda shape, p, s, device: keep)
+    ref_mask = alibi_bias(slopes, 21, 50).masked_fill(~(keep_mask & padding_keep(kv_lens, 50)), float("-inf"))
+    out, lse = triton_impl.forward(q, k, v, keep_mask, CAUSAL_BOTTOM_RIGHT, softcap=3.0, dropout_p=0.2, seed=5,
+                                   alibi_slopes=slopes, kv_lens=kv_lens)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, ref_mask, 0.2, CAUSAL_BOTTOM_RIGHT, seed=torch.tensor(0),
+                                                   softcap=3.0)
+    torch.testing.assert_close(out, ref_out, **FP32_TOL)
+    torch.testing.assert_close(lse, ref_lse, **FP32_TOL)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation
 
 
 @pytest.mark.parametrize(
@@ -150,8 +313,8 @@ def test_bfloat16():
         (lambda q, k, v, m: (q[:, :, :, :8], k, v, m), "incompatible shapes"),
         (lambda q, k, v, m: (q[:, :1], k, v, m), "multiple of key/value heads"),
         (lambda q, k, v, m: (q.new_zeros(2, 2, 7, 300), k.new_zeros(2, 2, 7, 300), v, m), "head dim must be in"),
-        (lambda q, k, v, m: (q, k, v, torch.ones(3, 7, 7, dtype=torch.bool)), "does not broadcast"),
-        (lambda q, k, v, m: (q, k, v, torch.ones(7, 7, dtype=torch.int32)), "bool .* or floating point"),
+        (lambda q, k, v, m: (q, k, v, torch.ones(3, 7, 7, dtype=torch.bool, device=DEVICE)), "does not broadcast"),
+        (lambda q, k, v, m: (q, k, v, torch.ones(7, 7, dtype=torch.int32, device=DEVICE)), "bool .* or floating point"),
     ],
 )
 def test_rejects_bad_inputs(change, match):
@@ -160,6 +323,27 @@ def test_rejects_bad_inputs(change, match):
         triton_impl.forward(*change(q, k, v, None), CAUSAL_NONE, None)
 
 
-def test_rejects_bad_causal():
-    with pytest.raises(ValueError, match="causal must be one of"):
-        triton_impl.forward(*qkv(), None, 3, None)
+@pytest.mark.parametrize(
+    "features, match",
+    [
+        (dict(causal=3), "causal must be one of"),
+        (dict(softcap=-1.0), "softcap must be >= 0"),
+        (dict(dropout_p=1.0, seed=1), r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=0.1), "needs a seed"),
+        (dict(dropout_p=0.1, seed=1.5), "seed must be an int"),
+        (dict(alibi_slopes=torch.ones(2), bias=torch.zeros(7, 7)), "at most one of"),
+        (dict(alibi_slopes=torch.ones(3)), "alibi_slopes must be"),
+        (dict(bias=torch.zeros(7, 7, dtype=torch.int64)), "bias must be floating point"),
+        (dict(rel_table=torch.zeros(4, 2)), "rel_table and rel_buckets go together"),
+        (dict(rel_table=torch.zeros(4, 2), rel_buckets=torch.zeros(12, dtype=torch.int64)),
+         r"rel_buckets must be integer \[Sq \+ Sk - 1 = 13\]"),
+        (dict(rel_table=torch.zeros(4, 2), rel_buckets=torch.full((13,), 4)), "must index rel_table's 4 buckets"),
+        (dict(rel_table=torch.zeros(4, 3), rel_buckets=torch.zeros(13, dtype=torch.int64)), "rel_table must be"),
+        (dict(kv_lens=torch.ones(3, dtype=torch.int64)), r"kv_lens must be integer \[2\]"),
+    ],
+)
+def test_rejects_bad_features(features, match):
+    features = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+    causal = features.pop("causal", CAUSAL_NONE)
+    with pytest.raises(ValueError, match=match):
+        triton_impl.forward(*qkv(), None, causal, **features)

@@ -109,7 +109,7 @@ def test_bad_input_errors(bad, match):
         bad(q, k, v)
 
 
-def test_unavailable_variant_names_its_issue():
+def test_direct_call_is_exact_only():
     q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="issue 6"):
+    with pytest.raises(NotImplementedError, match="exact attention only.*attnopt.optimize"):
         attnopt.attention(q, k, v, variant="linear")

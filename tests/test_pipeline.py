@@ -232,3 +232,22 @@ def test_approximate_variant_is_measured_and_bounded_by_max_error(max_error, dec
     else:
         assert "approximate" in site.reason or max_error is not None
         torch.testing.assert_close(opt(q, k, v), 0.99 * Manual()(q, k, v))
+
+
+def test_every_graph_of_a_split_model_is_processed():
+    """A graph break between two attentions gives two dynamo graphs; both are rewritten."""
+
+    class TwoLayers(nn.Module):
+        def forward(self, q, k, v):
+            x = F.scaled_dot_product_attention(q, k, v)
+            torch._dynamo.graph_break()
+            return Manual()(x, k, v)
+
+    q, k, v, _ = _inputs(sq=9)
+    module = TwoLayers()
+    want = module(q, k, v)
+    opt = attnopt.optimize(module, "exact", (q, k, v))
+    rep = attnopt.report(opt)
+    assert rep.graphs == 2
+    assert sorted((s.graph, s.kind, s.decision) for s in rep.sites) == [(0, "sdpa", "exact"), (1, "manual", "exact")]
+    assert rel_err(opt(q, k, v), want) < 1e-5

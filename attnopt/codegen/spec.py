@@ -1,9 +1,21 @@
 """What a generated attention kernel is specialized to: :class:`KernelSpec`.
 
-A spec holds every compile-time decision of one kernel (variant, direction, head dims, dtype, causal
-mode, mask kind, tile shape, launch configuration). Everything else (batch, heads, sequence lengths,
-strides, scale) is a runtime argument. The spec's :attr:`KernelSpec.key` is a stable hash of its
-fields, so the kernel's name and its file in the on-disk cache follow from the spec alone.
+A spec holds every compile-time decision of one kernel: the variant, the direction (the forward,
+or one of the three backward kernels), head dims, dtype, causal mode, the kinds of mask and score
+bias, key-padding lengths, softcap, dropout, the GQA group, the tile shape and the launch
+configuration. Everything else (batch, heads, sequence lengths, strides, scale, the softcap value,
+the dropout probability and seed) is a runtime argument. The spec's :attr:`KernelSpec.key` is a
+stable hash of its fields, so the kernel's name and its file in the on-disk cache follow from the
+spec alone.
+
+Directions:
+
+* ``fwd``: ``(out, lse)`` from ``q, k, v``; one program per query tile.
+* ``bwd_pre``: the backward's preprocessing, ``delta = rowsum(dO ∘ O)`` and ``lse`` in base 2.
+* ``bwd_dkdv``: ``dK, dV`` for one key tile, iterating over the query tiles of every query head of
+  the tile's GQA group (no atomics).
+* ``bwd_dq``: ``dQ`` for one query tile, iterating over the key tiles; with ``write_ds`` it also
+  stores the score gradient ``dS`` (the gradient of an additive mask or bias).
 
 This module imports neither torch nor triton at module level.
 """
@@ -20,12 +32,15 @@ CAUSAL_TOP_LEFT = 1
 CAUSAL_BOTTOM_RIGHT = 2
 
 VARIANTS = ("exact",)
-DIRECTIONS = ("fwd",)
+DIRECTIONS = ("fwd", "bwd_pre", "bwd_dkdv", "bwd_dq")
 DTYPES = ("float16", "bfloat16", "float32")
 CAUSAL_MODES = (CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT)
+CAUSAL_NAMES = {CAUSAL_NONE: "none", CAUSAL_TOP_LEFT: "top-left", CAUSAL_BOTTOM_RIGHT: "bottom-right"}
 MASKS = ("none", "bool", "additive")
+BIASES = ("none", "tensor", "alibi", "relpos")
 MAX_HEAD_DIM = 256
 MAX_BLOCK = 256
+MAX_GROUP = 256
 NUM_WARPS = (1, 2, 4, 8, 16)
 MAX_STAGES = 8
 
@@ -45,7 +60,15 @@ def _is_pow2(value: int) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class KernelSpec:
-    """The compile-time parameters of one generated kernel; see the module docstring."""
+    """The compile-time parameters of one generated kernel; see the module docstring.
+
+    ``mask`` is the kind of the attention-mask tensor (boolean, True = attend, or additive).
+    ``bias`` is an additive score term that is not a mask: ``tensor`` (any broadcastable
+    ``[B, H, Sq, Sk]`` tensor), ``alibi`` (``-slope_h * |j - i - (Sk - Sq)|`` from per-head slopes,
+    the FlashAttention-2 convention) or ``relpos`` (``table[bucket[j - i + Sq - 1], h]``: a relative
+    position bias gathered from its bucket table). ``key_padding``: key ``j`` of batch row ``b`` is
+    visible only if ``j < kv_lens[b]``. ``group`` is the number of query heads per key/value head.
+    """
 
     variant: str = "exact"
     direction: str = "fwd"
@@ -54,6 +77,12 @@ class KernelSpec:
     dtype: str
     causal: int
     mask: str
+    bias: str = "none"
+    key_padding: bool = False
+    softcap: bool = False
+    dropout: bool = False
+    group: int = 1
+    write_ds: bool = False
     block_m: int
     block_n: int
     num_warps: int
@@ -64,14 +93,22 @@ class KernelSpec:
         _check_choice("direction", self.direction, DIRECTIONS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("mask", self.mask, MASKS)
+        _check_choice("bias", self.bias, BIASES)
         if not _is_int(self.causal) or self.causal not in CAUSAL_MODES:
             raise ValueError(
                 f"KernelSpec.causal must be one of {CAUSAL_MODES} (none, top-left, bottom-right); got {self.causal!r}"
             )
+        for name in ("key_padding", "softcap", "dropout", "write_ds"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KernelSpec.{name} must be a bool; got {getattr(self, name)!r}")
+        if self.write_ds and self.direction != "bwd_dq":
+            raise ValueError(f"KernelSpec.write_ds must be False for direction {self.direction!r} (only bwd_dq)")
         for name in ("head_dim", "head_dim_v"):
             value = getattr(self, name)
             if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:
                 raise ValueError(f"KernelSpec.{name} must be an int in 1..{MAX_HEAD_DIM}; got {value!r}")
+        if not _is_int(self.group) or not 1 <= self.group <= MAX_GROUP:
+            raise ValueError(f"KernelSpec.group must be an int in 1..{MAX_GROUP}; got {self.group!r}")
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
             if not _is_int(value) or not _is_pow2(value) or not 16 <= value <= MAX_BLOCK:
@@ -91,6 +128,11 @@ class KernelSpec:
         """Padded v head dim: the next power of two, at least 16."""
         return max(16, next_pow2(self.head_dim_v))
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element of q, k, v."""
+        return 4 if self.dtype == "float32" else 2
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -106,6 +148,10 @@ class KernelSpec:
         """Canonical JSON: sorted keys, no whitespace; the input of :attr:`key`."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
+    def replace(self, **changes) -> KernelSpec:
+        """A copy with ``changes`` applied (validated like a new spec)."""
+        return dataclasses.replace(self, **changes)
+
     @property
     def key(self) -> str:
         """First 12 hex digits of the sha256 of :meth:`to_json`: stable across processes and machines."""
@@ -115,6 +161,9 @@ class KernelSpec:
     def name(self) -> str:
         """The generated kernel's function name, also its module and cache file name."""
         return f"attnopt_{self.variant}_{self.direction}_{self.key}"
+
+
+TILE_FIELDS = ("block_m", "block_n", "num_warps", "num_stages")
 
 
 def _check_choice(field: str, value, allowed: tuple) -> None:
@@ -144,28 +193,47 @@ def mask_kind(attn_mask) -> str:
     raise ValueError(f"attn_mask must be bool (True = attend) or floating point (additive); got {attn_mask.dtype}")
 
 
-def default_spec(q, k, v, attn_mask, causal: int) -> KernelSpec:
-    """The deterministic spec for a call: tile shape from the padded head dim and the dtype.
+def default_tiles(direction: str, dtype: str, head_dim: int, head_dim_v: int) -> dict:
+    """The deterministic tile shape and launch configuration used without a GPU-specific choice.
 
+    Forward and ``bwd_dq`` (a query tile of ``block_m`` rows streams key tiles of ``block_n``):
     16-bit inputs use 64x64 tiles up to head dim 128 and 64x32 above; fp32 (twice the registers
-    and shared memory per element) uses 64x32 up to 64 and 32x32 above. Head dims above 128 run
-    with 8 warps, the rest with 4; 2 pipeline stages, 1 for fp32 above head dim 128 (whose two
-    stages would need about 160 KiB of shared memory).
+    and shared memory per element) uses 64x32 up to 64 and 32x32 above. ``bwd_dkdv`` holds two
+    ``[block_n, D]`` fp32 accumulators per key tile and streams query tiles: 64 keys by 32 queries,
+    32x32 above head dim 128 or in fp32 above 64. ``bwd_pre`` only reads O and dO: 64 rows.
+    Head dims above 128 run with 8 warps, the rest with 4; 2 pipeline stages, 1 for fp32 above
+    head dim 128 (whose two stages would need about 160 KiB of shared memory).
     """
-    dtype = dtype_name(q.dtype)
-    widest = max(next_pow2(q.shape[-1]), next_pow2(v.shape[-1]))
-    if dtype == "float32":
+    widest = max(next_pow2(head_dim), next_pow2(head_dim_v))
+    if direction == "bwd_pre":
+        return dict(block_m=64, block_n=16, num_warps=4, num_stages=1)
+    if direction == "bwd_dkdv":
+        small = widest <= (64 if dtype == "float32" else 128)
+        block_m, block_n = (32, 64) if small else (32, 32)
+    elif dtype == "float32":
         block_m, block_n = (64, 32) if widest <= 64 else (32, 32)
     else:
         block_m, block_n = (64, 64) if widest <= 128 else (64, 32)
+    return dict(
+        block_m=block_m,
+        block_n=block_n,
+        num_warps=8 if widest > 128 else 4,
+        num_stages=1 if dtype == "float32" and widest > 128 else 2,
+    )
+
+
+def default_spec(q, k, v, attn_mask, causal: int, **features) -> KernelSpec:
+    """The deterministic spec for a call: its features (``direction``, ``bias``, ``key_padding``,
+    ``softcap``, ``dropout``, ``write_ds`` as keyword arguments) with :func:`default_tiles`."""
+    dtype = dtype_name(q.dtype)
+    direction = features.get("direction", "fwd")
     return KernelSpec(
         head_dim=q.shape[-1],
         head_dim_v=v.shape[-1],
         dtype=dtype,
         causal=causal,
         mask=mask_kind(attn_mask),
-        block_m=block_m,
-        block_n=block_n,
-        num_warps=8 if widest > 128 else 4,
-        num_stages=1 if dtype == "float32" and widest > 128 else 2,
+        group=q.shape[1] // k.shape[1] if k.shape[1] else 1,
+        **features,
+        **default_tiles(direction, dtype, q.shape[-1], v.shape[-1]),
     )

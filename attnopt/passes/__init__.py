@@ -116,6 +116,7 @@ def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
         with graph.inserting_before(old):
             new = _emitter(ctx, name)(graph, m, lookup)
         old.replace_all_uses_with(new)
+        env[m.output] = new  # a later site may read this one's output as an operand
     graph.eliminate_dead_code(is_impure_node=_is_impure)
     graph.lint()
     out = GraphModule(ctx.original, graph, class_name=type(ctx.original).__name__)
@@ -189,7 +190,8 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
                 site.reason += " (not validated: dropout is random)"
                 continue
             want = _first_tensor(recorder.values[m.output])
-            approximate = site.name in ctx.variants
+            variant = ctx.variants.get(site.name)
+            approximate = variant is not None and not getattr(variant, "exact", False)
             tol = ctx.policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
             sub, operands = replacement_graph(m, _emitter(ctx, site.name))
             try:

@@ -26,7 +26,7 @@ class Detection:
     reason: str | None  # why it is a miss (match is None) or must be kept (match.escape)
 
 
-_DYNAMO_ROOT = re.compile(r"^(L\['self'\]|L__self__|self)\.?")
+_DYNAMO_ROOT = re.compile(r"^(L\['(self|fn|mod|model|module)'\]|L__(self|fn)__|self|fn)\.?")
 
 
 def module_path(node: Node) -> str:
@@ -56,16 +56,20 @@ def detect(gm: GraphModule) -> list[Detection]:
     found: list[Detection] = []
     for node in gm.graph.nodes:
         op = C.classify(node)
-        if op is None or op.kind not in (C.SDPA, C.MHA, C.SOFTMAX):
+        if op is None or op.kind not in (C.SDPA, C.MHA, C.ENCODER_LAYER, C.NATIVE_MHA, C.SOFTMAX):
             continue
-        if op.kind == C.SOFTMAX:
-            try:
+        try:
+            if op.kind == C.SOFTMAX:
                 m, reason = manual.match(node, dag), None
-            except manual.Miss as miss:
-                m, reason = None, str(miss)
-        else:
-            res = (sdpa if op.kind == C.SDPA else mha).match(node)
-            m, reason = (res, None) if isinstance(res, AttentionMatch) else (None, res)
+            elif op.kind == C.NATIVE_MHA:
+                m, reason = None, "torch._native_multi_head_attention (a MultiheadAttention fast path) is not rewritten"
+            else:
+                res = (sdpa if op.kind == C.SDPA else mha).match(node)
+                m, reason = (res, None) if isinstance(res, AttentionMatch) else (None, res)
+        except manual.Miss as miss:
+            m, reason = None, str(miss)
+        except Exception as exc:  # a matcher bug must not take the model down: the site is reported
+            m, reason = None, f"attnopt could not analyze this site ({type(exc).__name__}: {exc}); please report it"
         if m is not None and m.escape:
             reason = m.escape
         found.append(Detection(module_path(node) or "<top>", node, m, reason))

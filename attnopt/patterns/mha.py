@@ -1,9 +1,14 @@
-"""``nn.MultiheadAttention``: dynamo keeps ``F.multi_head_attention_forward`` as one call in the graph.
+"""``nn.MultiheadAttention`` and the fast path of ``nn.TransformerEncoderLayer``, each one call in the graph.
 
-The call is replaced by :func:`multi_head_attention_forward`, which does the same projections and
-runs the attention core through ``torch.ops.attnopt.attention``. Supported: packed or separate input
-projections, ``attn_mask`` (2-D or 3-D, boolean or float), ``key_padding_mask``, dropout; the
-attention weights must be unused (``need_weights=False``, or the second output discarded).
+Dynamo keeps ``F.multi_head_attention_forward`` as one call; it is replaced by
+:func:`multi_head_attention_forward`, which does the same projections and runs the attention core
+through ``torch.ops.attnopt.attention``. Supported: packed or separate input projections (kdim/vdim),
+``attn_mask`` (2-D or 3-D, boolean or float), ``key_padding_mask``, dropout; the attention weights
+must be unused (``need_weights=False``, or the second output discarded).
+
+``nn.TransformerEncoderLayer`` in eval mode without gradients (and ``nn.Transformer``'s encoder)
+takes PyTorch's fast path, ``torch._transformer_encoder_layer_fwd``: the whole layer is one call, and
+is replaced by :func:`transformer_encoder_layer_forward`, the same layer with attnopt's kernel.
 """
 
 from __future__ import annotations
@@ -17,18 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.fx import Graph, Node
 
-from attnopt.kernels.exact.reference import CAUSAL_NONE
+from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.ops import new_seed
 from attnopt.patterns import canonical as C
-from attnopt.patterns.match import AttentionMatch
+from attnopt.patterns.match import AttentionMatch, BoolMask, Term
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
-_UNSUPPORTED = {
-    "bias_k": "bias_k/bias_v (add_bias_kv=True)",
-    "bias_v": "bias_k/bias_v (add_bias_kv=True)",
-    "static_k": "static_k",
-    "static_v": "static_v",
-}
 
 
 def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -57,38 +56,170 @@ def multi_head_attention_forward(
     q_proj_weight: Tensor | None,
     k_proj_weight: Tensor | None,
     v_proj_weight: Tensor | None,
+    bias_k: Tensor | None = None,
+    bias_v: Tensor | None = None,
+    add_zero_attn: bool = False,
+    static_k: Tensor | None = None,
+    static_v: Tensor | None = None,
+    need_weights: bool = False,
+    is_causal: bool = False,
 ) -> tuple[Tensor, None]:
-    """``F.multi_head_attention_forward`` (sequence-first inputs [L, B, E]) on attnopt's kernel."""
+    """``F.multi_head_attention_forward`` (sequence-first inputs [L, B, E]) on attnopt's kernel.
+
+    Mirrors PyTorch's function step by step: in-projections, ``bias_k``/``bias_v`` appended to the keys
+    and values, ``static_k``/``static_v``, ``add_zero_attn``, the ``is_causal`` hint (the mask is dropped
+    for the causal flag exactly when PyTorch drops it), masks (True = masked out, or additive).
+    """
     tgt_len, bsz, embed_dim = query.shape
-    src_len = key.shape[0]
     head_dim = embed_dim // num_heads
     if use_separate_proj_weight:
         b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
         q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
     else:
         q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
-    # [L, B, E] -> [B, H, L, hd]
-    q = q.reshape(tgt_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
-    k = k.reshape(src_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
-    v = v.reshape(src_len, bsz, num_heads, v.shape[-1] // num_heads).permute(1, 2, 0, 3)
+    causal = CAUSAL_NONE
+    if is_causal and key_padding_mask is None and not need_weights:
+        attn_mask, causal = None, CAUSAL_TOP_LEFT  # PyTorch trusts the hint and runs SDPA with is_causal
     mask = _additive(attn_mask, q.dtype)
-    if mask is not None:
-        mask = mask.reshape(1, 1, tgt_len, src_len) if mask.dim() == 2 else mask.reshape(bsz, num_heads, tgt_len, src_len)
     kpm = _additive(key_padding_mask, q.dtype)
+    if bias_k is not None and bias_v is not None:
+        k = torch.cat([k, bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, bias_v.repeat(1, bsz, 1)])
+        mask = F.pad(mask, (0, 1)) if mask is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    # [L, B, E] -> [B, H, L, hd] (static_k/static_v arrive as [B*H, S, hd])
+    q = q.reshape(tgt_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+    k = k.reshape(k.shape[0], bsz, num_heads, head_dim).permute(1, 2, 0, 3) if static_k is None else \
+        static_k.reshape(bsz, num_heads, static_k.shape[1], head_dim)
+    v = v.reshape(v.shape[0], bsz, num_heads, head_dim).permute(1, 2, 0, 3) if static_v is None else \
+        static_v.reshape(bsz, num_heads, static_v.shape[1], head_dim)
+    if add_zero_attn:
+        k = torch.cat([k, k.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
+        v = torch.cat([v, v.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
+        mask = F.pad(mask, (0, 1)) if mask is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    src_len = k.shape[2]
+    if mask is not None:
+        shape = (1, 1, tgt_len, src_len) if mask.dim() == 2 else (bsz, num_heads, tgt_len, src_len)
+        mask = mask.reshape(shape)
     if kpm is not None:
         kpm = kpm.reshape(bsz, 1, 1, src_len)
         mask = kpm if mask is None else mask + kpm
     p = dropout_p if training else 0.0
     seed = new_seed() if p > 0.0 else None
-    out, _ = torch.ops.attnopt.attention(q, k, v, mask, p, CAUSAL_NONE, 1.0 / math.sqrt(head_dim), seed)
+    out, _ = torch.ops.attnopt.attention(q, k, v, mask, p, causal, 1.0 / math.sqrt(head_dim), seed)
     out = out.permute(2, 0, 1, 3).reshape(tgt_len * bsz, -1)  # [L*B, E]
     out = F.linear(out, out_proj_weight, out_proj_bias)
     return out.view(tgt_len, bsz, out.shape[-1]), None
 
 
+def _fast_path_mask(mask: Tensor | None, mask_type: int | None, bsz: int, heads: int, seq: int,
+                    dtype: torch.dtype) -> Tensor | None:  # fmt: skip
+    """The fast path's merged mask (True = masked out, or additive) as an additive [B or 1, H or 1, S, S] mask."""
+    if mask is None:
+        return None
+    mask = _additive(mask, dtype)
+    if mask_type == 1:
+        return mask.reshape(bsz, 1, 1, seq)
+    if mask.dim() == 2:
+        return mask.reshape(1, 1, seq, seq)
+    if mask.dim() == 3:
+        return mask.reshape(bsz, -1, seq, seq)
+    return mask
+
+
+def transformer_encoder_layer_forward(
+    src: Tensor,
+    embed_dim: int,
+    num_heads: int,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    use_gelu: bool,
+    norm_first: bool,
+    eps: float,
+    norm_weight_1: Tensor,
+    norm_bias_1: Tensor,
+    norm_weight_2: Tensor,
+    norm_bias_2: Tensor,
+    ffn_weight_1: Tensor,
+    ffn_bias_1: Tensor,
+    ffn_weight_2: Tensor,
+    ffn_bias_2: Tensor,
+    mask: Tensor | None = None,
+    mask_type: int | None = None,
+) -> Tensor:
+    """``torch._transformer_encoder_layer_fwd`` (batch-first [B, S, E], eval) on attnopt's kernel."""
+    bsz, seq, _ = src.shape
+    head_dim = embed_dim // num_heads
+
+    def self_attention(x: Tensor) -> Tensor:
+        q, k, v = F.linear(x, qkv_weight, qkv_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(bsz, seq, num_heads, head_dim).transpose(1, 2) for t in (q, k, v))
+        attn_mask = _fast_path_mask(mask, mask_type, bsz, num_heads, seq, q.dtype)
+        out, _ = torch.ops.attnopt.attention(q, k, v, attn_mask, 0.0, CAUSAL_NONE, 1.0 / math.sqrt(head_dim), None)
+        return F.linear(out.transpose(1, 2).reshape(bsz, seq, embed_dim), proj_weight, proj_bias)
+
+    def feed_forward(x: Tensor) -> Tensor:
+        h = F.linear(x, ffn_weight_1, ffn_bias_1)
+        h = F.gelu(h) if use_gelu else F.relu(h)
+        return F.linear(h, ffn_weight_2, ffn_bias_2)
+
+    shape = (embed_dim,)
+    if norm_first:
+        x = src + self_attention(F.layer_norm(src, shape, norm_weight_1, norm_bias_1, eps))
+        return x + feed_forward(F.layer_norm(x, shape, norm_weight_2, norm_bias_2, eps))
+    x = F.layer_norm(src + self_attention(src), shape, norm_weight_1, norm_bias_1, eps)
+    return F.layer_norm(x + feed_forward(x), shape, norm_weight_2, norm_bias_2, eps)
+
+
+_ENCODER_SIGNATURE = inspect.signature(transformer_encoder_layer_forward)
+
+
+def match_encoder_layer(node: Node) -> AttentionMatch | str | None:
+    """A match for the fast path of ``nn.TransformerEncoderLayer`` (the whole layer is replaced)."""
+    op = C.classify(node)
+    if op is None or op.kind != C.ENCODER_LAYER:
+        return None
+    try:
+        bound = _ENCODER_SIGNATURE.bind(*node.args, **node.kwargs)
+    except TypeError as exc:
+        return f"unrecognized _transformer_encoder_layer_fwd arguments: {exc}"
+    bound.apply_defaults()
+    a = bound.arguments
+    src = C.tensor_meta(a["src"])
+    if src is None or src.dim() != 3 or getattr(src, "is_nested", False):
+        return "the fast path's input is not a dense batch-first [B, S, E] tensor"
+    if not isinstance(a["embed_dim"], int) or not isinstance(a["num_heads"], int):
+        return "embed_dim/num_heads are not constants in the graph"
+    args = list(a.values())
+
+    def custom_emit(graph: Graph, lookup) -> Node:
+        return graph.call_function(transformer_encoder_layer_forward, tuple(lookup(x) for x in args))
+
+    heads, hd = a["num_heads"], a["embed_dim"] // a["num_heads"]
+    m = AttentionMatch(kind="mha", output=node, q=a["src"], k=a["src"], v=a["src"], scale=1.0 / math.sqrt(hd),
+                       custom_emit=custom_emit)  # fmt: skip
+    m.info = {"heads": (heads, heads), "head_dims": (hd, hd), "layout": "BSE (encoder layer fast path)",
+              "seq": (_dim(src.shape[1]), _dim(src.shape[1])), "batch": _dim(src.shape[0])}  # fmt: skip
+    m.extra_operands = [x for x in args if isinstance(x, Node)]
+    if a["mask"] is not None:
+        m.additive.append(Term(a["mask"]))
+    return m
+
+
+def _dim(x):
+    if isinstance(x, torch.SymInt):  # its hint, read without adding a guard
+        return int(x.node.hint) if x.node.has_hint() else str(x)
+    return int(x) if isinstance(x, int) else str(x)
+
+
 def match(node: Node) -> AttentionMatch | str | None:
     """An :class:`AttentionMatch` for an MHA call, a reason string when it cannot be taken, else None."""
     op = C.classify(node)
+    if op is not None and op.kind == C.ENCODER_LAYER:
+        return match_encoder_layer(node)
     if op is None or op.kind != C.MHA:
         return None
     try:
@@ -97,11 +228,10 @@ def match(node: Node) -> AttentionMatch | str | None:
         return f"unrecognized multi_head_attention_forward arguments: {exc}"
     bound.apply_defaults()
     a = bound.arguments
-    for name, what in _UNSUPPORTED.items():
-        if a[name] is not None:
-            return f"nn.MultiheadAttention with {what} is not rewritten yet"
-    if a["add_zero_attn"]:
-        return "nn.MultiheadAttention with add_zero_attn=True is not rewritten yet"
+    if not isinstance(a["add_zero_attn"], bool) or not isinstance(a["is_causal"], bool):
+        return "add_zero_attn/is_causal are not constants in the graph"
+    if not isinstance(a["need_weights"], bool) or not isinstance(a["training"], bool):
+        return "need_weights/training are not constants in the graph"
     qm = C.tensor_meta(a["query"])
     if qm is None or qm.dim() != 3:
         return "unbatched nn.MultiheadAttention input is not rewritten"
@@ -113,7 +243,8 @@ def match(node: Node) -> AttentionMatch | str | None:
     keys = [
         "query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "dropout_p", "out_proj_weight",
         "out_proj_bias", "training", "key_padding_mask", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-        "k_proj_weight", "v_proj_weight",
+        "k_proj_weight", "v_proj_weight", "bias_k", "bias_v", "add_zero_attn", "static_k", "static_v",
+        "need_weights", "is_causal",
     ]  # fmt: skip
     args = [a[k] for k in keys]
 
@@ -121,7 +252,7 @@ def match(node: Node) -> AttentionMatch | str | None:
         return graph.call_function(multi_head_attention_forward, tuple(lookup(x) for x in args))
 
     heads = a["num_heads"]
-    embed = qm.shape[-1]
+    embed = _dim(qm.shape[-1])
     m = AttentionMatch(
         kind="mha",
         output=node,
@@ -133,6 +264,20 @@ def match(node: Node) -> AttentionMatch | str | None:
         escape=escape,
         custom_emit=custom_emit,
     )
-    m.info = {"heads": (heads, heads), "head_dims": (embed // heads, embed // heads), "layout": "LBE"}
+    vm = C.tensor_meta(a["value"])
+    dv = vm.shape[-1] if vm is not None else embed
+    if a["use_separate_proj_weight"] and C.tensor_meta(a["v_proj_weight"]) is not None:
+        dv = C.tensor_meta(a["v_proj_weight"]).shape[0]
+    km = C.tensor_meta(a["key"])
+    dv = _dim(dv)
+    m.info = {"heads": (heads, heads), "head_dims": (embed // heads, dv // heads if isinstance(dv, int) else dv),
+              "layout": "LBE", "seq": (_dim(qm.shape[0]), _dim(km.shape[0]) if km is not None else "?"),
+              "batch": _dim(qm.shape[1])}  # fmt: skip
+    if a["is_causal"] and a["key_padding_mask"] is None and not a["need_weights"]:
+        m.causal = CAUSAL_TOP_LEFT  # the mask is dropped for the causal flag, as PyTorch does
+    elif a["attn_mask"] is not None:
+        m.additive.append(Term(a["attn_mask"]))
+    if a["key_padding_mask"] is not None:
+        m.bool_masks.append(BoolMask(a["key_padding_mask"], attend_when=False))
     m.extra_operands = [x for x in args if isinstance(x, Node)]
     return m

@@ -1,0 +1,371 @@
+r"""The exact attention backward: three kernels, no atomics (FlashAttention-2's split).
+
+With ``S`` the scores (after softcap, mask and bias), ``P = exp(S - lse)`` the forward's
+probabilities, ``keep`` the dropout mask and ``P̃ = P ∘ keep / (1 - p)`` (so ``O = P̃ V``)::
+
+    dV = P̃ᵀ dO
+    dP̃ = dO Vᵀ,   dP = dP̃ ∘ keep / (1 - p)
+    dS = P ∘ (dP - delta),   delta_i = Σ_j P_ij dP_ij = Σ_j P̃_ij dP̃_ij = rowsum(dO ∘ O)_i
+    dS' = dS ∘ (1 - t²)  with a softcap (t = tanh(scale · QKᵀ / cap)), dS' = dS without
+    dQ = scale · dS' K,   dK = scale · dS'ᵀ Q
+
+``dS`` is also the gradient of any additive term of the scores (mask, bias tensor, relative position
+table entries), which ``bwd_dq`` stores when asked (``write_ds``).
+
+* ``bwd_pre`` (one program per query tile): ``delta = rowsum(dO ∘ O)`` and the base-2 log-sum-exp
+  ``lse2 = log2(e) · lse`` (0 for rows without a visible key, whose every ``P`` is then
+  ``exp2(-inf - 0) = 0``), both ``[B * H, Sq]`` fp32.
+* ``bwd_dkdv`` (one program per key tile and key/value head): recomputes ``Pᵀ`` tile by tile over the
+  query tiles of every query head of its GQA group and accumulates ``dK`` and ``dV`` in registers, so
+  the group sum needs no atomics. Key rows beyond ``Sk`` or a row's key-padding length are computed
+  without masking (a key's gradient depends only on its own column of ``P``) and stored as zeros or
+  not at all. Query rows beyond ``Sq`` load ``lse2 = +inf``, so their ``P`` is 0.
+* ``bwd_dq`` (one program per query tile and query head): recomputes ``P`` over the key tiles exactly
+  as the forward does (same key ranges and element tests) and accumulates ``dQ``.
+
+Causal ranges of ``bwd_dkdv`` for the key tile ``[n0, n0 + BLOCK_N)`` (query ``i`` sees key ``j`` iff
+``j <= i + offset``): rows ``i < n0 - offset`` see nothing of the tile and are skipped; rows
+``i >= n0 + BLOCK_N - 1 - offset`` see all of it. Query tiles therefore run as: diagonal tiles
+``[m_lo, diag_end)`` with the element test, full tiles ``[diag_end, q_full)`` without any test, and
+the partial last tile ``[max(diag_end, q_full), Sq)`` with row masks only.
+"""
+
+from __future__ import annotations
+
+from attnopt.codegen import common as c
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, KernelSpec
+
+
+def arg_names(spec: KernelSpec) -> tuple[str, ...]:
+    if spec.direction == "bwd_pre":
+        return ("Out", "DOut", "Lse", "Delta", "Lse2", *c.strides("o"), *c.strides("do"), "num_heads", "seq_q")
+    if spec.direction == "bwd_dkdv":
+        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *c.feature_pointers(spec), "DK", "DV"]
+        names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("do")
+        names += c.strides("dk", "bhnd") + c.strides("dv", "bhnd")
+    else:
+        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *c.feature_pointers(spec), "DQ"]
+        names += ["DS"] if spec.write_ds else []
+        names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("do")
+        names += c.strides("dq")
+    return tuple(names + c.feature_strides(spec) + c.feature_scalars(spec))
+
+
+def render_lines(spec: KernelSpec) -> list[str]:
+    if spec.direction == "bwd_pre":
+        return _preprocess(spec)
+    if spec.direction == "bwd_dkdv":
+        return _dkdv(spec)
+    return _dq(spec)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bwd_pre
+
+
+def _preprocess(spec: KernelSpec) -> list[str]:
+    doc = [
+        "Out, DOut [B, H, seq_q, HEAD_DIM_V] (any strides), Lse [B, H, seq_q] (contiguous, natural log)",
+        "-> Delta = rowsum(DOut * Out), Lse2 = Lse * log2(e) (0 where Lse = -inf), both [B * H, seq_q] fp32.",
+        "",
+        "Grid: (cdiv(seq_q, BLOCK_M), B * H).",
+    ]
+    io_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
+    lines = c.header(spec, "Exact attention backward, preprocessing: delta = rowsum(dO * O) and lse in base 2.")
+    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    lines += [
+        "    pid_m = tl.program_id(0)",
+        "    pid_bh = tl.program_id(1)",
+        "    off_b = (pid_bh // num_heads).to(tl.int64)",
+        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+        "    start_m = pid_m * BLOCK_M",
+        "    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]",
+        "    offs_dv = tl.arange(0, BLOCK_DV)  # [BLOCK_DV]",
+    ]
+    if c.padded_dv(spec):
+        lines.append("    dv_ok = offs_dv < HEAD_DIM_V  # [BLOCK_DV] padded value head dim")
+    lines += [
+        "    rows = start_m + offs_m  # [BLOCK_M]",
+        "    row_ok = rows < seq_q  # [BLOCK_M]",
+        "    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + tl.cast(start_m, tl.int64) * stride_om",
+        "              + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)  # [BLOCK_M, BLOCK_DV]",
+        "    do_ptrs = (DOut + off_b * stride_dob + off_h * stride_doh + tl.cast(start_m, tl.int64) * stride_dom",
+        "               + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod)  # [BLOCK_M, BLOCK_DV]",
+        f"    o = tl.load(o_ptrs, mask={io_mask}, other=0.0).to(tl.float32)",
+        f"    do = tl.load(do_ptrs, mask={io_mask}, other=0.0).to(tl.float32)",
+        "    delta = tl.sum(o * do, 1)  # [BLOCK_M]",
+        "    row_offs = pid_bh.to(tl.int64) * seq_q + rows  # [BLOCK_M] into the [B * H, seq_q] buffers",
+        "    lse = tl.load(Lse + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
+        "    # Rows without a visible key have lse = -inf: lse2 = 0 makes their P = exp2(-inf - 0) = 0.",
+        '    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)  # [BLOCK_M]',
+        "    tl.store(Delta + row_offs, delta, mask=row_ok)",
+        "    tl.store(Lse2 + row_offs, lse2, mask=row_ok)",
+    ]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bwd_dq
+
+
+def _dq(spec: KernelSpec) -> list[str]:
+    doc = [
+        "Q, K, V as the forward, DOut [B, H, seq_q, HEAD_DIM_V], Lse2 and Delta [B * H, seq_q] fp32 (bwd_pre)",
+        "-> DQ [B, H, seq_q, HEAD_DIM] (any strides).",
+    ]
+    if spec.write_ds:
+        doc.append("Also stores dS (before the softcap chain) into DS [B, H, seq_q, seq_k] fp32, contiguous,")
+        doc.append("zero-filled by the caller.")
+    doc += ["", "Grid: (cdiv(seq_q, BLOCK_M), B * H).", *c.feature_doc(spec)]
+    lines = c.header(spec, "Exact attention backward, dQ: one program per (query tile, batch * head), "
+                           "streaming key tiles.")
+    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    q_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
+    do_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
+    lines += [
+        "    pid_m = tl.program_id(0)",
+        "    pid_bh = tl.program_id(1)",
+        "    off_b = (pid_bh // num_heads).to(tl.int64)",
+        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+        "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
+        "    start_m = pid_m * BLOCK_M",
+        *c.offsets(spec),
+        "    rows = start_m + offs_m  # [BLOCK_M] query rows",
+        "    row_ok = rows < seq_q  # [BLOCK_M]",
+        *c.scalar_setup(spec),
+        *c.kv_end_line(spec),
+        "",
+        "    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm",
+        "    do_base = DOut + off_b * stride_dob + off_h * stride_doh + tl.cast(start_m, tl.int64) * stride_dom",
+        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh",
+        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh",
+        *c.head_bases(spec, "    ", "pid_bh.to(tl.int64)"),
+    ]
+    if spec.dropout:
+        lines.append("    drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, j=0)")
+    if spec.write_ds:
+        lines.append("    ds_row = DS + (pid_bh.to(tl.int64) * seq_q + rows) * seq_k  # [BLOCK_M] &dS[row, 0]")
+    lines += [
+        "    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        f"                mask={q_mask}, other=0.0)  # [BLOCK_M, BLOCK_D]",
+        "    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,",
+        f"                 mask={do_mask}, other=0.0)  # [BLOCK_M, BLOCK_DV]",
+        "    row_offs = pid_bh.to(tl.int64) * seq_q + rows  # [BLOCK_M]",
+        "    lse2 = tl.load(Lse2 + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
+        "    delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
+        "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BLOCK_M, BLOCK_D]",
+        "",
+    ]
+    lines += c.query_key_range(spec)
+    lines += _dq_loop(spec, boundary=False) + _dq_loop(spec, boundary=True)
+    dq_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
+    lines += [
+        "",
+        "    dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + tl.cast(start_m, tl.int64) * stride_dqm",
+        "               + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)  # [BLOCK_M, BLOCK_D]",
+        f"    tl.store(dq_ptrs, (dq * scale).to({c.TL_DTYPES[spec.dtype]}), mask={dq_mask})",
+    ]
+    return lines
+
+
+def _dq_loop(spec: KernelSpec, boundary: bool) -> list[str]:
+    tile, ind = c.QUERY_TILE, "        "
+    col_ok = "col_ok[:, None]" if boundary else ""
+    k_mask = c.and_(col_ok, c.d_ok(spec, "[None, :]"))
+    v_mask = c.and_(col_ok, c.dv_ok(spec, "[None, :]"))
+    lines = [""]
+    if boundary:
+        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
+    else:
+        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
+    lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
+    keep_terms = []
+    if boundary:
+        lines.append(f"{ind}col_ok = cols < {c.key_end(spec)}  # [BLOCK_N]")
+        keep_terms = [t for t in ("col_ok[None, :]", c.causal_test(spec, tile)) if t]
+    lines += [
+        f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
+        f"{ind}k = tl.load(k_tile + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd"
+        f"{c.mask_kw(k_mask)})  # [BLOCK_N, BLOCK_D]",
+        f"{ind}v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn",
+        f"{ind}v = tl.load(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
+        f"{c.mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
+        f"{ind}qk = {c.dot(spec, 'q', 'tl.trans(k)')}  # [BLOCK_M, BLOCK_N]",
+    ]
+    ld_ok = c.and_("row_ok[:, None]", "col_ok[None, :]" if boundary else "")
+    lines += c.score_lines(spec, tile, ind, ld_ok, keep_terms)
+    lines += [
+        f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] the forward's probabilities",
+        f"{ind}dp = {c.dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
+    ]
+    if spec.dropout:
+        lines += c.dropout_keep(tile, ind)
+        lines.append(f"{ind}dp = tl.where(kept, dp * drop_scale, 0.0)")
+    lines.append(f"{ind}ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N] gradient of the scores")
+    if spec.write_ds:
+        ds_mask = c.and_("row_ok[:, None]", "col_ok[None, :]" if boundary else "")
+        lines.append(f"{ind}tl.store(ds_row[:, None] + cols[None, :], ds, mask={ds_mask})")
+    if spec.softcap:
+        lines.append(f"{ind}ds = ds * (1.0 - t * t)  # through the softcap's tanh")
+    lines.append(f"{ind}dq += {c.dot(spec, c.cast(spec, 'ds'), 'k')}  # [BLOCK_M, BLOCK_D]")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bwd_dkdv
+
+
+def _dkdv(spec: KernelSpec) -> list[str]:
+    doc = [
+        "Q, K, V as the forward, DOut [B, H, seq_q, HEAD_DIM_V], Lse2 and Delta [B * H, seq_q] fp32 (bwd_pre)",
+        "-> DK [B, H // GROUP, seq_k, HEAD_DIM], DV [B, H // GROUP, seq_k, HEAD_DIM_V] (any strides),",
+        "summed over the GROUP query heads of each key/value head.",
+        "",
+        "Grid: (cdiv(seq_k, BLOCK_N), B * H // GROUP).",
+        *c.feature_doc(spec),
+    ]
+    lines = c.header(spec, "Exact attention backward, dK and dV: one program per (key tile, batch * kv head), "
+                           "streaming query tiles.")
+    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    k_mask = c.and_("col_in[:, None]", c.d_ok(spec, "[None, :]"))
+    v_mask = c.and_("col_in[:, None]", c.dv_ok(spec, "[None, :]"))
+    lines += [
+        "    pid_n = tl.program_id(0)",
+        "    pid_bhkv = tl.program_id(1)",
+        "    num_kv_heads = num_heads // GROUP",
+        "    off_b = (pid_bhkv // num_kv_heads).to(tl.int64)",
+        "    off_hkv = (pid_bhkv % num_kv_heads).to(tl.int64)",
+        "    start_n = pid_n * BLOCK_N",
+        *c.offsets(spec),
+        "    cols = start_n + offs_n  # [BLOCK_N] key rows of this program",
+        "    col_in = cols < seq_k  # [BLOCK_N]",
+        *c.scalar_setup(spec),
+        *c.kv_end_line(spec),
+    ]
+    if spec.key_padding:
+        lines += [
+            "    q_end = tl.where(start_n < kv_end, seq_q, 0)  # a key tile wholly in the padding sees no query",
+        ]
+    q_end = "q_end" if spec.key_padding else "seq_q"
+    lines += [
+        "",
+        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh + tl.cast(start_n, tl.int64) * stride_kn",
+        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh + tl.cast(start_n, tl.int64) * stride_vn",
+        "    k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        f"                mask={k_mask}, other=0.0)  # [BLOCK_N, BLOCK_D]",
+        "    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        f"                mask={v_mask}, other=0.0)  # [BLOCK_N, BLOCK_DV]",
+        "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # [BLOCK_N, BLOCK_D]",
+        "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)  # [BLOCK_N, BLOCK_DV]",
+        "",
+    ]
+    lines += _dkdv_query_range(spec, q_end)
+    ind = "    "
+    if spec.group > 1:
+        lines += [
+            "",
+            "    for g in range(0, GROUP):  # the query heads sharing this key/value head (GQA): dK, dV sum over them",
+            "        off_h = off_hkv * GROUP + g",
+        ]
+        ind = "        "
+    else:
+        lines.append("    off_h = off_hkv")
+    lines += [
+        f"{ind}bh = off_b * num_heads + off_h  # flat query head",
+        f"{ind}q_base = Q + off_b * stride_qb + off_h * stride_qh",
+        f"{ind}do_base = DOut + off_b * stride_dob + off_h * stride_doh",
+        f"{ind}lse2_base = Lse2 + bh * seq_q",
+        f"{ind}delta_base = Delta + bh * seq_q",
+        *c.head_bases(spec, ind, "bh"),
+    ]
+    if spec.causal != CAUSAL_NONE:
+        lines += _dkdv_loop(spec, ind, f"range(m_lo, tl.minimum(diag_end, {q_end}), BLOCK_M)",
+                            "diagonal query tiles", causal=True, row_masks=True)
+        first = "diag_end"
+        last_start = "tl.maximum(diag_end, q_full)"
+    else:
+        first, last_start = "0", "q_full"
+    lines += _dkdv_loop(spec, ind, f"range({first}, q_full, BLOCK_M)", "full query tiles", causal=False,
+                        row_masks=False)
+    lines += _dkdv_loop(spec, ind, f"range({last_start}, {q_end}, BLOCK_M)", "the partial last query tile",
+                        causal=False, row_masks=True)
+    lines += ["", "    dk *= scale"]
+    if spec.key_padding:
+        lines += [
+            "    key_ok = cols < kv_end  # [BLOCK_N] padded keys are masked for every query: zero gradient",
+            "    dk = tl.where(key_ok[:, None], dk, 0.0)",
+            "    dv = tl.where(key_ok[:, None], dv, 0.0)",
+        ]
+    dk_mask = c.and_("col_in[:, None]", c.d_ok(spec, "[None, :]"))
+    dv_mask = c.and_("col_in[:, None]", c.dv_ok(spec, "[None, :]"))
+    dtype = c.TL_DTYPES[spec.dtype]
+    lines += [
+        "    dk_ptrs = (DK + off_b * stride_dkb + off_hkv * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn",
+        "               + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)  # [BLOCK_N, BLOCK_D]",
+        "    dv_ptrs = (DV + off_b * stride_dvb + off_hkv * stride_dvh + tl.cast(start_n, tl.int64) * stride_dvn",
+        "               + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd)  # [BLOCK_N, BLOCK_DV]",
+        f"    tl.store(dk_ptrs, dk.to({dtype}), mask={dk_mask})",
+        f"    tl.store(dv_ptrs, dv.to({dtype}), mask={dv_mask})",
+    ]
+    return lines
+
+
+def _dkdv_query_range(spec: KernelSpec, q_end: str) -> list[str]:
+    lines = [f"    q_full = {q_end} // BLOCK_M * BLOCK_M  # query tiles before q_full lie wholly inside seq_q"]
+    if spec.causal == CAUSAL_NONE:
+        return lines
+    offset = " - causal_offset" if spec.causal == CAUSAL_BOTTOM_RIGHT else ""
+    return lines + [
+        "    # Rows i < start_n - offset see no key of this tile; rows i >= start_n + BLOCK_N - 1 - offset see all.",
+        f"    m_lo = tl.maximum(start_n{offset}, 0) // BLOCK_M * BLOCK_M",
+        f"    diag_end = (tl.maximum(start_n + BLOCK_N - 1{offset}, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M",
+    ]
+
+
+def _dkdv_loop(spec: KernelSpec, ind: str, loop_range: str, what: str, causal: bool, row_masks: bool) -> list[str]:
+    tile = c.KEY_TILE
+    body = ind + "    "
+    q_mask = c.and_("row_ok[:, None]" if row_masks else "", c.d_ok(spec, "[None, :]"))
+    do_mask = c.and_("row_ok[:, None]" if row_masks else "", c.dv_ok(spec, "[None, :]"))
+    lines = [
+        "",
+        f"{ind}for start_m in {loop_range}:  # {what}",
+        f"{body}rows = start_m + offs_m  # [BLOCK_M] query rows",
+    ]
+    if row_masks:
+        lines.append(f"{body}row_ok = rows < seq_q  # [BLOCK_M]")
+    lse2_kw = ', mask=row_ok, other=float("inf")' if row_masks else ""
+    delta_kw = ", mask=row_ok, other=0.0" if row_masks else ""
+    lines += [
+        f"{body}q_tile = q_base + tl.cast(start_m, tl.int64) * stride_qm",
+        f"{body}q = tl.load(q_tile + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd"
+        f"{c.mask_kw(q_mask)})  # [BLOCK_M, BLOCK_D]",
+        f"{body}do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom",
+        f"{body}do = tl.load(do_tile + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod"
+        f"{c.mask_kw(do_mask)})  # [BLOCK_M, BLOCK_DV]",
+        f"{body}lse2 = tl.load(lse2_base + rows{lse2_kw})  # [BLOCK_M] (+inf past seq_q: P = 0)",
+        f"{body}delta = tl.load(delta_base + rows{delta_kw})  # [BLOCK_M]",
+        f"{body}qk = {c.dot(spec, 'k', 'tl.trans(q)')}  # [BLOCK_N, BLOCK_M] (K Qᵀ)",
+    ]
+    ld_ok = c.and_("col_in[:, None]", "row_ok[None, :]" if row_masks else "")
+    keep_terms = [c.causal_test(spec, tile)] if causal else []
+    if spec.dropout:
+        lines.append(f"{body}drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, 0)")
+    lines += c.score_lines(spec, tile, body, ld_ok, keep_terms)
+    lines.append(f"{body}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ")
+    p_drop = "p"
+    if spec.dropout:
+        lines += c.dropout_keep(tile, body)
+        lines.append(f"{body}p_drop = tl.where(kept, p * drop_scale, 0.0)  # [BLOCK_N, BLOCK_M] P̃ᵀ")
+        p_drop = "p_drop"
+    lines += [
+        f"{body}dv += {c.dot(spec, c.cast(spec, p_drop), 'do')}  # [BLOCK_N, BLOCK_DV]",
+        f"{body}dp = {c.dot(spec, 'v', 'tl.trans(do)')}  # [BLOCK_N, BLOCK_M] dP̃ᵀ",
+    ]
+    if spec.dropout:
+        lines.append(f"{body}dp = tl.where(kept, dp * drop_scale, 0.0)  # dPᵀ")
+    lines.append(f"{body}ds = p * (dp - delta[None, :])  # [BLOCK_N, BLOCK_M] dSᵀ")
+    if spec.softcap:
+        lines.append(f"{body}ds = ds * (1.0 - t * t)  # through the softcap's tanh")
+    lines.append(f"{body}dk += {c.dot(spec, c.cast(spec, 'ds'), 'q')}  # [BLOCK_N, BLOCK_D]")
+    return lines

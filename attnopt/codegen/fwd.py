@@ -1,0 +1,164 @@
+r"""The exact attention forward kernel: FlashAttention-2 online softmax over key tiles.
+
+One program computes one query tile of ``BLOCK_M`` rows of one (batch, query head)::
+
+    O = dropout(softmax(score)) V        lse = log Σ_j exp(score_j)
+
+without materializing the ``[Sq, Sk]`` score matrix: key/value tiles of ``BLOCK_N`` rows stream
+through while each row keeps a running maximum ``m``, a running denominator ``l`` and an
+unnormalized output ``acc``.
+
+Online softmax, in base 2 (``s_j = log2(e) * score_j``, see :mod:`attnopt.codegen.common`). After
+the tiles ``1..t``::
+
+    m_t   = max_{j <= t} s_j
+    l_t   = Σ_{j <= t} exp2(s_j - m_t)
+    acc_t = Σ_{j <= t} exp2(s_j - m_t) keep_j v_j
+
+A new tile with scores ``s`` gives ``m_{t+1} = max(m_t, max_j s_j)``; rescaling the old terms by
+``alpha = exp2(m_t - m_{t+1})`` restores the invariants::
+
+    p       = exp2(s - m_{t+1})
+    l_{t+1} = alpha * l_t + Σ_j p_j
+    acc_{t+1} = alpha * acc_t + (p ∘ keep) V_tile
+
+At the end ``O = acc / l / (1 - dropout_p)`` (the ``exp2(-m)`` factors cancel; the denominator is the
+softmax's, before dropout) and ``lse = ln 2 * log2(Σ_j exp2(s_j)) = ln 2 * (m + log2 l)``.
+
+Masked scores are ``-inf``. While every score seen by a row so far is masked, ``m = -inf`` and
+``m_t - m_{t+1}`` or ``s - m_{t+1}`` would be ``-inf - (-inf) = NaN``; the kernel subtracts a
+*safe* maximum instead (``0`` where the maximum is ``-inf``), which is exact: every term it
+touches is ``exp2(-inf) = 0`` either way. A row with no visible key ends with ``l = 0`` and
+``acc = 0``, and stores ``O = 0`` and ``lse = -inf``.
+
+Causal masks (``j <= i + offset``, offset 0 top-left, ``Sk - Sq`` bottom-right) split the key
+range of a query tile into three parts: tiles every row sees entirely (no per-element test),
+boundary tiles (element test on the diagonal and on the key bound), and tiles wholly above the
+diagonal (never loaded). Without causality the boundary is the last, partial key tile. With key
+padding the key bound of batch row ``b`` is ``kv_lens[b]`` instead of ``Sk``, so padded key tiles are
+never loaded either.
+"""
+
+from __future__ import annotations
+
+from attnopt.codegen import common as c
+from attnopt.codegen.spec import KernelSpec
+
+
+def arg_names(spec: KernelSpec) -> tuple[str, ...]:
+    names = ["Q", "K", "V", *c.feature_pointers(spec), "Out", "Lse"]
+    names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("o")
+    names += c.feature_strides(spec) + c.feature_scalars(spec)
+    return tuple(names)
+
+
+def render_lines(spec: KernelSpec) -> list[str]:
+    doc = [
+        "Q [B, H, seq_q, HEAD_DIM], K [B, H // GROUP, seq_k, HEAD_DIM], V [B, H // GROUP, seq_k, HEAD_DIM_V]",
+        "-> Out [B, H, seq_q, HEAD_DIM_V], Lse [B, H, seq_q] (contiguous, fp32, natural log).",
+        "",
+        "Any strides. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
+        *c.feature_doc(spec),
+    ]
+    lines = c.header(spec, "Exact attention forward, FlashAttention-2 online softmax; "
+                           "one program per (query tile, batch * head).")
+    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    lines += _prologue(spec) + c.query_key_range(spec)
+    lines += _loop(spec, boundary=False) + _loop(spec, boundary=True) + _epilogue(spec)
+    return lines
+
+
+def _prologue(spec: KernelSpec) -> list[str]:
+    lines = [
+        "    pid_m = tl.program_id(0)",
+        "    pid_bh = tl.program_id(1)",
+        "    off_b = (pid_bh // num_heads).to(tl.int64)",
+        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+        "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
+        "    start_m = pid_m * BLOCK_M",
+        *c.offsets(spec),
+        "    rows = start_m + offs_m  # [BLOCK_M] query rows",
+        "    row_ok = rows < seq_q  # [BLOCK_M]",
+        *c.scalar_setup(spec),
+        *c.kv_end_line(spec),
+        "",
+        "    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm",
+        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh",
+        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh",
+        *c.head_bases(spec, "    ", "pid_bh.to(tl.int64)"),
+    ]
+    if spec.dropout:
+        lines.append("    drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, j=0)")
+    q_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
+    lines += [
+        "    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        f"                mask={q_mask}, other=0.0)  # [BLOCK_M, BLOCK_D]",
+        "",
+        '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M] running max of the base-2 scores',
+        "    l_i = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] running sum of exp2(s - m_i)",
+        "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # [BLOCK_M, BLOCK_DV] running unnormalized output",
+        "",
+    ]
+    return lines
+
+
+def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
+    """One pass of the online softmax over key tiles; ``boundary`` adds the per-element key tests."""
+    tile, ind = c.QUERY_TILE, "        "
+    col_ok = "col_ok[None, :]" if boundary else ""
+    k_mask = c.and_(c.d_ok(spec, "[:, None]"), col_ok)
+    v_mask = c.and_("col_ok[:, None]" if boundary else "", c.dv_ok(spec, "[None, :]"))
+    lines = [""]
+    if boundary:
+        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
+    else:
+        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
+    lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
+    keep_terms = []
+    if boundary:
+        lines.append(f"{ind}col_ok = cols < {c.key_end(spec)}  # [BLOCK_N]")
+        keep_terms = ["col_ok[None, :]", c.causal_test(spec, tile)]
+    lines += [
+        f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
+        f"{ind}k = tl.load(k_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
+        f"{c.mask_kw(k_mask)})  # [BLOCK_D, BLOCK_N], Kᵀ",
+        f"{ind}qk = {c.dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]",
+    ]
+    ld_ok = c.and_("row_ok[:, None]", col_ok)
+    lines += c.score_lines(spec, tile, ind, ld_ok, [t for t in keep_terms if t])
+    lines += [
+        f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
+        f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
+        f"{ind}alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales the previous tiles",
+        f"{ind}p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]",
+        f"{ind}l_i = l_i * alpha + tl.sum(p, 1)",
+    ]
+    p = "p"
+    if spec.dropout:
+        lines += c.dropout_keep(tile, ind)
+        lines.append(f"{ind}p_kept = tl.where(kept, p, 0.0)  # [BLOCK_M, BLOCK_N] (rescaled in the epilogue)")
+        p = "p_kept"
+    lines += [
+        f"{ind}v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn",
+        f"{ind}v = tl.load(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
+        f"{c.mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
+        f"{ind}acc = acc * alpha[:, None] + {c.dot(spec, c.cast(spec, p), 'v')}  # [BLOCK_M, BLOCK_DV]",
+        f"{ind}m_i = m_new",
+    ]
+    return lines
+
+
+def _epilogue(spec: KernelSpec) -> list[str]:
+    out_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
+    norm = "acc * (drop_scale / l_safe)[:, None]" if spec.dropout else "acc / l_safe[:, None]"
+    return [
+        "",
+        "    # Rows that saw no key have l_i == 0 and acc == 0: they store zeros and lse = -inf.",
+        "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # [BLOCK_M]",
+        f"    out = {norm}  # [BLOCK_M, BLOCK_DV]",
+        '    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)  # [BLOCK_M] natural log',
+        "    out_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + tl.cast(start_m, tl.int64) * stride_om",
+        "                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)  # [BLOCK_M, BLOCK_DV]",
+        f"    tl.store(out_ptrs, out.to({c.TL_DTYPES[spec.dtype]}), mask={out_mask})",
+        "    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_ok)",
+    ]

@@ -1,0 +1,531 @@
+r"""Generated Triton kernels for chunked linear attention: :class:`LinearSpec`, rendering and loading.
+
+The algorithm and its gradients are derived in :mod:`attnopt.kernels.linear.chunked`; the kernels
+run the same chunked form on the GPU, in three kinds (chunk ``C = 64`` positions, the decay
+``λ = exp2(ld2)`` per query head, the weights of the module below written in base 2):
+
+* ``state``: one program per (value-dim tile, batch·head) walks the chunks in order and stores the
+  state carried *into* each chunk (``h_n`` [D, Dv] fp32, and ``z_n`` [D] when normalized), then the
+  final state: ``h ← λ^len h + Σ_b λ^(len-1-b) x_bᵀ y_b`` with ``x = k``, ``y = v``. With ``reverse``
+  the same walk runs backwards in time over ``x = s·q``, ``y = dnum`` (and ``dden`` for the norm) with
+  weights ``λ^(a+1)``: the states ``g_n`` carried out of each chunk that the backward needs, and the
+  gradient of the initial state. Non-causal specs only sum (no per-chunk states, no decay).
+* ``out``: one program per (chunk, value-dim tile, batch·head), all in parallel:
+  ``num = (q kᵀ ⊙ M) v + (λ^(a+1) q) h_n``, ``den = rowsum(q kᵀ ⊙ M) + (λ^(a+1) q)·z_n``,
+  ``out = s·num / (s·den + eps)``. Non-causal: ``num = q h``, ``den = q·z`` with the summed state.
+* ``grad``: one program per (chunk, batch·head) computes ``dq``, ``dk``, ``dv`` of its chunk from
+  ``h_n``, ``z_n`` (forward states) and ``g_n``, ``r_n`` (reverse states); ``dk`` and ``dv`` are per
+  query head (fp32) and summed over GQA groups by the launcher.
+
+Intra-chunk products run in the input dtype with fp32 accumulation; everything that touches a state
+runs in fp32 (``input_precision="ieee"`` for fp32 specs, the GPU's default, tf32, otherwise): a
+state sums up to S outer products and would overflow fp16.
+
+This module imports neither torch nor triton at module level; :func:`load` imports the rendered
+module (and so triton) from the kernel cache (``attnopt.codegen.cache.cache_root()``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from attnopt.codegen.cache import cache_root
+from attnopt.codegen.spec import next_pow2
+
+KINDS = ("state", "out", "grad")
+DTYPES = ("float16", "bfloat16", "float32")
+TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
+MAX_HEAD_DIM = 128  # the grad kernel holds two full [D, Dv] fp32 states per program
+CHUNK = 64
+LOG2E = 1.4426950408889634
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinearSpec:
+    """The compile-time parameters of one generated linear-attention kernel (see the module docstring)."""
+
+    kind: str
+    head_dim: int
+    head_dim_v: int
+    dtype: str
+    causal: bool
+    normalize: bool
+    decay: bool
+    reverse: bool = False
+    chunk: int = CHUNK
+    block_dv: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"LinearSpec.kind must be one of {KINDS}; got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"LinearSpec.dtype must be one of {DTYPES}; got {self.dtype!r}")
+        for name in ("causal", "normalize", "decay", "reverse"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LinearSpec.{name} must be a bool; got {getattr(self, name)!r}")
+        for name in ("head_dim", "head_dim_v"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:
+                raise ValueError(f"LinearSpec.{name} must be an int in 1..{MAX_HEAD_DIM}; got {value!r}")
+        for name in ("chunk", "block_dv"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 16 or value & (value - 1):
+                raise ValueError(f"LinearSpec.{name} must be a power of two >= 16; got {value!r}")
+        if self.decay and not self.causal:
+            raise ValueError("LinearSpec.decay needs causal")
+        if self.reverse and self.kind != "state":
+            raise ValueError("LinearSpec.reverse applies to the state kernel only")
+        if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"LinearSpec.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}")
+        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"LinearSpec.num_stages must be an int in 1..8; got {self.num_stages!r}")
+
+    @property
+    def block_d(self) -> int:
+        """Padded q/k head dim: the next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
+        return max(16, next_pow2(self.head_dim))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return f"attnopt_linear_{self.kind}_{self.key}"
+
+
+def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool,
+                 decay: bool, reverse: bool = False) -> LinearSpec:  # fmt: skip
+    """Deterministic tiles, by the exact path's rule of thumb (fp32 elements take twice the registers).
+
+    The state and out kernels tile the value dim by 64 (16-bit) or 32 (fp32, or head dims above 64, where
+    a [D, 64] fp32 state would crowd the registers); the grad kernel takes the whole padded value dim.
+    4 warps, 8 for the grad kernel at head dims above 64; 2 pipeline stages, 1 for fp32.
+    """
+    widest = max(16, next_pow2(head_dim), next_pow2(head_dim_v))
+    full_dv = max(16, next_pow2(head_dim_v))
+    if kind == "grad":
+        block_dv = full_dv
+    else:
+        block_dv = min(full_dv, 64 if dtype != "float32" and widest <= 64 else 32)
+    return LinearSpec(kind=kind, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
+                      normalize=normalize, decay=decay, reverse=reverse, block_dv=block_dv,
+                      num_warps=8 if kind == "grad" and widest > 64 else 4,
+                      num_stages=1 if dtype == "float32" else 2)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------- render
+
+def _dot(spec: LinearSpec, a: str, b: str) -> str:
+    """``tl.dot``; exact fp32 products for fp32 specs (Triton's default for fp32 operands is tf32)."""
+    ieee = ', input_precision="ieee"' if spec.dtype == "float32" else ""
+    return f"tl.dot({a}, {b}{ieee})"
+
+
+def _header(spec: LinearSpec, what: str) -> list[str]:
+    return [
+        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.codegen.linear_render.",
+        f"# spec: {spec.to_json()}",
+        "#",
+        f"# Chunked linear attention, {what}.",
+        f"# dtype {spec.dtype}, {'causal' if spec.causal else 'non-causal'}, "
+        f"{'decay' if spec.decay else 'no decay'}, {'normalized' if spec.normalize else 'unnormalized'}, "
+        f"head_dim {spec.head_dim} (padded {spec.block_d}), head_dim_v {spec.head_dim_v}, "
+        f"chunk {spec.chunk}, value tile {spec.block_dv}.",
+        "",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        f"CHUNK = tl.constexpr({spec.chunk})",
+        f"HEAD_DIM = tl.constexpr({spec.head_dim})",
+        f"BLOCK_D = tl.constexpr({spec.block_d})",
+        f"HEAD_DIM_V = tl.constexpr({spec.head_dim_v})",
+        f"BLOCK_DV = tl.constexpr({spec.block_dv})",
+        f"LOG2E = tl.constexpr({LOG2E!r})",
+        "",
+        "",
+    ]
+
+
+def _signature(spec: LinearSpec, pointers: list[str], strides: list[str], scalars: list[str], doc: list[str]) -> list[str]:
+    lines = ["@triton.jit", f"def {spec.name}(", "    " + ", ".join(pointers) + ","]
+    for i in range(0, len(strides), 4):
+        lines.append("    " + ", ".join(strides[i:i + 4]) + ",")
+    lines += ["    " + ", ".join(scalars) + ",", "):", '    """' + doc[0]] + ["    " + d if d else "" for d in doc[1:]]
+    return lines + ['    """']
+
+
+def _ids(grid: str) -> list[str]:
+    lines = [f"    {name} = tl.program_id({i})" for i, name in enumerate(grid.split(","))]
+    return lines + [
+        "    off_b = (pid_bh // num_heads).to(tl.int64)",
+        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+        "    off_hkv = off_h // group  # GQA: query head h reads key/value head h // group",
+        "    bh = pid_bh.to(tl.int64)",
+        "    offs_c = tl.arange(0, CHUNK)  # [CHUNK] positions within a chunk",
+        "    offs_d = tl.arange(0, BLOCK_D)",
+        "    d_ok = offs_d < HEAD_DIM",
+    ]
+
+
+def kernel_arg_names(spec: LinearSpec) -> tuple[str, ...]:
+    """The generated kernel's parameters in order (the launcher passes them by name)."""
+    pointers, strides, scalars = _args(spec)
+    return tuple(pointers + strides + scalars)
+
+
+def _args(spec: LinearSpec) -> tuple[list[str], list[str], list[str]]:
+    """(pointers, strides, scalars) of ``spec``'s kernel."""
+    norm, decay = spec.normalize, spec.decay
+    if spec.kind == "state":
+        ptrs = ["X", "Y"] + (["U"] if spec.reverse and norm else []) + (["LogDecay"] if decay else [])
+        ptrs += ["Init"] + (["InitNorm"] if norm else [])
+        if spec.causal:
+            ptrs += ["States"] + (["Norms"] if norm else [])
+        ptrs += ["Final"] + (["FinalNorm"] if norm else [])
+        strides = [f"stride_x{d}" for d in "bhsd"] + [f"stride_y{d}" for d in "bhsd"]
+        return ptrs, strides, ["num_heads", "group", "seq", "n_chunks", "x_scale"]
+    if spec.kind == "out":
+        ptrs = ["Q", "K", "V"] + (["LogDecay"] if decay else []) + ["States"] + (["Norms"] if norm else [])
+        ptrs += ["Out"] + (["Den"] if norm else [])
+        strides = [f"stride_{t}{d}" for t in "qkvo" for d in "bhsd"]
+        return ptrs, strides, ["num_heads", "group", "seq_q", "n_chunks", "scale", "eps"]
+    ptrs = ["Q", "K", "V", "DNum"] + (["DDen"] if norm else []) + (["LogDecay"] if decay else [])
+    ptrs += ["States"] + (["Norms"] if norm else []) + ["RStates"] + (["RNorms"] if norm else [])
+    ptrs += ["DQ", "DK", "DV"]
+    strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "dn", "dq", "dk", "dv") for d in "bhsd"]
+    return ptrs, strides, ["num_heads", "group", "seq_q", "seq_k", "n_chunks", "scale"]
+
+
+def render(spec: LinearSpec) -> str:
+    """The source of a Python module defining the ``@triton.jit`` kernel ``spec.name``."""
+    body = {"state": _state, "out": _out, "grad": _grad}[spec.kind](spec)
+    return "\n".join(body) + "\n"
+
+
+def _decay_lines(spec: LinearSpec, indent: str = "    ") -> list[str]:
+    if not spec.decay:
+        return []
+    return [f"{indent}ld2 = tl.load(LogDecay + off_h) * LOG2E  # log2 λ of this query head"]
+
+
+def _state(spec: LinearSpec) -> list[str]:
+    rev, norm, dt = spec.reverse, spec.normalize, TL_DTYPES[spec.dtype]
+    what = ("backward state pass (reverse in time: the states carried out of each chunk)" if rev
+            else "state pass (the states carried into each chunk)")  # fmt: skip
+    if not spec.causal:
+        what = "summed state" + (" of the backward" if rev else "")
+    pointers, strides, scalars = _args(spec)
+    doc = [
+        "X [B, H // group, seq, HEAD_DIM], Y [B, H // group, seq, HEAD_DIM_V] (any strides)"
+        + (", U [B, H, seq] fp32 contiguous" if rev and norm else "") + ".",
+        "",
+        "Init [B*H, HEAD_DIM, HEAD_DIM_V] fp32 is the state the walk starts from"
+        + (" (InitNorm [B*H, HEAD_DIM] its norm)" if norm else "") + "; Final receives the state it ends with.",
+    ]
+    if spec.causal:
+        doc.append("States [B*H, n_chunks, HEAD_DIM, HEAD_DIM_V] fp32 receives, per chunk, the state "
+                   + ("carried out of it." if rev else "carried into it."))  # fmt: skip
+    doc.append("Grid: (cdiv(HEAD_DIM_V, BLOCK_DV), B * H); x is multiplied by x_scale.")
+    lines = _header(spec, what) + _signature(spec, pointers, strides, scalars, doc) + _ids("pid_v,pid_bh")
+    lines += [
+        "    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)  # [BLOCK_DV] this program's value columns",
+        "    v_ok = offs_v < HEAD_DIM_V",
+        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
+        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_D, BLOCK_DV] within a [D, Dv] state",
+        "    h = tl.load(Init + bh * HEAD_DIM * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # [BLOCK_D, BLOCK_DV] fp32",
+    ]
+    if norm:
+        lines += [
+            "    first = pid_v == 0  # one program per head stores the norm state",
+            "    z = tl.load(InitNorm + bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D] fp32",
+        ]
+    lines += _decay_lines(spec)
+    lines += [
+        "    x_base = X + off_b * stride_xb + off_hkv * stride_xh",
+        "    y_base = Y + off_b * stride_yb + off_hkv * stride_yh",
+        "    for i in range(0, n_chunks):",
+        f"        n = {'n_chunks - 1 - i' if rev else 'i'}",
+    ]
+    if spec.causal:
+        lines += [
+            "        chunk_base = (bh * n_chunks + n) * HEAD_DIM",
+            "        tl.store(States + chunk_base * HEAD_DIM_V + tile, h, mask=tile_ok)",
+        ]
+        if norm:
+            lines += ["        if first:", "            tl.store(Norms + chunk_base + offs_d, z, mask=d_ok)"]
+    lines += [
+        "        start = n * CHUNK",
+        "        rows = start + offs_c  # [CHUNK]",
+        "        row_ok = rows < seq",
+        "        x = tl.load(x_base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd,",
+        "                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * x_scale  # [CHUNK, BLOCK_D]",
+        "        y = tl.load(y_base + rows[:, None] * stride_ys + offs_v[None, :] * stride_yd,",
+        "                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
+    ]
+    if spec.decay:
+        if rev:
+            lines.append("        w = tl.exp2((offs_c + 1).to(tl.float32) * ld2)  # [CHUNK] λ^(a+1)")
+        else:
+            lines += [
+                "        # λ^(len-1-b) for the rows of the chunk, 0 past its end (exponent clamped: it would be positive)",
+                "        length = tl.minimum(seq - start, CHUNK)",
+                "        w = tl.where(offs_c < length, tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2), 0.0)",
+            ]
+        lines += [
+            "        carry = tl.exp2(tl.minimum(seq - start, CHUNK).to(tl.float32) * ld2)  # λ^len",
+            "        x = x * w[:, None]",
+            "        h = h * carry",
+        ]
+        if norm:
+            lines.append("        z = z * carry")
+    y_cast = "y.to(tl.float32)" if rev else "y"
+    x_cast = "x" if rev else f"x.to({dt})"
+    lines.append(f"        h += {_dot(spec, f'tl.trans({x_cast})', y_cast)}")
+    if norm:
+        if rev:
+            lines += [
+                "        u = tl.load(U + bh * seq + rows, mask=row_ok, other=0.0)  # [CHUNK] dden",
+                "        z += tl.sum(x * u[:, None], axis=0)",
+            ]
+        else:
+            lines.append("        z += tl.sum(x, axis=0)")
+    lines.append("    tl.store(Final + bh * HEAD_DIM * HEAD_DIM_V + tile, h, mask=tile_ok)")
+    if norm:
+        lines += ["    if first:", "        tl.store(FinalNorm + bh * HEAD_DIM + offs_d, z, mask=d_ok)"]
+    return lines
+
+
+def _intra_mask(spec: LinearSpec, target: str, indent: str = "    ") -> list[str]:
+    """Applies M (λ^(a-b) on and below the diagonal, 0 above) to the [CHUNK, CHUNK] matrix ``target``."""
+    if spec.decay:
+        return [
+            f"{indent}dist = offs_c[:, None] - offs_c[None, :]  # [CHUNK, CHUNK] a - b",
+            f"{indent}m = tl.where(dist >= 0, tl.exp2(tl.maximum(dist, 0).to(tl.float32) * ld2), 0.0)",
+            f"{indent}{target} = {target} * m",
+        ]
+    return [f"{indent}{target} = tl.where(offs_c[None, :] <= offs_c[:, None], {target}, 0.0)"]
+
+
+def _out(spec: LinearSpec) -> list[str]:
+    norm, dt = spec.normalize, TL_DTYPES[spec.dtype]
+    pointers, strides, scalars = _args(spec)
+    doc = [
+        "Q [B, H, seq_q, HEAD_DIM], K [B, H // group, seq_q, HEAD_DIM], V [B, H // group, seq_q, HEAD_DIM_V]",
+        "(features, any strides) -> Out [B, H, seq_q, HEAD_DIM_V]" + (", Den [B, H, seq_q] fp32 (s·den)." if norm else "."),
+        "",
+        ("States [B*H, n_chunks, HEAD_DIM, HEAD_DIM_V] fp32: the state carried into each chunk"
+         + (" (Norms [B*H, n_chunks, HEAD_DIM])." if norm else ".")) if spec.causal
+        else "States [B*H, HEAD_DIM, HEAD_DIM_V] fp32: Σ_j k_jᵀ v_j" + (" (Norms [B*H, HEAD_DIM]: Σ_j k_j)." if norm else "."),
+        "Grid: (cdiv(seq_q, CHUNK), cdiv(HEAD_DIM_V, BLOCK_DV), B * H).",
+    ]  # fmt: skip
+    lines = _header(spec, "output pass") + _signature(spec, pointers, strides, scalars, doc)
+    lines += _ids("pid_c,pid_v,pid_bh")
+    lines += [
+        "    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)",
+        "    v_ok = offs_v < HEAD_DIM_V",
+        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
+        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]",
+        "    rows = pid_c * CHUNK + offs_c",
+        "    row_ok = rows < seq_q",
+        "    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,",
+        "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [CHUNK, BLOCK_D]",
+    ]
+    lines += _decay_lines(spec)
+    if spec.causal:
+        lines += [
+            "    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,",
+            "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [CHUNK, BLOCK_D]",
+            "    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + rows[:, None] * stride_vs + offs_v[None, :] * stride_vd,",
+            "                mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
+            f"    s = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores",
+        ]
+        lines += _intra_mask(spec, "s")
+        lines += [
+            f"    num = {_dot(spec, f's.to({dt})', 'v')}  # [CHUNK, BLOCK_DV]",
+            "    chunk_base = (bh * n_chunks + pid_c) * HEAD_DIM",
+            "    h = tl.load(States + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # state into the chunk",
+            "    qf = q.to(tl.float32)",
+        ]
+        if spec.decay:
+            lines.append("    qf = qf * tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)")
+        lines.append(f"    num += {_dot(spec, 'qf', 'h')}")
+        if norm:
+            lines += [
+                "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)",
+                "    den = tl.sum(s, axis=1) + tl.sum(qf * z[None, :], axis=1)  # [CHUNK]",
+            ]
+    else:
+        lines += [
+            "    h = tl.load(States + bh * HEAD_DIM * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)",
+            "    qf = q.to(tl.float32)",
+            f"    num = {_dot(spec, 'qf', 'h')}  # [CHUNK, BLOCK_DV]",
+        ]
+        if norm:
+            lines += [
+                "    z = tl.load(Norms + bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)",
+                "    den = tl.sum(qf * z[None, :], axis=1)  # [CHUNK]",
+            ]
+    lines.append("    num = num * scale")
+    if norm:
+        lines += [
+            "    den = den * scale",
+            "    num = num / (den + eps)[:, None]",
+            "    if pid_v == 0:  # one program per chunk stores the denominator",
+            "        tl.store(Den + bh * seq_q + rows, den, mask=row_ok)",
+        ]
+    lines += [
+        "    tl.store(Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_os + offs_v[None, :] * stride_od,",
+        "             num.to(Out.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])",
+    ]
+    return lines
+
+
+def _grad(spec: LinearSpec) -> list[str]:
+    norm = spec.normalize
+    pointers, strides, scalars = _args(spec)
+    doc = [
+        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] and",
+        "DV [B, H, seq_k, HEAD_DIM_V] fp32 per query head (the launcher sums GQA groups).",
+        "",
+        "DNum [B, H, seq_q, HEAD_DIM_V] fp32 is dO / (den + eps)" + (", DDen [B, H, seq_q] fp32 -(dO·out) / (den + eps)"
+                                                                     if norm else "") + ".",
+        ("States/Norms hold the forward states carried into each chunk, RStates/RNorms the backward states "
+         "carried out of it, [B*H, n_chunks, ...] fp32.") if spec.causal
+        else "States/Norms hold Σ_j k_jᵀ v_j, RStates/RNorms Σ_i s·q_iᵀ dnum_i (+ the final state's gradient).",
+        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), B * H).",
+    ]  # fmt: skip
+    lines = _header(spec, "backward (dq, dk, dv of one chunk)") + _signature(spec, pointers, strides, scalars, doc)
+    lines += _ids("pid_c,pid_bh")
+    lines += [
+        "    offs_v = tl.arange(0, BLOCK_DV)",
+        "    v_ok = offs_v < HEAD_DIM_V",
+        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
+        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]",
+        "    rows = pid_c * CHUNK + offs_c",
+        "    q_ok = rows < seq_q",
+        "    k_ok = rows < seq_k",
+        "    qd_ok = q_ok[:, None] & d_ok[None, :]",
+        "    kd_ok = k_ok[:, None] & d_ok[None, :]",
+        "    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,",
+        "                mask=qd_ok, other=0.0).to(tl.float32) * scale  # [CHUNK, BLOCK_D] s·q",
+        "    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,",
+        "                mask=kd_ok, other=0.0).to(tl.float32)",
+        "    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + rows[:, None] * stride_vs + offs_v[None, :] * stride_vd,",
+        "                mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # [CHUNK, BLOCK_DV]",
+        "    do = tl.load(DNum + off_b * stride_dnb + off_h * stride_dnh + rows[:, None] * stride_dns",
+        "                 + offs_v[None, :] * stride_dnd, mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
+    ]
+    if norm:
+        lines.append("    dd = tl.load(DDen + bh * seq_q + rows, mask=q_ok, other=0.0)  # [CHUNK]")
+    lines += _decay_lines(spec)
+    base = "(bh * n_chunks + pid_c) * HEAD_DIM" if spec.causal else "bh * HEAD_DIM"
+    lines += [
+        f"    chunk_base = {base}",
+        "    h = tl.load(States + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # [BLOCK_D, BLOCK_DV]",
+        "    g = tl.load(RStates + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)",
+    ]
+    if norm:
+        lines += [
+            "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D]",
+            "    r = tl.load(RNorms + chunk_base + offs_d, mask=d_ok, other=0.0)",
+        ]
+    inter_q = f"{_dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
+    inter_k = f"{_dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
+    inter_v = _dot(spec, "k", "g")
+    if spec.causal:
+        lines += [
+            f"    a = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
+            f"    dp = {_dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
+        ]
+        lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
+        if spec.decay:
+            lines += [
+                "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
+                "    length = tl.minimum(seq_k - pid_c * CHUNK, CHUNK)",
+                "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
+                f"    dq = {_dot(spec, 'dp', 'k')} + wq * ({inter_q})",
+                f"    dk = {_dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
+                f"    dv = {_dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
+            ]
+        else:
+            lines += [
+                f"    dq = {_dot(spec, 'dp', 'k')} + {inter_q}",
+                f"    dk = {_dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
+                f"    dv = {_dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
+            ]
+    else:
+        lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
+    lines += [
+        "    dq = dq * scale",
+        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,",
+        "             dq.to(DQ.dtype.element_ty), mask=qd_ok)",
+        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,",
+        "             dk, mask=kd_ok)",
+        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows[:, None] * stride_dvs + offs_v[None, :] * stride_dvd,",
+        "             dv, mask=k_ok[:, None] & v_ok[None, :])",
+    ]
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------- load
+
+_LOADED: dict[tuple[str, Path], object] = {}
+_LOCK = threading.Lock()
+
+
+def load_generated(name: str, source: str):
+    """The ``@triton.jit`` function ``name`` of ``source``, written to ``<cache root>/kernels/<name>.py``.
+
+    The file is (re)written atomically when missing or different (``@triton.jit`` reads the source of
+    the functions it compiles, so generated modules are imported from real files); loaded kernels are
+    kept per process. Shared by every generated-kernel family that is not the exact path's.
+    """
+    path = cache_root() / "kernels" / f"{name}.py"
+    with _LOCK:
+        kernel = _LOADED.get((name, path))
+        if kernel is None:
+            if not (path.is_file() and path.read_text(encoding="utf-8") == source):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
+                try:
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        f.write(source)
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.unlink(tmp)
+                    raise
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            try:
+                module_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+            kernel = getattr(module, name)
+            _LOADED[(name, path)] = kernel
+    return kernel
+
+
+def load(spec: LinearSpec):
+    """The kernel of ``spec``, rendered into the cache and imported on first use."""
+    return load_generated(spec.name, render(spec))

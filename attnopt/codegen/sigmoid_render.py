@@ -1,0 +1,363 @@
+r"""Generated Triton kernels for fused sigmoid attention: :class:`SigmoidSpec` and rendering.
+
+``O = σ(scale · Q Kᵀ + b + mask) V`` (:mod:`attnopt.kernels.sigmoid.reference`) needs no running
+maximum and no denominator: every key tile adds ``σ(S) V_tile`` to the output on its own, so the
+forward is FlashAttention's loop without the online softmax, and the backward needs no ``lse`` nor
+``rowsum(dO ⊙ O)``::
+
+    dV = Σ_i P_iᵀ dO_i      dS = (dO Vᵀ) ⊙ P ⊙ (1 - P)      dQ = scale · dS K      dK = scale · dSᵀ Q
+
+Three kernels: ``fwd`` (one program per query tile), ``bwd_kv`` (one program per key tile, looping
+over the query tiles that see it; dK and dV per query head in fp32, summed over GQA groups by the
+launcher) and ``bwd_q`` (one program per query tile). Masked keys get weight exactly 0 (``tl.where``
+after the sigmoid), so rows without visible keys are 0.
+
+Causal masks (``j <= i + offset``; offset 0 top-left, ``Sk - Sq`` bottom-right) bound the key tiles a
+query tile loads; in the forward, the tiles every row sees whole run without the per-element test and
+only the boundary tiles evaluate it (the exact path's split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+
+from attnopt.codegen.linear_render import TL_DTYPES, load_generated
+from attnopt.codegen.spec import next_pow2
+
+DIRECTIONS = ("fwd", "bwd_kv", "bwd_q")
+DTYPES = ("float16", "bfloat16", "float32")
+CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+CAUSAL_NAMES = {CAUSAL_NONE: "none", CAUSAL_TOP_LEFT: "top-left", CAUSAL_BOTTOM_RIGHT: "bottom-right"}
+MASKS = ("none", "bool", "additive")
+MAX_HEAD_DIM = 256
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigmoidSpec:
+    """The compile-time parameters of one generated sigmoid-attention kernel."""
+
+    direction: str
+    head_dim: int
+    head_dim_v: int
+    dtype: str
+    causal: int
+    mask: str
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("direction", DIRECTIONS), ("dtype", DTYPES), ("mask", MASKS),
+                              ("causal", tuple(CAUSAL_NAMES))):  # fmt: skip
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"SigmoidSpec.{name} must be one of {allowed}; got {getattr(self, name)!r}")
+        for name in ("head_dim", "head_dim_v"):
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:
+                raise ValueError(f"SigmoidSpec.{name} must be an int in 1..{MAX_HEAD_DIM}; got {value!r}")
+        for name in ("block_m", "block_n"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 16 or value > 256 or value & (value - 1):
+                raise ValueError(f"SigmoidSpec.{name} must be a power of two in 16..256; got {value!r}")
+        if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"SigmoidSpec.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}")
+        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= 8:
+            raise ValueError(f"SigmoidSpec.num_stages must be an int in 1..8; got {self.num_stages!r}")
+
+    @property
+    def block_d(self) -> int:
+        return max(16, next_pow2(self.head_dim))
+
+    @property
+    def block_dv(self) -> int:
+        return max(16, next_pow2(self.head_dim_v))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        return f"attnopt_sigmoid_{self.direction}_{self.key}"
+
+
+def default_spec(direction: str, head_dim: int, head_dim_v: int, dtype: str, causal: int, mask: str) -> SigmoidSpec:
+    """The exact path's deterministic tiles: 16-bit 64x64 up to head dim 128 (64x32 above); fp32 64x32 up to
+    64 (32x32 above); 8 warps above head dim 128; 2 stages (1 for fp32 above 128)."""
+    widest = max(next_pow2(head_dim), next_pow2(head_dim_v))
+    if dtype == "float32":
+        block_m, block_n = (64, 32) if widest <= 64 else (32, 32)
+    else:
+        block_m, block_n = (64, 64) if widest <= 128 else (64, 32)
+    return SigmoidSpec(direction=direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
+                       mask=mask, block_m=block_m, block_n=block_n, num_warps=8 if widest > 128 else 4,
+                       num_stages=1 if dtype == "float32" and widest > 128 else 2)  # fmt: skip
+
+
+def kernel_arg_names(spec: SigmoidSpec) -> tuple[str, ...]:
+    pointers, strides, scalars = _args(spec)
+    return tuple(pointers + strides + scalars)
+
+
+def _args(spec: SigmoidSpec) -> tuple[list[str], list[str], list[str]]:
+    mask = ["Mask"] if spec.mask != "none" else []
+    mask_strides = [f"stride_mask_{d}" for d in "bhmn"] if spec.mask != "none" else []
+    qkv = [f"stride_q{d}" for d in "bhmd"] + [f"stride_k{d}" for d in "bhnd"] + [f"stride_v{d}" for d in "bhnd"]
+    scalars = ["num_heads", "group", "seq_q", "seq_k", "scale", "bias"]
+    if spec.direction == "fwd":
+        return ["Q", "K", "V"] + mask + ["Out"], qkv + mask_strides + [f"stride_o{d}" for d in "bhmd"], scalars
+    grads = ["DQ"] if spec.direction == "bwd_q" else ["DK", "DV"]
+    grad_strides = ([f"stride_dq{d}" for d in "bhmd"] if spec.direction == "bwd_q"
+                    else [f"stride_dk{d}" for d in "bhnd"] + [f"stride_dv{d}" for d in "bhnd"])  # fmt: skip
+    return (["Q", "K", "V"] + mask + ["DO"] + grads, qkv + mask_strides + [f"stride_do{d}" for d in "bhmd"]
+            + grad_strides, scalars)  # fmt: skip
+
+
+def render(spec: SigmoidSpec) -> str:
+    """The source of a Python module defining the ``@triton.jit`` kernel ``spec.name``."""
+    body = {"fwd": _fwd, "bwd_kv": _bwd_kv, "bwd_q": _bwd_q}[spec.direction](spec)
+    return "\n".join(_header(spec) + _signature(spec) + _prologue(spec) + body) + "\n"
+
+
+def load(spec: SigmoidSpec):
+    """The kernel of ``spec``, rendered into the kernel cache and imported on first use."""
+    return load_generated(spec.name, render(spec))
+
+
+def _header(spec: SigmoidSpec) -> list[str]:
+    return [
+        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.codegen.sigmoid_render.",
+        f"# spec: {spec.to_json()}",
+        "#",
+        f"# Sigmoid attention, {spec.direction}; dtype {spec.dtype}, causal {CAUSAL_NAMES[spec.causal]}, mask "
+        f"{spec.mask}, head_dim {spec.head_dim}, head_dim_v {spec.head_dim_v}, tiles {spec.block_m}x{spec.block_n}.",
+        "",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        f"BLOCK_M = tl.constexpr({spec.block_m})",
+        f"BLOCK_N = tl.constexpr({spec.block_n})",
+        f"HEAD_DIM = tl.constexpr({spec.head_dim})",
+        f"BLOCK_D = tl.constexpr({spec.block_d})",
+        f"HEAD_DIM_V = tl.constexpr({spec.head_dim_v})",
+        f"BLOCK_DV = tl.constexpr({spec.block_dv})",
+        "",
+        "",
+    ]
+
+
+def _signature(spec: SigmoidSpec) -> list[str]:
+    pointers, strides, scalars = _args(spec)
+    lines = ["@triton.jit", f"def {spec.name}(", "    " + ", ".join(pointers) + ","]
+    for i in range(0, len(strides), 4):
+        lines.append("    " + ", ".join(strides[i:i + 4]) + ",")
+    doc = {
+        "fwd": "Out [B, H, seq_q, HEAD_DIM_V] = σ(scale·QKᵀ + bias + mask) V. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
+        "bwd_kv": "DK [B, H, seq_k, HEAD_DIM], DV [B, H, seq_k, HEAD_DIM_V] fp32 per query head. "
+                  "Grid: (cdiv(seq_k, BLOCK_N), B * H).",
+        "bwd_q": "DQ [B, H, seq_q, HEAD_DIM]. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
+    }[spec.direction]
+    lines += ["    " + ", ".join(scalars) + ",", "):", '    """Q [B, H, seq_q, HEAD_DIM], K [B, H // group, seq_k, '
+              'HEAD_DIM], V [B, H // group, seq_k, HEAD_DIM_V], any strides.', "", f"    {doc}"]  # fmt: skip
+    if spec.mask != "none":
+        meaning = "True = attend (read as uint8)" if spec.mask == "bool" else "added to the scores"
+        lines.append(f"    Mask is read as [B, H, seq_q, seq_k] through its strides (0 on broadcast dims); {meaning}.")
+    return lines + ['    """']
+
+
+def _prologue(spec: SigmoidSpec) -> list[str]:
+    tile = "pid_n" if spec.direction == "bwd_kv" else "pid_m"
+    lines = [
+        f"    {tile} = tl.program_id(0)",
+        "    pid_bh = tl.program_id(1)",
+        "    off_b = (pid_bh // num_heads).to(tl.int64)",
+        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+        "    off_hkv = off_h // group  # GQA: query head h reads key/value head h // group",
+        "    offs_d = tl.arange(0, BLOCK_D)",
+        "    offs_dv = tl.arange(0, BLOCK_DV)",
+        "    d_ok = offs_d < HEAD_DIM",
+        "    dv_ok = offs_dv < HEAD_DIM_V",
+        "    q_base = Q + off_b * stride_qb + off_h * stride_qh",
+        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh",
+        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh",
+    ]
+    if spec.mask != "none":
+        lines.append("    mask_base = Mask + off_b * stride_mask_b + off_h * stride_mask_h")
+    if spec.causal == CAUSAL_BOTTOM_RIGHT:
+        lines.append("    causal_offset = seq_k - seq_q  # bottom-right: query i sees keys j <= i + causal_offset")
+    elif spec.causal == CAUSAL_TOP_LEFT:
+        lines.append("    causal_offset = 0  # top-left: query i sees keys j <= i")
+    return lines
+
+
+def _dot(spec: SigmoidSpec, a: str, b: str) -> str:
+    ieee = ', input_precision="ieee"' if spec.dtype == "float32" else ""
+    return f"tl.dot({a}, {b}{ieee})"
+
+
+def _weights(spec: SigmoidSpec, indent: str, test: bool) -> list[str]:
+    """``p = σ(s)`` [BLOCK_M, BLOCK_N] for query rows ``rows`` and key columns ``cols``, 0 at masked keys.
+
+    ``test`` adds the per-element tests on the sequence ends and the causal diagonal.
+    """
+    lines = []
+    if spec.mask == "additive":
+        lines += [
+            f"{indent}bias_tile = tl.load(mask_base + rows[:, None] * stride_mask_m + cols[None, :] * stride_mask_n,",
+            f"{indent}                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)",
+            f"{indent}s += bias_tile.to(tl.float32)",
+        ]
+    lines.append(f"{indent}p = tl.sigmoid(s)")
+    keep = []
+    if test:
+        keep.append("row_ok[:, None] & col_ok[None, :]")
+        if spec.causal != CAUSAL_NONE:
+            keep.append("(cols[None, :] <= rows[:, None] + causal_offset)")
+    if spec.mask == "bool":
+        lines += [
+            f"{indent}attend = tl.load(mask_base + rows[:, None] * stride_mask_m + cols[None, :] * stride_mask_n,",
+            f"{indent}                 mask=row_ok[:, None] & col_ok[None, :], other=0)",
+        ]
+        keep.append("(attend != 0)")
+    if keep:
+        lines.append(f"{indent}p = tl.where({' & '.join(keep)}, p, 0.0)")
+    return lines
+
+
+def _key_end(spec: SigmoidSpec) -> list[str]:
+    """``end``: one past the last key any row of the query tile may see (``start_m``, ``rows`` defined)."""
+    if spec.causal == CAUSAL_NONE:
+        return ["    end = seq_k"]
+    return ["    end = tl.minimum(seq_k, tl.maximum(tl.minimum(start_m + BLOCK_M, seq_q) + causal_offset, 0))"]
+
+
+def _fwd(spec: SigmoidSpec) -> list[str]:
+    dt = TL_DTYPES[spec.dtype]
+    lines = [
+        "    start_m = pid_m * BLOCK_M",
+        "    rows = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows",
+        "    row_ok = rows < seq_q",
+        "    offs_n = tl.arange(0, BLOCK_N)",
+        "    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
+        "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)",
+    ]
+    lines += _key_end(spec)
+    if spec.causal == CAUSAL_NONE:
+        lines.append("    full_end = seq_k // BLOCK_N * BLOCK_N  # key tiles [0, full_end) lie inside seq_k")
+    else:
+        lines += [
+            "    # key tiles [0, full_end) are seen whole by every row of this query tile: no element test there",
+            "    full_end = tl.minimum(seq_k // BLOCK_N * BLOCK_N, tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N)",
+        ]
+    for boundary in (False, True):
+        lines += ["", ("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles" if boundary
+                       else "    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")]  # fmt: skip
+        lines += [
+            "        cols = start_n + offs_n  # [BLOCK_N] key rows",
+            "        col_ok = cols < seq_k",
+            "        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
+            "                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N], Kᵀ",
+            f"        s = {_dot(spec, 'q', 'k')} * scale + bias  # [BLOCK_M, BLOCK_N]",
+        ]
+        lines += _weights(spec, "        ", test=boundary)
+        lines += [
+            "        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+            "                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
+            f"        acc += {_dot(spec, f'p.to({dt})', 'v')}",
+        ]
+    lines += [
+        "",
+        "    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od",
+        "    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])",
+    ]
+    return lines
+
+
+def _bwd_kv(spec: SigmoidSpec) -> list[str]:
+    dt = TL_DTYPES[spec.dtype]
+    if spec.causal == CAUSAL_NONE:
+        lo = ["    lo = 0"]
+    else:
+        lo = ["    lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M  # first query tile seeing a key here"]
+    lines = [
+        "    start_n = pid_n * BLOCK_N",
+        "    cols = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows",
+        "    col_ok = cols < seq_k",
+        "    offs_m = tl.arange(0, BLOCK_M)",
+        "    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        "                mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]",
+        "    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        "                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
+        "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
+        "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
+    ] + lo + [
+        "    for start_m in range(lo, seq_q, BLOCK_M):",
+        "        rows = start_m + offs_m",
+        "        row_ok = rows < seq_q",
+        "        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        "                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
+        "        do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom",
+        "                     + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
+        f"        s = {_dot(spec, 'q', 'tl.trans(k)')} * scale + bias  # [BLOCK_M, BLOCK_N]",
+    ]
+    lines += _weights(spec, "        ", test=True)
+    lines += [
+        f"        dv += {_dot(spec, f'tl.trans(p.to({dt}))', 'do')}",
+        f"        dp = {_dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
+        "        ds = dp * p * (1.0 - p)",
+        f"        dk += {_dot(spec, f'tl.trans(ds.to({dt}))', 'q')}",
+        "    dk = dk * scale",
+        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,",
+        "             dk, mask=col_ok[:, None] & d_ok[None, :])",
+        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,",
+        "             dv, mask=col_ok[:, None] & dv_ok[None, :])",
+    ]
+    return lines
+
+
+def _bwd_q(spec: SigmoidSpec) -> list[str]:
+    dt = TL_DTYPES[spec.dtype]
+    lines = [
+        "    start_m = pid_m * BLOCK_M",
+        "    rows = start_m + tl.arange(0, BLOCK_M)",
+        "    row_ok = rows < seq_q",
+        "    offs_n = tl.arange(0, BLOCK_N)",
+        "    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
+        "    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom",
+        "                 + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
+        "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
+    ]
+    lines += _key_end(spec)
+    lines += [
+        "    for start_n in range(0, end, BLOCK_N):",
+        "        cols = start_n + offs_n",
+        "        col_ok = cols < seq_k",
+        "        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        "                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]",
+        "        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        "                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
+        f"        s = {_dot(spec, 'q', 'tl.trans(k)')} * scale + bias",
+    ]
+    lines += _weights(spec, "        ", test=True)
+    lines += [
+        f"        dp = {_dot(spec, 'do', 'tl.trans(v)')}",
+        "        ds = dp * p * (1.0 - p)",
+        f"        dq += {_dot(spec, f'ds.to({dt})', 'k')}",
+        "    dq = dq * scale",
+        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,",
+        "             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])",
+    ]
+    return lines

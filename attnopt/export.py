@@ -1,0 +1,405 @@
+"""Export of optimized models: ``torch.export`` programs (``.pt2``) and ONNX.
+
+**torch.export.** The model is captured whole by dynamo (``torch._dynamo.export``: one graph, no graph
+breaks), attnopt's pass pipeline rewrites it under the policy (the same detection, decisions and per-site
+validation as :func:`attnopt.optimize`; site names are the same), and the rewritten graph is exported
+with ``torch.export.export``. Rewritten sites stay ``torch.ops.attnopt.attention`` custom-op calls. The
+program takes the tensor inputs (positional, then keyword by name; constant keyword arguments such as
+``use_cache=False`` are baked in) and returns a flat tuple of tensors (the leaves of the model's output,
+in order: ``ModelOutput.to_tuple()`` for Hugging Face models), so loading it needs neither transformers nor
+the model's code::
+
+    import attnopt   # registers torch.ops.attnopt.*: torch.export.load fails on the custom op without it
+    program = torch.export.load("out/model.pt2")
+    outputs = program.module()(input_ids=..., attention_mask=...)
+
+**ONNX.** The exported program goes through ``torch.onnx.export(..., dynamo=True)`` with a custom
+translation per attnopt op (:data:`ONNX_TRANSLATIONS`):
+
+* ``attention="standard"`` (default, opset 23): an exact site becomes the standard ``Attention`` operator
+  (GQA native, boolean or additive mask, ``is_causal``, ``scale``, ``softcap``, fp32 softmax).
+* ``attention="decomposed"`` (opset 18): an exact site becomes ``attnopt.DenseAttention``, an op in the
+  ``attnopt`` domain whose ONNX function body (MatMul, Softmax with fully masked rows giving zeros) is
+  stored in the model, so runtimes without opset-23 ``Attention`` run it.
+
+Variants that change the function export as ``attnopt``-domain ops whose ONNX function bodies
+decompose them (:mod:`attnopt.onnx_functions`), so a runtime without attnopt kernels still runs the model:
+a sparse site (``attnopt::sparse_attention``) becomes ``attnopt::SparseAttention`` (the mask descriptor as
+an attribute; the body applies its boolean matrix at the exported lengths, then ``DenseAttention``); an
+exact-sparse site (``sparse_attention_auto``) computes exact attention and exports as an exact site.
+Linear and sigmoid sites (issue 6) slot in the same way: a translation registered for their op with
+:func:`register_onnx_translation` that emits their ``attnopt`` function; until then their export fails
+with the op's name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from attnopt.api import AttnoptError, _dynamo_limits
+from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.passes import PASSES, Context, run_pipeline
+from attnopt.policy import as_policy
+
+ONNX_ATTENTION_MODES = ("standard", "decomposed")
+ONNX_OPSET = {"standard": 23, "decomposed": 18}
+
+
+class ExportError(AttnoptError):
+    """The model cannot be exported (graph breaks, an op without translation, a runtime failure)."""
+
+
+# ------------------------------------------------------------------------------------------------ torch.export
+
+
+def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The graph's placeholder values for a call ``gm(*args, **kwargs)`` (its pytree codegen flattens)."""
+    info = getattr(gm._graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        import torch.fx._pytree as fx_pytree
+
+        return list(fx_pytree.tree_flatten_spec((args, kwargs), info.in_spec))
+    return pytree.tree_leaves((args, kwargs))
+
+
+def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
+            validate: bool = True) -> tuple[torch.fx.GraphModule, Context]:  # fmt: skip
+    """``model`` as one dynamo graph, rewritten by attnopt's pipeline under ``policy``; and the pipeline's context.
+
+    ``validate=False`` skips the per-site validation pass (for decisions that were validated already)."""
+    policy = as_policy(policy)
+    try:
+        with _dynamo_limits(), torch.no_grad():
+            gm, _ = torch._dynamo.export(model, aten_graph=False)(*args, **kwargs)
+    except Exception as exc:
+        raise ExportError(
+            f"exporting needs {type(model).__name__} captured as one graph, and dynamo could not: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from exc
+    ctx = Context(policy, example_inputs=_flat_inputs(gm, args, kwargs))
+    passes = PASSES if validate else [p for p in PASSES if p[0] != "validate"]
+    with torch.no_grad():
+        return run_pipeline(gm, ctx, passes), ctx
+
+
+class _Flat(nn.Module):
+    """Tensors in (constants baked in), a flat tuple of tensors out."""
+
+    def __init__(self, gm: nn.Module, constants: dict):
+        super().__init__()
+        self.gm = gm
+        self.constants = dict(constants)
+
+    def forward(self, *args, **kwargs):
+        out = self.gm(*args, **kwargs, **self.constants)
+        return flatten_output(out)
+
+
+def flatten_output(out: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors of a model output, in order (``to_tuple()`` first for Hugging Face outputs)."""
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return tuple(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
+
+
+def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
+                   expect: dict[str, str] | None = None) -> tuple[torch.export.ExportedProgram, Context]:  # fmt: skip
+    """A ``torch.export`` program of ``model`` with its sites rewritten per ``policy``.
+
+    ``expect`` (site name -> decision), when given, must be exactly what the pipeline decides: an artifact's
+    program computes what its manifest says. Those decisions were validated when they were made, so the
+    capture then skips the per-site validation pass.
+    """
+    from attnopt.inputs import split_constants
+
+    args, tensors, constants = split_constants(args, kwargs)
+    gm, ctx = capture(model, policy, args, {**tensors, **constants}, validate=expect is None)
+    if expect is not None:
+        got = {s.name: s.decision for s in ctx.sites}
+        if got != expect:
+            diff = {n: (expect.get(n), got.get(n)) for n in set(got) | set(expect) if expect.get(n) != got.get(n)}
+            raise ExportError(
+                "the whole-model capture decided differently from the optimized module "
+                f"(site: (recorded, exported)) {diff}"
+            )
+    try:
+        program = torch.export.export(_Flat(gm, constants).eval(), args, tensors)
+    except Exception as exc:
+        raise ExportError(f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}") from exc
+    return program, ctx
+
+
+def count_attnopt_ops(program: torch.export.ExportedProgram) -> int:
+    return sum(1 for n in program.graph.nodes if n.op == "call_function" and "attnopt" in str(n.target))
+
+
+# --------------------------------------------------------------------------------------------------------- ONNX
+
+
+def _onnxscript():
+    try:
+        import onnxscript
+    except ImportError as exc:
+        raise ExportError("ONNX export needs onnxscript: pip install onnxscript") from exc
+    return onnxscript
+
+
+ONNX_TRANSLATIONS: dict[Any, Callable[[str], Callable]] = {}
+"""attnopt op overload -> factory(mode) returning the onnxscript translation of that op for ``mode``."""
+
+
+def register_onnx_translation(op: Any, factory: Callable[[str], Callable]) -> None:
+    """Registers how ``op`` exports: ``factory(mode)`` returns a function building it with ONNX Script."""
+    ONNX_TRANSLATIONS[op] = factory
+
+
+def _is_bool(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and "BOOL" in str(dtype).upper()
+
+
+def _static_len(value: Any, axis: int) -> int | None:
+    shape = getattr(value, "shape", None)
+    try:
+        dim = shape[axis] if shape is not None else None
+    except (IndexError, TypeError):
+        return None
+    return dim if isinstance(dim, int) else None
+
+
+def causal_keep(op: Any, q: Any, k: Any, bottom_right: bool) -> Any:
+    """Boolean [Sq, Sk] ONNX value: key j visible to query i (j <= i, or j <= i + Sk - Sq bottom-right)."""
+    sq = op.Squeeze(op.Shape(q, start=-2, end=-1), [0])
+    sk = op.Squeeze(op.Shape(k, start=-2, end=-1), [0])
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    i = op.Range(zero, sq, one)
+    if bottom_right:
+        i = op.Add(i, op.Sub(sk, sq))
+    j = op.Range(zero, sk, one)
+    return op.LessOrEqual(op.Unsqueeze(j, [0]), op.Unsqueeze(i, [1]))
+
+
+def additive_bias(op: Any, q: Any, k: Any, attn_mask: Any, causal: int) -> Any:
+    """One additive fp32 bias (0 / -inf, or the additive mask) from a site's mask and causal mode."""
+    neg_inf = op.Constant(value_float=-math.inf)
+    zero = op.Constant(value_float=0.0)
+    keep = None if causal == CAUSAL_NONE else causal_keep(op, q, k, causal == CAUSAL_BOTTOM_RIGHT)
+    if attn_mask is None:
+        bias = zero
+    elif _is_bool(attn_mask):
+        keep = attn_mask if keep is None else op.And(attn_mask, keep)
+        bias = zero
+    else:
+        bias = op.Cast(attn_mask, to=1)
+    return bias if keep is None else op.Where(keep, bias, neg_inf)
+
+
+def _exact_translation(mode: str) -> Callable:
+    from onnxscript import opset18, opset23
+
+    def standard(q, k, v, attn_mask=None, dropout_p: float = 0.0, causal: int = 0, scale: float = 1.0, seed=None,
+                 softcap: float = 0.0):  # fmt: skip
+        _check_inference(dropout_p)
+        op = opset23
+        mask, is_causal = attn_mask, 0
+        is_bool = attn_mask is not None and _is_bool(attn_mask)  # values built here have no dtype yet
+        square = _static_len(q, -2) is not None and _static_len(q, -2) == _static_len(k, -2)
+        if causal == CAUSAL_TOP_LEFT or (causal == CAUSAL_BOTTOM_RIGHT and square):
+            is_causal = 1  # ONNX's is_causal (no past keys): key j visible to query i iff j <= i
+        elif causal == CAUSAL_BOTTOM_RIGHT:
+            keep = causal_keep(op, q, k, bottom_right=True)
+            if mask is None:
+                mask, is_bool = keep, True
+            elif is_bool:
+                mask = op.And(mask, keep)
+            else:
+                mask = op.Where(keep, mask, op.CastLike(op.Constant(value_float=-math.inf), mask))
+        if mask is not None and not is_bool:
+            mask = op.CastLike(mask, q)
+        y, _, _, scores = op.Attention(q, k, v, mask, is_causal=is_causal, scale=float(scale),
+                                       softcap=float(softcap), softmax_precision=1,
+                                       qk_matmul_output_mode=2)  # fmt: skip
+        # The log-sum-exp output (unused in inference graphs, so removed by the exporter's optimizer).
+        lse = op.ReduceLogSumExp(op.Cast(scores, to=1), op.Constant(value_ints=[-1]), keepdims=0)
+        return y, lse
+
+    def decomposed(q, k, v, attn_mask=None, dropout_p: float = 0.0, causal: int = 0, scale: float = 1.0, seed=None,
+                   softcap: float = 0.0):  # fmt: skip
+        _check_inference(dropout_p)
+        from attnopt.onnx_functions import OPSET, set_output_types
+
+        bias = additive_bias(opset18, q, k, attn_mask, causal)
+        y, lse = OPSET.DenseAttention(q, k, v, bias, scale=float(scale), softcap=float(softcap))
+        set_output_types(y, lse, q, v)
+        return y, lse
+
+    return standard if mode == "standard" else decomposed
+
+
+def _check_inference(dropout_p: float) -> None:
+    if dropout_p > 0.0:
+        raise ExportError(f"an attention site has dropout_p={dropout_p}: export the model in eval mode")
+
+
+def _sparse_translation(mode: str) -> Callable:
+    """``attnopt::sparse_attention`` -> ``attnopt::SparseAttention`` (both modes): the descriptor rides along as
+    the ``mask`` attribute, and the body applies its boolean matrix at the exported sequence lengths."""
+    from onnxscript import opset18
+
+    def sparse(q, k, v, attn_mask=None, kv_valid=None, mask: str = "", scale: float = 1.0, softcap: float = 0.0):
+        import onnx_ir as ir
+
+        from attnopt.masks import lookup
+        from attnopt.onnx_functions import OPSET, set_output_types
+
+        op = opset18
+        sq, sk, hq = _static_len(q, -2), _static_len(k, -2), _static_len(q, 1)
+        if None in (sq, sk, hq):
+            raise ExportError("a sparse attention site exports at static sequence lengths and head counts")
+        keep = lookup(mask).dense(sq, sk, hq).numpy()  # [H or 1, Sq, Sk]
+        bias = additive_bias(op, q, k, attn_mask, CAUSAL_NONE)
+        if kv_valid is not None:  # key padding [B, Sk]
+            bias = op.Where(op.Unsqueeze(kv_valid, [1, 2]), bias, op.Constant(value_float=-math.inf))
+        y, lse = OPSET.SparseAttention(q, k, v, bias, op.Constant(value=ir.tensor(keep)), mask=mask,
+                                       scale=float(scale), softcap=float(softcap))  # fmt: skip
+        set_output_types(y, lse, q, v)
+        return y, lse
+
+    return sparse
+
+
+def _exact_sparse_translation(mode: str) -> Callable:
+    """``attnopt::sparse_attention_auto`` computes exact attention: it exports as the exact op does."""
+    exact = _exact_translation(mode)
+
+    def exact_sparse(q, k, v, attn_mask=None, causal: int = 0, scale: float = 1.0, softcap: float = 0.0):
+        return exact(q, k, v, attn_mask, 0.0, causal, scale, None, softcap)
+
+    return exact_sparse
+
+
+register_onnx_translation(torch.ops.attnopt.attention.default, _exact_translation)
+
+
+def _translation_table(mode: str) -> dict:
+    """The translation of every attnopt op that is registered in this process."""
+    try:  # the sparse ops register when their variant is used (attnopt.kernels.sparse.ops)
+        from attnopt.kernels.sparse import ops as _sparse_ops  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        for name, factory in (("sparse_attention", _sparse_translation),
+                              ("sparse_attention_auto", _exact_sparse_translation)):  # fmt: skip
+            if hasattr(torch.ops.attnopt, name) and getattr(torch.ops.attnopt, name).default not in ONNX_TRANSLATIONS:
+                register_onnx_translation(getattr(torch.ops.attnopt, name).default, factory)
+    return {op: factory(mode) for op, factory in ONNX_TRANSLATIONS.items()}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The ONNX exporter prints progress and optimizer notes; keep them out of attnopt's output."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir", "torch.export", "torch._export")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str = "standard") -> dict:
+    """Writes ``program`` as ONNX to ``path``; returns the manifest entry (opset, inputs, outputs, op counts)."""
+    if attention not in ONNX_ATTENTION_MODES:
+        raise ExportError(f"unknown ONNX attention mode {attention!r}; use one of {ONNX_ATTENTION_MODES}")
+    _onnxscript()
+    from attnopt import onnx_functions
+
+    table = _translation_table(attention)
+    missing = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"
+                      and str(getattr(n.target, "namespace", "")) == "attnopt" and n.target not in table})  # fmt: skip
+    if missing:
+        raise ExportError(f"no ONNX translation for {missing} yet (linear and sigmoid sites export to .pt2 only); "
+                          "drop --format onnx or use another policy for those sites")  # fmt: skip
+    try:
+        with _quiet(), onnx_functions.schemas_registered():
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=ONNX_OPSET[attention],
+                                             custom_translation_table=table, optimize=False, verbose=False)  # fmt: skip
+            # Constant folding and dead-code removal, keeping attnopt-domain ops as function calls.
+            from onnxscript import optimizer
+
+            onnx_program.model = optimizer.optimize(onnx_program.model, inline=False)
+            onnx_functions.attach(onnx_program.model)
+            for i, value in enumerate(onnx_program.model.graph.outputs):
+                value.name = f"output_{i}"
+            onnx_program.save(str(path))
+    except ExportError:
+        raise
+    except Exception as exc:
+        cause = exc
+        while cause.__cause__ is not None and not isinstance(cause, ExportError):
+            cause = cause.__cause__
+        if isinstance(cause, ExportError):
+            raise cause from exc
+        raise ExportError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
+    return {
+        "opset": ONNX_OPSET[attention],
+        "attention": attention,
+        "inputs": [i.name for i in model.graph.input],
+        "program_inputs": user_inputs,
+        "outputs": [o.name for o in model.graph.output],
+        "functions": [f"{f.domain}::{f.name}" for f in model.functions],
+        "attention_ops": {k: v for k, v in ops.items() if "Attention" in k},
+    }
+
+
+def onnx_session(path: Any):
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("running ONNX needs onnxruntime: pip install onnxruntime") from exc
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def onnx_feed(session: Any, args: tuple, kwargs: dict) -> dict:
+    """ONNX Runtime inputs for a call ``(args, tensor kwargs)``: by name, positional ones in order."""
+    from attnopt.inputs import split_constants
+
+    args, tensors, _ = split_constants(args, kwargs)
+    values = {**{f"args_{i}": a for i, a in enumerate(args)}, **tensors}
+    flat = [*args, *tensors.values()]
+    names = [i.name for i in session.get_inputs()]
+    if all(n in values for n in names):
+        return {n: values[n].detach().cpu().numpy() for n in names}
+    if len(names) == len(flat):
+        return {n: t.detach().cpu().numpy() for n, t in zip(names, flat)}
+    raise ExportError(f"cannot match the ONNX inputs {names} to the example inputs {list(values)}")
+
+
+def run_onnx(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(x) for x in session.run(None, onnx_feed(session, args, kwargs)))
+
+
+__all__ = ["ExportError", "ONNX_TRANSLATIONS", "additive_bias", "capture", "causal_keep", "count_attnopt_ops",
+           "export_onnx", "export_program", "flatten_output", "onnx_session", "register_onnx_translation",
+           "run_onnx"]  # fmt: skip

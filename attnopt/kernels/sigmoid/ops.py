@@ -1,0 +1,113 @@
+"""``torch.ops.attnopt.sigmoid_attention`` and its backward: custom ops with fake, CPU and CUDA implementations.
+
+Semantics are those of :mod:`attnopt.kernels.sigmoid.reference`:
+
+    sigmoid_attention(q, k, v, attn_mask, causal, scale, bias) -> out [B, Hq, Sq, Dv]
+
+``bias`` None means ``-log(Sk)``; ``causal`` takes the exact op's codes. The CPU implementation is the
+reference; the CUDA implementation launches the generated Triton kernels
+(:mod:`attnopt.kernels.sigmoid.triton_impl`, imported on the first CUDA call). Gradients flow to q, k,
+v and to a floating-point mask that requires grad (a learned bias).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnopt.kernels.sigmoid import reference
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sigmoid attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or len({q.shape[0], k.shape[0], v.shape[0]}) != 1:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if attn_mask is not None and attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
+
+
+def _triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]):
+    """The Triton launcher when it takes these inputs, else None (the reference runs on the GPU)."""
+    from attnopt.kernels.sigmoid import triton_impl
+
+    return triton_impl if triton_impl.supported(q, k, v, attn_mask) is None else None
+
+
+@torch.library.custom_op("attnopt::sigmoid_attention", mutates_args=())
+def sigmoid_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: int, scale: float, bias: Optional[float]
+) -> Tensor:
+    _check(q, k, v, attn_mask)
+    return reference.sigmoid_attention(q, k, v, attn_mask, causal, scale, bias)
+
+
+@sigmoid_attention.register_fake
+def _(q, k, v, attn_mask, causal, scale, bias):
+    _check(q, k, v, attn_mask)
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@sigmoid_attention.register_kernel("cuda")
+def _(q, k, v, attn_mask, causal, scale, bias):
+    _check(q, k, v, attn_mask)
+    impl = _triton(q, k, v, attn_mask)
+    if impl is None:
+        return reference.sigmoid_attention(q, k, v, attn_mask, causal, scale, bias)
+    return impl.forward(q, k, v, attn_mask, causal, scale, bias)
+
+
+@torch.library.custom_op("attnopt::sigmoid_attention_backward", mutates_args=())
+def sigmoid_attention_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor],
+    causal: int,
+    scale: float,
+    bias: Optional[float],
+    mask_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
+    dq, dk, dv, dmask = reference.sigmoid_attention_backward(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad)
+    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+
+
+@sigmoid_attention_backward.register_fake
+def _(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad):
+    dmask = torch.empty_like(attn_mask) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+@sigmoid_attention_backward.register_kernel("cuda")
+def _(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad):
+    impl = None if mask_grad else _triton(q, k, v, attn_mask)  # the kernels do not reduce dS into a mask gradient
+    if impl is None:
+        dq, dk, dv, dmask = reference.sigmoid_attention_backward(dout, q, k, v, attn_mask, causal, scale, bias,
+                                                                 mask_grad)  # fmt: skip
+        return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+    dq, dk, dv = impl.backward(dout, q, k, v, attn_mask, causal, scale, bias)
+    return dq, dk, dv, q.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, causal, scale, bias = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.params = (causal, scale, bias)
+    ctx.mask_grad = attn_mask is not None and attn_mask.is_floating_point() and attn_mask.requires_grad
+
+
+def _backward(ctx, dout):
+    q, k, v, attn_mask = ctx.saved_tensors
+    causal, scale, bias = ctx.params
+    dq, dk, dv, dmask = sigmoid_attention_backward(dout.contiguous(), q, k, v, attn_mask, causal, scale, bias,
+                                                   ctx.mask_grad)  # fmt: skip
+    return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None
+
+
+sigmoid_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,106 @@
+"""Sigmoid attention through the generated Triton kernels: validation, spec choice and launches.
+
+``forward`` and ``backward`` are the CUDA implementations behind ``torch.ops.attnopt.sigmoid_attention``
+and its backward, matching :mod:`attnopt.kernels.sigmoid.reference`. q, k, v and the mask are read
+through their strides (GQA without repeating k and v; broadcast mask dims read with stride 0; boolean
+masks as uint8). ``bias`` None means ``-log(Sk)``. See :mod:`attnopt.codegen.sigmoid_render`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from attnopt.codegen.sigmoid_render import MAX_HEAD_DIM, default_spec, load
+from attnopt.kernels.sigmoid.reference import default_bias
+
+MAX_BATCH_HEADS = 65535
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def supported(q, k, v, attn_mask) -> str | None:
+    """Why the kernels cannot take these inputs (the op then runs the reference), or None."""
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the kernels take float16, bfloat16 or float32 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        return f"batch * heads above {MAX_BATCH_HEADS}"
+    if attn_mask is not None and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
+        return f"masks are bool or floating point; got {attn_mask.dtype}"
+    return None
+
+
+def _mask(attn_mask, q, k) -> tuple[torch.Tensor | None, str]:
+    """The mask as a strided [B, Hq, Sq, Sk] view (bool as uint8) and its kind."""
+    if attn_mask is None:
+        return None, "none"
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        mask = attn_mask.expand(target)
+    except RuntimeError as e:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {target}") from e
+    if attn_mask.dtype == torch.bool:
+        return mask.view(torch.uint8), "bool"
+    return mask, "additive"
+
+
+def _common(q, k, v, attn_mask, scale, bias) -> tuple[dict, str]:
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    mask, kind = _mask(attn_mask, q, k)
+    args = dict(Q=q, K=k, V=v, num_heads=hq, group=hq // hkv, seq_q=sq, seq_k=sk,
+                scale=1.0 / math.sqrt(d) if scale is None else float(scale),
+                bias=default_bias(sk) if bias is None else float(bias))  # fmt: skip
+    for name, t, dims in (("q", q, "bhmd"), ("k", k, "bhnd"), ("v", v, "bhnd")):
+        args.update({f"stride_{name}{c}": t.stride(i) for i, c in enumerate(dims)})
+    if mask is not None:
+        args["Mask"] = mask
+        args.update({f"stride_mask_{c}": mask.stride(i) for i, c in enumerate("bhmn")})
+    return args, kind
+
+
+def _launch(spec, grid, args, like):
+    guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+    with guard:
+        load(spec)[grid](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+
+def forward(q, k, v, attn_mask=None, causal=0, scale=None, bias=None) -> torch.Tensor:
+    """Returns ``out [B, Hq, Sq, Dv]`` in q's dtype."""
+    b, hq, sq, d = q.shape
+    dv = v.shape[-1]
+    out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    args, kind = _common(q, k, v, attn_mask, scale, bias)
+    args["Out"] = out
+    args.update({f"stride_o{c}": out.stride(i) for i, c in enumerate("bhmd")})
+    spec = default_spec("fwd", d, dv, _DTYPES[q.dtype], causal, kind)
+    _launch(spec, (-(-sq // spec.block_m), b * hq), args, q)
+    return out
+
+
+def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None):
+    """Returns ``(dq, dk, dv)`` (no mask gradient: the op computes that one with the reference)."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    dq = torch.zeros_like(q)
+    dk = torch.zeros((b, hq, sk, d), dtype=torch.float32, device=q.device)
+    dvh = torch.zeros((b, hq, sk, dv), dtype=torch.float32, device=q.device)
+    if sq > 0 and sk > 0 and b * hq > 0:
+        args, kind = _common(q, k, v, attn_mask, scale, bias)
+        args["DO"] = dout
+        args.update({f"stride_do{c}": dout.stride(i) for i, c in enumerate("bhmd")})
+        kv = dict(args, DK=dk, DV=dvh, **{f"stride_dk{c}": dk.stride(i) for i, c in enumerate("bhnd")},
+                  **{f"stride_dv{c}": dvh.stride(i) for i, c in enumerate("bhnd")})  # fmt: skip
+        spec = default_spec("bwd_kv", d, dv, _DTYPES[q.dtype], causal, kind)
+        _launch(spec, (-(-sk // spec.block_n), b * hq), kv, q)
+        qargs = dict(args, DQ=dq, **{f"stride_dq{c}": dq.stride(i) for i, c in enumerate("bhmd")})
+        spec = default_spec("bwd_q", d, dv, _DTYPES[q.dtype], causal, kind)
+        _launch(spec, (-(-sq // spec.block_m), b * hq), qargs, q)
+    dk = dk.reshape(b, hkv, hq // hkv, sk, d).sum(dim=2).to(k.dtype)
+    dvk = dvh.reshape(b, hkv, hq // hkv, sk, dv).sum(dim=2).to(v.dtype)
+    return dq, dk, dvk

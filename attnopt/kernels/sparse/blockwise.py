@@ -1,0 +1,374 @@
+"""Blockwise sparse attention in plain PyTorch: the CPU implementation (and any-device fallback).
+
+Queries are cut into tiles of ``block_m`` rows; the mask's block map (merged over heads, see
+:mod:`attnopt.masks.blockmap`) lists the key tiles each query tile visits. Query tiles are grouped
+into *chunks* of tiles that visit about as many keys (``L``); for a chunk of ``c`` tiles the keys of
+each tile are gathered into ``[c, B·Hkv, L, D]`` (index lists padded to the chunk's longest, the
+padding hidden) and one batched attention call computes the whole chunk, the tiles on the batch
+axis. GQA stays native: the ``G = Hq / Hkv`` query heads of a key/value head are stacked on the row
+axis (``[c, B·Hkv, G·block_m, D]``), so k and v are gathered once per key/value head.
+
+Work is O(Sq · L): O(S · window) for a sliding window, never O(Sq · Sk); what a chunk materializes
+is bounded by :data:`CHUNK_ELEMENTS`. The element test runs only for chunks holding boundary tiles.
+For a shift-invariant mask (a sliding window: a function of k - q) tiles whose keys sit at the same
+offsets share one element mask, computed once per call, and their keys are an overlapping strided
+view of k and v (no gather), so the chunk costs one fused kernel call.
+
+On CPU without a softcap each chunk runs through ATen's fused flash-attention kernels (forward and
+backward) with the mask as an additive 0 / -inf bias. Otherwise the chunk is computed explicitly:
+``S = softcap(scale · Q Kᵀ)`` masked to -inf, ``lse = log Σ exp S``, ``P = exp(S - lse)``, ``O = P V``;
+backward ``dV = Pᵀ dO``, ``dS = P ⊙ (dO Vᵀ - rowsum(dO ⊙ O))`` (times ``1 - tanh²`` under a softcap),
+``dQ = scale · dS K``, ``dK = scale · dSᵀ Q``, with dK, dV scattered back to the gathered keys.
+Rows that see no key give zeros and ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnopt.masks import KIND_FULL, Mask
+
+BLOCK_M = 64
+BLOCK_N = 64
+CHUNK_ELEMENTS = 1 << 23  # elements one chunk materializes (see _setup): 32 MiB of fp32
+PAD_WASTE = 1.25  # a chunk's padded keys may exceed its useful keys by this factor
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _Plan:
+    """Chunks of query tiles with their padded key index lists; shared by the forward and the backward."""
+
+    def __init__(self, mask: Mask, sq: int, sk: int, heads: int, per_key: int, per_tile: int, device, block_m, block_n):
+        bmap = mask.block_map(sq, sk, block_m, block_n, heads, merge_heads=True, bits=False)
+        self.mask, self.sq, self.sk = mask, sq, sk
+        self.block_m, self.block_n = block_m, block_n
+        self.hm = mask.heads_of(heads)
+        self.device = device
+        # Per query tile: key segments [(c0, c1)] (adjacent runs merged), key count, element test needed.
+        segs, counts, tested = [], [], []
+        for tile_runs, n in zip(bmap.runs[0].tolist(), bmap.num_runs[0].tolist()):
+            s, test = [], False
+            for first, end, kind in tile_runs[:n]:
+                c0, c1 = first * block_n, min(end * block_n, sk)
+                test |= kind != KIND_FULL
+                if s and s[-1][1] == c0:
+                    s[-1] = (s[-1][0], c1)
+                else:
+                    s.append((c0, c1))
+            segs.append(s)
+            counts.append(sum(c1 - c0 for c0, c1 in s))
+            tested.append(test)
+        self.segs, self.tested = segs, tested
+        # A shift-invariant mask (a function of k - q) hides the same elements in every tile whose key
+        # segments sit at the same offsets from its first row: such tiles share one element mask.
+        self.shared = mask.shift_invariant
+        self.patterns = [(tuple((c0 - t * block_m, c1 - t * block_m) for c0, c1 in s), test)
+                         for t, (s, test) in enumerate(zip(segs, tested))]  # fmt: skip
+        self.cache: dict = {}  # per shared pattern: its element mask and bias (computed once per call)
+        self.chunks = self._chunks(counts, per_key, per_tile)
+
+    def _chunks(self, counts, per_key: int, per_tile: int) -> list[tuple[int, int, int]]:
+        """``(first tile, end tile, padded keys)`` of each chunk; tiles that visit no key are left out.
+
+        A chunk holds full tiles only (the last, partial tile of Sq goes alone), within the padding
+        allowance and the budget: ``tiles · (keys · per_key + per_tile) <= CHUNK_ELEMENTS``.
+        """
+        n_full = self.sq // self.block_m
+        chunks, start, longest, useful = [], None, 0, 0
+        for t, n in enumerate(counts + [0]):
+            if start is not None:
+                size = t - start + 1
+                grow = max(longest, n)
+                fits = (t < n_full and n > 0 and size * (grow * per_key + per_tile) <= CHUNK_ELEMENTS
+                        and size * grow <= PAD_WASTE * (useful + n)
+                        and (not self.shared or self.patterns[t] == self.patterns[start]))  # fmt: skip
+                if fits:
+                    longest, useful = grow, useful + n
+                    continue
+                chunks.append((start, t, longest))
+                start = None
+            if t < len(counts) and n > 0:
+                start, longest, useful = t, n, n
+                if t >= n_full:
+                    chunks.append((t, t + 1, n))
+                    start = None
+        return chunks
+
+    def rows(self, t0: int, t1: int) -> tuple[int, int]:
+        return t0 * self.block_m, min(t1 * self.block_m, self.sq)
+
+    def keys(self, t0: int, t1: int, length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(idx [c, L] int64, padding [c, L] bool or None)``: the keys of tiles [t0, t1), padded to ``length``."""
+        idx = torch.zeros(t1 - t0, length, dtype=torch.int64)
+        padded = False
+        for i, t in enumerate(range(t0, t1)):
+            ranges = [torch.arange(c0, c1) for c0, c1 in self.segs[t]]
+            row = torch.cat(ranges) if len(ranges) > 1 else ranges[0]
+            idx[i, :row.numel()] = row
+            padded |= row.numel() < length
+        pad = None
+        if padded:
+            n = torch.tensor([sum(c1 - c0 for c0, c1 in self.segs[t]) for t in range(t0, t1)])
+            pad = torch.arange(length)[None, :] >= n[:, None]
+            pad = pad.to(self.device)
+        return idx.to(self.device), pad
+
+    def uniform(self, t0: int, t1: int) -> bool:
+        """Whether tiles [t0, t1) share one element mask (see ``shared``)."""
+        return self.shared and all(self.patterns[t] == self.patterns[t0] for t in range(t0, t1))
+
+    def strided(self, t0: int, t1: int) -> int | None:
+        """The first key of tile t0 when the tiles' keys are one segment each, ``block_m`` apart (else None)."""
+        if not self.uniform(t0, t1) or len(self.segs[t0]) != 1:
+            return None
+        return self.segs[t0][0][0]
+
+    def hidden(self, t0: int, t1: int, idx: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor | None:
+        """bool [Hm, c or 1, m, L]: keys the mask hides from tiles [t0, t1) (padding included), or None."""
+        if not any(self.tested[t0:t1]):
+            return None if pad is None else pad[None, :, None, :]
+        if self.uniform(t0, t1):
+            key = ("hidden", self.patterns[t0])
+            if key not in self.cache:
+                self.cache[key] = self._hidden(t0, t0 + 1, idx[:1], None if pad is None else pad[:1])
+            return self.cache[key]
+        return self._hidden(t0, t1, idx, pad)
+
+    def _hidden(self, t0, t1, idx, pad):
+        r0, r1 = self.rows(t0, t1)
+        m = (r1 - r0) // (t1 - t0)
+        q = torch.arange(r0, r1, device=self.device).view(1, t1 - t0, m, 1)
+        h = torch.arange(self.hm, device=self.device).view(self.hm, 1, 1, 1)
+        keep = self.mask.allows(q, idx[None, :, None, :], self.sq, self.sk, h)
+        hide = ~keep
+        return hide if pad is None else hide | pad[None, :, None, :]
+
+
+def _check_extra(attn_mask, b, hq, sq, sk):
+    if attn_mask is None:
+        return None
+    if attn_mask.dim() != 4 or any(n not in (1, full) for n, full in zip(attn_mask.shape, (b, hq, sq, sk))):
+        raise ValueError(f"attn_mask must be 4-D and broadcast to {(b, hq, sq, sk)}; got {tuple(attn_mask.shape)}")
+    return attn_mask
+
+
+class _Chunk:
+    """One chunk's operands, laid out ``[c, B·Hkv, rows, ·]`` (rows = G·m, the G query heads stacked)."""
+
+    def __init__(self, plan: _Plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, dtype):
+        b, hkv, g, _, d = q5.shape
+        self.t0, self.t1 = t0, t1
+        self.r0, self.r1 = plan.rows(t0, t1)
+        c = t1 - t0
+        m = (self.r1 - self.r0) // c
+        self.shape = (c, b, hkv, g, m)
+        idx, pad = plan.keys(t0, t1, length)
+        self.idx = idx
+        self.first_key = plan.strided(t0, t1)
+        self.plan = plan
+        # The element mask alone (no padding, no extra mask) of a shared pattern: its bias is cached too.
+        self.shared = plan.uniform(t0, t1) and kv_valid is None and attn_mask is None
+        # q rows [r0, r1) as [c, B·Hkv, G·m, D].
+        self.q = self.rows(q5, dtype)
+        # Keys [B, Hkv, Sk, D] -> [c, B·Hkv, L, D].
+        self.k = self.gather(k, dtype)
+        self.v = self.gather(v, dtype)
+        # Masks as (hidden bool, additive float), each broadcasting to [c, B, Hkv, G, m, L].
+        hm_hidden = plan.hidden(t0, t1, idx, pad)  # [Hm, c or 1, m, L]
+        hidden = None
+        if hm_hidden is not None:
+            hidden = hm_hidden.permute(1, 0, 2, 3).reshape(hm_hidden.shape[1], 1, *_heads(hm_hidden.shape[0], hkv, g),
+                                                           m, length)  # fmt: skip
+        if kv_valid is not None:
+            pv = ~kv_valid[:, idx]  # [B, c, L]
+            pv = pv.permute(1, 0, 2).reshape(c, b, 1, 1, 1, length)
+            hidden = pv if hidden is None else hidden | pv
+        self.additive = None
+        if attn_mask is not None:
+            full = attn_mask.expand(attn_mask.shape[0], attn_mask.shape[1], plan.sq, plan.sk)
+            extra = _gather_rows_cols(full[:, :, self.r0:self.r1], idx, c, m)  # [B|1, Hq|1, c, m, L]
+            extra = extra.permute(2, 0, 1, 3, 4).reshape(c, extra.shape[0], *_heads(extra.shape[1], hkv, g), m, length)
+            if extra.dtype == torch.bool:
+                hidden = ~extra if hidden is None else hidden | ~extra
+            else:
+                self.additive = extra
+        self.hidden = hidden
+
+    def rows(self, x5: torch.Tensor, dtype) -> torch.Tensor:
+        """[B, Hkv, G, Sq, ·] -> this chunk's rows as [c, B·Hkv, G·m, ·]."""
+        c, b, hkv, g, m = self.shape
+        x = x5[:, :, :, self.r0:self.r1].to(dtype).reshape(b, hkv, g, c, m, -1)
+        return x.permute(3, 0, 1, 2, 4, 5).reshape(c, b * hkv, g * m, x.shape[-1])
+
+    def unrows(self, x: torch.Tensor, out5: torch.Tensor) -> None:
+        """Writes [c, B·Hkv, G·m, ·] back into rows [r0, r1) of ``out5`` [B, Hkv, G, Sq, ·]."""
+        c, b, hkv, g, m = self.shape
+        x = x.reshape(c, b, hkv, g, m, -1).permute(1, 2, 3, 0, 4, 5).reshape(b, hkv, g, c * m, -1)
+        out5[:, :, :, self.r0:self.r1] = x.to(out5.dtype)
+
+    def gather(self, x: torch.Tensor, dtype) -> torch.Tensor:
+        """Keys [B, Hkv, Sk, D] -> [c, B·Hkv, L, D]: an overlapping strided view for evenly spaced windows."""
+        c, b, hkv, _, _ = self.shape
+        length = self.idx.shape[1]
+        if self.first_key is not None and x.dtype == dtype and x.stride(0) == x.shape[1] * x.stride(1):
+            sb, sh, sn, sd = x.stride()
+            step = (self.r1 - self.r0) // c * sn
+            return x.as_strided((c, b * hkv, length, x.shape[-1]), (step, sh, sn, sd), x.storage_offset()
+                                + self.first_key * sn)  # fmt: skip
+        g = x[:, :, self.idx.reshape(-1)].to(dtype)  # [B, Hkv, c·L, D]
+        return g.reshape(b, hkv, c, -1, x.shape[-1]).permute(2, 0, 1, 3, 4).reshape(c, b * hkv, -1, x.shape[-1])
+
+    def scatter_add(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """``dst[:, :, keys] += src`` for dst [B, Hkv, Sk, ·] and src [c, B·Hkv, L, ·] (padding adds zeros)."""
+        c, b, hkv, _, _ = self.shape
+        src = src.reshape(c, b, hkv, -1, src.shape[-1]).permute(1, 2, 0, 3, 4).reshape(b, hkv, -1, src.shape[-1])
+        dst.index_add_(2, self.idx.reshape(-1), src.to(dst.dtype))
+
+    def bias(self, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(bias, blind)``: the additive mask [c or 1, B·Hkv or 1, G·m, L] in ``dtype`` (0 / -inf, plus a
+        float attn_mask) and the rows it hides entirely ([same, G·m] bool, None when none), or (None, None)."""
+        if self.hidden is None and self.additive is None:
+            return None, None
+        key = ("bias", self.plan.patterns[self.t0], dtype)
+        if self.shared and key in self.plan.cache:
+            return self.plan.cache[key]
+        bias = self._bias(dtype)
+        blind = (bias == float("-inf")).all(-1)
+        result = (bias, blind if bool(blind.any()) else None)
+        if self.shared:
+            self.plan.cache[key] = result
+        return result
+
+    def _bias(self, dtype) -> torch.Tensor:
+        c, b, hkv, g, m = self.shape
+        parts = [x for x in (self.hidden, self.additive) if x is not None]
+        shape = torch.broadcast_shapes(*(x.shape for x in parts))
+        out = torch.zeros(shape, dtype=dtype, device=parts[0].device) if self.additive is None else self.additive.to(dtype)
+        if self.hidden is not None:
+            out = out.masked_fill(self.hidden, float("-inf"))
+        length, tiles = shape[-1], shape[0]
+        if shape[1] == 1 and shape[2] == 1:  # same for every batch row and head: broadcast, no copy
+            return out.expand(tiles, 1, 1, g, m, length).reshape(tiles, 1, g * m, length)
+        return out.expand(tiles, b, hkv, g, m, length).reshape(tiles, b * hkv, g * m, length)
+
+    def scores(self, scale: float, softcap: float):
+        """Masked scores [c, B·Hkv, G·m, L] and, under a softcap, tanh(raw / cap) for the backward."""
+        c, b, hkv, g, m = self.shape
+        s = torch.matmul(self.q, self.k.transpose(-2, -1)) * scale
+        tanh = None
+        if softcap > 0.0:
+            tanh = torch.tanh(s / softcap)
+            s = softcap * tanh
+        s6 = s.view(c, b, hkv, g, m, s.shape[-1])
+        if self.additive is not None:
+            s6 += self.additive.to(s.dtype)
+        if self.hidden is not None:
+            s6.masked_fill_(self.hidden, float("-inf"))
+        return s, tanh
+
+
+def _gather_rows_cols(rows: torch.Tensor, idx: torch.Tensor, c: int, m: int) -> torch.Tensor:
+    """rows [B|1, H|1, c·m, Sk] -> [B|1, H|1, c, m, L]: tile i's rows at its own key indices ``idx[i]``."""
+    r = rows.reshape(rows.shape[0], rows.shape[1], c, m, rows.shape[-1])
+    index = idx.view(1, 1, c, 1, -1).expand(r.shape[0], r.shape[1], c, m, idx.shape[-1])
+    return torch.gather(r, 4, index)
+
+
+def _heads(h: int, hkv: int, g: int) -> tuple[int, int]:
+    """How a head axis of size 1 or Hq is viewed as (Hkv, G)."""
+    return (1, 1) if h == 1 else (hkv, g)
+
+
+def _fused(q: torch.Tensor, softcap: float) -> bool:
+    """Whether chunks run through ATen's fused CPU flash-attention kernels (they take no softcap)."""
+    return (q.device.type == "cpu" and softcap == 0.0
+            and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))  # fmt: skip
+
+
+def _setup(mask, q, k, v, block_m, block_n, fused):
+    """The plan; the chunk budget counts what a chunk materializes: with the fused kernels its rows (q, out)
+    and the element masks of unshared patterns; explicitly also its scores, probabilities and their gradient."""
+    b, hq, sq, d = q.shape
+    rows = b * hq * block_m
+    per_key = (0 if mask.shift_invariant else rows) if fused else 3 * rows
+    return _Plan(mask, sq, k.shape[2], hq, per_key, rows * (d + v.shape[-1]), q.device, block_m, block_n)
+
+
+def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,
+            block_m: int = BLOCK_M, block_n: int = BLOCK_N):  # fmt: skip
+    """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)``; see the module docstring."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q)
+    out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((b, hq, sq, 1), float("-inf"), dtype=acc, device=q.device)
+    if q.numel() == 0 or sk == 0:
+        return out, lse.squeeze(-1)
+    attn_mask = _check_extra(attn_mask, b, hq, sq, sk)
+    fused = _fused(q, softcap)
+    plan = _setup(mask, q, k, v, block_m, block_n, fused)
+    q5 = q.reshape(b, hkv, g, sq, d)
+    out5, lse5 = out.view(b, hkv, g, sq, dv), lse.view(b, hkv, g, sq, 1)
+    for t0, t1, length in plan.chunks:
+        ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, q.dtype if fused else acc)
+        if fused:
+            bias, blind = ch.bias(q.dtype)
+            o, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                ch.q, ch.k, ch.v, attn_mask=bias, scale=scale)
+            if blind is not None:  # the fused kernel reports lse 0 for rows that see no key
+                chunk_lse = chunk_lse.masked_fill(blind.expand_as(chunk_lse), float("-inf"))
+        else:
+            s, _ = ch.scores(scale, softcap)
+            chunk_lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - chunk_lse.masked_fill(chunk_lse == float("-inf"), 0.0).unsqueeze(-1))
+            o = torch.matmul(p, ch.v)
+        ch.unrows(o, out5)
+        ch.unrows(chunk_lse.unsqueeze(-1), lse5)
+    return out, lse.squeeze(-1)
+
+
+def backward(dout, q, k, v, out, lse, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,
+             block_m: int = BLOCK_M, block_n: int = BLOCK_N):  # fmt: skip
+    """``(dq, dk, dv)`` of :func:`forward` (no gradient for the masks)."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    acc = _acc_dtype(q)
+    dq = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
+    dv = torch.zeros(b, hkv, sk, dv_dim, dtype=acc, device=q.device)
+    if q.numel() and sk:
+        attn_mask = _check_extra(attn_mask, b, hq, sq, sk)
+        fused = _fused(q, softcap)
+        plan = _setup(mask, q, k, v, block_m, block_n, fused)
+        q5 = q.reshape(b, hkv, g, sq, d)
+        do5, o5 = dout.reshape(b, hkv, g, sq, dv_dim), out.reshape(b, hkv, g, sq, dv_dim)
+        # Rows that see no key have lse = -inf; with 0 instead, P = exp(-inf - 0) = 0 there.
+        lse5 = lse.masked_fill(lse == float("-inf"), 0.0).reshape(b, hkv, g, sq, 1)
+        for t0, t1, length in plan.chunks:
+            dtype = q.dtype if fused else acc
+            ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, dtype)
+            do, o = ch.rows(do5, dtype), ch.rows(o5, dtype)
+            chunk_lse = ch.rows(lse5, acc).squeeze(-1)
+            if fused:
+                cdq, cdk, cdv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    do, ch.q, ch.k, ch.v, o, chunk_lse, 0.0, False, attn_mask=ch.bias(q.dtype)[0], scale=scale)
+            else:
+                s, tanh = ch.scores(scale, softcap)
+                p = torch.exp(s - chunk_lse.unsqueeze(-1))
+                cdv = torch.matmul(p.transpose(-2, -1), do)
+                ds = p * (torch.matmul(do, ch.v.transpose(-2, -1)) - (do * o).sum(-1, keepdim=True))
+                if tanh is not None:
+                    ds = ds * (1.0 - tanh * tanh)
+                cdq = torch.matmul(ds, ch.k) * scale
+                cdk = torch.matmul(ds.transpose(-2, -1), ch.q) * scale
+            ch.unrows(cdq, dq)
+            ch.scatter_add(dk, cdk)
+            ch.scatter_add(dv, cdv)
+    return dq.reshape(b, hq, sq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

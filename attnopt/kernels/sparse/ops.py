@@ -1,0 +1,214 @@
+"""attnopt's sparse custom ops: ``torch.ops.attnopt.sparse_attention`` and ``sparse_attention_auto``.
+
+``sparse_attention(q, k, v, attn_mask, kv_valid, mask, scale, softcap) -> (out, lse)`` is attention
+restricted to the mask descriptor ``mask`` (the :meth:`attnopt.masks.Mask.key` string: canonical JSON,
+or ``ref:<digest>`` of a mask registered in this process), to the key padding ``kv_valid`` (bool
+[B, Sk], optional) and to an optional dense ``attn_mask`` read only on the visited tiles (bool or
+additive, broadcasting to [B, Hq, Sq, Sk]). Layout is SDPA's with native GQA.
+
+``sparse_attention_auto(q, k, v, attn_mask, causal, scale, softcap) -> (out, lse)`` is *exact*
+attention (``attnopt::attention`` semantics, no dropout) that recognizes, at run time, when the
+site's own mask is structured (causal, a sliding window, key padding; see
+:mod:`attnopt.kernels.sparse.structure`) and then runs the sparse path; otherwise it runs the exact
+op. It never returns a different function: a mask whose structure does not hold takes the exact path.
+
+One implementation per op (device-dispatched inside): the generated Triton kernels for CUDA tensors
+they take, else the blockwise PyTorch path (CPU, and the CUDA fallback); plus fake implementations
+(shapes only). A mask with a tile shape (``Neighborhood(..., tile=(8, 8))``) runs on tokens reordered
+into spatial tiles, the outputs put back in the model's order. Both ops are differentiable in q, k, v.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnopt.kernels.sparse import blockwise
+from attnopt.masks import lookup
+from attnopt.masks.structured import _Grid
+
+_NS = "attnopt"
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, kv_valid: Optional[Tensor]) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"sparse attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if kv_valid is not None and (kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (q.shape[0], k.shape[2])):
+        raise ValueError(f"kv_valid must be bool [B, Sk] = {(q.shape[0], k.shape[2])}; got {kv_valid.dtype} "
+                         f"{tuple(kv_valid.shape)}")  # fmt: skip
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _impl(q: Tensor, attn_mask: Optional[Tensor]):
+    """The implementation module: the Triton kernels for CUDA tensors they take, else the blockwise path."""
+    if q.is_cuda:
+        from attnopt.kernels.sparse import triton_impl
+
+        if triton_impl.supports(q, attn_mask):
+            return triton_impl
+    return blockwise
+
+
+def _tiled(mask) -> bool:
+    """Whether the mask asks for its grid tokens reordered into spatial tiles (see ``Neighborhood.tile``)."""
+    return isinstance(mask, _Grid) and mask.tile is not None and mask.order == "row-major"
+
+
+def _permute(x: Optional[Tensor], perm: Tensor, dims=(2,)) -> Optional[Tensor]:
+    """``x`` with ``perm`` applied along ``dims`` (skipping broadcast dims of size 1)."""
+    if x is None:
+        return None
+    for d in dims:
+        if x.shape[d] != 1:
+            x = x.index_select(d, perm)
+    return x
+
+
+def _run_forward(q, k, v, attn_mask, kv_valid, key, scale, softcap):
+    """The sparse forward; masks with a tile shape run on tile-major tokens and come back in row-major order."""
+    mask = lookup(key)
+    impl = _impl(q, attn_mask)
+    if not _tiled(mask):
+        return impl.forward(q, k, v, mask, kv_valid, attn_mask, scale, softcap)
+    perm = mask.permutation(k.shape[2]).to(q.device)
+    inv = torch.argsort(perm)
+    out, lse = impl.forward(_permute(q, perm), _permute(k, perm), _permute(v, perm), mask.tiled(),
+                            _permute(kv_valid, perm, (1,)), _permute(attn_mask, perm, (2, 3)), scale, softcap)  # fmt: skip
+    return out.index_select(2, inv), lse.index_select(2, inv)
+
+
+def _run_backward(dout, q, k, v, out, lse, attn_mask, kv_valid, key, scale, softcap):
+    mask = lookup(key)
+    impl = _impl(q, attn_mask)
+    if not _tiled(mask):
+        return impl.backward(dout, q, k, v, out, lse, mask, kv_valid, attn_mask, scale, softcap)
+    perm = mask.permutation(k.shape[2]).to(q.device)
+    inv = torch.argsort(perm)
+    p = [_permute(t, perm) for t in (dout, q, k, v, out, lse)]
+    dq, dk, dv = impl.backward(*p, mask.tiled(), _permute(kv_valid, perm, (1,)), _permute(attn_mask, perm, (2, 3)),
+                               scale, softcap)  # fmt: skip
+    return dq.index_select(2, inv), dk.index_select(2, inv), dv.index_select(2, inv)
+
+
+@torch.library.custom_op(f"{_NS}::sparse_attention", mutates_args=())
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], kv_valid: Optional[Tensor],
+                     mask: str, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
+    _check(q, k, v, kv_valid)
+    return _run_forward(q, k, v, attn_mask, kv_valid, mask, scale, softcap)
+
+
+@sparse_attention.register_fake
+def _(q, k, v, attn_mask, kv_valid, mask, scale, softcap=0.0):
+    _check(q, k, v, kv_valid)
+    b, hq, sq, _ = q.shape
+    return q.new_empty(b, hq, sq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op(f"{_NS}::sparse_attention_backward", mutates_args=())
+def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                              attn_mask: Optional[Tensor], kv_valid: Optional[Tensor], mask: str, scale: float,
+                              softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Returns (dq, dk, dv)."""
+    return _run_backward(dout, q, k, v, out, lse, attn_mask, kv_valid, mask, scale, softcap)
+
+
+@sparse_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, attn_mask, kv_valid, mask, scale, softcap=0.0):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, attn_mask, kv_valid, mask, scale, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, kv_valid)
+    ctx.params = (mask, scale, softcap)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, attn_mask, kv_valid = ctx.saved_tensors
+    mask, scale, softcap = ctx.params
+    dq, dk, dv = sparse_attention_backward(dout.contiguous(), q, k, v, out, lse, attn_mask, kv_valid, mask, scale,
+                                           softcap)  # fmt: skip
+    return dq, dk, dv, None, None, None, None, None
+
+
+sparse_attention.register_autograd(_backward, setup_context=_setup)
+
+
+# --- exact-sparse: the site's own mask, recognized at run time ------------------------------------------
+def _auto_forward(q, k, v, attn_mask, causal, scale, softcap):
+    from attnopt.kernels.sparse.structure import recognize
+
+    found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if found is None:
+        out, lse = torch.ops.attnopt.attention.default(q, k, v, attn_mask, 0.0, causal, scale, None, softcap)
+        return out, lse
+    mask, kv_valid = found
+    return torch.ops.attnopt.sparse_attention.default(q, k, v, None, kv_valid, mask.key(), scale, softcap)
+
+
+@torch.library.custom_op(f"{_NS}::sparse_attention_auto", mutates_args=())
+def sparse_attention_auto(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: int, scale: float,
+                          softcap: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Exact attention; sparse when the mask's structure is recognized. Returns (out, lse)."""
+    _check(q, k, v, None)
+    with torch.no_grad():
+        out, lse = _auto_forward(q, k, v, attn_mask, causal, scale, softcap)
+    return out, lse.to(_lse_dtype(q)).contiguous()
+
+
+@sparse_attention_auto.register_fake
+def _(q, k, v, attn_mask, causal, scale, softcap=0.0):
+    _check(q, k, v, None)
+    b, hq, sq, _ = q.shape
+    return q.new_empty(b, hq, sq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op(f"{_NS}::sparse_attention_auto_backward", mutates_args=())
+def sparse_attention_auto_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                                   attn_mask: Optional[Tensor], causal: int, scale: float,
+                                   softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(dq, dk, dv): recognizes the mask again (deterministic) and takes the forward's path."""
+    from attnopt.kernels.sparse.structure import recognize
+
+    found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if found is None:
+        dq, dk, dv, _ = torch.ops.attnopt.attention_backward.default(
+            dout, q, k, v, out, lse, attn_mask, 0.0, causal, scale, None, False, softcap)
+        return dq, dk, dv
+    mask, kv_valid = found
+    return torch.ops.attnopt.sparse_attention_backward.default(dout, q, k, v, out, lse, None, kv_valid, mask.key(),
+                                                               scale, softcap)  # fmt: skip
+
+
+@sparse_attention_auto_backward.register_fake
+def _(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=0.0):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_auto(ctx, inputs, output):
+    q, k, v, attn_mask, causal, scale, softcap = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+    ctx.params = (causal, scale, softcap)
+
+
+def _backward_auto(ctx, dout, _dlse):
+    q, k, v, out, lse, attn_mask = ctx.saved_tensors
+    causal, scale, softcap = ctx.params
+    dq, dk, dv = sparse_attention_auto_backward(dout.contiguous(), q, k, v, out, lse, attn_mask, causal, scale,
+                                                softcap)  # fmt: skip
+    return dq, dk, dv, None, None, None, None
+
+
+sparse_attention_auto.register_autograd(_backward_auto, setup_context=_setup_auto)

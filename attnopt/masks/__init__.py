@@ -1,0 +1,23 @@
+"""Mask descriptors for sparse attention (``shared/DESIGN.md`` §2).
+
+    from attnopt import masks
+    m = masks.SlidingWindow(255, 0) & masks.causal()
+    m.allows(q_idx, kv_idx, sq, sk)          # element test on index tensors
+    m.block_map(8192, 8192, 64, 64)          # runs of key tiles per query tile, O(S/block) metadata
+    m.tile_count(64, 64)                     # sympy closed form of the key tiles per query tile
+    m.density(8192, 8192); print(m.draw(16, 16)); m.png("mask.png", 64, 64, block=(16, 16))
+    masks.Neighborhood(13, grid=(128, 128), tile=(8, 8))   # 2-D NATTEN neighborhood, run on 8x8 spatial tiles
+
+Importing this package needs torch only (sympy and matplotlib are imported when used).
+"""
+
+from attnopt.masks.base import EMPTY, FULL, PARTIAL, And, Mask, Or, from_dict, lookup
+from attnopt.masks.blockmap import KIND_BITS, KIND_FULL, KIND_PARTIAL, BlockMap, build
+from attnopt.masks.general import BlockSparse, MaskMod, from_mask_mod
+from attnopt.masks.structured import Blocked, GlobalLocal, Neighborhood, SlidingWindow, Strided, causal
+
+__all__ = [
+    "EMPTY", "FULL", "KIND_BITS", "KIND_FULL", "KIND_PARTIAL", "PARTIAL", "And", "BlockMap", "BlockSparse",
+    "Blocked", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "SlidingWindow", "Strided", "build",
+    "causal", "from_dict", "from_mask_mod", "lookup",
+]  # fmt: skip

@@ -1,0 +1,216 @@
+"""General masks: a block layout (:class:`BlockSparse`) and FlexAttention-style callables (:func:`from_mask_mod`).
+
+Neither has a closed form, so they carry their structure: BlockSparse its ``[H or 1, ceil(Sq/bq),
+ceil(Sk/bk)]`` layout (its own data, O((S/block)²) booleans), a mask_mod its callable, which block
+maps evaluate tile by tile (never on an ``[Sq, Sk]`` tensor). Both are keyed by a digest and live in
+this process's mask registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from attnopt.masks.base import EMPTY, FULL, PARTIAL, STATUS_DTYPE, Mask, ceil_div, check_int, is_int
+
+
+@dataclass(frozen=True, eq=False)
+class BlockSparse(Mask):
+    """Blocks marked True in ``layout`` ([H or 1, ceil(Sq/bq), ceil(Sk/bk)] bool) are visible.
+
+    ``block`` is an int or ``(bq, bk)``: query i and key j see each other when
+    ``layout[h, i // bq, j // bk]``. A layout of 1 head applies to every head.
+    """
+
+    layout: torch.Tensor
+    block: int | tuple = 128
+    _digest: str = field(init=False, repr=False, compare=False)
+    _integral: torch.Tensor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        layout = self.layout
+        if not isinstance(layout, torch.Tensor) or layout.dtype != torch.bool or layout.dim() not in (2, 3):
+            raise ValueError("BlockSparse.layout must be a bool tensor [H or 1, query blocks, key blocks] "
+                             f"(or 2-D for one head); got {getattr(layout, 'dtype', type(layout).__name__)} "
+                             f"of shape {tuple(getattr(layout, 'shape', ()))}")  # fmt: skip
+        layout = layout.detach().to("cpu").contiguous()
+        if layout.dim() == 2:
+            layout = layout[None]
+        block = (self.block, self.block) if is_int(self.block) else tuple(self.block)
+        if len(block) != 2:
+            raise ValueError(f"BlockSparse.block must be an int or (bq, bk); got {self.block!r}")
+        for b in block:
+            check_int("BlockSparse", "block", b, 1)
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "block", block)
+        digest = hashlib.sha256(repr((tuple(layout.shape), block)).encode() + layout.numpy().tobytes()).hexdigest()[:16]
+        object.__setattr__(self, "_digest", digest)
+        # Integral image: counts of visible blocks in any rectangle in O(1) (tile statuses).
+        integral = torch.zeros(layout.shape[0], layout.shape[1] + 1, layout.shape[2] + 1, dtype=torch.int64)
+        integral[:, 1:, 1:] = layout.long().cumsum(1).cumsum(2)
+        object.__setattr__(self, "_integral", integral)
+
+    def __eq__(self, other):
+        return isinstance(other, BlockSparse) and other._digest == self._digest
+
+    def __hash__(self):
+        return hash(self._digest)
+
+    @property
+    def head_dependent(self) -> bool:
+        return self.layout.shape[0] > 1
+
+    def digest(self) -> str:
+        return self._digest
+
+    def to_dict(self):
+        return None
+
+    def check(self, sq, sk, heads):
+        bq, bk = self.block
+        need = (ceil_div(sq, bq), ceil_div(sk, bk))
+        if tuple(self.layout.shape[1:]) != need:
+            raise ValueError(f"BlockSparse layout has {tuple(self.layout.shape[1:])} blocks; Sq={sq}, Sk={sk} with "
+                             f"blocks {bq}x{bk} need {need}")  # fmt: skip
+        if self.layout.shape[0] not in (1, heads):
+            raise ValueError(f"BlockSparse layout has {self.layout.shape[0]} heads; the attention has {heads}")
+
+    def predicate(self, q, k, h, sq, sk, ops):
+        bq, bk = self.block
+        # Rows past Sq (the last query tile's padding) are clamped into the layout: their result is unused.
+        qb = ops.minimum(q // bq, self.layout.shape[1] - 1)
+        kb = ops.minimum(k // bk, self.layout.shape[2] - 1)
+        return ops.layout_lookup(self, h, qb, kb)
+
+    def lookup(self, h, qb, kb):
+        """``layout[h, qb, kb]`` broadcast; indices clamped into the layout (rows past Sq are don't-care)."""
+        layout = self.layout.to(qb.device)
+        hh = h if self.layout.shape[0] > 1 else torch.zeros_like(h)
+        return layout[hh, torch.clamp(qb, max=layout.shape[1] - 1), torch.clamp(kb, max=layout.shape[2] - 1)]
+
+    def _count(self, h, q0, q1, k0, k1):
+        """Visible blocks in rows [q0, q1) x cols [k0, k1) of head (variant) h."""
+        s = self._integral
+        return s[h, q1, k1] - s[h, q0, k1] - s[h, q1, k0] + s[h, q0, k0]
+
+    def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
+        bq, bk = self.block
+        hl = self.layout.shape[0]
+        h = torch.arange(hl).reshape(hl, 1, 1)
+        q0, q1 = qs // bq, (qe - 1) // bq + 1
+        k0, k1 = ks // bk, (ke - 1) // bk + 1
+        count = self._count(h, q0, q1, k0, k1)
+        area = (q1 - q0) * (k1 - k0)
+        status = torch.where(count == area, FULL, torch.where(count > 0, PARTIAL, EMPTY)).to(STATUS_DTYPE)
+        return status.expand(heads, *status.shape[1:]) if hl > 1 and heads != hl else status
+
+    def key_span(self, qs, qe, sq, sk):
+        bq, bk = self.block
+        any_layout = self.layout.any(0)  # [nQb, nKb]
+        nkb = any_layout.shape[1]
+        cols = torch.arange(nkb)
+        first = torch.where(any_layout, cols, nkb).amin(1)  # [nQb] first visible key block of a block row
+        last = torch.where(any_layout, cols, -1).amax(1)
+        q0, q1 = qs // bq, (qe - 1) // bq
+        rows = torch.arange(any_layout.shape[0])
+        in_range = (rows >= q0.unsqueeze(-1)) & (rows <= q1.unsqueeze(-1))
+        lo_b = torch.where(in_range, first, nkb).amin(-1)
+        hi_b = torch.where(in_range, last, -1).amax(-1) + 1
+        lo = torch.clamp(lo_b * bk, max=sk)
+        return lo, torch.maximum(torch.clamp(hi_b * bk, max=sk), lo)
+
+    def density(self, sq, sk, heads=1):
+        bq, bk = self.block
+        rows = torch.full((self.layout.shape[1],), bq)
+        rows[-1] = sq - bq * (self.layout.shape[1] - 1)
+        cols = torch.full((self.layout.shape[2],), bk)
+        cols[-1] = sk - bk * (self.layout.shape[2] - 1)
+        visible = (self.layout.double() * rows[:, None] * cols[None, :]).sum()
+        return float(visible) / (self.layout.shape[0] * sq * sk)
+
+    def __str__(self):
+        return (f"BlockSparse({'x'.join(map(str, self.layout.shape))} layout, block {self.block[0]}x{self.block[1]}, "
+                f"{self.layout.float().mean():.0%} of blocks)")  # fmt: skip
+
+
+@dataclass(frozen=True, eq=False)
+class MaskMod(Mask):
+    """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as a mask (see :func:`from_mask_mod`).
+
+    The callable is evaluated on broadcastable int64 tensors (``b`` a 0-d zero: masks here do not
+    depend on the batch; per-batch padding is the ``kv_valid`` argument of the sparse op). It must
+    be a pure function of its arguments. ``heads``: number of heads it distinguishes (None: it
+    ignores ``h``).
+    """
+
+    fn: Callable
+    heads: int | None = None
+    name: str = ""
+
+    traceable = False
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"from_mask_mod takes a callable mask_mod(b, h, q_idx, kv_idx); got {self.fn!r}")
+        check_int("from_mask_mod", "heads", self.heads, 1, allow_none=True)
+        if not self.name:
+            object.__setattr__(self, "name", getattr(self.fn, "__name__", type(self.fn).__name__))
+
+    def __eq__(self, other):
+        return isinstance(other, MaskMod) and other.fn is self.fn and other.heads == self.heads
+
+    def __hash__(self):
+        return hash((id(self.fn), self.heads))
+
+    @property
+    def head_dependent(self) -> bool:
+        return self.heads is not None and self.heads > 1
+
+    def digest(self) -> str:
+        return hashlib.sha256(f"mask_mod:{id(self.fn)}:{self.heads}:{self.name}".encode()).hexdigest()[:16]
+
+    def to_dict(self):
+        return None
+
+    def check(self, sq, sk, heads):
+        if self.heads is not None and self.heads not in (1, heads):
+            raise ValueError(f"mask_mod {self.name} was declared for {self.heads} heads; the attention has {heads}")
+
+    def predicate(self, q, k, h, sq, sk, ops):
+        if ops.name != "torch":
+            raise TypeError(f"mask_mod {self.name} is a Python callable; it has no Triton form (block maps store "
+                            "its boundary tiles instead)")  # fmt: skip
+        b = torch.zeros((), dtype=torch.int64, device=q.device)
+        out = self.fn(b, h, q, k)
+        if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
+            raise TypeError(f"mask_mod {self.name} must return a bool tensor; got {type(out).__name__}"
+                            f"{'' if not isinstance(out, torch.Tensor) else ' of ' + str(out.dtype)}")  # fmt: skip
+        return out
+
+    def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
+        """Evaluates the callable on every element of the tiles (rows past Sq count as visible)."""
+        hm = self.heads_of(heads)
+        shape = torch.broadcast_shapes(qs.shape, ks.shape)
+        bm = int((qe - qs).max()) if qs.numel() else 1
+        bn = int((ke - ks).max()) if ks.numel() else 1
+        rows = qs.expand(shape).unsqueeze(-1) + torch.arange(bm)  # [C, W, bm]
+        cols = ks.expand(shape).unsqueeze(-1) + torch.arange(bn)  # [C, W, bn]
+        row_in = rows < qe.expand(shape).unsqueeze(-1)
+        col_in = cols < ke.expand(shape).unsqueeze(-1)
+        h = torch.arange(hm).reshape(hm, 1, 1, 1, 1)
+        ok = self.allows(torch.clamp(rows, max=sq - 1).unsqueeze(-1), torch.clamp(cols, max=sk - 1).unsqueeze(-2), sq, sk, h)
+        inside = row_in.unsqueeze(-1) & col_in.unsqueeze(-2)
+        any_ok = (ok & inside).flatten(-2).any(-1)
+        all_ok = (ok | ~inside).flatten(-2).all(-1)
+        return torch.where(all_ok, FULL, torch.where(any_ok, PARTIAL, EMPTY)).to(STATUS_DTYPE)
+
+    def __str__(self):
+        return f"mask_mod({self.name})"
+
+
+def from_mask_mod(fn: Callable, heads: int | None = None, name: str = "") -> MaskMod:
+    """A mask from a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``; see :class:`MaskMod`."""
+    return MaskMod(fn, heads, name)

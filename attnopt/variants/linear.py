@@ -1,0 +1,286 @@
+"""The linear and sigmoid variants in the pipeline: validation, applicability, and what they write into a graph.
+
+:class:`attnopt.Linear` and :class:`attnopt.Sigmoid` (in :mod:`attnopt.policy`) delegate here, so that
+importing attnopt stays light: the custom ops register when a variant first emits.
+
+Linear, per site (``emit_linear``)::
+
+    q, k, v, mask, scale = the site's canonical operands         # [B, Hq, Sq, D], [B, Hkv, Sk, D], ...
+    q, k = φ(q), φ(k) · keep                                     # keep [B|1, Hkv|1, Sk, 1]: keys some query sees
+    out = site_attention(q, k, v, log λ, causal, normalize, scale, eps, site key)
+    out = rms_norm(out)                                          # normalize="rms" only
+
+GQA is native: the op reads key/value head h // (Hq / Hkv) for query head h (the CPU path expands k
+and v; the Triton kernels index them). A site mask is reduced to key padding: a key that no query may
+attend to is dropped by zeroing its features (exact for padding masks; a causal mask's triangle is the
+``causal`` flag's business). ``site_attention`` (:mod:`attnopt.kernels.linear.decode`) runs the op, or,
+inside a recurrent session, carries the site's state from call to call.
+
+Sigmoid (``emit_sigmoid``) is one ``torch.ops.attnopt.sigmoid_attention`` call on the canonical
+operands, the site's masks and causal flag included.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from attnopt.kernels.linear.reference import EPS, FEATURE_MAPS, feature_map, lightning_log_decay
+from attnopt.patterns import module_path
+from attnopt.patterns.canonical import tensor_meta
+
+NORMALIZE = (True, False, "sum", "rms")
+RMS_EPS = 1e-6
+MASKED = -1e4  # an additive mask entry at or below this hides its key (the convention of the pattern matchers)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_lambda(x: Any, where: str) -> float:
+    if not (_is_number(x) and 0.0 < x <= 1.0):
+        raise ValueError(f"{where} must be a decay λ in (0, 1]; got {x!r}")
+    return float(x)
+
+
+def check_linear(v) -> dict:
+    """Validates a ``Linear``'s fields; returns the normalized values to store (e.g. a decay list as a tuple)."""
+    if v.feature_map not in FEATURE_MAPS:
+        raise ValueError(f"Linear.feature_map must be one of {FEATURE_MAPS}; got {v.feature_map!r}")
+    if v.causal not in (None, True, False) or _is_number(v.causal) and not isinstance(v.causal, bool):
+        raise ValueError(f"Linear.causal must be None (follow the site), True or False; got {v.causal!r}")
+    if not any(v.normalize is n or (isinstance(n, str) and v.normalize == n) for n in NORMALIZE):
+        raise ValueError(f"Linear.normalize must be one of {NORMALIZE}; got {v.normalize!r}")
+    normalize = True if v.normalize == "sum" else v.normalize
+    if v.feature_map == "identity" and normalize is True:
+        raise ValueError("Linear.normalize: the identity feature map makes the denominator φ(Q)(φ(K)ᵀ1) signed, so it "
+                         "can vanish; use normalize='rms' (TransNormer) or False")  # fmt: skip
+    decay = v.decay
+    if isinstance(decay, str):
+        if decay != "lightning":
+            raise ValueError(f"Linear.decay must be None, a λ in (0, 1], one λ per head, or 'lightning'; got {decay!r}")
+        if not (isinstance(v.num_layers, int) and not isinstance(v.num_layers, bool) and v.num_layers > 0):
+            raise ValueError("Linear.num_layers: decay='lightning' needs the model's number of layers (a positive int); "
+                             f"got {v.num_layers!r}")  # fmt: skip
+    elif isinstance(decay, (tuple, list)):
+        if not decay:
+            raise ValueError("Linear.decay: a per-head decay needs one λ per query head; got an empty list")
+        decay = tuple(_check_lambda(x, f"Linear.decay[{i}]") for i, x in enumerate(decay))
+    elif decay is not None:
+        decay = _check_lambda(decay, "Linear.decay")
+    if v.num_layers is not None and v.decay != "lightning":
+        raise ValueError(f"Linear.num_layers is only used with decay='lightning'; got num_layers={v.num_layers!r}")
+    if decay is not None and v.causal is False:
+        raise ValueError("Linear.decay weighs keys by their distance to the query (λ^(i-j), j <= i): it needs causal "
+                         "attention, not causal=False")  # fmt: skip
+    return {"normalize": normalize, "decay": decay}
+
+
+def check_sigmoid(v) -> dict:
+    if v.bias is not None and not (_is_number(v.bias) and math.isfinite(v.bias)):
+        raise ValueError(f"Sigmoid.bias must be None (-log Sk) or a finite number; got {v.bias!r}")
+    return {"bias": None if v.bias is None else float(v.bias)}
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    try:
+        return int(low)
+    except ValueError:
+        pass
+    try:
+        return float(low)
+    except ValueError:
+        return text.strip()
+
+
+def parse_options(text: str, cls) -> dict:
+    """Keyword arguments of ``cls`` from ``name[:value|key=value,...]``; a bare value sets the first field.
+
+    ``linear:relu,causal=true,decay=lightning,num_layers=12``; ``sigmoid:-2.5``.
+    """
+    _, sep, arg = text.strip().partition(":")
+    names = [f.name for f in cls.__dataclass_fields__.values()]
+    out: dict = {}
+    for i, item in enumerate(x for x in arg.split(",") if x.strip()) if sep else ():
+        key, eq, value = item.partition("=")
+        if not eq:
+            if i or not names:
+                raise ValueError(f"policy {text!r}: {item.strip()!r} needs a key ({', '.join(names)})")
+            key, value = names[0], item
+        key = key.strip()
+        if key not in names:
+            raise ValueError(f"policy {text!r}: unknown option {key!r}; {cls.name} takes {', '.join(names)}")
+        out[key] = _parse_value(value)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- applicability
+
+def _masked(m) -> bool:
+    return bool(m.additive or m.bool_masks)
+
+
+def _softcapped(m) -> bool:
+    return bool(getattr(m, "softcap", None)) or getattr(m, "softcap_expr", None) is not None
+
+
+def _seq_lengths(m) -> tuple[Any, Any]:
+    """(Sq, Sk) as recorded on the example inputs (None when unknown)."""
+    q, k = tensor_meta(m.q), tensor_meta(m.k)
+    if q is None or k is None:
+        return None, None
+    sq = q.shape[-2] if not m.q_ops else None
+    sk = (k.shape[-1] if m.k_transposed else k.shape[-2]) if not m.k_ops else None
+    return sq, sk
+
+
+def layer_index(m) -> int | None:
+    """The first integer in the module path of the site (``layers.3.self_attn`` -> 3), if any."""
+    found = re.search(r"(?:^|\.)(\d+)(?:\.|$)", module_path(m.output))
+    return int(found.group(1)) if found else None
+
+
+def resolve_causal(v, m) -> bool | str:
+    """Whether the site runs causal; a string says why it cannot run at all."""
+    site_causal = m.causal != CAUSAL_NONE
+    if v.causal is None:
+        if _masked(m):
+            return (f"the site has a {m.mask_kind} mask tensor; say what it is: Linear(causal=True) for a causal mask "
+                    "(padding included), Linear(causal=False) for a padding mask")  # fmt: skip
+        return site_causal
+    if v.causal is False and site_causal:
+        return "the site is causal; Linear(causal=False) would let queries see later keys"
+    return v.causal
+
+
+def linear_unsupported(v, m) -> str | None:
+    if m.custom_emit is not None:
+        return f"linear attention needs the site's q, k and v; this {m.kind} site is rewritten as a whole"
+    if _softcapped(m):
+        return "the site soft-caps its scores (Gemma 2 style); linear attention has no scores to cap"
+    causal = resolve_causal(v, m)
+    if isinstance(causal, str):
+        return causal
+    sq, sk = _seq_lengths(m)
+    if causal and isinstance(sq, int) and isinstance(sk, int) and sq != sk:
+        return f"causal linear attention needs as many queries as keys (Sq {sq}, Sk {sk}); decode through the state"
+    if causal and m.causal == CAUSAL_BOTTOM_RIGHT and not isinstance(sq, int):
+        return "a bottom-right causal site may have Sq != Sk, which causal linear attention does not take"
+    if v.decay is not None and not causal:
+        return "decay needs causal attention and the site is not causal"
+    if v.decay == "lightning":
+        layer = layer_index(m)
+        if layer is None:
+            return f"decay='lightning' needs the site's layer index; its module path {module_path(m.output)!r} has none"
+        if layer >= v.num_layers:
+            return f"decay='lightning': the site's layer {layer} is not below num_layers={v.num_layers}"
+    return None
+
+
+def describe_linear(v) -> str:
+    parts = [f"feature map {v.feature_map}"]
+    if v.causal is not None:
+        parts.append("causal" if v.causal else "non-causal")
+    if v.decay == "lightning":
+        parts.append(f"lightning decay (num_layers {v.num_layers})")
+    elif v.decay is not None:
+        parts.append(f"decay {v.decay}")
+    parts.append({True: "sum-normalized", False: "unnormalized", "rms": "rms-normalized"}[v.normalize])
+    return f"linear attention, {', '.join(parts)} (changes the function)"
+
+
+def sigmoid_unsupported(v, m) -> str | None:
+    if m.custom_emit is not None:
+        return f"sigmoid attention needs the site's q, k and v; this {m.kind} site is rewritten as a whole"
+    if _softcapped(m):
+        return "the site soft-caps its scores (Gemma 2 style); the sigmoid kernels do not"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- graph helpers
+
+def key_padding(mask: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B|1, Hkv|1, Sk, 1] bool: the keys that at least one query may attend to under ``mask``.
+
+    ``mask`` broadcasts to [B, Hq, Sq, Sk] (bool True = attend, or additive with hidden keys at or below
+    :data:`MASKED`). Per-query-head masks are merged over each GQA group (a key seen by any head of the
+    group is kept).
+    """
+    visible = mask if mask.dtype == torch.bool else mask > MASKED
+    while visible.dim() < 4:
+        visible = visible.unsqueeze(0)
+    keep = visible.any(dim=-2)  # [B|1, H|1, Sk]
+    h = keep.shape[1]
+    if h not in (1, num_kv_heads):
+        keep = keep.unflatten(1, (num_kv_heads, h // num_kv_heads)).any(dim=2)
+    return keep[..., None]
+
+
+def site_log_decay(q: torch.Tensor, decay: Any, layer: int | None, num_layers: int | None) -> torch.Tensor:
+    """log λ [Hq] fp32 on q's device for the site: from one λ, one λ per head, or the lightning schedule."""
+    hq = q.shape[1]
+    if decay == "lightning":
+        ld = lightning_log_decay(hq, layer, num_layers)
+    elif isinstance(decay, tuple):
+        if len(decay) != hq:
+            raise ValueError(f"Linear.decay gives {len(decay)} values; the site has {hq} query heads")
+        ld = torch.log(torch.tensor(decay, dtype=torch.float32))
+    else:
+        ld = torch.full((hq,), math.log(decay), dtype=torch.float32)
+    return ld.to(q.device)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """TransNormer's output normalization, without a learned gain: x / rms(x) over the value dim."""
+    return F.rms_norm(x, (x.shape[-1],), eps=RMS_EPS)
+
+
+# ------------------------------------------------------------------------------------------------- emitters
+
+def emit_linear(v, graph, m, lookup):
+    from attnopt.kernels.linear import decode
+    from attnopt.patterns.match import emit_operands, emit_output
+
+    causal = resolve_causal(v, m)
+    if isinstance(causal, str):
+        raise ValueError(causal)
+    c = emit_operands(graph, m, lookup)
+    q = graph.call_function(feature_map, (c.q, v.feature_map))
+    k = graph.call_function(feature_map, (c.k, v.feature_map))
+    if c.mask is not None:
+        keep = graph.call_function(key_padding, (c.mask, graph.call_method("size", (c.k, 1))))
+        k = graph.call_function(operator.mul, (k, keep))
+    log_decay = None
+    if v.decay is not None:
+        layer = layer_index(m) if v.decay == "lightning" else None
+        log_decay = graph.call_function(site_log_decay, (c.q, v.decay, layer, v.num_layers))
+    normalize = v.normalize is True
+    key = module_path(m.output) or m.output.name
+    out = graph.call_function(decode.site_attention, (q, k, c.v, log_decay, bool(causal), normalize, c.scale, EPS, key))
+    if v.normalize == "rms":
+        out = graph.call_function(rms_norm, (out,))
+    return emit_output(graph, m, out)
+
+
+def emit_sigmoid(v, graph, m, lookup):
+    import attnopt.kernels.sigmoid  # noqa: F401  (registers torch.ops.attnopt.sigmoid_attention)
+    from attnopt.patterns.match import emit_operands, emit_output
+
+    c = emit_operands(graph, m, lookup)
+    out = graph.call_function(torch.ops.attnopt.sigmoid_attention.default,
+                              (c.q, c.k, c.v, c.mask, c.causal, c.scale, v.bias))  # fmt: skip
+    return emit_output(graph, m, out)

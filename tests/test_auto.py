@@ -1,0 +1,242 @@
+"""The auto policy: calibration picks, per site, the cheapest candidate within the output budget."""
+
+import json
+import textwrap
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+import attnopt
+from attnopt import cost, zoo
+from attnopt.auto import calibrate
+from attnopt.cli import main
+from attnopt.patterns.match import emit
+from attnopt.policy import ApproximateVariant, Policy
+
+from conftest import rel_err
+
+TARGET = 4096  # the cost model's target length: long enough that launch overhead does not hide the FLOPs
+
+
+@dataclass(frozen=True)
+class Damped(ApproximateVariant):
+    """A toy approximate variant: the exact op scaled by ``1 - error``, predicted ``speed`` x exact's time."""
+
+    error: float
+    speed: float = 0.5
+    name = "damped"
+
+    def emit(self, graph, m, lookup):
+        return graph.call_function(torch.mul, (emit(graph, m, lookup), 1.0 - self.error))
+
+    def cost(self, shape):
+        exact = cost.exact(shape.causal, shape.masked)
+        scaled = (replace(k, flops=k.flops * self.speed, scores=k.scores * self.speed, bytes=k.bytes * self.speed)
+                  for k in exact.kernels)  # fmt: skip
+        return cost.Cost(tuple(scaled))
+
+
+@dataclass(frozen=True)
+class Refused(Damped):
+    def unsupported(self, match):
+        return "toy says no"
+
+
+@dataclass(frozen=True)
+class Uncosted(ApproximateVariant):
+    name = "uncosted"
+
+
+@dataclass(frozen=True)
+class Broken(Damped):
+    def emit(self, graph, m, lookup):
+        raise RuntimeError("toy emitter broke")
+
+
+class Parallel(nn.Module):
+    """Two independent sites; the outputs are both, so the output deviation is the larger site's."""
+
+    def forward(self, x, y):
+        return F.scaled_dot_product_attention(x, x, x), F.scaled_dot_product_attention(y, y, y)
+
+
+class Chain(nn.Module):
+    """The second site attends over (twice) the first's output: their errors compound, (1 - e)^2."""
+
+    def forward(self, x, y):
+        a = F.scaled_dot_product_attention(x, x, x)
+        return F.scaled_dot_product_attention(y, y, 2 * a)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 2, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g)
+
+
+def _sites(opt):
+    return {s.name: s for s in attnopt.report(opt).sites}
+
+
+@pytest.mark.parametrize("name,seq,seq_len,decision,verdicts", [
+    # Windows of 16..64 tokens save tiles at 8k tokens but deviate far beyond 1e-2 (random weights attend
+    # widely); exact-sparse runs the models' own causal masks.
+    ("gpt2", 128, 8192, "exact-sparse", ["over budget"] * 3 + ["chosen"]),
+    ("llama", 13, None, "exact-sparse", ["chosen"]),
+    ("vit", 13, None, "exact", []),  # no mask, nothing to skip: no candidate
+])  # fmt: skip
+def test_zoo_auto_within_budget_on_held_out_inputs(name, seq, seq_len, decision, verdicts):
+    z = zoo.build(name, seq=seq)
+    opt = attnopt.optimize(z.model, Policy.auto(1e-2, seq_len=seq_len), z.args, z.kwargs)
+    report = attnopt.report(opt)
+    for s in report.sites:
+        assert s.decision == decision and s.reason.startswith("auto: ")
+        assert [t.verdict.split(":")[0] for t in s.tried] == verdicts
+        assert s.predicted_speedup > 1.0  # fused vs the eager softmax chain
+    assert report.output_deviation <= 1e-2 and any(n.startswith("auto: budget 1.0e-02") for n in report.notes)
+    args, kwargs = zoo.example_inputs(z.model.config, seq=seq, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(opt(*args, **kwargs)[0], z.model(*args, **kwargs)[0]) <= 1e-2
+
+
+def test_cheapest_candidate_within_budget_is_chosen():
+    x, y = _inputs()
+    candidates = [Damped(1e-3, 0.6), Damped(1e-1, 0.2), Damped(1e-2, 0.4)]
+    opt = attnopt.optimize(Parallel().eval(), Policy.auto(5e-3, seq_len=TARGET, candidates=candidates), (x, y))
+    for site in _sites(opt).values():
+        assert site.decision == "damped" and "Damped(error=0.001, speed=0.6) is the cheapest" in site.reason
+        tried = [(t.variant, t.verdict) for t in site.tried]
+        assert tried == [("Damped(error=0.1, speed=0.2)", "over budget"),
+                         ("Damped(error=0.01, speed=0.4)", "over budget"),
+                         ("Damped(error=0.001, speed=0.6)", "chosen")]  # fmt: skip
+        assert [t.deviation for t in site.tried] == pytest.approx([1e-1, 1e-2, 1e-3], rel=1e-3)
+        assert site.tried[0].predicted_speedup > site.tried[1].predicted_speedup > site.tried[2].predicted_speedup > 1
+    assert attnopt.report(opt).output_deviation == pytest.approx(1e-3, rel=1e-3)
+    held_out = _inputs(seed=1)
+    assert max(rel_err(a, b) for a, b in zip(opt(*held_out), Parallel()(*held_out))) <= 5e-3
+
+
+def test_combination_over_budget_backs_off():
+    """Each site alone is within 1.5e-2; both together deviate 1.99e-2, so one goes back to exact."""
+    x, y = _inputs()
+    opt = attnopt.optimize(Chain().eval(), Policy.auto(1.5e-2, seq_len=TARGET, candidates=[Damped(1e-2)]), (x, y))
+    sites = _sites(opt)
+    assert sorted(s.decision for s in sites.values()) == ["damped", "exact"]
+    (backed,) = [s for s in sites.values() if s.decision == "exact"]
+    assert backed.tried[-1].verdict == "backed off: the combination deviated 2.0e-02"
+    assert "backed off: the combination exceeded the budget" in backed.reason
+    assert attnopt.report(opt).output_deviation == pytest.approx(1e-2, rel=1e-3)
+
+
+class Same(Damped):
+    """A cheaper rewrite computing the same function (as exact-sparse does for a model's own mask)."""
+
+    def emit(self, graph, m, lookup):
+        return emit(graph, m, lookup)
+
+
+def test_budget_zero_admits_only_the_same_function():
+    x, y = _inputs()
+    policy = Policy.auto(0, seq_len=TARGET, candidates=[Damped(1e-2), Same(0.0)])
+    opt = attnopt.optimize(Parallel().eval(), policy, (x, y))
+    for site in _sites(opt).values():
+        assert site.decision == "damped" and [t.verdict for t in site.tried] == ["over budget", "chosen"]
+        assert site.tried[1].deviation < 1e-6
+
+
+def test_candidates_not_tried_say_why():
+    x, y = _inputs()
+    candidates = [Refused(1e-3), Uncosted(), Damped(1e-3, speed=2.0), Broken(1e-3)]
+    cal = calibrate(Parallel().eval(), Policy.auto(1e-2, seq_len=TARGET, candidates=candidates), (x, y), progress=True)
+    for choice in cal.sites.values():
+        assert choice.variant == attnopt.Exact() and choice.why == "no candidate within budget 1.0e-02"
+        verdicts = [t.verdict for t in choice.tried]
+        assert verdicts[:3] == ["not applicable: toy says no", "skipped: no cost model (give the variant cost(shape))",
+                                "skipped: not predicted faster than exact"]  # fmt: skip
+        assert verdicts[3].startswith("failed:") and "toy emitter broke" in verdicts[3]
+    assert cal.policy == Policy(seq_len=TARGET) and cal.runs == 3
+
+
+def test_overrides_pin_sites_and_the_policy_pins_the_choice():
+    x, y = _inputs()
+    policy = Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)], overrides={"<top>#1": "keep"})
+    cal = calibrate(Parallel().eval(), policy, (x, y), progress=False)
+    assert list(cal.sites) == ["<top>#2"]
+    assert cal.policy == Policy(overrides={"<top>#1": attnopt.Keep(), "<top>#2": Damped(1e-3)}, seq_len=TARGET)
+    opt = attnopt.optimize(Parallel().eval(), cal.policy, (x, y))
+    assert [s.decision for s in attnopt.report(opt).sites] == ["keep", "damped"]
+
+
+def test_auto_report_table_and_json():
+    x, y = _inputs()
+    opt = attnopt.optimize(Parallel().eval(), Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), (x, y))
+    report = attnopt.report(opt)
+    table = str(report)
+    assert "tried" in table and "speedup (pred.)" in table and "chosen" in table
+    site = json.loads(report.to_json())["sites"][0]
+    assert site["tried"] == [{"variant": "Damped(error=0.001, speed=0.5)", "deviation": pytest.approx(1e-3, rel=1e-3),
+                              "predicted_speedup": pytest.approx(site["predicted_speedup"]),
+                              "verdict": "chosen"}]  # fmt: skip
+    assert site["predicted_speedup"] == pytest.approx(cost.predict_speedup(report.sites[0], Damped(1e-3), TARGET))
+
+
+def test_mistral_budget_zero_is_exact_sparse_everywhere():
+    z = zoo.build("mistral")
+    opt = attnopt.optimize(z.model, Policy.auto(max_error=0), z.args, z.kwargs)
+    report = attnopt.report(opt)
+    assert [s.decision for s in report.sites] == ["exact-sparse"] * len(report.sites)
+    assert report.output_deviation <= 1e-4
+
+
+def test_auto_errors():
+    x, y = _inputs()
+    with pytest.raises(ValueError, match="calibrates on example inputs"):
+        attnopt.optimize(Parallel().eval(), "auto")
+    with pytest.raises(ValueError, match=r"\['decoder\.\*'\] match no attention site"):
+        attnopt.optimize(Parallel().eval(), Policy.auto(overrides={"decoder.*": "keep"}), (x, y))
+    with pytest.raises(ValueError, match="takes an auto policy"):
+        calibrate(Parallel().eval(), "exact", (x, y))
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop, self.inner = nn.Dropout(0.5), Parallel()
+
+    def forward(self, x, y):
+        return self.inner(self.drop(x), y)
+
+
+def test_calibration_runs_in_eval_mode_and_restores_modes():
+    model = Noisy().train()
+    model.inner.eval()
+    cal = calibrate(model, Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), _inputs(), progress=False)
+    assert [c.variant for c in cal.sites.values()] == [Damped(1e-3)] * 2  # no dropout noise in the comparison
+    assert model.training and model.drop.training and not model.inner.training
+
+
+def test_a_backend_cannot_calibrate():
+    x, y = _inputs()
+    out = torch.compile(Parallel(), backend=attnopt.make_backend("auto", then="eager"))(x, y)
+    torch.testing.assert_close(out, Parallel()(x, y))
+
+
+def test_cli_inspect_auto(tmp_path):
+    src = tmp_path / "two.py"
+    src.write_text(textwrap.dedent("""
+        import torch
+        import torch.nn.functional as F
+        class Two(torch.nn.Module):
+            def forward(self, x):
+                return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+        def make():
+            return Two(), (torch.randn(1, 2, 8, 16),)
+    """))
+    res = CliRunner().invoke(main, ["inspect", f"{src}:make", "--policy", "auto:1e-2", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["sites"][0]["decision"] == "exact-sparse" and report["sites"][0]["reason"].startswith("auto:")
+    assert any("budget 1.0e-02" in n for n in report["notes"])

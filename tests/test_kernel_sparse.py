@@ -1,0 +1,207 @@
+"""Sparse attention kernels against the dense-mask reference: the generated Triton kernels (in Triton's CPU
+interpreter), the blockwise CPU path and the custom ops, forward and backward, on small odd shapes."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
+
+import pytest
+import torch
+
+import attnopt  # noqa: F401  (registers the ops)
+from attnopt import masks as M
+from attnopt.codegen.sparse_render import SparseKernelSpec, load_kernel, render
+from attnopt.kernels.sparse import blockwise, reference, triton_impl
+
+FP32 = dict(atol=2e-5, rtol=2e-5)
+FP16 = dict(atol=3e-3, rtol=3e-3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_cache(tmp_path_factory):
+    """Generated kernels go to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNOPT_CACHE_DIR", str(tmp_path_factory.mktemp("attnopt_cache")))
+        yield
+
+
+def qkv(b=2, hq=4, hkv=2, sq=37, sk=37, d=16, dv=None, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, hq, sq, d, generator=g).to(dtype)
+    k = torch.randn(b, hkv, sk, d, generator=g).to(dtype)
+    v = torch.randn(b, hkv, sk, dv, generator=g).to(dtype)
+    return q, k, v
+
+
+def _padding(b, sk):
+    kv = torch.ones(b, sk, dtype=torch.bool)
+    kv[-1, sk - 4:] = False
+    return kv
+
+
+def _doc(b, h, q, k):
+    return (q // 6 == k // 6) | (k == 0)
+
+
+def _layout(h, nq, nk, seed=0):
+    lay = torch.rand(h, nq, nk, generator=torch.Generator().manual_seed(seed)) < 0.45
+    lay[:, :, 0] = True
+    return lay
+
+
+MASKS = {
+    "causal": M.causal(),
+    "window": M.SlidingWindow(5, 2),
+    "window_dilated": M.SlidingWindow(3, 1, dilation=2) & M.causal(),
+    "nbhd_1d": M.Neighborhood(5, dilation=2, stride=2),
+    "nbhd_2d_cls": M.Neighborhood((3, 5), grid=(6, 6), global_tokens=1),
+    "nbhd_3d_causal": M.Neighborhood(3, causal=(True, False, False), grid=(3, 4, 3), global_tokens=1),
+    "nbhd_2d_tiled": M.Neighborhood((3, 5), grid=(4, 9), tile=(2, 3), global_tokens=1).tiled(),
+    "blocked": M.Blocked(6) | M.SlidingWindow(1, 1),
+    "global_local": M.GlobalLocal(3, M.SlidingWindow(4, 0)) & M.causal(),
+    "strided": M.Strided(3, 1) & M.causal(),
+    "block_sparse": M.BlockSparse(_layout(4, 3, 3), block=16),
+    "mask_mod": M.from_mask_mod(_doc),
+}
+
+
+def _check(got, want, tol):
+    torch.testing.assert_close(got[0], want[0], **tol)
+    torch.testing.assert_close(got[1], want[1].to(got[1].dtype), **tol)
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_triton_forward_and_backward_match_the_reference(name):
+    """Every mask, GQA (4 query heads on 2 key/value heads), key padding, 16x16 tiles over 37 tokens."""
+    mask = MASKS[name]
+    q, k, v = qkv(b=1)
+    kv = _padding(1, 37)
+    out, lse = triton_impl.forward(q, k, v, mask, kv, None, 0.3, 0.0, 16, 16)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, mask, kv, None, 0.3)
+    _check((out, lse), (ref_out, ref_lse), FP32)
+    dout = torch.randn_like(out)
+    grads = triton_impl.backward(dout, q, k, v, out, lse, mask, kv, None, 0.3, 0.0, 16, 16)
+    want = reference.attention_backward(dout, q, k, v, ref_out, ref_lse, mask, kv, None, 0.3)
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got, ref, **FP32)
+
+
+@pytest.mark.parametrize("sq, sk, d, dv, extra", [(19, 45, 24, 16, "bool"), (45, 19, 16, 40, "additive"),
+                                                   (1, 33, 16, 16, None)])  # fmt: skip
+def test_triton_odd_shapes_extra_masks_and_softcap(sq, sk, d, dv, extra):
+    mask = M.SlidingWindow(7, 3)
+    q, k, v = qkv(b=1, hq=3, hkv=1, sq=sq, sk=sk, d=d, dv=dv)
+    g = torch.Generator().manual_seed(1)
+    attn_mask = None
+    if extra == "bool":
+        attn_mask = torch.rand(1, 3, sq, sk, generator=g) > 0.2
+    elif extra == "additive":
+        attn_mask = torch.randn(1, 1, sq, sk, generator=g)
+    out, lse = triton_impl.forward(q, k, v, mask, None, attn_mask, 0.25, 5.0, 16, 16)
+    ref = reference.attention_forward(q, k, v, mask, None, attn_mask, 0.25, 5.0)
+    _check((out, lse), ref, FP32)
+    dout = torch.randn_like(out)
+    grads = triton_impl.backward(dout, q, k, v, out, lse, mask, None, attn_mask, 0.25, 5.0, 16, 16)
+    want = reference.attention_backward(dout, q, k, v, ref[0], ref[1], mask, None, attn_mask, 0.25, 5.0)
+    for got, r in zip(grads, want):
+        torch.testing.assert_close(got, r, **FP32)
+
+
+def test_triton_half_precision_and_default_tiles():
+    q, k, v = qkv(b=1, hq=2, hkv=2, sq=70, sk=70, d=32, dtype=torch.float16)
+    mask = M.SlidingWindow(20, 0)
+    out, lse = triton_impl.forward(q, k, v, mask)
+    ref = reference.attention_forward(q.float(), k.float(), v.float(), mask)
+    torch.testing.assert_close(out.float(), ref[0], **FP16)
+    torch.testing.assert_close(lse, ref[1], **FP16)
+
+
+def test_generated_source_is_specialized_and_readable():
+    src = render(SparseKernelSpec(direction="fwd", head_dim=64, head_dim_v=64, dtype="float16", block_m=64,
+                                  block_n=64, predicate=triton_impl.predicate_source(MASKS["window"])[0],
+                                  mask="SlidingWindow(5, 2)"))  # fmt: skip
+    assert "if kind == 1:" in src and "(cols2 >= ((rows2 + (seq_k - seq_q)) - 5))" in src
+    assert "KvValid" not in src and "Extra" not in src and "Bits" not in src and "th = " not in src
+    src_bits = render(SparseKernelSpec(direction="dkdv", head_dim=16, head_dim_v=16, dtype="float32", block_m=16,
+                                       block_n=16, predicate="", mask="mask_mod", bits=True, padding=True))  # fmt: skip
+    assert "tl.load(Bits + (kind - 2)" in src_bits and "KvValid" in src_bits
+    with pytest.raises(ValueError, match="direction"):
+        SparseKernelSpec(direction="sideways", head_dim=16, head_dim_v=16, dtype="float32", block_m=16, block_n=16,
+                         predicate="", mask="")  # fmt: skip
+    assert callable(load_kernel(SparseKernelSpec(direction="fwd", head_dim=16, head_dim_v=16, dtype="float32",
+                                                 block_m=16, block_n=16, predicate="(cols2 >= 0)", mask="x")))  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_blockwise_matches_the_reference_in_float64(name, softcap):
+    mask = MASKS[name]
+    q, k, v = qkv(dtype=torch.float64)
+    kv = _padding(2, 37)
+    extra = torch.rand(2, 1, 37, 37, generator=torch.Generator().manual_seed(2)) > 0.1
+    out, lse = blockwise.forward(q, k, v, mask, kv, extra, 0.3, softcap, block_m=8, block_n=4)
+    ref = reference.attention_forward(q, k, v, mask, kv, extra, 0.3, softcap)
+    _check((out, lse), ref, dict(atol=1e-10, rtol=1e-10))
+    assert torch.equal(lse.isinf(), ref[1].isinf())
+    dout = torch.randn_like(out)
+    grads = blockwise.backward(dout, q, k, v, out, lse, mask, kv, extra, 0.3, softcap, block_m=8, block_n=4)
+    want = reference.attention_backward(dout, q, k, v, ref[0], ref[1], mask, kv, extra, 0.3, softcap)
+    for got, r in zip(grads, want):
+        torch.testing.assert_close(got, r, atol=1e-10, rtol=1e-10)
+
+
+def test_blockwise_float32_fused_path_with_additive_mask():
+    q, k, v = qkv(sq=45, sk=45)
+    mask = M.SlidingWindow(9, 0)
+    extra = torch.randn(2, 4, 45, 45)
+    out, lse = blockwise.forward(q, k, v, mask, None, extra, 0.3, block_m=16, block_n=8)
+    ref = reference.attention_forward(q, k, v, mask, None, extra, 0.3)
+    _check((out, lse), ref, FP32)
+
+
+def test_sparse_op_autograd_and_fake():
+    q, k, v = (t.double().requires_grad_() for t in qkv(b=1, hq=2, hkv=1, sq=7, sk=7, d=4))
+    key = M.SlidingWindow(3, 0).key()
+
+    def f(q, k, v):
+        return torch.ops.attnopt.sparse_attention(q, k, v, None, None, key, 0.35, 0.0)[0]
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+    torch.library.opcheck(torch.ops.attnopt.sparse_attention.default, (q, k, v, None, None, key, 0.35, 0.0))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def g(q, k, v):
+        return f(q, k, v).sum()
+
+    g(q, k, v).backward()
+    assert q.grad is not None
+
+
+def test_sparse_op_rejects_bad_inputs():
+    q, k, v = qkv()
+    key = M.causal().key()
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        torch.ops.attnopt.sparse_attention(q[:, :3], k, v, None, None, key, 0.3, 0.0)
+    with pytest.raises(ValueError, match="kv_valid"):
+        torch.ops.attnopt.sparse_attention(q, k, v, None, torch.ones(2, 5, dtype=torch.bool), key, 0.3, 0.0)
+    with pytest.raises(ValueError, match="Sq must equal Sk"):
+        torch.ops.attnopt.sparse_attention(q, k[:, :, :30], v[:, :, :30], None, None,
+                                           M.Neighborhood(3).key(), 0.3, 0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("mask", [M.Neighborhood(3, grid=(4, 6), tile=(2, 3), global_tokens=1),
+                                  M.Neighborhood((3, 3), dilation=(1, 2), grid=(4, 8), tile=(2, 4), global_tokens=1)])  # fmt: skip
+def test_op_reorders_tokens_into_spatial_tiles_and_back(mask):
+    """A mask with a tile shape runs on tile-major tokens; outputs and gradients come back in the model's order."""
+    s = 1 + mask.grid[0] * mask.grid[1]
+    q, k, v = (t.double().requires_grad_() for t in qkv(b=2, hq=2, hkv=1, sq=s, sk=s, d=8))
+    kv = _padding(2, s)
+    out = torch.ops.attnopt.sparse_attention(q, k, v, None, kv, mask.key(), 0.3, 0.0)[0]
+    ref_out, ref_lse = reference.attention_forward(q.detach(), k.detach(), v.detach(), mask, kv, None, 0.3)
+    torch.testing.assert_close(out, ref_out)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = reference.attention_backward(dout, q.detach(), k.detach(), v.detach(), ref_out, ref_lse, mask, kv, None, 0.3)
+    for got, r in zip(grads, want):
+        torch.testing.assert_close(got, r)

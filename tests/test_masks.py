@@ -1,0 +1,290 @@
+"""Mask descriptors: semantics (DESIGN.md §2), block maps against dense masks, closed forms, drawing, errors."""
+
+import pytest
+import sympy as sp
+import torch
+
+from attnopt import masks as M
+from attnopt.masks.blockmap import KIND_BITS, KIND_FULL
+
+
+def _dense_tiles(dense, bm, bn):
+    """[H, nQ, nK] (any visible, all visible within bounds) of a dense [H, Sq, Sk] mask."""
+    h, sq, sk = dense.shape
+    nq, nk = -(-sq // bm), -(-sk // bn)
+    pad = torch.zeros(h, nq * bm, nk * bn, dtype=torch.bool)
+    inside = torch.zeros_like(pad)
+    pad[:, :sq, :sk] = dense
+    inside[:, :sq, :sk] = True
+    t = pad.reshape(h, nq, bm, nk, bn)
+    ins = inside.reshape(h, nq, bm, nk, bn)
+    return t.any((2, 4)), (t | ~ins).all((2, 4)) & ins[:, :, :, :, :].any((2, 4))
+
+
+def check_block_map(mask, sq, sk, bm, bn, heads=1):
+    """Every visible element is in a visited tile, FULL tiles are entirely visible, runs are well formed."""
+    dense = mask.dense(sq, sk, heads)
+    any_vis, all_vis = _dense_tiles(dense, bm, bn)
+    bmap = mask.block_map(sq, sk, bm, bn, heads)
+    hm = bmap.heads
+    assert hm == dense.shape[0]
+    visited = torch.zeros(hm, *any_vis.shape[1:], dtype=torch.bool)
+    h, row, col, kind = bmap.pairs()
+    assert not visited[h, row, col].any()
+    visited[h, row, col] = True
+    assert (visited[h, row, col]).all()
+    assert len(set(zip(h.tolist(), row.tolist(), col.tolist()))) == h.numel(), "a tile is visited twice"
+    assert not (any_vis & ~visited).any(), "a visible element lies in a skipped tile"
+    full = kind == KIND_FULL
+    assert all_vis[h[full], row[full], col[full]].all(), "a FULL tile has a hidden element"
+    assert ((col[full] + 1) * bn <= sk).all(), "a FULL tile crosses Sk"
+    if bmap.tile_bits is not None:
+        b = kind >= KIND_BITS
+        for hh, r, c, k in zip(h[b].tolist(), row[b].tolist(), col[b].tolist(), kind[b].tolist()):
+            want = torch.zeros(bm, bn, dtype=torch.bool)
+            tile = dense[hh, r * bm:(r + 1) * bm, c * bn:(c + 1) * bn]
+            want[:tile.shape[0], :tile.shape[1]] = tile
+            assert torch.equal(bmap.tile_bits[k - KIND_BITS], want)
+    # The transposed map lists the same tiles.
+    th, trow, tcol, tkind = bmap.transpose().pairs()
+    assert sorted(zip(th.tolist(), tcol.tolist(), trow.tolist(), tkind.tolist())) == sorted(
+        zip(h.tolist(), row.tolist(), col.tolist(), kind.tolist()))
+    return bmap, any_vis
+
+
+def _layout(h, nq, nk, seed=0, p=0.4):
+    g = torch.Generator().manual_seed(seed)
+    lay = torch.rand(h, nq, nk, generator=g) < p
+    lay[:, :, 0] = True
+    return lay
+
+
+def _doc_mask_mod(b, h, q, k):
+    return (q // 5 == k // 5) | (k == 0)
+
+
+MASKS = {
+    "causal": M.causal(),
+    "window": M.SlidingWindow(5, 2),
+    "window_left": M.SlidingWindow(4, 0),
+    "window_right_only": M.SlidingWindow(None, 3),
+    "window_dilated": M.SlidingWindow(3, 1, dilation=3),
+    "full": M.SlidingWindow(None, None),
+    "nbhd_1d": M.Neighborhood(5),
+    "nbhd_1d_even": M.Neighborhood(4),
+    "nbhd_1d_dil": M.Neighborhood(3, dilation=3),
+    "nbhd_1d_stride": M.Neighborhood(5, stride=3),
+    "nbhd_1d_causal": M.Neighborhood(4, causal=True),
+    "nbhd_1d_causal_stride": M.Neighborhood(4, stride=2, causal=True, dilation=2),
+    "nbhd_2d": M.Neighborhood(3, grid=(5, 7)),
+    "nbhd_2d_cls": M.Neighborhood((3, 5), grid=(5, 7), global_tokens=2),
+    "nbhd_2d_mixed": M.Neighborhood((3, 2), dilation=(1, 2), stride=(2, 1), causal=(True, False), grid=(6, 7)),
+    "nbhd_3d": M.Neighborhood(3, grid=(3, 4, 3)),
+    "nbhd_2d_tiled": M.Neighborhood((3, 3), dilation=(1, 2), grid=(6, 8), tile=(2, 4), global_tokens=1).tiled(),
+    "nbhd_3d_tiled": M.Neighborhood(3, causal=(True, False, False), grid=(4, 3, 3), tile=(2, 1, 3)).tiled(),
+    "blocked": M.Blocked(6),
+    "blocked_2d": M.Blocked((2, 3), grid=(5, 7)),
+    "global_local": M.GlobalLocal(3, 2),
+    "global_local_causal": M.GlobalLocal(2, M.SlidingWindow(3, 0)) & M.causal(),
+    "strided": M.Strided(3, 1),
+    "strided_causal": M.Strided(4, M.SlidingWindow(2, 0)) & M.causal(),
+    "or": M.SlidingWindow(1, 1) | M.Blocked(8),
+    "block_sparse": M.BlockSparse(_layout(1, 5, 6), block=(8, 6)),
+    "block_sparse_heads": M.BlockSparse(_layout(3, 5, 6, seed=1), block=(8, 6)),
+    "mask_mod": M.from_mask_mod(_doc_mask_mod),
+    "mask_mod_and_causal": M.from_mask_mod(_doc_mask_mod) & M.causal(),
+}
+SQ = {"nbhd_2d": 35, "nbhd_2d_cls": 37, "nbhd_2d_mixed": 42, "nbhd_3d": 36, "blocked_2d": 35, "nbhd_2d_tiled": 49,
+      "nbhd_3d_tiled": 36}
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+@pytest.mark.parametrize("bm, bn", [(4, 4), (8, 4), (4, 16)])
+def test_block_map_matches_dense(name, bm, bn):
+    mask = MASKS[name]
+    s = SQ.get(name, 37)
+    sk = 36 if name.startswith("block_sparse") else s
+    sq = 37 if name.startswith("block_sparse") else s
+    heads = 3
+    check_block_map(mask, sq, sk, bm, bn, heads)
+
+
+@pytest.mark.parametrize("sq, sk", [(9, 21), (21, 9), (1, 13)])
+@pytest.mark.parametrize("mask", [M.causal(), M.SlidingWindow(3, 1), M.SlidingWindow(2, 0, dilation=2),
+                                  M.GlobalLocal(2, 3), M.Strided(2, 0) & M.causal()])  # fmt: skip
+def test_block_maps_with_different_lengths(mask, sq, sk):
+    check_block_map(mask, sq, sk, 4, 4, heads=2)
+
+
+def test_sliding_window_semantics_bottom_right():
+    m = M.SlidingWindow(2, 1)
+    d = m.dense(4, 7)[0]
+    # Sk - Sq = 3: query 0 sits at key position 3 and sees keys 1..4.
+    assert d[0].nonzero().squeeze(1).tolist() == [1, 2, 3, 4]
+    assert M.causal().dense(3, 5)[0].sum(1).tolist() == [3, 4, 5]
+    dil = M.SlidingWindow(2, 0, dilation=3).dense(10, 10)[0]
+    assert dil[9].nonzero().squeeze(1).tolist() == [3, 6, 9]
+
+
+@pytest.mark.parametrize("n, ks, d, s", [(11, 3, 1, 1), (11, 4, 1, 1), (13, 3, 2, 1), (13, 5, 1, 2), (14, 3, 2, 3),
+                                         (12, 4, 3, 4)])  # fmt: skip
+def test_neighborhood_sees_exactly_kernel_size_shifted_at_borders(n, ks, d, s):
+    """NATTEN: every query sees kernel_size keys of its dilation group; the window is shifted, not clipped."""
+    dense = M.Neighborhood(ks, dilation=d, stride=s).dense(n, n)[0]
+    assert (dense.sum(1) == ks).all()
+    for i in range(n):
+        keys = dense[i].nonzero().squeeze(1)
+        assert ((keys % d) == i % d).all()
+        steps = keys.diff()
+        assert (steps == d).all(), "a window is contiguous within its dilation group"
+    if s == 1 and d == 1:
+        assert dense[0].nonzero().squeeze(1).tolist() == list(range(ks))  # shifted right at the start
+        assert dense[n - 1].nonzero().squeeze(1).tolist() == list(range(n - ks, n))
+
+
+def test_neighborhood_stride_shares_the_leaders_window_and_blocked_equivalence():
+    dense = M.Neighborhood(5, stride=3).dense(12, 12)[0]
+    for group in range(4):
+        rows = dense[group * 3:group * 3 + 3]
+        assert (rows == rows[0]).all()
+    assert torch.equal(M.Neighborhood(4, stride=4).dense(12, 12), M.Blocked(4).dense(12, 12))
+    assert torch.equal(M.Neighborhood((2, 3), stride=(2, 3), grid=(4, 6)).dense(24, 24),
+                       M.Blocked((2, 3), grid=(4, 6)).dense(24, 24))
+
+
+def test_neighborhood_causal_and_2d_product():
+    c = M.Neighborhood(3, causal=True).dense(6, 6)[0]
+    assert c[0].nonzero().squeeze(1).tolist() == [0]
+    assert c[4].nonzero().squeeze(1).tolist() == [2, 3, 4]
+    two = M.Neighborhood((3, 3), grid=(4, 5)).dense(20, 20)[0].reshape(4, 5, 4, 5)
+    rows = M.Neighborhood(3).dense(4, 4)[0]
+    cols = M.Neighborhood(3).dense(5, 5)[0]
+    assert torch.equal(two, rows[:, None, :, None] & cols[None, :, None, :])
+
+
+def test_global_tokens_see_and_are_seen_by_all():
+    d = M.Neighborhood(3, grid=(3, 3), global_tokens=2).dense(11, 11)[0]
+    assert d[:2].all() and d[:, :2].all()
+    assert torch.equal(d[2:, 2:], M.Neighborhood(3, grid=(3, 3)).dense(9, 9)[0])
+
+
+def test_strided_heads_cover_the_context():
+    d = M.Strided(4, 0).dense(16, 16, heads=4)
+    assert d.any(0).all()
+    assert d[1, 5].nonzero().squeeze(1).tolist() == [1, 5, 9, 13]
+
+
+def test_and_or():
+    a, b = M.SlidingWindow(2, 2), M.causal()
+    assert torch.equal((a & b).dense(9, 9), a.dense(9, 9) & b.dense(9, 9))
+    assert torch.equal((a | M.Blocked(4)).dense(9, 9), a.dense(9, 9) | M.Blocked(4).dense(9, 9))
+    assert isinstance(a & b & a, M.And) and len((a & b & a).parts) == 3
+    assert str(a & (b | a)) == "SlidingWindow(2, 2) & (causal | SlidingWindow(2, 2))"
+
+
+@pytest.mark.parametrize("mask, bm, bn", [(M.SlidingWindow(37, 0), 16, 16), (M.SlidingWindow(5, 9), 16, 32),
+                                          (M.causal(), 32, 16), (M.Neighborhood(7), 16, 16),
+                                          (M.Neighborhood(6, causal=True), 16, 8), (M.Blocked(24), 16, 16)])  # fmt: skip
+def test_tile_count_closed_form_counts_the_visited_tiles(mask, bm, bn):
+    s = 203
+    expr = mask.tile_count(bm, bn)
+    visited = mask.block_map(s, s, bm, bn).visited()[0]
+    t, sq, sk = sp.symbols("t Sq Sk", integer=True, nonnegative=True)
+    for tile in range(visited.numel()):
+        assert int(expr.subs({t: tile, sq: s, sk: s})) == visited[tile]
+
+
+def test_density_and_row_counts():
+    assert M.causal().density(10, 10) == pytest.approx(55 / 100)
+    m = M.SlidingWindow(3, 0)
+    assert m.density(50, 50) == pytest.approx(float(m.dense(50, 50).float().mean()))
+    bs = MASKS["block_sparse"]
+    assert bs.density(37, 36) == pytest.approx(float(bs.dense(37, 36).float().mean()))
+
+
+def test_block_map_memory_is_linear_in_sequence_length():
+    """A causal window's map at S = 1M: a few runs per query tile, no S x S anything."""
+    s = 1 << 20
+    bmap = M.SlidingWindow(1023, 0).block_map(s, s, 128, 128)
+    assert bmap.max_runs <= 3
+    assert bmap.nbytes() < 200 * (s // 128)
+    assert int(bmap.visited().max()) == 9
+
+
+def test_serialization_roundtrip_and_registry():
+    for name in ("window", "nbhd_2d_cls", "global_local_causal", "strided", "or", "nbhd_2d_mixed"):
+        m = MASKS[name]
+        assert M.lookup(m.key()) == m
+        assert M.from_dict(m.to_dict()) == m
+    bs = MASKS["block_sparse"]
+    assert bs.key().startswith("ref:") and M.lookup(bs.key()) is bs
+    mm = MASKS["mask_mod_and_causal"]
+    assert M.lookup(mm.key()) is mm
+    with pytest.raises(KeyError, match="not registered"):
+        M.lookup("ref:0000")
+
+
+def test_text_and_png_drawing(tmp_path):
+    assert M.SlidingWindow(1, 0).draw(3, 3) == "#..\n##.\n.##"
+    assert M.causal().draw(8, 8, block=(4, 4)) == "p.\nFp"
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "mask.png"
+    M.Neighborhood(3, grid=(6, 6), global_tokens=1).png(path, 37, 37, block=(8, 8))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: M.SlidingWindow(-1, 0), "left must be an int >= 0"),
+    (lambda: M.SlidingWindow(1, 0, dilation=0), "dilation must be an int >= 1"),
+    (lambda: M.Neighborhood(3, stride=4), "stride must not exceed kernel_size"),
+    (lambda: M.Neighborhood((3, 3)), "one per grid axis"),
+    (lambda: M.Neighborhood(5, grid=(4, 8)), "exceeds the grid"),
+    (lambda: M.Neighborhood(3, grid=(4, 0)), "positive ints"),
+    (lambda: M.Blocked(0), "block must be an int >= 1"),
+    (lambda: M.GlobalLocal(2, "wide"), "window must be"),
+    (lambda: M.BlockSparse(torch.ones(2, 2)), "bool tensor"),
+    (lambda: M.from_mask_mod(3), "callable"),
+    (lambda: M.SlidingWindow(1, 1) & 3, "unsupported operand"),
+])  # fmt: skip
+def test_invalid_descriptors_raise_clear_errors(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_size_checks_at_use():
+    with pytest.raises(ValueError, match="global_tokens \\+ grid"):
+        M.Neighborhood(3, grid=(4, 4)).dense(17, 17)
+    with pytest.raises(ValueError, match="Sq must equal Sk"):
+        M.Neighborhood(3).dense(8, 9)
+    with pytest.raises(ValueError, match="exceeds the grid"):
+        M.Neighborhood(5).dense(4, 4)
+    with pytest.raises(ValueError, match="layout has"):
+        MASKS["block_sparse"].dense(64, 64)
+    with pytest.raises(ValueError, match="heads"):
+        MASKS["block_sparse_heads"].dense(37, 36, heads=2)
+    with pytest.raises(ValueError, match="small sizes"):
+        M.causal().dense(1 << 14, 1 << 14)
+
+
+@pytest.mark.parametrize("mask, s", [(M.Neighborhood(3, grid=(4, 6), tile=(2, 3), global_tokens=1), 25),
+                                     (M.Blocked((2, 3), grid=(4, 6), tile=(2, 3)), 24),
+                                     (M.Neighborhood((3, 3, 1), grid=(4, 4, 6), tile=(2, 2, 2), causal=(True, False, False)), 96)])  # fmt: skip
+def test_tiled_order_is_the_same_mask_on_permuted_tokens(mask, s):
+    perm = mask.permutation(s)
+    assert sorted(perm.tolist()) == list(range(s)) and perm[:mask.global_tokens].tolist() == list(range(mask.global_tokens))
+    assert torch.equal(mask.tiled().dense(s, s)[0], mask.dense(s, s)[0][perm][:, perm])
+
+
+def test_spatial_tiles_make_2d_neighborhoods_block_dense():
+    """128x128 grid, kernel 13, 64-token tiles: 8x8 spatial tiles visit a third of the row-major tiles."""
+    row_major = M.Neighborhood(13, grid=(128, 128))
+    tiled = M.Neighborhood(13, grid=(128, 128), tile=(8, 8)).tiled()
+    s = 128 * 128
+    assert tiled.block_map(s, s, 64, 64).density() * 3 < row_major.block_map(s, s, 64, 64).density()
+
+
+def test_tile_must_divide_the_grid():
+    with pytest.raises(ValueError, match="each dividing the grid"):
+        M.Neighborhood(3, grid=(6, 6), tile=(4, 4))
+    with pytest.raises(ValueError, match="needs a tile shape"):
+        M.Neighborhood(3, grid=(6, 6), order="tiled")
