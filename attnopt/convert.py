@@ -403,6 +403,17 @@ class Steps:
         if self.progress is not None:
             self.progress.advance(self.task)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """The bar off while another progress display (auto calibration's) runs: rich shows one at a time."""
+        if self.progress is not None:
+            self.progress.stop()
+        try:
+            yield
+        finally:
+            if self.progress is not None:
+                self.progress.start()
+
     def subtask(self, description: str, total: int) -> Callable[[], None]:
         if self.progress is None:
             return lambda: None
@@ -618,11 +629,20 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                 steps.done()
 
                 steps.step("optimize: capture, rewrite and validate each site")
+                calibration, applied = None, pol
                 try:
-                    optimized = attnopt.optimize(source.model, pol, args, kwargs)
+                    if pol.is_auto:  # calibrated here, with its own progress bar, into a concrete policy
+                        from attnopt.auto import calibrate
+
+                        with steps.paused():
+                            calibration = calibrate(source.model, pol, args, kwargs, progress=progress)
+                        applied = calibration.policy
+                    optimized = attnopt.optimize(source.model, applied, args, kwargs)
                 except (attnopt.AttnoptError, ValueError, TypeError, NotImplementedError) as exc:
                     raise ConvertError(f"optimizing {source.description} failed: {exc}") from exc
                 report = optimized.attnopt_report
+                if calibration is not None:
+                    calibration.annotate(report)
                 steps.done()
 
                 steps.step("write weights")
@@ -649,6 +669,7 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                     "fingerprint": A.fingerprint(st.staging, written),
                     "model": _model_info(source),
                     "policy": A.policy_to_dict(pol),
+                    "calibrated_policy": A.policy_to_dict(applied) if calibration is not None else None,
                     "inputs": inputs_entry,
                     "sites": sites,
                     "misses": [asdict(m) for m in report.misses],

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-_SPARSE_ISSUE = "sparse attention (issue 5: mask descriptors and block-sparse kernels)"
 
 
 class ApproximateVariant:
@@ -247,7 +246,6 @@ Variant = Union[Exact, Keep, Auto, Sparse, Linear, Sigmoid]
 _VARIANTS = (Exact, Keep, Auto, Sparse, Linear, Sigmoid)
 _BY_NAME = {cls.name: cls for cls in _VARIANTS}  # the names of the dict form
 _STRING_HEADS = {**_BY_NAME, "sliding_window": Sparse}  # "head[:argument]" string forms
-_ISSUES = {Sparse: _SPARSE_ISSUE}
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _POLICY_KEYS = ("default", "overrides", "max_error", "seq_len")
 DEFAULT_AUTO_ERROR = 1e-2  # the budget of the plain "auto" string
@@ -266,8 +264,6 @@ def parse_variant(text: str) -> Variant:
     from_string = getattr(cls, "from_string", None)
     if from_string is not None:
         return from_string(key)
-    if sep and cls in _ISSUES:
-        raise NotImplementedError(f"policy {text!r} is not available yet: it lands with {_ISSUES[cls]}")
     if sep and cls is Auto:
         raise ValueError(f"policy {text!r}: a budget belongs to the whole policy (the string {text!r} as the policy, "
                          f"or Policy(..., max_error={arg.strip()})), not to one site")  # fmt: skip

@@ -316,3 +316,16 @@ def test_validate_failure_leaves_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["block.py"]
     res = _convert(f"{tmp_path / 'block.py'}:make", "--policy", "exact", "--out", out, "--validate")
     assert res.exit_code == 0, res.output
+
+
+def test_auto_policy_with_progress_bars(tmp_path):
+    """Calibration shows its own progress bar: the conversion's pauses meanwhile (rich shows one at a time)."""
+    (tmp_path / "block.py").write_text(FACTORY)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(main, ["convert", f"{tmp_path / 'block.py'}:make", "--policy", "auto:1e-2", "--out",
+                                    str(out), "--validate"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / "attnopt.json").read_text())
+    assert manifest["policy"]["default"]["variant"] == "auto" and manifest["policy"]["max_error"] == 0.01
+    assert manifest["calibrated_policy"] is not None and manifest["validation"]["budget"] == 0.01
+    assert all(s["decision"] != "keep" for s in manifest["sites"])

@@ -270,6 +270,13 @@ def rowmax_shift(m, q, k, v):  # the numerically-stable spelling subtracts the r
     return softmax_v(s - s.amax(dim=-1, keepdim=True), v)
 
 
+def softmax_written_out(m, q, k, v):  # exp / sum, with the row max subtracted
+    s = q @ k.transpose(-2, -1) / math.sqrt(D)
+    e = torch.exp(s - s.max(dim=-1, keepdim=True)[0])
+    p = e / e.sum(dim=-1, keepdim=True)
+    return p @ v, p
+
+
 def dropout_train(m, q, k, v):
     p = F.dropout(F.softmax(q @ k.transpose(-2, -1) / math.sqrt(D), dim=-1), p=0.25, training=True)
     return p @ v, p
@@ -328,6 +335,7 @@ FORMS = {
     "gqa_grouped_5d": (gqa_grouped_5d, lambda: qkv(hkv=2), {}, {"heads": (H, 2)}),
     "cross_attention": (cross_attention, lambda: qkv(sq=5, sk=11), {}, {"seq": (5, 11)}),
     "rowmax_shift": (rowmax_shift, lambda: qkv(), {}, {"mask": "none"}),
+    "softmax_written_out": (softmax_written_out, lambda: qkv(), {}, {"mask": "none", "scale": D**-0.5}),
     "dropout_train": (dropout_train, lambda: qkv(), {}, {"dropout_p": 0.25}),
 }  # fmt: skip
 

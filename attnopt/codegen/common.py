@@ -326,6 +326,11 @@ def score_lines(spec: KernelSpec, tile: Tile, ind: str, ld_ok: str, keep_terms: 
     return lines
 
 
+def uses_key_indices(spec: KernelSpec) -> bool:
+    """Whether an interior tile (no bound or causal test) still needs the absolute key indices ``cols``."""
+    return spec.bias in ("alibi", "relpos") or spec.dropout or spec.write_ds
+
+
 def causal_test(spec: KernelSpec, tile: Tile) -> str:
     """The per-element causal test, or nothing without causality."""
     if spec.causal == CAUSAL_NONE:

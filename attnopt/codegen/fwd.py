@@ -113,7 +113,8 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
         lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
     else:
         lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
-    lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
+    if boundary or c.uses_key_indices(spec):
+        lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
     keep_terms = []
     if boundary:
         lines.append(f"{ind}col_ok = cols < {c.key_end(spec)}  # [BLOCK_N]")

@@ -170,6 +170,28 @@ def _is_unsqueeze_index(idx: Any) -> bool:
     return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in idx)
 
 
+_EXP_FNS = _fn_targets("exp")
+_SUM_FNS = _fn_targets("sum")
+
+
+def _written_softmax(e: Any, total: Any) -> Op | None:
+    """``exp(x) / exp(x).sum(-1, keepdim=True)``: softmax written out (the same ``exp`` node both times)."""
+    if not isinstance(e, Node) or not isinstance(total, Node) or e.op not in ("call_function", "call_method"):
+        return None
+    if not (e.target == "exp" or e.target in _EXP_FNS) or len(e.args) != 1:
+        return None
+    if not (total.target == "sum" or total.target in _SUM_FNS) or not total.args or total.args[0] is not e:
+        return None
+    dim, keepdim = _arg(total, 1, "dim"), _arg(total, 2, "keepdim", False)
+    rank = ndim(e)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if rank is None or not isinstance(dim, int) or not keepdim or _norm_dim(dim, rank) != rank - 1:
+        return None
+    x = e.args[0]
+    return Op(SOFTMAX, (x,), {"dim": rank - 1, "rank": rank, "dtype": None, "written": True})
+
+
 def classify(node: Any) -> Op | None:
     """The canonical :class:`Op` for ``node``, or None when it is outside the vocabulary.
 
@@ -214,7 +236,11 @@ def _classify(node: Node, method: str | None, fn: Any) -> Op | None:
     if method in ("div", "divide", "true_divide") or fn in _DIV_FNS:
         if node.kwargs.get("rounding_mode") is not None:
             return None
-        return Op(DIV, (args[0], args[1] if len(args) > 1 else node.kwargs.get("other")))
+        a, b = args[0], args[1] if len(args) > 1 else node.kwargs.get("other")
+        written = _written_softmax(a, b)
+        if written is not None:
+            return written
+        return Op(DIV, (a, b))
     if method == "add" or fn in _ADD_FNS:
         alpha = node.kwargs.get("alpha", 1)
         if alpha != 1:

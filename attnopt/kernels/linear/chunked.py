@@ -47,7 +47,13 @@ import torch.nn.functional as F
 from attnopt.kernels.linear.reference import EPS, acc_dtype, check, expand_kv
 
 CHUNK = 64
-PIECE_BYTES = 4 << 20  # about the size of one chunked temporary of a piece
+PIECE_BYTES = 8 << 20  # the budget of one chunked temporary of a work item (see "Work items")
+
+
+def _flush(w: torch.Tensor) -> torch.Tensor:
+    """Decay weights below the smallest normal number become 0: fast decays (Lightning's last heads reach
+    λ = e^-7) would otherwise leave subnormal weights, which x86 multiplies tens of times slower."""
+    return w.masked_fill_(w < torch.finfo(w.dtype).tiny, 0.0)
 
 
 class _Tables:
@@ -72,10 +78,10 @@ class _Tables:
         else:
             ld = log_decay.to(dtype)
             # exponents are clamped to >= 0 before exp: outside the valid region they would be positive
-            self.mask = torch.exp(dist.clamp_min(0).to(dtype)[None] * ld[:, None, None]) * (dist >= 0)
-            self.w_q = torch.exp((a + 1).to(dtype)[None] * ld[:, None])
-            self.w_k = torch.exp(tail.clamp_min(0).to(dtype)[None] * ld[:, None, None]) * (tail >= 0)
-            self.carry = torch.exp(lens.to(dtype)[None] * ld[:, None])
+            self.mask = _flush(torch.exp(dist.clamp_min(0).to(dtype)[None] * ld[:, None, None]) * (dist >= 0))
+            self.w_q = _flush(torch.exp((a + 1).to(dtype)[None] * ld[:, None]))
+            self.w_k = _flush(torch.exp(tail.clamp_min(0).to(dtype)[None] * ld[:, None, None]) * (tail >= 0))
+            self.carry = _flush(torch.exp(lens.to(dtype)[None] * ld[:, None]))
         self.n, self.c = n, c
         self.decay = log_decay is not None
 
