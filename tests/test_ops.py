@@ -113,3 +113,14 @@ def test_direct_call_is_exact_only():
     q, k, v = _qkv()
     with pytest.raises(NotImplementedError, match="exact attention only.*attnopt.optimize"):
         attnopt.attention(q, k, v, variant="linear")
+
+
+def test_fully_masked_row_with_finite_fill_is_a_mean_not_a_sum():
+    """Every score of row 0 is finfo.min: softmax is uniform, so the output is mean(V) (as eager computes)."""
+    q, k, v = _qkv(dtype=torch.float32)
+    mask = torch.zeros(1, 1, 7, 7)
+    mask[..., 0, :] = torch.finfo(torch.float32).min
+    want = torch.softmax(q @ k.transpose(-2, -1) * 0.5 + mask, dim=-1) @ v
+    got = attnopt.attention(q, k, v, attn_mask=mask, scale=0.5)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[:, :, 0], v.mean(dim=-2))

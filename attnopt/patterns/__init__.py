@@ -43,8 +43,11 @@ def module_path(node: Node) -> str:
 
 
 def dataflow(gm: GraphModule) -> nx.DiGraph:
+    """The graph's data flow (node -> users); ``dag.graph["order"]`` is each node's position."""
     dag = nx.DiGraph()
-    for n in gm.graph.nodes:
+    dag.graph["order"] = {}
+    for i, n in enumerate(gm.graph.nodes):
+        dag.graph["order"][n] = i
         dag.add_node(n)
         for user in n.users:
             dag.add_edge(n, user)

@@ -62,13 +62,23 @@ def _same_shape(a: tuple, b: tuple) -> bool:
     return len(a) == len(b) and all(eq(x, y) for x, y in zip(a, b))
 
 
-def _distance_to_product(x, depth: int = 0) -> int | None:
-    """How many score-path ops lie between ``x`` and a scores product (None: none is reached)."""
+def _distance_to_product(x, _memo: dict | None = None, _depth: int = 0) -> int | None:
+    """How many score-path ops lie between ``x`` and a scores product (None: none is reached).
+
+    Memoized per call: a bias computed by a DAG of adds and multiplies is visited once per node.
+    """
+    memo = {} if _memo is None else _memo
+    if not isinstance(x, Node) or _depth > _MAX_DEPTH:
+        return None
+    if x in memo:
+        return memo[x]
+    memo[x] = None  # a cycle cannot occur in a DAG; this also bounds revisits
     op = C.classify(x)
-    if op is None or depth > _MAX_DEPTH:
+    if op is None:
         return None
     if op.kind in _PRODUCTS:
-        return depth if op.kind != C.EINSUM or len(op.inputs) == 2 else None
+        memo[x] = 0 if op.kind != C.EINSUM or len(op.inputs) == 2 else None
+        return memo[x]
     if op.kind not in _SCORE_PATH:
         return None
     if op.kind == C.WHERE:
@@ -77,8 +87,9 @@ def _distance_to_product(x, depth: int = 0) -> int | None:
         cands = op.inputs[:1]
     else:
         cands = op.inputs
-    found = [d for d in (_distance_to_product(a, depth + 1) for a in cands) if d is not None]
-    return min(found) if found else None
+    found = [d for d in (_distance_to_product(a, memo, _depth + 1) for a in cands) if d is not None]
+    memo[x] = 1 + min(found) if found else None
+    return memo[x]
 
 
 def _broadcasts_along_keys(t, scores_shape: tuple) -> bool:
@@ -685,6 +696,8 @@ def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch | None:
                 v_seen = _see_through_merge(ops.v, cb)
                 if v_seen is not None:
                     ops.v, v_ctx = v_seen[0], cb
+    ops.q, folded = _fold_scalar(ops.q, folded)
+    ops.k, folded = _fold_scalar(ops.k, folded)
     # Run-time sizes for views that need a dynamic B or H: read off q when it is [B, H, S, D] as written.
     qs = C.shape(ops.q)
     refs = None
@@ -707,8 +720,6 @@ def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch | None:
         raise Miss(f"layout not understood: {exc}") from None
     hq, hkv, hv = q_lead[1], k_lead[1], v_lead[1]
 
-    ops.q, folded = _fold_scalar(ops.q, folded)
-    ops.k, folded = _fold_scalar(ops.k, folded)
     k_node, v_node = ops.k, ops.v
     if not k_ops and not v_ops and not ops.k_transposed:
         rk, rv = unrepeat(k_node), unrepeat(v_node)
@@ -766,7 +777,8 @@ def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch | None:
     for operand in m.operands():
         if operand in region or operand is pv:
             raise Miss(f"{_describe(operand)} feeds the attention and depends on its scores")
-    for n in sorted(region, key=_position):
+    order = dag.graph.get("order") or {n: i for i, n in enumerate(softmax.graph.nodes)}
+    for n in sorted(region, key=order.__getitem__):
         outside = [u for u in n.users if u not in region and u is not pv]
         if outside:
             what = "probabilities" if n is softmax or nx.has_path(dag, softmax, n) else "scores"
@@ -776,13 +788,6 @@ def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch | None:
     if m.escape is None and m.softcap is not None and not op_supports_softcap():
         m.escape = (f"softcap {m.softcap:g}: torch.ops.attnopt.attention has no softcap argument in this build")
     return m
-
-
-def _position(n: Node) -> int:
-    for i, x in enumerate(n.graph.nodes):
-        if x is n:
-            return i
-    return 0
 
 
 def _product_shape(node, scalars: tuple) -> tuple | None:

@@ -25,7 +25,7 @@ from torch.fx import Graph, Node
 
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.ops import new_seed
-from attnopt.patterns.canonical import tensor_meta
+from attnopt.patterns.canonical import meta_value, tensor_meta
 
 CAUSAL_NAMES = {CAUSAL_NONE: "none", CAUSAL_TOP_LEFT: "top-left", CAUSAL_BOTTOM_RIGHT: "bottom-right"}
 
@@ -53,7 +53,7 @@ class ScalarExpr:
         """The value on the example inputs (symbolic numbers at their hints)."""
         out = self.const
         for n, power in self.factors:
-            v = tensor_meta_value(n)
+            v = _number(n)
             out = out * v if power > 0 else out / v
         return float(out)
 
@@ -61,9 +61,8 @@ class ScalarExpr:
         return _scaled(graph, float(self.const), self.factors, lookup)
 
 
-def tensor_meta_value(n: Any) -> float:
-    from attnopt.patterns.canonical import meta_value
-
+def _number(n: Any) -> float:
+    """The example value of a Python-number node (a symbolic number at its hint)."""
     v = meta_value(n)
     if isinstance(v, (torch.SymInt, torch.SymFloat)):
         return float(v.node.hint) if v.node.has_hint() else float("nan")

@@ -77,12 +77,28 @@ def _scores(q, k, attn_mask, causal, scale, softcap=0.0):
     return s
 
 
+def _softmax_lse(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row softmax of ``s`` and its logsumexp, with rows of all -inf giving p = 0 and lse = -inf.
+
+    p is normalized by its row sum (exp(s - max) / Σ), not computed as exp(s - lse): when every score of a
+    row is about finfo.min (a fully masked row with a finite fill), lse = max + log(Sk) rounds to max and
+    exp(s - lse) would sum to Sk instead of 1.
+    """
+    if s.shape[-1] == 0:  # no keys at all: every row is fully masked
+        return s, s.new_full(s.shape[:-1], float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)
+    e = torch.exp(s - m)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / denom.masked_fill(denom == 0, 1.0)
+    return p, (m + torch.log(denom)).squeeze(-1)
+
+
 def attention_forward(q, k, v, attn_mask=None, dropout_p=0.0, causal=CAUSAL_NONE, scale=None, seed=None, softcap=0.0):
     """Returns ``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32)``."""
     scale = default_scale(q.shape[-1]) if scale is None else scale
     s = _scores(q, k, attn_mask, causal, scale, softcap)
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    p, lse = _softmax_lse(s)
     if dropout_p > 0.0:
         p = p * dropout_keep(p.shape, dropout_p, seed, q.device) / (1.0 - dropout_p)
     out = torch.matmul(p, _expand_kv(_acc(v), q.shape[1]))
@@ -114,8 +130,7 @@ def attention_backward(dout, q, k, v, out, lse, attn_mask=None, dropout_p=0.0, c
     """
     scale = default_scale(q.shape[-1]) if scale is None else scale
     hq, hkv = q.shape[1], k.shape[1]
-    s = _scores(q, k, attn_mask, causal, scale, softcap)
-    p = torch.exp(s - lse.masked_fill(lse == float("-inf"), 0.0)[..., None])
+    p, _ = _softmax_lse(_scores(q, k, attn_mask, causal, scale, softcap))
     dof, vf = _acc(dout), _expand_kv(_acc(v), hq)
     dp = torch.matmul(dof, vf.transpose(-2, -1))
     pd = p
