@@ -6,7 +6,7 @@ functions it compiles, so the generated modules are imported from real files. Th
 (re)written, atomically, whenever it is missing or differs from what the current renderer produces
 for the spec (rendering is cheap string building), so a file left by an older attnopt never runs.
 
-Loaded kernels are kept in a process-wide dict keyed by the spec and the file. This module does not
+Loaded kernels are kept in a process-wide dict keyed by the kernel's name (the spec's hash) and the file. This module does not
 import triton: the generated module does, when :func:`load_kernel` first imports it.
 """
 
@@ -18,11 +18,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 from attnopt.codegen.render import render
 from attnopt.codegen.spec import KernelSpec
 
-_LOADED: dict[tuple[KernelSpec, Path], object] = {}
+_LOADED: dict[tuple[str, Path], object] = {}
 _LOCK = threading.Lock()
 
 
@@ -34,17 +35,20 @@ def cache_root() -> Path:
 
 def kernel_path(spec: KernelSpec) -> Path:
     """Where the source of ``spec``'s kernel is cached."""
-    return cache_root() / "kernels" / f"{spec.name}.py"
+    return _path(spec.name)
 
 
-def write_source(spec: KernelSpec) -> Path:
-    """Renders ``spec`` into its cache file unless the file already holds exactly that source."""
-    path = kernel_path(spec)
-    source = render(spec)
+def _path(name: str) -> Path:
+    return cache_root() / "kernels" / f"{name}.py"
+
+
+def _write(name: str, source: str) -> Path:
+    """Writes ``source`` to ``name``'s cache file, atomically, unless the file already holds exactly it."""
+    path = _path(name)
     if path.is_file() and path.read_text(encoding="utf-8") == source:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(source)
@@ -55,27 +59,41 @@ def write_source(spec: KernelSpec) -> Path:
     return path
 
 
-def load_kernel(spec: KernelSpec):
-    """The ``@triton.jit`` kernel of ``spec``, rendered into the cache and imported on first use."""
-    path = kernel_path(spec)
+def write_source(spec: KernelSpec) -> Path:
+    """Renders ``spec`` into its cache file unless the file already holds exactly that source."""
+    return _write(spec.name, render(spec))
+
+
+def load_generated(name: str, render_source: Callable[[], str]):
+    """The ``@triton.jit`` function ``name``, from the module ``render_source()`` returns.
+
+    Serves every generated-kernel family (exact, sparse, linear, sigmoid): the source is rendered and
+    written only on the first load in the process, then imported from its cache file.
+    """
+    path = _path(name)
     with _LOCK:
-        kernel = _LOADED.get((spec, path))
+        kernel = _LOADED.get((name, path))
         if kernel is None:
-            kernel = _import_kernel(spec, write_source(spec))
-            _LOADED[(spec, path)] = kernel
+            kernel = _import_kernel(name, _write(name, render_source()))
+            _LOADED[(name, path)] = kernel
     return kernel
 
 
-def _import_kernel(spec: KernelSpec, path: Path):
-    module_spec = importlib.util.spec_from_file_location(spec.name, path)
+def load_kernel(spec: KernelSpec):
+    """The ``@triton.jit`` kernel of ``spec``, rendered into the cache and imported on first use."""
+    return load_generated(spec.name, lambda: render(spec))
+
+
+def _import_kernel(name: str, path: Path):
+    module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[spec.name]
+        del sys.modules[name]
         raise
-    return getattr(module, spec.name)
+    return getattr(module, name)
 
 
 def clear_loaded() -> None:

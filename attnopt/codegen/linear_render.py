@@ -29,16 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
-import os
-import sys
-import tempfile
-import threading
 from dataclasses import dataclass
-from pathlib import Path
 
-from attnopt.codegen.cache import cache_root
+from attnopt.codegen.cache import load_generated
 from attnopt.codegen.spec import next_pow2
 
 KINDS = ("state", "out", "grad")
@@ -488,44 +482,6 @@ def _grad(spec: LinearSpec) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------- load
 
-_LOADED: dict[tuple[str, Path], object] = {}
-_LOCK = threading.Lock()
-
-
-def load_generated(name: str, source: str):
-    """The ``@triton.jit`` function ``name`` of ``source``, written to ``<cache root>/kernels/<name>.py``.
-
-    The file is (re)written atomically when missing or different (``@triton.jit`` reads the source of
-    the functions it compiles, so generated modules are imported from real files); loaded kernels are
-    kept per process. Shared by every generated-kernel family that is not the exact path's.
-    """
-    path = cache_root() / "kernels" / f"{name}.py"
-    with _LOCK:
-        kernel = _LOADED.get((name, path))
-        if kernel is None:
-            if not (path.is_file() and path.read_text(encoding="utf-8") == source):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
-                try:
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        f.write(source)
-                    os.replace(tmp, path)
-                except BaseException:
-                    os.unlink(tmp)
-                    raise
-            module_spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[name] = module
-            try:
-                module_spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-            kernel = getattr(module, name)
-            _LOADED[(name, path)] = kernel
-    return kernel
-
-
 def load(spec: LinearSpec):
     """The kernel of ``spec``, rendered into the cache and imported on first use."""
-    return load_generated(spec.name, render(spec))
+    return load_generated(spec.name, lambda: render(spec))

@@ -24,7 +24,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from attnopt.codegen.linear_render import TL_DTYPES, load_generated
+from attnopt.codegen.cache import load_generated
+from attnopt.codegen.linear_render import TL_DTYPES
 from attnopt.codegen.spec import next_pow2
 
 DIRECTIONS = ("fwd", "bwd_kv", "bwd_q")
@@ -132,7 +133,7 @@ def render(spec: SigmoidSpec) -> str:
 
 def load(spec: SigmoidSpec):
     """The kernel of ``spec``, rendered into the kernel cache and imported on first use."""
-    return load_generated(spec.name, render(spec))
+    return load_generated(spec.name, lambda: render(spec))
 
 
 def _header(spec: SigmoidSpec) -> list[str]:

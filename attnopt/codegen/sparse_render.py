@@ -27,16 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
-import os
-import sys
-import tempfile
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from attnopt.codegen.cache import cache_root
+from attnopt.codegen.cache import cache_root, load_generated
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -447,32 +442,10 @@ def _dkdv_body(spec, full: bool, ind: str) -> list[str]:
 
 
 # --- cache ----------------------------------------------------------------------------------------------
-_LOADED: dict = {}
-_LOCK = threading.Lock()
-
-
 def kernel_path(spec: SparseKernelSpec) -> Path:
     return cache_root() / "kernels" / f"{spec.name}.py"
 
 
 def load_kernel(spec: SparseKernelSpec):
-    """The ``@triton.jit`` kernel of ``spec``: rendered into the attnopt kernel cache (rewritten when the file
-    differs from the renderer's output) and imported on first use."""
-    path = kernel_path(spec)
-    with _LOCK:
-        kernel = _LOADED.get((spec, path))
-        if kernel is None:
-            source = render(spec)
-            if not (path.is_file() and path.read_text(encoding="utf-8") == source):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{spec.name}.", suffix=".tmp", dir=path.parent)
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    f.write(source)
-                os.replace(tmp, path)
-            module_spec = importlib.util.spec_from_file_location(spec.name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[spec.name] = module
-            module_spec.loader.exec_module(module)
-            kernel = getattr(module, spec.name)
-            _LOADED[(spec, path)] = kernel
-    return kernel
+    """The ``@triton.jit`` kernel of ``spec``, rendered into the attnopt kernel cache and imported on first use."""
+    return load_generated(spec.name, lambda: render(spec))
