@@ -9,7 +9,17 @@ triton nor CUDA; kernels are generated and compiled when first needed.
 """
 
 from attnopt import ops as _ops  # noqa: F401  (registers torch.ops.attnopt.*)
-from attnopt.api import AttnoptError, CaptureError, InputError, OptimizedModule, attention, inspect, optimize, report
+from attnopt.api import (
+    AttnoptError,
+    CaptureError,
+    InputError,
+    OptimizedModule,
+    attention,
+    generate,
+    inspect,
+    optimize,
+    report,
+)
 from attnopt.backend import Backend, make_backend
 from attnopt.policy import Exact, Keep, Linear, Policy, Sigmoid, Sparse
 from attnopt.report import Report, Site
@@ -31,6 +41,7 @@ __all__ = [
     "Site",
     "Sparse",
     "attention",
+    "generate",
     "inspect",
     "make_backend",
     "optimize",

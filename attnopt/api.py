@@ -1,4 +1,4 @@
-"""The public entry points: ``inspect``, ``optimize``, ``report`` and ``attention``."""
+"""The public entry points: ``inspect``, ``optimize``, ``report``, ``generate`` and ``attention``."""
 
 from __future__ import annotations
 
@@ -73,11 +73,36 @@ class OptimizedModule(nn.Module):
         except AttributeError:
             return getattr(self._modules["module"], name)
 
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate`` of the wrapped model, every forward through the rewritten graphs.
+
+        A model whose sites ``attnopt.Linear`` rewrote generates through their recurrent states
+        (:func:`attnopt.generate`: no KV cache); any other keeps its KV cache, and the graphs of its
+        decode steps are captured, rewritten and validated like any new input shape.
+        """
+        inner = self.module
+        if not callable(getattr(inner, "generate", None)):
+            raise AttributeError(f"{type(inner).__name__} has no generate(); call the optimized module instead")
+        if any(site.decision == "linear" for site in self.attnopt_report.sites):
+            return generate(self, *args, **kwargs)
+        return _forward_view(self).generate(*args, **kwargs)
+
     def state_dict(self, *args, **kwargs):
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, *args, **kwargs):
         return self.module.load_state_dict(*args, **kwargs)
+
+
+def _forward_view(optimized: OptimizedModule) -> nn.Module:
+    """The wrapped module seen through a subclass whose call is ``optimized``'s: its own methods (a Hugging
+    Face ``generate``) then run every forward through the rewritten graphs. Attributes are shared."""
+    inner = optimized.module
+    view_type = type(f"Optimized{type(inner).__name__}", (type(inner),),
+                     {"__call__": lambda self, *args, **kwargs: optimized(*args, **kwargs)})  # fmt: skip
+    view = object.__new__(view_type)
+    view.__dict__ = inner.__dict__
+    return view
 
 
 def _check_model(model: Any) -> None:
@@ -208,6 +233,15 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
         if calibration is not None:
             calibration.annotate(report)
     return optimized
+
+
+def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> Any:
+    """transformers' ``generate`` on a Hugging Face decoder whose attention sites ``attnopt.Linear`` rewrote,
+    through their recurrent states: the prompt once, then one token per step, no KV cache
+    (:func:`attnopt.kernels.linear.decode.generate`; a site that would need a KV cache is refused by name)."""
+    from attnopt.kernels.linear import decode
+
+    return decode.generate(model, input_ids, **generate_kwargs)
 
 
 def report(module: nn.Module) -> Report:

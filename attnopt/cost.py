@@ -138,7 +138,9 @@ def sparse(tiles: sympy.Expr = T, masked: bool = False) -> Cost:
 
 
 def mask_tiles(mask: masks.Mask, sq: int, sk: int, heads: int = 1) -> float:
-    """Key tiles per query tile that ``mask`` visits at these sizes (its block map: what the kernel visits)."""
+    """Key tiles per query tile that ``mask`` visits at these sizes (its block map: what the kernel visits; a
+    strided mask runs on keys in residue order, see :func:`attnopt.masks.residue_order`)."""
+    mask = masks.residue_order(mask) or mask
     bm = mask.block_map(sq, sk, BLOCK, BLOCK, heads if mask.head_dependent else 1)
     return float(bm.visited().double().mean())
 

@@ -4,6 +4,12 @@ Both ops have a fake implementation (so ``torch.compile`` and ``torch.export`` t
 running them), a CPU implementation (the plain PyTorch reference in ``kernels/exact``) and a CUDA
 implementation that launches the Triton kernel generated for the call's spec.
 
+The CUDA forward first asks :mod:`attnopt.kernels.exact.dispatch` whether an SDPA backend runs the
+call faster (measured once per shape bucket, cached on disk; ``ATTNOPT_SDPA_DISPATCH=0`` turns this
+off) and, if so, takes ``(out, lse)`` from it; the backward is always attnopt's, which recomputes the
+probabilities from ``lse``. A mask that is pure right key-padding (see
+:mod:`attnopt.kernels.exact.padding`) reaches the kernels as per-row key lengths instead.
+
 Layout is SDPA's: q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] with Hq % Hkv == 0 (GQA is
 native: k and v are never repeated). ``causal`` is one of the ``CAUSAL_*`` codes of the reference;
 ``softcap`` > 0 applies ``cap * tanh(s / cap)`` to the scaled scores before the mask (Gemma 2).
@@ -17,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.exact import reference
+from attnopt.kernels.exact import dispatch, reference
 
 _NAMESPACE = "attnopt"
 
@@ -35,6 +41,17 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
 
 
+def _key_padding(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(attn_mask, kv_lens)`` for the kernels: ``(None, lengths)`` when the mask is pure right key-padding
+    and needs no gradient (exactly equivalent, no [Sq, Sk] reads), else the mask unchanged and None."""
+    from attnopt.kernels.exact.padding import key_padding_lengths
+
+    if attn_mask is None or attn_mask.requires_grad or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return attn_mask, None  # the check syncs with the host, which CUDA graph capture forbids
+    kv_lens = key_padding_lengths(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    return (attn_mask, None) if kv_lens is None else (None, kv_lens)
+
+
 @torch.library.custom_op(f"{_NAMESPACE}::attention", mutates_args=())
 def attention_fwd(
     q: Tensor,
@@ -49,6 +66,7 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, attn_mask)
+    dispatch.note(dispatch.Decision(dispatch.REFERENCE))
     out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
     return out, lse.contiguous()
 
@@ -70,9 +88,17 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
         return out, lse.contiguous()
     from attnopt.kernels.exact import triton_impl
 
+    decision = dispatch.choose(q, k, v, attn_mask, causal, scale, dropout_p, softcap)
+    if decision.backend in dispatch.SDPA_BACKENDS:
+        try:
+            return dispatch.sdpa_forward(decision.backend, q, k, v, attn_mask, causal, scale)
+        except RuntimeError:
+            pass  # a shape of the bucket this backend refuses (alignment, head dim): attnopt's kernel runs it
+    attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     # Dropout draws its mask with the kernels' Philox generator: a different mask than the CPU reference's for
     # the same seed, replayed exactly by the CUDA backward.
-    return triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p, seed=seed)
+    return triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
+                               kv_lens=kv_lens)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
@@ -107,8 +133,11 @@ def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_g
         return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
     from attnopt.kernels.exact import triton_impl
 
+    kv_lens = None
+    if not mask_grad:
+        attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     g = triton_impl.backward(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
-                             seed=seed, mask_grad=mask_grad)
+                             seed=seed, mask_grad=mask_grad, kv_lens=kv_lens)
     return g.dq, g.dk, g.dv, g.dmask if g.dmask is not None else q.new_empty(0)
 
 

@@ -25,7 +25,8 @@ class ApproximateVariant:
 
     ``unsupported(match)`` returns a reason when the site cannot take the variant (else None);
     ``emit(graph, match, lookup)`` writes the replacement into ``graph`` (see
-    :func:`attnopt.patterns.match.emit` for the exact one); ``describe()`` is the report's reason.
+    :func:`attnopt.patterns.match.emit` for the exact one); ``describe(match)`` is the report's reason
+    (``match`` is the site's, or None outside a site).
     """
 
     name = "approximate"
@@ -33,7 +34,7 @@ class ApproximateVariant:
     def unsupported(self, match) -> str | None:
         return None
 
-    def describe(self) -> str:
+    def describe(self, match=None) -> str:
         return f"{self.name} attention (changes the function)"
 
     def emit(self, graph, match, lookup):
@@ -111,10 +112,11 @@ class Sparse(ApproximateVariant):
 
         return unsupported(self.mask, match)
 
-    def describe(self) -> str:
+    def describe(self, match=None) -> str:
+        """The report's reason; given the site's match, it names the token grid a grid mask runs on and its source."""
         from attnopt.variants.sparse import describe
 
-        return describe(self.mask)
+        return describe(self.mask, match)
 
     def emit(self, graph, match, lookup):
         from attnopt.variants.sparse import emit
@@ -158,12 +160,24 @@ class Linear(ApproximateVariant):
 
         return cls(**parse_options(text, cls))
 
+    def to_string(self) -> str:
+        """The string form (``parse_variant`` inverts it), e.g. ``linear:relu,causal=true,decay=0.9/0.8``."""
+        from attnopt.variants.linear import linear_string
+
+        return linear_string(self)
+
+    @classmethod
+    def candidates(cls, site, match) -> list:
+        from attnopt.variants.linear import candidates
+
+        return candidates(cls, site, match)
+
     def unsupported(self, match) -> str | None:
         from attnopt.variants.linear import linear_unsupported
 
         return linear_unsupported(self, match)
 
-    def describe(self) -> str:
+    def describe(self, match=None) -> str:
         from attnopt.variants.linear import describe_linear
 
         return describe_linear(self)
@@ -202,7 +216,7 @@ class Sigmoid(ApproximateVariant):
 
         return sigmoid_unsupported(self, match)
 
-    def describe(self) -> str:
+    def describe(self, match=None) -> str:
         bias = "-log(Sk)" if self.bias is None else f"{self.bias:g}"
         return f"sigmoid attention, bias {bias} (changes the function)"
 

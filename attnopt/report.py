@@ -50,6 +50,7 @@ class Site:
     dtype: str = ""
     deviation: float | None = None  # measured relative deviation from the original on the example inputs
     predicted_speedup: float | None = None  # cost model: the site as written over the decision, at the target length
+    runs: str = ""  # exact sites: the implementation that ran on the example inputs (SDPA dispatch), and by how much
     tried: list[Trial] = field(default_factory=list)  # the auto policy's candidates at this site
 
     @classmethod
@@ -137,16 +138,19 @@ class Report:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"attnopt: {len(self.sites)} attention site(s) in {self.graphs} graph(s)")
+        table = Table(title=f"attnopt: {len(self.sites)} attention site(s) in {self.graphs} graph(s)",
+                      caption="heads q/kv, dims qk/v, seq q/k")
         tried = any(s.tried for s in self.sites)
-        for col in ("site", "kind", "decision", "heads q/kv", "head dim", "seq q/k", "mask", "causal", "layout",
-                    "deviation", "speedup (pred.)", "reason", *(("tried",) if tried else ())):  # fmt: skip
-            table.add_column(col, overflow="fold")
+        for col in ("site", "kind", "decision", "heads", "dims", "seq", "mask", "causal", "layout", "deviation",
+                    "speedup (pred.)", "runs", "reason", *(("tried",) if tried else ())):  # fmt: skip
+            # the prose columns fold; names and numbers stay on one line (and stay searchable)
+            table.add_column(col, overflow="fold", no_wrap=col not in ("runs", "reason", "tried"))
         for s in self.sites:
             dev = "-" if s.deviation is None else f"{s.deviation:.1e}"
             speedup = "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x"
             row = [s.name, s.kind, s.decision, "/".join(map(str, s.heads)), "/".join(map(str, s.head_dims)),
-                   "/".join(map(str, s.seq)), s.mask, s.causal, s.layout, dev, speedup, s.reason]  # fmt: skip
+                   "/".join(map(str, s.seq)), s.mask, s.causal, s.layout, dev, speedup, s.runs or "-",
+                   s.reason]  # fmt: skip
             if tried:
                 row.append("; ".join(f"{t.variant} {_short(t.deviation)} {t.verdict}" for t in s.tried) or "-")
             table.add_row(*row)

@@ -18,12 +18,12 @@ Without CUDA it prints the predictions and says that the measured columns need a
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
 import torch
 import torch.nn.functional as F
+from _common import write_json
 
 from attnopt import cost, masks
 from attnopt.policy import Exact, Keep, Sparse
@@ -136,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not gpu:
         print(f"no CUDA: predictions for {cost.H100.name} only; the measured columns need a GPU")
     result = {"device": device, "hardware_model": cost.H100.name, "heads": HEADS, "head_dim": DIM, "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_json(result, args.out)
     return 0
 
 

@@ -156,7 +156,8 @@ def dispatch_decisions():
         code = reference.CAUSAL_TOP_LEFT if causal else reference.CAUSAL_NONE
         decision = dispatch.choose(q, k, v, None, code)
         decisions.append(dict(case=name, backend=decision.backend, speedup=round(decision.speedup, 3),
-                              versus=decision.versus, timings_ms=decision.timings_ms))
+                              versus=decision.versus, timings_ms=decision.timings_ms, note=decision.note,
+                              runs=decision.describe()))
         print(f"dispatch {name:22s} {decision.describe()}")
     return decisions
 

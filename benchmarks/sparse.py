@@ -1,13 +1,15 @@
 """Sparse attention benchmark: attnopt's sparse op beside dense SDPA (and compiled FlexAttention on GPU), one run.
 
-    python benchmarks/sparse.py --cpu                 # causal window 256, S=8192, H8, D64, fp32, on CPU
+    python benchmarks/sparse.py --cpu                 # causal window 256 and strided heads, S=8192, H8, D64, fp32
     python benchmarks/sparse.py                       # the GPU cases of shared/DESIGN.md §3 (needs CUDA)
     python benchmarks/sparse.py --cpu --json out.json
 
 CPU case: ``torch.ops.attnopt.sparse_attention`` with ``SlidingWindow(W - 1, 0)`` against
 ``F.scaled_dot_product_attention`` with the equivalent dense boolean mask and with ``is_causal=True``
 (which computes more, but skips the upper triangle), forward only, median of ``--repeat`` runs after a
-warm-up, all in this process. GPU cases (bf16, ``triton.testing.do_bench``): causal sliding windows,
+warm-up, all in this process; then head-sharded strided attention (``Strided(H, SlidingWindow(W - 1, 0)) &
+causal()``, head h sees keys j ≡ h mod H and its window) against SDPA ``is_causal`` and unmasked SDPA (a
+per-head dense mask would be H·S² bools), its deviation checked per head against SDPA with that head's mask. GPU cases (bf16, ``triton.testing.do_bench``): causal sliding windows,
 2-D neighborhoods and a random 90%-sparse block layout, each beside FlexAttention (compiled, block mask
 from the same descriptor's ``mask_mod``) and dense SDPA. JSON goes to stdout (and ``--json``).
 """
@@ -15,8 +17,6 @@ from the same descriptor's ``mask_mod``) and dense SDPA. JSON goes to stdout (an
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import platform
 import statistics
 import sys
@@ -24,6 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from _common import write_json
 
 import attnopt  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt import masks
@@ -72,6 +73,49 @@ def cpu_case(seq: int, heads: int, dim: int, window: int, repeat: int) -> dict:
         "speedup_vs_is_causal": t_causal / t_sparse,
         "max_abs_deviation_vs_dense_mask": deviation,
         "block_map": {"runs_per_query_tile": int(mask.block_map(seq, seq, 64, 64).max_runs)},
+    }
+
+
+def strided_cpu_case(seq: int, heads: int, dim: int, window: int, repeat: int) -> dict:
+    """Strided heads (stride = heads) with a causal window on CPU, fp32: sparse op vs dense SDPA (is_causal, unmasked)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq, dim, generator=gen) for _ in range(3))
+    mask = masks.Strided(heads, masks.SlidingWindow(window - 1, 0)) & masks.causal()
+    key, scale = mask.key(), dim ** -0.5
+
+    def sparse():
+        return torch.ops.attnopt.sparse_attention(q, k, v, None, None, key, scale, 0.0)[0]
+
+    def sdpa_causal():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def sdpa_dense():
+        return F.scaled_dot_product_attention(q, k, v)
+
+    with torch.no_grad():
+        out = sparse()
+        idx = torch.arange(seq)
+        deviations = []
+        for h in range(heads):  # one [S, S] mask at a time
+            keep = mask.allows(idx[:, None], idx[None, :], seq, seq, h)
+            want = F.scaled_dot_product_attention(q[:, h:h + 1], k[:, h:h + 1], v[:, h:h + 1], attn_mask=keep)
+            deviations.append((out[:, h:h + 1] - want).abs().max())
+        deviation = float(torch.stack(deviations).max())  # NaN, if any, shows
+        t_sparse = _median_seconds(sparse, repeat)
+        t_causal = _median_seconds(sdpa_causal, repeat)
+        t_dense = _median_seconds(sdpa_dense, repeat)
+    visited = masks.residue_order(mask).block_map(seq, seq, 64, 64, heads).visited()
+    return {
+        "case": f"strided heads (stride {heads}) + causal window {window}, B1 H{heads} S{seq} D{dim} fp32, CPU forward",
+        "mask": str(mask),
+        "threads": torch.get_num_threads(),
+        "attnopt_sparse_s": t_sparse,
+        "sdpa_is_causal_s": t_causal,
+        "sdpa_dense_s": t_dense,
+        "speedup_vs_is_causal": t_causal / t_sparse,
+        "speedup_vs_dense": t_dense / t_sparse,
+        "max_abs_deviation_vs_dense_mask": deviation,
+        "key_tiles_per_query_tile": {"visited_mean": float(visited.float().mean()), "dense": -(-seq // 64)},
     }
 
 
@@ -139,7 +183,7 @@ def gpu_cases(quick: bool) -> list[dict]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cpu", action="store_true", help="the CPU case (fp32 causal sliding window)")
+    p.add_argument("--cpu", action="store_true", help="the CPU cases (fp32 causal sliding window, strided heads)")
     p.add_argument("--seq", type=int, default=8192)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--dim", type=int, default=64)
@@ -150,17 +194,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
     if args.cpu:
-        result["cases"] = [cpu_case(args.seq, args.heads, args.dim, args.window, args.repeat)]
+        result["cases"] = [cpu_case(args.seq, args.heads, args.dim, args.window, args.repeat),
+                           strided_cpu_case(args.seq, args.heads, args.dim, args.window, args.repeat)]
     elif not torch.cuda.is_available():
         result["error"] = "no CUDA: the GPU cases need a CUDA device (run with --cpu for the CPU case)"
     else:
         result["device"] = torch.cuda.get_device_name()
         result["cases"] = gpu_cases(args.quick)
-    text = json.dumps(result, indent=2, default=lambda x: x if not isinstance(x, float) or math.isfinite(x) else str(x))
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+    write_json(result, args.json)
     return 0
 
 

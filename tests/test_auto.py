@@ -175,12 +175,45 @@ def test_auto_report_table_and_json():
     opt = attnopt.optimize(Parallel().eval(), Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), (x, y))
     report = attnopt.report(opt)
     table = str(report)
-    assert "tried" in table and "speedup (pred.)" in table and "chosen" in table
+    assert "tried" in table and "speedup" in table and "(pred.)" in table and "chosen" in table  # headers may fold
     site = json.loads(report.to_json())["sites"][0]
     assert site["tried"] == [{"variant": "Damped(error=0.001, speed=0.5)", "deviation": pytest.approx(1e-3, rel=1e-3),
                               "predicted_speedup": pytest.approx(site["predicted_speedup"]),
                               "verdict": "chosen"}]  # fmt: skip
     assert site["predicted_speedup"] == pytest.approx(cost.predict_speedup(report.sites[0], Damped(1e-3), TARGET))
+
+
+class CausalSelf(nn.Module):
+    def forward(self, x):
+        return F.scaled_dot_product_attention(x, x, x, is_causal=True)
+
+
+ELU, RELU = "linear:elu,causal=true", "linear:relu,causal=true"
+
+
+@pytest.mark.parametrize("budget, seq_len, decision, tried", [
+    # at 64k tokens the cost model puts linear ~136x ahead of exact: with a generous budget it wins ...
+    (1.0, 65536, "linear", [(ELU, "chosen")]),
+    # ... within 1e-2 it is tried and rejected, its measured deviation shown (softmax and linear differ ~0.6)
+    (1e-2, 65536, "exact-sparse", [(ELU, "over budget"), (RELU, "over budget"), ("exact-sparse", "chosen")]),
+    # at the site's own 8 tokens linear is predicted slower than exact: not tried
+    (1.0, None, "exact-sparse", [(ELU, "skipped: not predicted faster than exact"),
+                                 (RELU, "skipped: not predicted faster than exact"), ("exact-sparse", "chosen")]),
+])  # fmt: skip
+def test_linear_candidates_are_ranked_by_the_cost_model_at_the_target_length(budget, seq_len, decision, tried):
+    x = _inputs()[0]
+    opt = attnopt.optimize(CausalSelf().eval(), Policy.auto(budget, seq_len=seq_len, allow_linear=True), (x,))
+    report = attnopt.report(opt)
+    (site,) = report.sites
+    assert site.decision == decision and [(t.variant, t.verdict) for t in site.tried] == tried
+    linear = [t for t in site.tried if t.variant.startswith("linear")]
+    assert all(t.predicted_speedup == pytest.approx(cost.predict_speedup(site, attnopt.Linear(causal=True), seq_len))
+               for t in linear)  # fmt: skip
+    measured = [t.deviation for t in linear if t.verdict != "skipped: not predicted faster than exact"]
+    assert all(0.1 < d < 1.0 for d in measured) and (seq_len is None or measured)
+    assert ELU in report.to_json() and report.output_deviation <= budget
+    assert Policy.auto(allow_linear=True) != Policy.auto() and "linear" not in str(attnopt.report(
+        attnopt.optimize(CausalSelf().eval(), Policy.auto(budget, seq_len=seq_len), (x,))).sites[0].tried)
 
 
 def test_mistral_budget_zero_is_exact_sparse_everywhere():

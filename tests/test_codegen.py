@@ -182,7 +182,9 @@ def test_render_mask_is_compile_time(direction, mask):
     assert ("Mask" in kernel_arg_names(spec)) == (mask != "none")
     assert ("mask_ptrs" in src) == (mask != "none")
     assert ("attend != 0" in src) == (mask == "bool")
-    assert ("s += tl.load(mask_ptrs" in src) == (mask == "additive")
+    assert ("add = tl.load(mask_ptrs" in src) == (mask == "additive")
+    # the backward renormalizes its rows with additive terms (see codegen.bwd)
+    assert ("RowScale" in kernel_arg_names(spec)) == (mask == "additive" and direction != "fwd")
 
 
 @pytest.mark.parametrize("direction", ["fwd", "bwd_dkdv", "bwd_dq"])

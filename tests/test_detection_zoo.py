@@ -21,13 +21,7 @@ from attnopt import zoo
 
 from conftest import rel_err
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models: one intra-op thread avoids OpenMP stalls on a loaded 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Sites a model has: one per attention layer (2 layers a stack), self and cross attention in decoders.

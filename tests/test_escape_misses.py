@@ -25,13 +25,7 @@ from attnopt.kernels.exact import reference
 
 from conftest import rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(sq=7, sk=7):

@@ -41,3 +41,62 @@ def test_cuda_model_optimize(name, impl):
     rep = attnopt.report(opt)
     assert all(s.decision == "exact" for s in rep.sites), str(rep)
     assert rep.output_deviation < 1e-4
+
+
+def _cuda_qkv(b=2, h=4, s=300, d=64, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    return tuple(torch.randn(b, h, s, d, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+
+
+@pytest.mark.parametrize("mask", ["none", "bool", "additive"])
+def test_cuda_sdpa_dispatch_matches_the_reference_forward_and_backward(mask, tmp_path, monkeypatch):
+    """Whichever implementation the dispatch picks, (out, lse) and attnopt's backward match the reference;
+    each SDPA backend's lse, normalized, is attnopt's."""
+    from attnopt.kernels.exact import dispatch
+
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    dispatch.clear_memo()
+    q, k, v = (t.requires_grad_() for t in _cuda_qkv())
+    attn_mask = None
+    if mask != "none":
+        keep = torch.rand(2, 1, 300, 300, device="cuda") > 0.2
+        attn_mask = keep if mask == "bool" else torch.zeros(keep.shape, device="cuda").masked_fill(~keep, -1e9)
+    with dispatch.record() as decisions:
+        out, lse = torch.ops.attnopt.attention(q, k, v, attn_mask, 0.0, R.CAUSAL_TOP_LEFT, 0.125, None)
+    (decision,) = decisions
+    assert decision.backend in ("attnopt", *dispatch.SDPA_BACKENDS) and decision.timings_ms, decision
+    ref_out, ref_lse = R.attention_forward(q.double(), k.double(), v.double(), attn_mask, 0.0, R.CAUSAL_TOP_LEFT, 0.125)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-2, rtol=1e-2)
+    out.float().square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = R.attention_forward(qd, kd, vd, attn_mask, 0.0, R.CAUSAL_TOP_LEFT, 0.125)[0]
+    ref.square().sum().backward()
+    for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
+        torch.testing.assert_close(got.double(), want, atol=5e-2, rtol=5e-2)
+    for backend in dispatch.Site.of(q, k, v, attn_mask, R.CAUSAL_TOP_LEFT, 0.0, False).sdpa_backends():
+        try:
+            sdpa_out, sdpa_lse = dispatch.sdpa_forward(backend, q.detach(), k.detach(), v.detach(), attn_mask,
+                                                       R.CAUSAL_TOP_LEFT, 0.125)
+        except RuntimeError:
+            continue  # this backend does not run here (GPU generation, build)
+        assert sdpa_lse.shape == (2, 4, 300) and sdpa_lse.dtype == torch.float32
+        torch.testing.assert_close(sdpa_lse.double(), ref_lse, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_cuda_key_padding_mask_runs_as_lengths(kind, monkeypatch):
+    from attnopt.kernels.exact import dispatch, triton_impl
+
+    seen = []
+    real = triton_impl.forward
+    monkeypatch.setattr(triton_impl, "forward", lambda *a, **kw: seen.append(kw["kv_lens"]) or real(*a, **kw))
+    q, k, v = _cuda_qkv(dtype=torch.float16)
+    keep = (torch.arange(300, device="cuda") < torch.tensor([300, 77], device="cuda")[:, None])[:, None, None, :]
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device="cuda").masked_fill(~keep, float("-inf"))
+    with dispatch.disabled():
+        out, lse = torch.ops.attnopt.attention(q, k, v, mask, 0.0, R.CAUSAL_NONE, 0.125, None)
+    assert seen[0].tolist() == [300, 77]
+    ref_out, _ = R.attention_forward(q.double(), k.double(), v.double(), mask, 0.0, R.CAUSAL_NONE, 0.125)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-2, rtol=1e-2)

@@ -1,54 +1,31 @@
 """The generated exact-attention forward kernel against the reference.
 
-Kernels run in Triton's CPU interpreter. With ``ATTNOPT_TEST_GPU=1`` (on a CUDA machine, e.g.
-``ATTNOPT_TEST_GPU=1 pytest tests/test_kernel_exact.py tests/test_kernel_exact_bwd.py``) the same tests
-run the compiled kernels on the GPU instead, plus the ``gpu``-marked ones.
+Kernels run in Triton's CPU interpreter, or compiled on a GPU with ``ATTNOPT_TEST_GPU=1`` (see
+``_exact_helpers``).
 """
-
-import os
-
-GPU = os.environ.get("ATTNOPT_TEST_GPU") == "1"
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 
 import pytest
 import torch
+from _exact_helpers import (
+    DEVICE,
+    alibi_bias,
+    float16_case,
+    gpu_only,
+    ignore_exp2_overflow,
+    kernel_cache,  # noqa: F401  (autouse fixture)
+    masked_rows,
+    padding_keep,
+    qkv,
+    rand,
+    randn,
+)
 
 from attnopt.kernels.exact import reference, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 
-DEVICE = "cuda" if GPU else "cpu"
 FP32_TOL = dict(atol=1e-5, rtol=1e-5)
 FP16_TOL = dict(atol=2e-3, rtol=2e-3)
-gpu_only = pytest.mark.skipif(not GPU, reason="set ATTNOPT_TEST_GPU=1 on a CUDA machine")
-# The softcap's exp(2x) overflows to inf for large scores (tanh = 1 exactly); numpy warns in the interpreter.
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache(tmp_path_factory):
-    """Generated kernels go to a temporary cache, not the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNOPT_CACHE_DIR", str(tmp_path_factory.mktemp("attnopt_cache")))
-        yield
-
-
-def qkv(b=2, hq=2, hkv=None, sq=7, sk=7, d=16, dv=None, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hkv = hq if hkv is None else hkv
-    dv = d if dv is None else dv
-    q = torch.randn(b, hq, sq, d, generator=g).to(DEVICE, dtype)
-    k = torch.randn(b, hkv, sk, d, generator=g).to(DEVICE, dtype)
-    v = torch.randn(b, hkv, sk, dv, generator=g).to(DEVICE, dtype)
-    return q, k, v
-
-
-def rand(*shape, seed=1):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+pytestmark = ignore_exp2_overflow
 
 
 def check(q, k, v, attn_mask=None, causal=CAUSAL_NONE, scale=None, tol=FP32_TOL, ref_mask=None, softcap=0.0,
@@ -116,10 +93,7 @@ def test_gqa(hq, hkv, causal):
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_fully_masked_rows(kind):
-    keep = torch.ones(2, 2, 9, 17, dtype=torch.bool, device=DEVICE)
-    keep[0, 1, 3] = False
-    keep[1, :, 8] = False
-    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    mask, _ = masked_rows(kind)
     out, lse = check(*qkv(sq=9, sk=17), mask)
     assert (out[0, 1, 3] == 0).all() and (out[1, :, 8] == 0).all()
     assert lse[0, 1, 3] == float("-inf") and (lse[1, :, 8] == float("-inf")).all()
@@ -148,12 +122,7 @@ def test_scale():
 @pytest.mark.parametrize("causal, mask_kind", [(CAUSAL_NONE, None), (CAUSAL_TOP_LEFT, "bool"),
                                                (CAUSAL_BOTTOM_RIGHT, "additive")])
 def test_float16(causal, mask_kind):
-    q, k, v = qkv(hq=4, hkv=2, sq=33, sk=40, d=40, dv=24, dtype=torch.float16)
-    mask = None
-    if mask_kind == "bool":
-        mask = rand(33, 40, seed=3) > 0.3
-    elif mask_kind == "additive":
-        mask = randn(2, 1, 33, 40, seed=3).half()
+    q, k, v, mask = float16_case(mask_kind)
     check(q, k, v, mask, causal=causal, tol=FP16_TOL)
 
 
@@ -169,13 +138,6 @@ def test_bfloat16(causal):
 # Score features: softcap, ALiBi, bias tensor, relative position bias, key-padding lengths, dropout
 
 
-def alibi_bias(slopes, sq, sk):
-    """The reference's additive equivalent of ALiBi: -slope_h * |j - i - (Sk - Sq)|, [(B,) Hq, Sq, Sk]."""
-    i = torch.arange(sq, device=DEVICE)[:, None]
-    j = torch.arange(sk, device=DEVICE)[None, :]
-    return -slopes[..., None, None] * (j - i - (sk - sq)).abs()
-
-
 def t5_buckets(rel):
     """A T5-like bucketing of relative positions j - i: signed, clipped to 8 buckets."""
     return rel.clamp(-3, 4) + 3
@@ -185,11 +147,6 @@ def rel_bias(table, buckets, sq, sk):
     """table[buckets[j - i + Sq - 1], h] as [1, Hq, Sq, Sk]."""
     rel = torch.arange(sk, device=DEVICE)[None, :] - torch.arange(sq, device=DEVICE)[:, None] + sq - 1
     return table[buckets.long()[rel]].permute(2, 0, 1)[None]
-
-
-def padding_keep(kv_lens, sk):
-    """[B, 1, 1, Sk] bool: keys below each row's length."""
-    return (torch.arange(sk, device=DEVICE) < kv_lens[:, None])[:, None, None, :]
 
 
 @pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT])

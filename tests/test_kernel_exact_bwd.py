@@ -1,53 +1,33 @@
 """The generated exact-attention backward kernels (bwd_pre, bwd_dkdv, bwd_dq) against the reference.
 
 Kernels run in Triton's CPU interpreter; ``ATTNOPT_TEST_GPU=1`` runs them compiled on a CUDA GPU (see
-``test_kernel_exact.py``). Each check runs the kernel forward, then the kernel backward on the kernel's
+``_exact_helpers``). Each check runs the kernel forward, then the kernel backward on the kernel's
 ``out`` and ``lse``, and compares every gradient with ``reference.attention_backward``.
 """
 
-import os
-
-GPU = os.environ.get("ATTNOPT_TEST_GPU") == "1"
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
-
 import pytest
 import torch
+from _exact_helpers import (
+    DEVICE,
+    alibi_bias,
+    float16_case,
+    gpu_only,
+    ignore_exp2_overflow,
+    kernel_cache,  # noqa: F401  (autouse fixture)
+    masked_rows,
+    padding_keep,
+    qkv,
+    rand,
+    randn,
+)
 
 from attnopt import ops
 from attnopt.kernels.exact import reference, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 
-DEVICE = "cuda" if GPU else "cpu"
 FP32_TOL = dict(atol=2e-5, rtol=2e-5)
 FP16_TOL = dict(atol=1e-2, rtol=1e-2)
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache(tmp_path_factory):
-    """Generated kernels go to a temporary cache, not the user's."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNOPT_CACHE_DIR", str(tmp_path_factory.mktemp("attnopt_cache")))
-        yield
-
-
-def qkv(b=2, hq=2, hkv=None, sq=7, sk=7, d=16, dv=None, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hkv = hq if hkv is None else hkv
-    dv = d if dv is None else dv
-    q = torch.randn(b, hq, sq, d, generator=g).to(DEVICE, dtype)
-    k = torch.randn(b, hkv, sk, d, generator=g).to(DEVICE, dtype)
-    v = torch.randn(b, hkv, sk, dv, generator=g).to(DEVICE, dtype)
-    return q, k, v
-
-
-def rand(*shape, seed=1):
-    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+pytestmark = ignore_exp2_overflow
 
 
 def check(q, k, v, attn_mask=None, causal=CAUSAL_NONE, scale=None, tol=FP32_TOL, ref_mask=None, softcap=0.0,
@@ -149,12 +129,33 @@ def test_non_contiguous_inputs():
 
 @pytest.mark.parametrize("kind", ["bool", "additive"])
 def test_fully_masked_rows(kind):
-    keep = torch.ones(2, 2, 9, 17, dtype=torch.bool, device=DEVICE)
-    keep[0, 1, 3] = False
-    keep[1, :, 8] = False
-    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    mask, _ = masked_rows(kind)
     grads = check(*qkv(sq=9, sk=17), mask, mask_grad=kind == "additive")
     assert (grads.dq[0, 1, 3] == 0).all() and (grads.dq[1, :, 8] == 0).all()
+
+
+@pytest.mark.parametrize("fill, tol", [
+    (torch.finfo(torch.float32).min, FP32_TOL),  # Hugging Face's fill: saturates at -FLT_MAX in base 2
+    (-1e9, FP32_TOL),
+    (-1e4, dict(atol=1e-3, rtol=1e-3)),  # scores near -1e4 carry an fp32 rounding of 1e-3 in the reference too
+])
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # fill * log2(e), saturated
+def test_rows_fully_masked_with_a_finite_fill_average_v(fill, tol):
+    """A finite fill over a whole row averages V (the reference), forward and backward, next to -inf rows."""
+    q, k, v = qkv(sq=9, sk=17)
+    mask, keep = masked_rows("additive", fill)
+    mask[1, 0, 2] = float("-inf")  # a row fully masked with -inf: zeros, lse = -inf
+    keep[1, 0, 2] = False
+    out, lse = triton_impl.forward(q, k, v, mask)
+    ref_out, ref_lse = reference.attention_forward(q, k, v, mask)
+    torch.testing.assert_close(out, ref_out, **tol)
+    assert (out[1, 0, 2] == 0).all() and lse[1, 0, 2] == float("-inf")
+    live = keep.any(-1)  # [B, H, Sq] rows with a visible key
+    torch.testing.assert_close(lse[live], ref_lse[live], **tol)
+    if fill < -1e8:  # every score of the row saturated: the mean of V, lse = -FLT_MAX (fp32 cannot hold max + log Σ)
+        torch.testing.assert_close(out[0, 1, 3], v[0, 1].mean(0), **tol)
+        assert lse[0, 1, 3] == torch.finfo(torch.float32).min
+    check(q, k, v, mask, tol=tol, mask_grad=True)
 
 
 def test_causal_rows_without_keys():
@@ -183,17 +184,12 @@ def test_empty():
 @pytest.mark.parametrize("causal, mask_kind", [(CAUSAL_NONE, None), (CAUSAL_TOP_LEFT, "bool"),
                                                (CAUSAL_BOTTOM_RIGHT, "additive")])
 def test_float16(causal, mask_kind):
-    q, k, v = qkv(hq=4, hkv=2, sq=33, sk=40, d=40, dv=24, dtype=torch.float16)
-    mask = None
-    if mask_kind == "bool":
-        mask = rand(33, 40, seed=3) > 0.3
-    elif mask_kind == "additive":
-        mask = randn(2, 1, 33, 40, seed=3).half()
+    q, k, v, mask = float16_case(mask_kind)
     check(q, k, v, mask, causal=causal, tol=FP16_TOL, mask_grad=mask_kind == "additive")
 
 
+@gpu_only
 @pytest.mark.gpu
-@pytest.mark.skipif(not GPU, reason="Triton's interpreter has no bfloat16 tl.dot; set ATTNOPT_TEST_GPU=1 on a GPU")
 @pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
 def test_bfloat16(causal):
     check(*qkv(hq=4, hkv=2, sq=130, sk=77, d=64, dtype=torch.bfloat16), causal=causal, tol=dict(atol=5e-2, rtol=5e-2))
@@ -201,16 +197,6 @@ def test_bfloat16(causal):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Score features
-
-
-def alibi_bias(slopes, sq, sk):
-    i = torch.arange(sq, device=DEVICE)[:, None]
-    j = torch.arange(sk, device=DEVICE)[None, :]
-    return -slopes[..., None, None] * (j - i - (sk - sq)).abs()
-
-
-def padding_keep(kv_lens, sk):
-    return (torch.arange(sk, device=DEVICE) < kv_lens[:, None])[:, None, None, :]
 
 
 @pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT])

@@ -10,17 +10,13 @@ import pytest
 import torch
 
 import attnopt.kernels.sigmoid  # noqa: F401  (registers torch.ops.attnopt.sigmoid_attention)
+from attnopt.codegen import sigmoid_render
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.sigmoid import reference, triton_impl
 
+pytestmark = pytest.mark.usefixtures("temp_kernel_cache")
+
 F32 = dict(atol=2e-5, rtol=2e-5)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _kernel_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ATTNOPT_CACHE_DIR", str(tmp_path_factory.mktemp("attnopt_cache")))
-        yield
 
 
 def qkv(b=2, hq=4, hkv=2, sq=7, sk=33, d=24, dv=16, dtype=torch.float32, seed=0):
@@ -81,15 +77,17 @@ def test_op_registration_autograd_and_mask_gradient():
         torch.testing.assert_close(t.grad, g)
 
 
-def _check(q, k, v, m=None, causal=CAUSAL_NONE, bias=None, tol=F32, grads=True):
+def _check(q, k, v, m=None, causal=CAUSAL_NONE, bias=None, tol=F32, grads=True, mask_grad=False):
     want = reference.sigmoid_attention(q, k, v, m, causal, 0.3, bias)
     got = triton_impl.forward(q, k, v, m, causal, 0.3, bias)
     assert got.dtype == q.dtype
     torch.testing.assert_close(got, want, **tol)
     if grads:
         dout = torch.randn(want.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
-        want_g = reference.sigmoid_attention_backward(dout, q, k, v, m, causal, 0.3, bias)[:3]
-        for name, a, b in zip(("dq", "dk", "dv"), triton_impl.backward(dout, q, k, v, m, causal, 0.3, bias), want_g):
+        want_g = reference.sigmoid_attention_backward(dout, q, k, v, m, causal, 0.3, bias, mask_grad)
+        got_g = triton_impl.backward(dout, q, k, v, m, causal, 0.3, bias, mask_grad)
+        assert (got_g[3] is None) == (want_g[3] is None) == (not mask_grad)
+        for name, a, b in zip(("dq", "dk", "dv", "dmask"), got_g[:3 + mask_grad], want_g):
             assert a.dtype == b.dtype and a.shape == b.shape, name
             torch.testing.assert_close(a, b, **tol, msg=lambda msg, n=name: f"{n}: {msg}")
 
@@ -104,6 +102,30 @@ def test_triton_causal_and_lengths(sq, sk, causal):
 @pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
 def test_triton_masks(kind, shape, causal):
     _check(*qkv(sq=65, sk=40), mask(kind, shape), causal=causal, bias=-2.0)
+
+
+@pytest.mark.parametrize("shape, causal", [((2, 4, 33, 40), CAUSAL_NONE), ((33, 40), CAUSAL_BOTTOM_RIGHT),
+                                           ((1, 4, 33, 1), CAUSAL_TOP_LEFT), ((2, 1, 1, 40), CAUSAL_NONE)])  # fmt: skip
+def test_triton_mask_gradient_sums_over_broadcast_dims(shape, causal):
+    """dmask is dS summed over the dims the mask broadcasts along (batch, heads, query or key rows);
+    0 at -inf entries and at keys the causal diagonal hides."""
+    _check(*qkv(sq=33, sk=40), mask("additive", shape), causal=causal, bias=-2.0, mask_grad=True)
+
+
+def test_mask_gradient_spec_and_errors():
+    with_ds = sigmoid_render.default_spec("bwd_q", 24, 16, "float32", CAUSAL_NONE, "additive", write_ds=True)
+    without = sigmoid_render.default_spec("bwd_q", 24, 16, "float32", CAUSAL_NONE, "additive")
+    assert with_ds.name.startswith("attnopt_sigmoid_bwd_q_") and with_ds.key != without.key
+    assert "DS" in sigmoid_render.kernel_arg_names(with_ds) and "DS" not in sigmoid_render.kernel_arg_names(without)
+    assert "tl.store(ds_row[:, None] + cols[None, :], ds" in sigmoid_render.render(with_ds)
+    for direction, kind in (("bwd_kv", "additive"), ("bwd_q", "bool")):
+        with pytest.raises(ValueError, match="write_ds needs direction 'bwd_q' and mask 'additive'"):
+            sigmoid_render.default_spec(direction, 24, 16, "float32", CAUSAL_NONE, kind, write_ds=True)
+    with pytest.raises(ValueError, match="SigmoidSpec.block_m must be a power of two"):
+        sigmoid_render.SigmoidSpec(direction="fwd", head_dim=8, head_dim_v=8, dtype="float32", causal=0, mask="none",
+                                   block_m=48, block_n=16, num_warps=4, num_stages=2)  # fmt: skip
+    with pytest.raises(ValueError, match="mask_grad needs an additive"):
+        triton_impl.backward(torch.zeros(2, 4, 7, 16), *qkv(), mask("bool", (7, 33)), mask_grad=True)
 
 
 def test_triton_fully_masked_rows_are_zero():

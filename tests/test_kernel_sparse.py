@@ -1,7 +1,9 @@
 """Sparse attention kernels against the dense-mask reference: the generated Triton kernels (in Triton's CPU
 interpreter), the blockwise CPU path and the custom ops, forward and backward, on small odd shapes."""
 
+import functools
 import os
+from types import SimpleNamespace
 
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 
@@ -205,3 +207,107 @@ def test_op_reorders_tokens_into_spatial_tiles_and_back(mask):
     want = reference.attention_backward(dout, q.detach(), k.detach(), v.detach(), ref_out, ref_lse, mask, kv, None, 0.3)
     for got, r in zip(grads, want):
         torch.testing.assert_close(got, r)
+
+
+_WIDTH = torch.tensor([2, 9])  # per batch row: how far back a query sees
+
+
+def _by_batch(b, h, q, k):
+    return (k <= q) & (k >= q - _WIDTH[b])
+
+
+def _by_head(b, h, q, k):
+    return ((q + k + h) % 3 == 0) | (q == k)
+
+
+def _by_both(b, h, q, k):
+    return _by_batch(b, h, q, k) | (k % 4 == h)
+
+
+@pytest.mark.parametrize("fn, batch_dep, head_dep", [(_by_batch, True, False), (_by_head, False, True),
+                                                     (_by_both, True, True), (_doc, False, False)])  # fmt: skip
+@pytest.mark.parametrize("impl", [triton_impl, blockwise], ids=["triton", "blockwise"])
+def test_mask_mod_depending_on_batch_row_and_head(fn, batch_dep, head_dep, impl):
+    """Dependence on b and h is found from one call; each (b, h) gets its own tiles, forward and backward."""
+    from attnopt.kernels.exact import reference as exact
+    from attnopt.kernels.sparse import ops
+
+    mask = M.from_mask_mod(fn)
+    assert (mask.batch_dependent(2), mask.heads_of(4) > 1) == (batch_dep, head_dep)
+    q, k, v = qkv(sq=37, sk=37)
+    idx = torch.arange(37)
+    dense = fn(torch.arange(2).view(2, 1, 1, 1), torch.arange(4).view(1, 4, 1, 1), idx.view(37, 1), idx)  # the oracle
+    out, lse = ops.forward(impl, q, k, v, mask, None, None, 0.3, 0.0)
+    want = exact.attention_forward(q, k, v, dense.expand(2, 4, 37, 37), 0.0, exact.CAUSAL_NONE, 0.3)
+    _check((out, lse), want, FP32)
+    dout = torch.randn_like(out)
+    grads = ops.backward(impl, dout, q, k, v, out, lse, mask, None, None, 0.3, 0.0)
+    ref = exact.attention_backward(dout, q, k, v, want[0], want[1], dense.expand(2, 4, 37, 37), 0.0, exact.CAUSAL_NONE,
+                                   0.3, None, False)  # fmt: skip
+    for got, r in zip(grads, ref[:3]):
+        torch.testing.assert_close(got, r, **FP32)
+
+
+def _tiles(impl, bm, bn):
+    """``impl`` (triton_impl or blockwise) with a fixed tile shape, as :mod:`attnopt.kernels.sparse.ops` calls it."""
+    return SimpleNamespace(forward=functools.partial(impl.forward, block_m=bm, block_n=bn),
+                           backward=functools.partial(impl.backward, block_m=bm, block_n=bn))  # fmt: skip
+
+
+STRIDED = {  # mask, (B, Hq, Hkv, Sq, Sk), key padding, extra bool mask
+    "r2_window": (M.Strided(2, M.SlidingWindow(3, 1)), (1, 4, 2, 37, 37), False, False),
+    "r3_causal_gqa3": (M.Strided(3, 1) & M.causal(), (1, 6, 2, 45, 45), True, False),
+    "r4_causal_sq_lt_sk": (M.Strided(4, M.SlidingWindow(5, 0)) & M.causal(), (1, 4, 1, 29, 41), False, True),
+    "r5_or_blocked": (M.Strided(5, 0) | M.Blocked(8), (1, 5, 5, 43, 43), True, False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRIDED))
+@pytest.mark.parametrize("impl", [_tiles(triton_impl, 16, 16), _tiles(blockwise, 8, 8)], ids=["triton", "blockwise"])
+def test_strided_runs_on_keys_in_residue_order(name, impl):
+    """The ops sort keys by residue (each head visits its own tiles) and match the dense reference of the mask in
+    the model's order, forward and backward (GQA, odd sizes, causal and not, padding, an extra mask)."""
+    from attnopt.kernels.sparse import ops
+
+    mask, (b, hq, hkv, sq, sk), padded, extra = STRIDED[name]
+    assert M.residue_order(mask) is not None
+    q, k, v = qkv(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk)
+    kv = _padding(b, sk) if padded else None
+    attn_mask = torch.rand(b, 1, sq, sk, generator=torch.Generator().manual_seed(3)) > 0.2 if extra else None
+    out, lse = ops.forward(impl, q, k, v, mask, kv, attn_mask, 0.3, 0.0)
+    ref = reference.attention_forward(q, k, v, mask, kv, attn_mask, 0.3)
+    _check((out, lse), ref, FP32)
+    dout = torch.randn_like(out)
+    grads = ops.backward(impl, dout, q, k, v, out, lse, mask, kv, attn_mask, 0.3, 0.0)
+    want = reference.attention_backward(dout, q, k, v, ref[0], ref[1], mask, kv, attn_mask, 0.3)
+    for got, r in zip(grads, want):
+        torch.testing.assert_close(got, r, **FP32)
+
+
+def test_strided_op_with_autograd():
+    """Through the custom op (CPU: the blockwise path, one plan per head on its own tiles), in float64."""
+    mask = M.Strided(4, M.SlidingWindow(9, 0)) & M.causal()
+    q, k, v = (t.double().requires_grad_() for t in qkv(b=1, hq=4, hkv=2, sq=150, sk=150, d=8))
+    out = torch.ops.attnopt.sparse_attention(q, k, v, None, None, mask.key(), 0.3, 0.0)[0]
+    ref_out, ref_lse = reference.attention_forward(q.detach(), k.detach(), v.detach(), mask, None, None, 0.3)
+    torch.testing.assert_close(out, ref_out)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    want = reference.attention_backward(dout, q.detach(), k.detach(), v.detach(), ref_out, ref_lse, mask, None, None, 0.3)
+    for got, r in zip(grads, want):
+        torch.testing.assert_close(got, r)
+
+
+def test_blockwise_plans_each_head_on_its_own_tiles():
+    """A head-dependent mask on CPU: one plan per query head, over that head's tiles only (not their union)."""
+    mask = M.residue_order(M.Strided(8, 0))
+    s, hq = 4096, 8
+    q, k = torch.zeros(1, hq, s, 4), torch.zeros(1, 2, s, 4)
+    groups = list(blockwise._head_groups(mask, hq, 2))
+    assert [head for _, _, head in groups] == list(range(hq))
+    visited = mask.block_map(s, s, 64, 64, hq).visited()
+    for heads, kv_heads, head in groups:
+        plan = blockwise._setup(mask, q[:, heads], k[:, kv_heads], k[:, kv_heads], 64, 64, True, hq, head)
+        keys = [sum(c1 - c0 for c0, c1 in segs) for segs in plan.segs]
+        assert keys == (visited[head] * 64).tolist()
+        assert max(keys) * 3 < s

@@ -88,6 +88,9 @@ MASKS = {
     "global_local_causal": M.GlobalLocal(2, M.SlidingWindow(3, 0)) & M.causal(),
     "strided": M.Strided(3, 1),
     "strided_causal": M.Strided(4, M.SlidingWindow(2, 0)) & M.causal(),
+    "strided_residue": M.residue_order(M.Strided(3, 1)),
+    "strided_residue_causal": M.residue_order(M.Strided(4, M.SlidingWindow(2, 0)) & M.causal()),
+    "strided_residue_or": M.residue_order(M.Strided(5, M.SlidingWindow(1, 3, dilation=2)) | M.Blocked(6)),
     "or": M.SlidingWindow(1, 1) | M.Blocked(8),
     "block_sparse": M.BlockSparse(_layout(1, 5, 6), block=(8, 6)),
     "block_sparse_heads": M.BlockSparse(_layout(3, 5, 6, seed=1), block=(8, 6)),
@@ -111,7 +114,8 @@ def test_block_map_matches_dense(name, bm, bn):
 
 @pytest.mark.parametrize("sq, sk", [(9, 21), (21, 9), (1, 13)])
 @pytest.mark.parametrize("mask", [M.causal(), M.SlidingWindow(3, 1), M.SlidingWindow(2, 0, dilation=2),
-                                  M.GlobalLocal(2, 3), M.Strided(2, 0) & M.causal()])  # fmt: skip
+                                  M.GlobalLocal(2, 3), M.Strided(2, 0) & M.causal(),
+                                  M.residue_order(M.Strided(4, M.SlidingWindow(3, 1)) & M.causal())])  # fmt: skip
 def test_block_maps_with_different_lengths(mask, sq, sk):
     check_block_map(mask, sq, sk, 4, 4, heads=2)
 
@@ -174,6 +178,48 @@ def test_strided_heads_cover_the_context():
     assert d[1, 5].nonzero().squeeze(1).tolist() == [1, 5, 9, 13]
 
 
+@pytest.mark.parametrize("sq, sk", [(37, 37), (9, 21), (21, 9), (5, 3)])
+def test_residue_order_is_the_same_mask_on_keys_sorted_by_residue(sq, sk):
+    base = M.Strided(4, M.SlidingWindow(3, 1)) & M.causal()
+    ordered = M.residue_order(base)
+    assert ordered == M.ResidueOrder(base, 4) and M.residue_order(M.causal()) is None
+    assert M.residue_order(M.Strided(2) | M.Strided(3)) is None, "two strides: no single key order"
+    perm = ordered.permutation(sk)
+    assert perm.tolist() == sorted(range(sk), key=lambda j: (j % 4, j // 4))
+    assert torch.equal(ordered.dense(sq, sk, heads=5), base.dense(sq, sk, heads=5)[:, :, perm])
+
+
+def test_strided_heads_visit_their_residue_range_as_full_tiles():
+    """Residue order, S = 4096, 64x64 tiles: head h's strided keys are one run of FULL tiles (no element test),
+    and every query tile visits that run plus a tile or two per other residue class."""
+    s, r, bn = 4096, 8, 64
+    bmap = M.residue_order(M.Strided(r, 0)).block_map(s, s, 64, bn, r)
+    seg = s // r
+    for h in range(r):
+        full_cols = {(row, col) for hh, row, col, kind in zip(*(x.tolist() for x in bmap.pairs())) if hh == h
+                     and kind == KIND_FULL}  # fmt: skip
+        own = range(h * seg // bn, (h + 1) * seg // bn)
+        assert all((row, col) in full_cols for row in range(s // 64) for col in own)
+    assert int(bmap.visited().max()) <= seg // bn + 2 * (r - 1)
+
+
+@pytest.mark.parametrize("mask, s, bm, bn", [(M.Strided(8, M.SlidingWindow(20, 5)), 4096, 64, 64),
+                                             (M.Strided(5, M.SlidingWindow(7, 0)), 1000, 32, 16),
+                                             (M.Strided(4, 0), 777, 16, 64)])  # fmt: skip
+def test_strided_tile_count_closed_form_is_what_the_residue_order_visits(mask, s, bm, bn):
+    """The closed form (per query tile t and head h) equals the tiles the kernels visit, well below dense."""
+    t, h, sq, sk = sp.symbols("t h Sq Sk", integer=True, nonnegative=True)
+    count = sp.lambdify((t, h, sq, sk), mask.tile_count(bm, bn), "math")
+    heads = mask.stride
+    visited = M.residue_order(mask).block_map(s, s, bm, bn, heads).visited()
+    want = torch.tensor([[count(tile, head, s, s) for tile in range(visited.shape[1])] for head in range(heads)])
+    assert torch.equal(visited, want)
+    dense = -(-s // bn)
+    assert M.Strided(mask.stride, mask.window).block_map(s, s, bm, bn, heads).visited().min() == dense
+    if s >= 4096:
+        assert visited.float().mean() * 3 < dense
+
+
 def test_and_or():
     a, b = M.SlidingWindow(2, 2), M.causal()
     assert torch.equal((a & b).dense(9, 9), a.dense(9, 9) & b.dense(9, 9))
@@ -212,7 +258,8 @@ def test_block_map_memory_is_linear_in_sequence_length():
 
 
 def test_serialization_roundtrip_and_registry():
-    for name in ("window", "nbhd_2d_cls", "global_local_causal", "strided", "or", "nbhd_2d_mixed"):
+    for name in ("window", "nbhd_2d_cls", "global_local_causal", "strided", "or", "nbhd_2d_mixed",
+                 "strided_residue_causal"):
         m = MASKS[name]
         assert M.lookup(m.key()) == m
         assert M.from_dict(m.to_dict()) == m

@@ -15,38 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnopt
-from attnopt import passes
-from attnopt.policy import Policy
 
+from _detect_helpers import capture, pipeline_backend, run_pipeline
 from conftest import rel_err
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP stalls on a loaded 2-core CI machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def capture(module, *args, fullgraph=True):
-    """Runs the pipeline pass by pass on each dynamo graph of ``module``; lints after every pass."""
-    contexts = []
-
-    def backend(gm, example_inputs):
-        ctx = passes.Context(Policy(), graph_index=len(contexts), example_inputs=list(example_inputs))
-        contexts.append(ctx)
-        for _, fn in passes.PASSES:
-            gm = fn(gm, ctx).gm
-            gm.graph.lint()
-        ctx.final = gm
-        return gm
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(module, backend=backend, fullgraph=fullgraph)(*args)
-    return contexts, out
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_ops(ctxs) -> int:
@@ -397,20 +370,13 @@ def test_escaping_scores_are_kept():
 def test_safe_softmax_is_read_as_softmax():
     """``torch._safe_softmax`` (zeros for fully masked rows) appears in graphs from make_fx/export; dynamo
     cannot trace it, so this form is checked on a symbolically traced graph."""
-    from test_property_detection import _with_meta
-
     class SafeSoftmax(nn.Module):
         def forward(self, q, k, v, mask):
             s = (q @ k.transpose(-2, -1) / math.sqrt(D)).masked_fill(~mask, float("-inf"))
             return torch._safe_softmax(s, -1) @ v
 
     args = (*qkv(), _bool_mask())
-    gm = torch.fx.symbolic_trace(SafeSoftmax())
-    _with_meta(gm, args)
-    ctx = passes.Context(Policy(), example_inputs=list(args))
-    for _, fn in passes.PASSES:
-        gm = fn(gm, ctx).gm
-        gm.graph.lint()
+    gm, ctx = run_pipeline(SafeSoftmax(), args)
     (site,) = ctx.sites
     assert site.decision == "exact" and site.mask == "bool"
     assert rel_err(gm(*args), SafeSoftmax()(*args)) < 1e-5
@@ -601,17 +567,8 @@ def test_forms_under_dynamic_shapes(name):
     fn, make_inputs, params, _ = FORMS[name]
     module = Form(fn, **params)
     contexts = []
-
-    def backend(gm, example_inputs):
-        ctx = passes.Context(Policy(), graph_index=len(contexts), example_inputs=list(example_inputs))
-        contexts.append(ctx)
-        for _, pass_fn in passes.PASSES:
-            gm = pass_fn(gm, ctx).gm
-            gm.graph.lint()
-        return gm
-
     torch._dynamo.reset()
-    compiled = torch.compile(module, backend=backend, dynamic=True, fullgraph=True)
+    compiled = torch.compile(module, backend=pipeline_backend(contexts), dynamic=True, fullgraph=True)
     base = make_inputs()
     with torch.no_grad():
         for seq in (7, 5, 9):

@@ -9,25 +9,9 @@ from torch import nn
 
 import attnopt
 from attnopt import passes
-from attnopt.policy import Policy
 
+from _detect_helpers import capture
 from conftest import rel_err
-
-
-def _capture(module, *args):
-    """Runs the pipeline pass by pass on each dynamo graph of ``module``, linting after every pass."""
-    contexts = []
-
-    def backend(gm, example_inputs):
-        ctx = passes.Context(Policy(), graph_index=len(contexts), example_inputs=list(example_inputs))
-        contexts.append(ctx)
-        for name, fn in passes.PASSES:
-            gm = fn(gm, ctx).gm
-            gm.graph.lint()
-        return gm
-
-    out = torch.compile(module, backend=backend)(*args)
-    return contexts, out
 
 
 class Manual(nn.Module):
@@ -71,7 +55,7 @@ def test_manual_forms_rewritten_exactly(form, mask):
     q, k, v, m = _inputs(mask)
     module = Manual(form, mask)
     want = module(q, k, v, m)
-    ctxs, got = _capture(module, q, k, v, m)
+    ctxs, got = capture(module, q, k, v, m)
     sites = [s for c in ctxs for s in c.sites]
     assert [s.decision for s in sites] == ["exact"], [s.reason for s in sites]
     assert rel_err(got, want) < 1e-5
@@ -81,7 +65,7 @@ def test_manual_forms_rewritten_exactly(form, mask):
 
 def test_escaping_probabilities_keep_the_site():
     q, k, v, m = _inputs()
-    ctxs, (out, p) = _capture(Manual(escape=True), q, k, v)
+    ctxs, (out, p) = capture(Manual(escape=True), q, k, v)
     (site,) = [s for c in ctxs for s in c.sites]
     assert site.decision == "keep" and "probabilities" in site.reason
     assert not ctxs[0].chosen
@@ -106,7 +90,7 @@ def test_sdpa_forms(kw, mask):
         k, v = k[:, :2], v[:, :2]
     module = Sdpa(**kw)
     want = module(q, k, v, m)
-    ctxs, got = _capture(module, q, k, v, m)
+    ctxs, got = capture(module, q, k, v, m)
     (site,) = [s for c in ctxs for s in c.sites]
     assert site.decision == "exact"
     assert site.causal == ("top-left" if kw.get("is_causal") else "none")
@@ -117,7 +101,7 @@ def test_sdpa_forms(kw, mask):
 
 def test_sdpa_dropout_in_training_is_rewritten_with_dropout():
     q, k, v, _ = _inputs()
-    ctxs, out = _capture(Sdpa(dropout_p=0.5), q, k, v)
+    ctxs, out = capture(Sdpa(dropout_p=0.5), q, k, v)
     (site,) = ctxs[0].sites
     assert site.decision == "exact" and site.dropout_p == 0.5
     assert "dropout is random" in site.reason
@@ -138,7 +122,7 @@ def test_multihead_attention(batch_first, need_weights):
             return mha(x, x, x, key_padding_mask=kpm, need_weights=need_weights)[0]
 
     want = Wrap()(x)
-    ctxs, got = _capture(Wrap(), x)
+    ctxs, got = capture(Wrap(), x)
     (site,) = [s for c in ctxs for s in c.sites]
     assert site.kind == "mha" and site.decision == "exact", site.reason
     assert rel_err(got, want) < 1e-5
@@ -154,7 +138,7 @@ def test_multihead_attention_weights_used_is_kept():
             out, w = mha(x, x, x)
             return out + w.sum()
 
-    ctxs, _ = _capture(Wrap(), x)
+    ctxs, _ = capture(Wrap(), x)
     (site,) = [s for c in ctxs for s in c.sites]
     assert site.decision == "keep" and "weights" in site.reason
 
@@ -174,7 +158,7 @@ def test_rollback_when_the_op_deviates(monkeypatch):
     q, k, v, _ = _inputs()
     module = Manual()
     want = module(q, k, v)
-    ctxs, got = _capture(module, q, k, v)
+    ctxs, got = capture(module, q, k, v)
     (site,) = ctxs[0].sites
     assert site.decision == "keep" and site.reason.startswith("rolled back")
     assert site.deviation == pytest.approx(0.01, rel=1e-2)
@@ -183,7 +167,7 @@ def test_rollback_when_the_op_deviates(monkeypatch):
 
 def test_no_rollback_for_a_correct_site():
     q, k, v, _ = _inputs()
-    ctxs, _ = _capture(Manual(), q, k, v)
+    ctxs, _ = capture(Manual(), q, k, v)
     (site,) = ctxs[0].sites
     assert site.decision == "exact" and site.deviation < 1e-6
 
@@ -194,7 +178,7 @@ def test_softmax_over_wrong_dim_is_a_miss():
             return torch.softmax(q @ k.transpose(-2, -1), dim=-2) @ v
 
     q, k, v, _ = _inputs(sq=9)
-    ctxs, _ = _capture(WrongDim(), q, k, v)
+    ctxs, _ = capture(WrongDim(), q, k, v)
     assert not ctxs[0].sites
     (miss,) = ctxs[0].misses
     assert "not over the keys" in miss.reason

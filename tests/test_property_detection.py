@@ -20,11 +20,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.fx import Interpreter, symbolic_trace
 
-from attnopt import passes
-from attnopt.policy import Policy
-
+from _detect_helpers import capture, run_pipeline
 from conftest import rel_err
 
 SCALES = ["mul", "div", "q", "k", "sqrt_both", "none", "tensor", "size_pow", "rsqrt_tensor"]
@@ -226,28 +223,6 @@ def expected_kv_heads(spec: Spec) -> int:
     return spec.hq
 
 
-def _with_meta(gm: torch.fx.GraphModule, args) -> None:
-    """Records each node's example value in ``meta["val"]``, as make_fx would."""
-
-    class Meta(Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            n.meta["val"] = out
-            return out
-
-    Meta(gm).run(*args)
-
-
-def run_pipeline(module: nn.Module, args):
-    gm = symbolic_trace(module)
-    _with_meta(gm, args)
-    ctx = passes.Context(Policy(), example_inputs=list(args))
-    for _, fn in passes.PASSES:
-        gm = fn(gm, ctx).gm
-        gm.graph.lint()
-    return gm, ctx
-
-
 def _ops_in(gm) -> int:
     return sum(n.target is torch.ops.attnopt.attention.default for n in gm.graph.nodes)
 
@@ -307,23 +282,10 @@ def test_random_attention_programs_through_dynamo(spec):
     """The same property on dynamo's graphs (the capture ``attnopt.optimize`` uses)."""
     module = Program(spec).eval()
     args = inputs(spec)
-    contexts = []
-
-    def backend(gm, example_inputs):
-        ctx = passes.Context(Policy(), graph_index=len(contexts), example_inputs=list(example_inputs))
-        contexts.append(ctx)
-        for _, fn in passes.PASSES:
-            gm = fn(gm, ctx).gm
-            gm.graph.lint()
-        contexts[-1].gm = gm
-        return gm
-
-    torch._dynamo.reset()
     with torch.no_grad():
         want = module(*args)
-        got = torch.compile(module, backend=backend, fullgraph=True)(*args)
-    (ctx,) = contexts
-    check(spec, ctx.gm, ctx, got, want, dynamo=True)
+    (ctx,), got = capture(module, *args)
+    check(spec, ctx.final, ctx, got, want, dynamo=True)
 
 
 def test_the_generator_covers_every_form():

@@ -250,7 +250,7 @@ def test_dispatch_picks_the_fastest_once_and_persists(tmp_path):
     decision = dispatch.decide(site(), ENV, measure)
     assert decision.backend == "sdpa-cudnn" and decision.versus == "attnopt"
     assert decision.speedup == pytest.approx(1.25)
-    assert decision.timings_ms == measure.timings and decision.describe() == "sdpa-cudnn (1.25x vs attnopt)"
+    assert decision.timings_ms == measure.timings and decision.describe() == "sdpa-cudnn, 1.25x faster than the attnopt kernel"
     assert sorted(measure.calls) == ["attnopt", "sdpa-cudnn", "sdpa-efficient", "sdpa-flash"]
     assert dispatch.decide(site(), ENV, measure) == decision and len(measure.calls) == 4
     dispatch.clear_memo()
@@ -282,6 +282,8 @@ def test_sdpa_eligibility():
     assert site(causal=2, same_length=True).sdpa_backends() == dispatch.SDPA_BACKENDS
     assert site(causal=2, same_length=False).sdpa_backends() == ()
     assert "sdpa-flash" not in site(mask="bool", mask_dims="bhmn").sdpa_backends()
+    assert site(dropout=True).sdpa_backends() == () and "dropout" in site(dropout=True).sdpa_refusal()
+    assert site(group=4).sdpa_backends() == () and "GQA" in site(group=4).sdpa_refusal()
 
 
 def test_site_of_tensors():

@@ -15,13 +15,17 @@ table entries), which ``bwd_dq`` stores when asked (``write_ds``).
 * ``bwd_pre`` (one program per query tile): ``delta = rowsum(dO ∘ O)`` and the base-2 log-sum-exp
   ``lse2 = log2(e) · lse`` (0 for rows without a visible key, whose every ``P`` is then
   ``exp2(-inf - 0) = 0``), both ``[B * H, Sq]`` fp32.
+* ``bwd_dq`` (one program per query tile and query head), launched first: recomputes ``P`` over the key
+  tiles exactly as the forward does (same key ranges and element tests) and accumulates ``dQ``. With
+  additive score terms (see :func:`attnopt.codegen.common.normalizes_rows`) it also sums each row's
+  ``P`` and divides by that sum, which is 1 up to rounding except in a row whose ``lse`` lost its
+  ``log Σ`` to a huge finite fill (a fully masked row averaging V); it stores the factor in
+  ``RowScale [B * H, Sq]`` for ``bwd_dkdv``.
 * ``bwd_dkdv`` (one program per key tile and key/value head): recomputes ``Pᵀ`` tile by tile over the
   query tiles of every query head of its GQA group and accumulates ``dK`` and ``dV`` in registers, so
   the group sum needs no atomics. Key rows beyond ``Sk`` or a row's key-padding length are computed
   without masking (a key's gradient depends only on its own column of ``P``) and stored as zeros or
   not at all. Query rows beyond ``Sq`` load ``lse2 = +inf``, so their ``P`` is 0.
-* ``bwd_dq`` (one program per query tile and query head): recomputes ``P`` over the key tiles exactly
-  as the forward does (same key ranges and element tests) and accumulates ``dQ``.
 
 Causal ranges of ``bwd_dkdv`` for the key tile ``[n0, n0 + BLOCK_N)`` (query ``i`` sees key ``j`` iff
 ``j <= i + offset``): rows ``i < n0 - offset`` see nothing of the tile and are skipped; rows
@@ -40,15 +44,19 @@ def arg_names(spec: KernelSpec) -> tuple[str, ...]:
     if spec.direction == "bwd_pre":
         return ("Out", "DOut", "Lse", "Delta", "Lse2", *c.strides("o"), *c.strides("do"), "num_heads", "seq_q")
     if spec.direction == "bwd_dkdv":
-        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *c.feature_pointers(spec), "DK", "DV"]
+        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *_row_scale(spec), *c.feature_pointers(spec), "DK", "DV"]
         names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("do")
         names += c.strides("dk", "bhnd") + c.strides("dv", "bhnd")
     else:
-        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *c.feature_pointers(spec), "DQ"]
+        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *_row_scale(spec), *c.feature_pointers(spec), "DQ"]
         names += ["DS"] if spec.write_ds else []
         names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("do")
         names += c.strides("dq")
     return tuple(names + c.feature_strides(spec) + c.feature_scalars(spec))
+
+
+def _row_scale(spec: KernelSpec) -> list[str]:
+    return ["RowScale"] if c.normalizes_rows(spec) else []
 
 
 def render_lines(spec: KernelSpec) -> list[str]:
@@ -66,18 +74,16 @@ def render_lines(spec: KernelSpec) -> list[str]:
 def _preprocess(spec: KernelSpec) -> list[str]:
     doc = [
         "Out, DOut [B, H, seq_q, HEAD_DIM_V] (any strides), Lse [B, H, seq_q] (contiguous, natural log)",
-        "-> Delta = rowsum(DOut * Out), Lse2 = Lse * log2(e) (0 where Lse = -inf), both [B * H, seq_q] fp32.",
+        "-> Delta = rowsum(DOut * Out), Lse2 = Lse * log2(e) (0 where Lse = -inf, at least -FLT_MAX),",
+        "both [B * H, seq_q] fp32.",
         "",
         "Grid: (cdiv(seq_q, BLOCK_M), B * H).",
     ]
     io_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
-    lines = c.header(spec, "Exact attention backward, preprocessing: delta = rowsum(dO * O) and lse in base 2.")
-    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    lines = c.opening(spec, "Exact attention backward, preprocessing: delta = rowsum(dO * O) and lse in base 2.",
+                      arg_names(spec), doc)
     lines += [
-        "    pid_m = tl.program_id(0)",
-        "    pid_bh = tl.program_id(1)",
-        "    off_b = (pid_bh // num_heads).to(tl.int64)",
-        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+        *c.head_program_ids(),
         "    start_m = pid_m * BLOCK_M",
         "    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]",
         "    offs_dv = tl.arange(0, BLOCK_DV)  # [BLOCK_DV]",
@@ -97,7 +103,8 @@ def _preprocess(spec: KernelSpec) -> list[str]:
         "    row_offs = pid_bh.to(tl.int64) * seq_q + rows  # [BLOCK_M] into the [B * H, seq_q] buffers",
         "    lse = tl.load(Lse + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
         "    # Rows without a visible key have lse = -inf: lse2 = 0 makes their P = exp2(-inf - 0) = 0.",
-        '    lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E)  # [BLOCK_M]',
+        "    # A saturated lse (-FLT_MAX, a huge finite fill) stays finite in base 2, like the scores.",
+        '    lse2 = tl.where(lse == float("-inf"), 0.0, tl.maximum(lse * LOG2E, -FLT_MAX))  # [BLOCK_M]',
         "    tl.store(Delta + row_offs, delta, mask=row_ok)",
         "    tl.store(Lse2 + row_offs, lse2, mask=row_ok)",
     ]
@@ -115,50 +122,42 @@ def _dq(spec: KernelSpec) -> list[str]:
     ]
     if spec.write_ds:
         doc.append("Also stores dS (before the softcap chain) into DS [B, H, seq_q, seq_k] fp32, contiguous,")
-        doc.append("zero-filled by the caller.")
+        unscaled = ", not yet scaled by RowScale (the caller applies it)" if c.normalizes_rows(spec) else ""
+        doc.append(f"zero-filled by the caller{unscaled}.")
+    if c.normalizes_rows(spec):
+        doc.append("RowScale [B * H, seq_q] fp32 (out): 1 / Σ_j P_ij of each row, by which dQ is scaled.")
     doc += ["", "Grid: (cdiv(seq_q, BLOCK_M), B * H).", *c.feature_doc(spec)]
-    lines = c.header(spec, "Exact attention backward, dQ: one program per (query tile, batch * head), "
-                           "streaming key tiles.")
-    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
-    q_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
+    lines = c.opening(spec, "Exact attention backward, dQ: one program per (query tile, batch * head), "
+                      "streaming key tiles.", arg_names(spec), doc)
     do_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
-    lines += [
-        "    pid_m = tl.program_id(0)",
-        "    pid_bh = tl.program_id(1)",
-        "    off_b = (pid_bh // num_heads).to(tl.int64)",
-        "    off_h = (pid_bh % num_heads).to(tl.int64)",
-        "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
-        "    start_m = pid_m * BLOCK_M",
-        *c.offsets(spec),
-        "    rows = start_m + offs_m  # [BLOCK_M] query rows",
-        "    row_ok = rows < seq_q  # [BLOCK_M]",
-        *c.scalar_setup(spec),
-        *c.kv_end_line(spec),
-        "",
-        "    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm",
+    lines += c.query_tile_prologue(spec, extra_bases=(
         "    do_base = DOut + off_b * stride_dob + off_h * stride_doh + tl.cast(start_m, tl.int64) * stride_dom",
-        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh",
-        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh",
-        *c.head_bases(spec, "    ", "pid_bh.to(tl.int64)"),
-    ]
-    if spec.dropout:
-        lines.append("    drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, j=0)")
+    ))
     if spec.write_ds:
         lines.append("    ds_row = DS + (pid_bh.to(tl.int64) * seq_q + rows) * seq_k  # [BLOCK_M] &dS[row, 0]")
     lines += [
-        "    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
-        f"                mask={q_mask}, other=0.0)  # [BLOCK_M, BLOCK_D]",
         "    do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod,",
         f"                 mask={do_mask}, other=0.0)  # [BLOCK_M, BLOCK_DV]",
         "    row_offs = pid_bh.to(tl.int64) * seq_q + rows  # [BLOCK_M]",
         "    lse2 = tl.load(Lse2 + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
         "    delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
         "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BLOCK_M, BLOCK_D]",
-        "",
     ]
+    if c.normalizes_rows(spec):
+        lines.append("    p_sum = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] Σ_j P_ij as recomputed")
+    lines.append("")
     lines += c.query_key_range(spec)
     lines += _dq_loop(spec, boundary=False) + _dq_loop(spec, boundary=True)
     dq_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
+    if c.normalizes_rows(spec):
+        lines += [
+            "",
+            "    # dQ is linear in P: renormalizing the rows by their sum (1 up to rounding, or the key count of a",
+            "    # row saturated by a huge finite fill, whose lse lost its log Σ) is one scale per row.",
+            "    row_scale = 1.0 / tl.where(p_sum > 0.0, p_sum, 1.0)  # [BLOCK_M] (rows without a key: P = 0 anyway)",
+            "    dq = dq * row_scale[:, None]",
+            "    tl.store(RowScale + row_offs, row_scale, mask=row_ok)",
+        ]
     lines += [
         "",
         "    dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + tl.cast(start_m, tl.int64) * stride_dqm",
@@ -173,17 +172,7 @@ def _dq_loop(spec: KernelSpec, boundary: bool) -> list[str]:
     col_ok = "col_ok[:, None]" if boundary else ""
     k_mask = c.and_(col_ok, c.d_ok(spec, "[None, :]"))
     v_mask = c.and_(col_ok, c.dv_ok(spec, "[None, :]"))
-    lines = [""]
-    if boundary:
-        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
-    else:
-        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
-    if boundary or c.uses_key_indices(spec):
-        lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
-    keep_terms = []
-    if boundary:
-        lines.append(f"{ind}col_ok = cols < {c.key_end(spec)}  # [BLOCK_N]")
-        keep_terms = [t for t in ("col_ok[None, :]", c.causal_test(spec, tile)) if t]
+    lines, keep_terms = c.key_loop_head(spec, boundary)
     lines += [
         f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
         f"{ind}k = tl.load(k_tile + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd"
@@ -199,6 +188,8 @@ def _dq_loop(spec: KernelSpec, boundary: bool) -> list[str]:
         f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] the forward's probabilities",
         f"{ind}dp = {c.dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
     ]
+    if c.normalizes_rows(spec):
+        lines.append(f"{ind}p_sum += tl.sum(p, 1)")
     if spec.dropout:
         lines += c.dropout_keep(tile, ind)
         lines.append(f"{ind}dp = tl.where(kept, dp * drop_scale, 0.0)")
@@ -225,9 +216,8 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         "Grid: (cdiv(seq_k, BLOCK_N), B * H // GROUP).",
         *c.feature_doc(spec),
     ]
-    lines = c.header(spec, "Exact attention backward, dK and dV: one program per (key tile, batch * kv head), "
-                           "streaming query tiles.")
-    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    lines = c.opening(spec, "Exact attention backward, dK and dV: one program per (key tile, batch * kv head), "
+                      "streaming query tiles.", arg_names(spec), doc)
     k_mask = c.and_("col_in[:, None]", c.d_ok(spec, "[None, :]"))
     v_mask = c.and_("col_in[:, None]", c.dv_ok(spec, "[None, :]"))
     lines += [
@@ -277,6 +267,7 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         f"{ind}do_base = DOut + off_b * stride_dob + off_h * stride_doh",
         f"{ind}lse2_base = Lse2 + bh * seq_q",
         f"{ind}delta_base = Delta + bh * seq_q",
+        *([f"{ind}row_scale_base = RowScale + bh * seq_q"] if c.normalizes_rows(spec) else []),
         *c.head_bases(spec, ind, "bh"),
     ]
     if spec.causal != CAUSAL_NONE:
@@ -346,6 +337,8 @@ def _dkdv_loop(spec: KernelSpec, ind: str, loop_range: str, what: str, causal: b
         f"{c.mask_kw(do_mask)})  # [BLOCK_M, BLOCK_DV]",
         f"{body}lse2 = tl.load(lse2_base + rows{lse2_kw})  # [BLOCK_M] (+inf past seq_q: P = 0)",
         f"{body}delta = tl.load(delta_base + rows{delta_kw})  # [BLOCK_M]",
+        *([f"{body}row_scale = tl.load(row_scale_base + rows{delta_kw})  # [BLOCK_M] from bwd_dq"]
+          if c.normalizes_rows(spec) else []),
         f"{body}qk = {c.dot(spec, 'k', 'tl.trans(q)')}  # [BLOCK_N, BLOCK_M] (K Qᵀ)",
     ]
     ld_ok = c.and_("col_in[:, None]", "row_ok[None, :]" if row_masks else "")
@@ -353,7 +346,10 @@ def _dkdv_loop(spec: KernelSpec, ind: str, loop_range: str, what: str, causal: b
     if spec.dropout:
         lines.append(f"{body}drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, 0)")
     lines += c.score_lines(spec, tile, body, ld_ok, keep_terms)
-    lines.append(f"{body}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ")
+    if c.normalizes_rows(spec):
+        lines.append(f"{body}p = tl.exp2(s - lse2[None, :]) * row_scale[None, :]  # [BLOCK_N, BLOCK_M] Pᵀ")
+    else:
+        lines.append(f"{body}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ")
     p_drop = "p"
     if spec.dropout:
         lines += c.dropout_keep(tile, body)

@@ -38,6 +38,8 @@ TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+FLT_MAX = 3.4028234663852886e38  # the largest finite fp32
+SATURATED = 2.0**30  # base-2 score terms below -SATURATED count as a finite "masked" fill, see _add_scores
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,11 @@ def header(spec: KernelSpec, summary: str) -> list[str]:
     ]
 
 
+def opening(spec: KernelSpec, summary: str, names: tuple[str, ...], doc: list[str]) -> list[str]:
+    """A kernel module up to its body: :func:`header`, :func:`constants` and :func:`signature`."""
+    return header(spec, summary) + constants(spec) + signature(spec, names, doc)
+
+
 def constants(spec: KernelSpec) -> list[str]:
     return [
         f"BLOCK_M = tl.constexpr({spec.block_m})",
@@ -146,6 +153,8 @@ def constants(spec: KernelSpec) -> list[str]:
         f"GROUP = tl.constexpr({spec.group})",
         f"LOG2E = tl.constexpr({LOG2E!r})",
         f"LN2 = tl.constexpr({LN2!r})",
+        f"FLT_MAX = tl.constexpr({FLT_MAX!r})",
+        f"SATURATED = tl.constexpr({SATURATED!r})",
         "",
         "",
     ]
@@ -210,6 +219,62 @@ def d_ok(spec: KernelSpec, bcast: str) -> str:
 
 def dv_ok(spec: KernelSpec, bcast: str) -> str:
     return f"dv_ok{bcast}" if padded_dv(spec) else ""
+
+
+def head_program_ids() -> list[str]:
+    """Program ids of a kernel with one program per (query tile, batch * query head)."""
+    return [
+        "    pid_m = tl.program_id(0)",
+        "    pid_bh = tl.program_id(1)",
+        "    off_b = (pid_bh // num_heads).to(tl.int64)",
+        "    off_h = (pid_bh % num_heads).to(tl.int64)",
+    ]
+
+
+def query_tile_prologue(spec: KernelSpec, extra_bases: tuple[str, ...] = ()) -> list[str]:
+    """The opening of the kernels that hold one query tile and stream key tiles (the forward and
+    ``bwd_dq``): ids, offsets, scalars, base pointers (``extra_bases`` after q's), the dropout row
+    counters and the query tile ``q``."""
+    lines = [
+        *head_program_ids(),
+        "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
+        "    start_m = pid_m * BLOCK_M",
+        *offsets(spec),
+        "    rows = start_m + offs_m  # [BLOCK_M] query rows",
+        "    row_ok = rows < seq_q  # [BLOCK_M]",
+        *scalar_setup(spec),
+        *kv_end_line(spec),
+        "",
+        "    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm",
+        *extra_bases,
+        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh",
+        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh",
+        *head_bases(spec, "    ", "pid_bh.to(tl.int64)"),
+    ]
+    if spec.dropout:
+        lines.append("    drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, j=0)")
+    return lines + [
+        "    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        f"                mask={and_('row_ok[:, None]', d_ok(spec, '[None, :]'))}, other=0.0)  # [BLOCK_M, BLOCK_D]",
+    ]
+
+
+def key_loop_head(spec: KernelSpec, boundary: bool) -> tuple[list[str], list[str]]:
+    """The ``for`` line over key tiles of a query tile (interior tiles, or ``boundary`` ones with the
+    per-element key tests), the key indices, and the structural keep terms for :func:`score_lines`."""
+    ind = "        "
+    lines = [""]
+    if boundary:
+        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
+    else:
+        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
+    if boundary or uses_key_indices(spec):
+        lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
+    keep_terms = []
+    if boundary:
+        lines.append(f"{ind}col_ok = cols < {key_end(spec)}  # [BLOCK_N]")
+        keep_terms = [t for t in ("col_ok[None, :]", causal_test(spec, QUERY_TILE)) if t]
+    return lines, keep_terms
 
 
 def offsets(spec: KernelSpec) -> list[str]:
@@ -295,12 +360,12 @@ def score_lines(spec: KernelSpec, tile: Tile, ind: str, ld_ok: str, keep_terms: 
     if spec.mask == "additive":
         lines += [
             f"{ind}mask_ptrs = {tile_ptrs('mask', tile).format(ind=ind)}  # {shape}",
-            f"{ind}s += tl.load(mask_ptrs{load_kw}, other=0.0).to(tl.float32) * LOG2E",
+            *_add_scores(f"tl.load(mask_ptrs{load_kw}, other=0.0)", ind, shape),
         ]
     if spec.bias == "tensor":
         lines += [
             f"{ind}bias_ptrs = {tile_ptrs('bias', tile).format(ind=ind)}  # {shape}",
-            f"{ind}s += tl.load(bias_ptrs{load_kw}, other=0.0).to(tl.float32) * LOG2E",
+            *_add_scores(f"tl.load(bias_ptrs{load_kw}, other=0.0)", ind, shape),
         ]
     elif spec.bias == "alibi":
         lines.append(f"{ind}s -= alibi_slope2 * tl.abs(cols{tile.c} - rows{tile.r} - seq_diff).to(tl.float32)")
@@ -308,7 +373,7 @@ def score_lines(spec: KernelSpec, tile: Tile, ind: str, ld_ok: str, keep_terms: 
         lines += [
             f"{ind}rel = cols{tile.c} - rows{tile.r} + seq_q - 1  # {shape} relative position j - i, from 0",
             f"{ind}bucket = tl.load(RelBucket + rel{load_kw}, other=0)  # {shape}",
-            f"{ind}s += tl.load(rel_base + bucket * stride_rel_n{load_kw}, other=0.0).to(tl.float32) * LOG2E",
+            *_add_scores(f"tl.load(rel_base + bucket * stride_rel_n{load_kw}, other=0.0)", ind, shape),
         ]
     keep_terms = list(keep_terms)
     if spec.mask == "bool":
@@ -324,6 +389,34 @@ def score_lines(spec: KernelSpec, tile: Tile, ind: str, ld_ok: str, keep_terms: 
             f'{ind}s = tl.where(keep, s, float("-inf"))',
         ]
     return lines
+
+
+def _add_scores(load: str, ind: str, shape: str) -> list[str]:
+    """Adds an additive score term (natural log units) to the base-2 scores ``s``.
+
+    ``-inf`` stays ``-inf`` (masked: weight 0, a row of them gives zeros). A finite term below
+    ``-SATURATED`` in base 2 (about -7.4e8: a finite mask fill such as ``finfo(dtype).min`` or -1e9)
+    saturates at ``-FLT_MAX``: its weight is 0 next to any ordinary score, and a row masked only by such
+    fills averages V over them, as the reference does. Saturating keeps the fill finite (``finfo.min``
+    would overflow to ``-inf`` in base 2) and makes every such score, and the row's max, exactly
+    ``-FLT_MAX``, so that the backward recovers the row from ``lse = -FLT_MAX`` (fp32 cannot hold
+    ``max + log Σ`` at that magnitude).
+    """
+    return [
+        f"{ind}add = {load}.to(tl.float32)  # {shape}",
+        f"{ind}add2 = add * LOG2E  # {shape} (-inf for -inf, or a finite term beyond -FLT_MAX * ln 2)",
+        f'{ind}s += tl.where(add2 < -SATURATED, tl.where(add == float("-inf"), add, -FLT_MAX), add2)',
+    ]
+
+
+def normalizes_rows(spec: KernelSpec) -> bool:
+    """Whether the backward renormalizes each row's recomputed probabilities by their sum.
+
+    ``P = exp2(s - lse2)`` sums to 1 unless ``lse2`` lost ``log2(Σ exp2(s - max))`` to rounding, which
+    happens when a row's scores are huge and negative: a row masked entirely by a large finite fill.
+    Only additive score terms (mask, bias tensor, relative position table) produce such rows.
+    """
+    return spec.mask == "additive" or spec.bias in ("tensor", "relpos")
 
 
 def uses_key_indices(spec: KernelSpec) -> bool:
@@ -389,3 +482,37 @@ def dot(spec: KernelSpec, a: str, b: str) -> str:
 def cast(spec: KernelSpec, name: str) -> str:
     """``name`` cast to the input dtype for a ``tl.dot`` operand (no cast for fp32)."""
     return name if spec.dtype == "float32" else f"{name}.to({TL_DTYPES[spec.dtype]})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Module text of the other generated kernels (sigmoid, block-sparse, linear: specs built on GeneratedSpec)
+
+
+def module_head(spec, renderer: str, summary: list[str], constants: dict) -> list[str]:
+    """The opening of a generated kernel module: the do-not-edit banner naming the ``renderer`` module
+    that writes it, the spec's JSON, the ``summary`` comment lines, the triton imports, and one
+    ``NAME = tl.constexpr(value)`` line per ``constants`` item (ints and floats, written by ``repr``)."""
+    return [
+        f"# attnopt generated kernel: do not edit, it is rewritten from its spec by {renderer}.",
+        f"# spec: {spec.to_json()}",
+        "#",
+        *(f"# {line}" for line in summary),
+        "",
+        "import triton",
+        "import triton.language as tl",
+        "",
+        *(f"{name} = tl.constexpr({value!r})" for name, value in constants.items()),
+        "",
+        "",
+    ]
+
+
+def dim_constants(spec) -> dict:
+    """The head dims and their padded widths: ``HEAD_DIM``, ``BLOCK_D``, ``HEAD_DIM_V``, ``BLOCK_DV``."""
+    return {"HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "HEAD_DIM_V": spec.head_dim_v,
+            "BLOCK_DV": spec.block_dv}  # fmt: skip
+
+
+def tile_constants(spec) -> dict:
+    """``BLOCK_M`` and ``BLOCK_N`` (the query and key tile) and :func:`dim_constants`."""
+    return {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, **dim_constants(spec)}

@@ -60,46 +60,21 @@ def render_lines(spec: KernelSpec) -> list[str]:
         "Any strides. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
         *c.feature_doc(spec),
     ]
-    lines = c.header(spec, "Exact attention forward, FlashAttention-2 online softmax; "
-                           "one program per (query tile, batch * head).")
-    lines += c.constants(spec) + c.signature(spec, arg_names(spec), doc)
+    lines = c.opening(spec, "Exact attention forward, FlashAttention-2 online softmax; "
+                      "one program per (query tile, batch * head).", arg_names(spec), doc)
     lines += _prologue(spec) + c.query_key_range(spec)
     lines += _loop(spec, boundary=False) + _loop(spec, boundary=True) + _epilogue(spec)
     return lines
 
 
 def _prologue(spec: KernelSpec) -> list[str]:
-    lines = [
-        "    pid_m = tl.program_id(0)",
-        "    pid_bh = tl.program_id(1)",
-        "    off_b = (pid_bh // num_heads).to(tl.int64)",
-        "    off_h = (pid_bh % num_heads).to(tl.int64)",
-        "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
-        "    start_m = pid_m * BLOCK_M",
-        *c.offsets(spec),
-        "    rows = start_m + offs_m  # [BLOCK_M] query rows",
-        "    row_ok = rows < seq_q  # [BLOCK_M]",
-        *c.scalar_setup(spec),
-        *c.kv_end_line(spec),
-        "",
-        "    q_base = Q + off_b * stride_qb + off_h * stride_qh + tl.cast(start_m, tl.int64) * stride_qm",
-        "    k_base = K + off_b * stride_kb + off_hkv * stride_kh",
-        "    v_base = V + off_b * stride_vb + off_hkv * stride_vh",
-        *c.head_bases(spec, "    ", "pid_bh.to(tl.int64)"),
-    ]
-    if spec.dropout:
-        lines.append("    drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, j=0)")
-    q_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
-    lines += [
-        "    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
-        f"                mask={q_mask}, other=0.0)  # [BLOCK_M, BLOCK_D]",
+    return c.query_tile_prologue(spec) + [
         "",
         '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M] running max of the base-2 scores',
         "    l_i = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] running sum of exp2(s - m_i)",
         "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)  # [BLOCK_M, BLOCK_DV] running unnormalized output",
         "",
     ]
-    return lines
 
 
 def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
@@ -108,17 +83,7 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
     col_ok = "col_ok[None, :]" if boundary else ""
     k_mask = c.and_(c.d_ok(spec, "[:, None]"), col_ok)
     v_mask = c.and_("col_ok[:, None]" if boundary else "", c.dv_ok(spec, "[None, :]"))
-    lines = [""]
-    if boundary:
-        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
-    else:
-        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
-    if boundary or c.uses_key_indices(spec):
-        lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
-    keep_terms = []
-    if boundary:
-        lines.append(f"{ind}col_ok = cols < {c.key_end(spec)}  # [BLOCK_N]")
-        keep_terms = ["col_ok[None, :]", c.causal_test(spec, tile)]
+    lines, keep_terms = c.key_loop_head(spec, boundary)
     lines += [
         f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
         f"{ind}k = tl.load(k_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
@@ -126,7 +91,7 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
         f"{ind}qk = {c.dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]",
     ]
     ld_ok = c.and_("row_ok[:, None]", col_ok)
-    lines += c.score_lines(spec, tile, ind, ld_ok, [t for t in keep_terms if t])
+    lines += c.score_lines(spec, tile, ind, ld_ok, keep_terms)
     lines += [
         f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
         f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
@@ -155,9 +120,11 @@ def _epilogue(spec: KernelSpec) -> list[str]:
     return [
         "",
         "    # Rows that saw no key have l_i == 0 and acc == 0: they store zeros and lse = -inf.",
+        "    # Rows whose every score saturated at -FLT_MAX (a finite mask fill) store lse = -FLT_MAX.",
         "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # [BLOCK_M]",
         f"    out = {norm}  # [BLOCK_M, BLOCK_DV]",
-        '    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)  # [BLOCK_M] natural log',
+        "    lse = tl.where(m_i == -FLT_MAX, -FLT_MAX, (m_i + tl.log2(l_safe)) * LN2)  # [BLOCK_M] natural log",
+        '    lse = tl.where(l_i == 0.0, float("-inf"), lse)',
         "    out_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + tl.cast(start_m, tl.int64) * stride_om",
         "                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)  # [BLOCK_M, BLOCK_DV]",
         f"    tl.store(out_ptrs, out.to({c.TL_DTYPES[spec.dtype]}), mask={out_mask})",

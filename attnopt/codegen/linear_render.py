@@ -27,13 +27,11 @@ module (and so triton) from the kernel cache (``attnopt.codegen.cache.cache_root
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.spec import next_pow2
+from attnopt.codegen.common import dim_constants, module_head
+from attnopt.codegen.spec import GeneratedSpec, next_pow2
 
 KINDS = ("state", "out", "grad")
 DTYPES = ("float16", "bfloat16", "float32")
@@ -43,13 +41,12 @@ CHUNK = 64
 LOG2E = 1.4426950408889634
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 @dataclass(frozen=True, kw_only=True)
-class LinearSpec:
+class LinearSpec(GeneratedSpec):
     """The compile-time parameters of one generated linear-attention kernel (see the module docstring)."""
+
+    FAMILY = "linear"
+    ROLE = "kind"
 
     kind: str
     head_dim: int
@@ -65,45 +62,15 @@ class LinearSpec:
     num_stages: int
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"LinearSpec.kind must be one of {KINDS}; got {self.kind!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"LinearSpec.dtype must be one of {DTYPES}; got {self.dtype!r}")
-        for name in ("causal", "normalize", "decay", "reverse"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"LinearSpec.{name} must be a bool; got {getattr(self, name)!r}")
-        for name in ("head_dim", "head_dim_v"):
-            value = getattr(self, name)
-            if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:
-                raise ValueError(f"LinearSpec.{name} must be an int in 1..{MAX_HEAD_DIM}; got {value!r}")
-        for name in ("chunk", "block_dv"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 16 or value & (value - 1):
-                raise ValueError(f"LinearSpec.{name} must be a power of two >= 16; got {value!r}")
+        self._check_choices(kind=KINDS, dtype=DTYPES)
+        self._check_bools("causal", "normalize", "decay", "reverse")
+        self._check_head_dims(MAX_HEAD_DIM)
+        self._check_tiles(("chunk", "block_dv"))
         if self.decay and not self.causal:
             raise ValueError("LinearSpec.decay needs causal")
         if self.reverse and self.kind != "state":
             raise ValueError("LinearSpec.reverse applies to the state kernel only")
-        if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"LinearSpec.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}")
-        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= 8:
-            raise ValueError(f"LinearSpec.num_stages must be an int in 1..8; got {self.num_stages!r}")
-
-    @property
-    def block_d(self) -> int:
-        """Padded q/k head dim: the next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
-        return max(16, next_pow2(self.head_dim))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
-
-    @property
-    def name(self) -> str:
-        return f"attnopt_linear_{self.kind}_{self.key}"
+        self._check_launch()
 
 
 def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool,
@@ -135,28 +102,14 @@ def _dot(spec: LinearSpec, a: str, b: str) -> str:
 
 
 def _header(spec: LinearSpec, what: str) -> list[str]:
-    return [
-        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.codegen.linear_render.",
-        f"# spec: {spec.to_json()}",
-        "#",
-        f"# Chunked linear attention, {what}.",
-        f"# dtype {spec.dtype}, {'causal' if spec.causal else 'non-causal'}, "
+    summary = [
+        f"Chunked linear attention, {what}.",
+        f"dtype {spec.dtype}, {'causal' if spec.causal else 'non-causal'}, "
         f"{'decay' if spec.decay else 'no decay'}, {'normalized' if spec.normalize else 'unnormalized'}, "
         f"head_dim {spec.head_dim} (padded {spec.block_d}), head_dim_v {spec.head_dim_v}, "
         f"chunk {spec.chunk}, value tile {spec.block_dv}.",
-        "",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        f"CHUNK = tl.constexpr({spec.chunk})",
-        f"HEAD_DIM = tl.constexpr({spec.head_dim})",
-        f"BLOCK_D = tl.constexpr({spec.block_d})",
-        f"HEAD_DIM_V = tl.constexpr({spec.head_dim_v})",
-        f"BLOCK_DV = tl.constexpr({spec.block_dv})",
-        f"LOG2E = tl.constexpr({LOG2E!r})",
-        "",
-        "",
     ]
+    return module_head(spec, __name__, summary, {"CHUNK": spec.chunk, **dim_constants(spec), "LOG2E": LOG2E})
 
 
 def _signature(spec: LinearSpec, pointers: list[str], strides: list[str], scalars: list[str], doc: list[str]) -> list[str]:
@@ -221,6 +174,28 @@ def _decay_lines(spec: LinearSpec, indent: str = "    ") -> list[str]:
     return [f"{indent}ld2 = tl.load(LogDecay + off_h) * LOG2E  # log2 λ of this query head"]
 
 
+def _value_tile(offs_v: str) -> list[str]:
+    """The value columns ``offs_v`` of a program and its [BLOCK_D, BLOCK_DV] tile of a [D, Dv] state."""
+    return [
+        f"    offs_v = {offs_v}  # [BLOCK_DV] this program's value columns",
+        "    v_ok = offs_v < HEAD_DIM_V",
+        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
+        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_D, BLOCK_DV] within a [D, Dv] state",
+    ]
+
+
+def _load_rows(var: str, tensor: str, cols: str, mask: str, rest: str) -> list[str]:
+    """``var = tl.load(...)`` of the rows ``rows`` and columns ``cols`` of Q, K or V (K and V at the query
+    head's key/value head), masked by ``mask``; ``rest`` follows the load (a cast, a shape comment)."""
+    t = tensor.lower()
+    head = "off_h" if tensor == "Q" else "off_hkv"
+    return [
+        f"    {var} = tl.load({tensor} + off_b * stride_{t}b + {head} * stride_{t}h + rows[:, None] * stride_{t}s"
+        f" + {cols}[None, :] * stride_{t}d,",
+        f"    {' ' * len(var + ' = tl.load(')}mask={mask}, other=0.0){rest}",
+    ]
+
+
 def _state(spec: LinearSpec) -> list[str]:
     rev, norm, dt = spec.reverse, spec.normalize, TL_DTYPES[spec.dtype]
     what = ("backward state pass (reverse in time: the states carried out of each chunk)" if rev
@@ -240,11 +215,8 @@ def _state(spec: LinearSpec) -> list[str]:
                    + ("carried out of it." if rev else "carried into it."))  # fmt: skip
     doc.append("Grid: (cdiv(HEAD_DIM_V, BLOCK_DV), B * H); x is multiplied by x_scale.")
     lines = _header(spec, what) + _signature(spec, pointers, strides, scalars, doc) + _ids("pid_v,pid_bh")
+    lines += _value_tile("pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)")
     lines += [
-        "    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)  # [BLOCK_DV] this program's value columns",
-        "    v_ok = offs_v < HEAD_DIM_V",
-        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
-        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_D, BLOCK_DV] within a [D, Dv] state",
         "    h = tl.load(Init + bh * HEAD_DIM * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # [BLOCK_D, BLOCK_DV] fp32",
     ]
     if norm:
@@ -333,25 +305,14 @@ def _out(spec: LinearSpec) -> list[str]:
     ]  # fmt: skip
     lines = _header(spec, "output pass") + _signature(spec, pointers, strides, scalars, doc)
     lines += _ids("pid_c,pid_v,pid_bh")
-    lines += [
-        "    offs_v = pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)",
-        "    v_ok = offs_v < HEAD_DIM_V",
-        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
-        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]",
-        "    rows = pid_c * CHUNK + offs_c",
-        "    row_ok = rows < seq_q",
-        "    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,",
-        "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [CHUNK, BLOCK_D]",
-    ]
+    lines += _value_tile("pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)")
+    lines += ["    rows = pid_c * CHUNK + offs_c", "    row_ok = rows < seq_q"]
+    lines += _load_rows("q", "Q", "offs_d", "row_ok[:, None] & d_ok[None, :]", "  # [CHUNK, BLOCK_D]")
     lines += _decay_lines(spec)
     if spec.causal:
-        lines += [
-            "    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,",
-            "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [CHUNK, BLOCK_D]",
-            "    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + rows[:, None] * stride_vs + offs_v[None, :] * stride_vd,",
-            "                mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
-            f"    s = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores",
-        ]
+        lines += _load_rows("k", "K", "offs_d", "row_ok[:, None] & d_ok[None, :]", "  # [CHUNK, BLOCK_D]")
+        lines += _load_rows("v", "V", "offs_v", "row_ok[:, None] & v_ok[None, :]", "  # [CHUNK, BLOCK_DV]")
+        lines.append(f"    s = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores")
         lines += _intra_mask(spec, "s")
         lines += [
             f"    num = {_dot(spec, f's.to({dt})', 'v')}  # [CHUNK, BLOCK_DV]",
@@ -409,22 +370,18 @@ def _grad(spec: LinearSpec) -> list[str]:
     ]  # fmt: skip
     lines = _header(spec, "backward (dq, dk, dv of one chunk)") + _signature(spec, pointers, strides, scalars, doc)
     lines += _ids("pid_c,pid_bh")
+    lines += _value_tile("tl.arange(0, BLOCK_DV)")
     lines += [
-        "    offs_v = tl.arange(0, BLOCK_DV)",
-        "    v_ok = offs_v < HEAD_DIM_V",
-        "    tile_ok = d_ok[:, None] & v_ok[None, :]",
-        "    tile = offs_d[:, None] * HEAD_DIM_V + offs_v[None, :]",
         "    rows = pid_c * CHUNK + offs_c",
         "    q_ok = rows < seq_q",
         "    k_ok = rows < seq_k",
         "    qd_ok = q_ok[:, None] & d_ok[None, :]",
         "    kd_ok = k_ok[:, None] & d_ok[None, :]",
-        "    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd,",
-        "                mask=qd_ok, other=0.0).to(tl.float32) * scale  # [CHUNK, BLOCK_D] s·q",
-        "    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd,",
-        "                mask=kd_ok, other=0.0).to(tl.float32)",
-        "    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + rows[:, None] * stride_vs + offs_v[None, :] * stride_vd,",
-        "                mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)  # [CHUNK, BLOCK_DV]",
+    ]
+    lines += _load_rows("q", "Q", "offs_d", "qd_ok", ".to(tl.float32) * scale  # [CHUNK, BLOCK_D] s·q")
+    lines += _load_rows("k", "K", "offs_d", "kd_ok", ".to(tl.float32)  # [CHUNK, BLOCK_D]")
+    lines += _load_rows("v", "V", "offs_v", "k_ok[:, None] & v_ok[None, :]", ".to(tl.float32)  # [CHUNK, BLOCK_DV]")
+    lines += [
         "    do = tl.load(DNum + off_b * stride_dnb + off_h * stride_dnh + rows[:, None] * stride_dns",
         "                 + offs_v[None, :] * stride_dnd, mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
     ]

@@ -9,8 +9,9 @@ forward is FlashAttention's loop without the online softmax, and the backward ne
 
 Three kernels: ``fwd`` (one program per query tile), ``bwd_kv`` (one program per key tile, looping
 over the query tiles that see it; dK and dV per query head in fp32, summed over GQA groups by the
-launcher) and ``bwd_q`` (one program per query tile). Masked keys get weight exactly 0 (``tl.where``
-after the sigmoid), so rows without visible keys are 0.
+launcher) and ``bwd_q`` (one program per query tile; with ``write_ds`` it also stores ``dS``, whose
+sum over the mask's broadcast dims is the gradient of an additive mask). Masked keys get weight
+exactly 0 (``tl.where`` after the sigmoid), so rows without visible keys are 0.
 
 Causal masks (``j <= i + offset``; offset 0 top-left, ``Sk - Sq`` bottom-right) bound the key tiles a
 query tile loads; in the forward, the tiles every row sees whole run without the per-element test and
@@ -19,30 +20,35 @@ only the boundary tiles evaluate it (the exact path's split).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.linear_render import TL_DTYPES
-from attnopt.codegen.spec import next_pow2
+from attnopt.codegen.common import TL_DTYPES, dot, module_head, tile_constants
+from attnopt.codegen.spec import (
+    CAUSAL_BOTTOM_RIGHT,
+    CAUSAL_NAMES,
+    CAUSAL_NONE,
+    CAUSAL_TOP_LEFT,
+    GeneratedSpec,
+    PaddedValueDim,
+    next_pow2,
+)
 
 DIRECTIONS = ("fwd", "bwd_kv", "bwd_q")
 DTYPES = ("float16", "bfloat16", "float32")
-CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
-CAUSAL_NAMES = {CAUSAL_NONE: "none", CAUSAL_TOP_LEFT: "top-left", CAUSAL_BOTTOM_RIGHT: "bottom-right"}
 MASKS = ("none", "bool", "additive")
 MAX_HEAD_DIM = 256
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 @dataclass(frozen=True, kw_only=True)
-class SigmoidSpec:
-    """The compile-time parameters of one generated sigmoid-attention kernel."""
+class SigmoidSpec(PaddedValueDim, GeneratedSpec):
+    """The compile-time parameters of one generated sigmoid-attention kernel.
+
+    ``write_ds`` (``bwd_q`` with an additive mask only): the kernel also stores the score gradient
+    ``dS`` [B, H, seq_q, seq_k] fp32, which the launcher sums into the gradient of the mask.
+    """
+
+    FAMILY = "sigmoid"
 
     direction: str
     head_dim: int
@@ -50,50 +56,25 @@ class SigmoidSpec:
     dtype: str
     causal: int
     mask: str
+    write_ds: bool = False
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
 
     def __post_init__(self) -> None:
-        for name, allowed in (("direction", DIRECTIONS), ("dtype", DTYPES), ("mask", MASKS),
-                              ("causal", tuple(CAUSAL_NAMES))):  # fmt: skip
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"SigmoidSpec.{name} must be one of {allowed}; got {getattr(self, name)!r}")
-        for name in ("head_dim", "head_dim_v"):
-            value = getattr(self, name)
-            if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:
-                raise ValueError(f"SigmoidSpec.{name} must be an int in 1..{MAX_HEAD_DIM}; got {value!r}")
-        for name in ("block_m", "block_n"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 16 or value > 256 or value & (value - 1):
-                raise ValueError(f"SigmoidSpec.{name} must be a power of two in 16..256; got {value!r}")
-        if not _is_int(self.num_warps) or self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"SigmoidSpec.num_warps must be one of 1, 2, 4, 8, 16; got {self.num_warps!r}")
-        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= 8:
-            raise ValueError(f"SigmoidSpec.num_stages must be an int in 1..8; got {self.num_stages!r}")
-
-    @property
-    def block_d(self) -> int:
-        return max(16, next_pow2(self.head_dim))
-
-    @property
-    def block_dv(self) -> int:
-        return max(16, next_pow2(self.head_dim_v))
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
-
-    @property
-    def name(self) -> str:
-        return f"attnopt_sigmoid_{self.direction}_{self.key}"
+        self._check_choices(direction=DIRECTIONS, dtype=DTYPES, mask=MASKS, causal=tuple(CAUSAL_NAMES))
+        self._check_bools("write_ds")
+        if self.write_ds and (self.direction != "bwd_q" or self.mask != "additive"):
+            raise ValueError(f"SigmoidSpec.write_ds needs direction 'bwd_q' and mask 'additive'; got direction "
+                             f"{self.direction!r}, mask {self.mask!r}")  # fmt: skip
+        self._check_head_dims(MAX_HEAD_DIM)
+        self._check_tiles()
+        self._check_launch()
 
 
-def default_spec(direction: str, head_dim: int, head_dim_v: int, dtype: str, causal: int, mask: str) -> SigmoidSpec:
+def default_spec(direction: str, head_dim: int, head_dim_v: int, dtype: str, causal: int, mask: str,
+                 write_ds: bool = False) -> SigmoidSpec:  # fmt: skip
     """The exact path's deterministic tiles: 16-bit 64x64 up to head dim 128 (64x32 above); fp32 64x32 up to
     64 (32x32 above); 8 warps above head dim 128; 2 stages (1 for fp32 above 128)."""
     widest = max(next_pow2(head_dim), next_pow2(head_dim_v))
@@ -102,7 +83,7 @@ def default_spec(direction: str, head_dim: int, head_dim_v: int, dtype: str, cau
     else:
         block_m, block_n = (64, 64) if widest <= 128 else (64, 32)
     return SigmoidSpec(direction=direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
-                       mask=mask, block_m=block_m, block_n=block_n, num_warps=8 if widest > 128 else 4,
+                       mask=mask, write_ds=write_ds, block_m=block_m, block_n=block_n, num_warps=8 if widest > 128 else 4,
                        num_stages=1 if dtype == "float32" and widest > 128 else 2)  # fmt: skip
 
 
@@ -118,7 +99,7 @@ def _args(spec: SigmoidSpec) -> tuple[list[str], list[str], list[str]]:
     scalars = ["num_heads", "group", "seq_q", "seq_k", "scale", "bias"]
     if spec.direction == "fwd":
         return ["Q", "K", "V"] + mask + ["Out"], qkv + mask_strides + [f"stride_o{d}" for d in "bhmd"], scalars
-    grads = ["DQ"] if spec.direction == "bwd_q" else ["DK", "DV"]
+    grads = (["DQ"] + (["DS"] if spec.write_ds else [])) if spec.direction == "bwd_q" else ["DK", "DV"]
     grad_strides = ([f"stride_dq{d}" for d in "bhmd"] if spec.direction == "bwd_q"
                     else [f"stride_dk{d}" for d in "bhnd"] + [f"stride_dv{d}" for d in "bhnd"])  # fmt: skip
     return (["Q", "K", "V"] + mask + ["DO"] + grads, qkv + mask_strides + [f"stride_do{d}" for d in "bhmd"]
@@ -137,25 +118,10 @@ def load(spec: SigmoidSpec):
 
 
 def _header(spec: SigmoidSpec) -> list[str]:
-    return [
-        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.codegen.sigmoid_render.",
-        f"# spec: {spec.to_json()}",
-        "#",
-        f"# Sigmoid attention, {spec.direction}; dtype {spec.dtype}, causal {CAUSAL_NAMES[spec.causal]}, mask "
-        f"{spec.mask}, head_dim {spec.head_dim}, head_dim_v {spec.head_dim_v}, tiles {spec.block_m}x{spec.block_n}.",
-        "",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        f"BLOCK_M = tl.constexpr({spec.block_m})",
-        f"BLOCK_N = tl.constexpr({spec.block_n})",
-        f"HEAD_DIM = tl.constexpr({spec.head_dim})",
-        f"BLOCK_D = tl.constexpr({spec.block_d})",
-        f"HEAD_DIM_V = tl.constexpr({spec.head_dim_v})",
-        f"BLOCK_DV = tl.constexpr({spec.block_dv})",
-        "",
-        "",
-    ]
+    summary = [f"Sigmoid attention, {spec.direction}; dtype {spec.dtype}, causal {CAUSAL_NAMES[spec.causal]}, mask "
+               f"{spec.mask}{', writes dS' if spec.write_ds else ''}, head_dim {spec.head_dim}, head_dim_v "
+               f"{spec.head_dim_v}, tiles {spec.block_m}x{spec.block_n}."]  # fmt: skip
+    return module_head(spec, __name__, summary, tile_constants(spec))
 
 
 def _signature(spec: SigmoidSpec) -> list[str]:
@@ -174,6 +140,8 @@ def _signature(spec: SigmoidSpec) -> list[str]:
     if spec.mask != "none":
         meaning = "True = attend (read as uint8)" if spec.mask == "bool" else "added to the scores"
         lines.append(f"    Mask is read as [B, H, seq_q, seq_k] through its strides (0 on broadcast dims); {meaning}.")
+    if spec.write_ds:
+        lines.append("    Also stores dS into DS [B, H, seq_q, seq_k] fp32, contiguous, zero-filled by the caller.")
     return lines + ['    """']
 
 
@@ -200,11 +168,6 @@ def _prologue(spec: SigmoidSpec) -> list[str]:
     elif spec.causal == CAUSAL_TOP_LEFT:
         lines.append("    causal_offset = 0  # top-left: query i sees keys j <= i")
     return lines
-
-
-def _dot(spec: SigmoidSpec, a: str, b: str) -> str:
-    ieee = ', input_precision="ieee"' if spec.dtype == "float32" else ""
-    return f"tl.dot({a}, {b}{ieee})"
 
 
 def _weights(spec: SigmoidSpec, indent: str, test: bool) -> list[str]:
@@ -270,13 +233,13 @@ def _fwd(spec: SigmoidSpec) -> list[str]:
             "        col_ok = cols < seq_k",
             "        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
             "                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N], Kᵀ",
-            f"        s = {_dot(spec, 'q', 'k')} * scale + bias  # [BLOCK_M, BLOCK_N]",
+            f"        s = {dot(spec, 'q', 'k')} * scale + bias  # [BLOCK_M, BLOCK_N]",
         ]
         lines += _weights(spec, "        ", test=boundary)
         lines += [
             "        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
             "                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
-            f"        acc += {_dot(spec, f'p.to({dt})', 'v')}",
+            f"        acc += {dot(spec, f'p.to({dt})', 'v')}",
         ]
     lines += [
         "",
@@ -284,6 +247,36 @@ def _fwd(spec: SigmoidSpec) -> list[str]:
         "    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])",
     ]
     return lines
+
+
+def _load_queries(ind: str) -> list[str]:
+    """``q`` [BLOCK_M, BLOCK_D] and ``do`` [BLOCK_M, BLOCK_DV] of the query rows ``rows`` (``row_ok``)."""
+    return [
+        f"{ind}q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        f"{ind}            mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
+        f"{ind}do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom",
+        f"{ind}             + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
+    ]
+
+
+def _load_keys(ind: str) -> list[str]:
+    """``k`` [BLOCK_N, BLOCK_D] and ``v`` [BLOCK_N, BLOCK_DV] of the key rows ``cols`` (``col_ok``)."""
+    return [
+        f"{ind}k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        f"{ind}            mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]",
+        f"{ind}v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        f"{ind}            mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
+    ]
+
+
+def _score_grad(spec: SigmoidSpec, ind: str) -> list[str]:
+    """The backward's per-tile step: ``p`` and ``ds = (dO Vᵀ) ⊙ p ⊙ (1 - p)`` [BLOCK_M, BLOCK_N]."""
+    return [
+        f"{ind}s = {dot(spec, 'q', 'tl.trans(k)')} * scale + bias  # [BLOCK_M, BLOCK_N]",
+        *_weights(spec, ind, test=True),
+        f"{ind}dp = {dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
+        f"{ind}ds = dp * p * (1.0 - p)  # [BLOCK_M, BLOCK_N] gradient of the scores (and of an additive mask)",
+    ]
 
 
 def _bwd_kv(spec: SigmoidSpec) -> list[str]:
@@ -297,28 +290,17 @@ def _bwd_kv(spec: SigmoidSpec) -> list[str]:
         "    cols = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows",
         "    col_ok = cols < seq_k",
         "    offs_m = tl.arange(0, BLOCK_M)",
-        "    k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
-        "                mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]",
-        "    v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
-        "                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
+        *_load_keys("    "),
         "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
-    ] + lo + [
+        *lo,
         "    for start_m in range(lo, seq_q, BLOCK_M):",
         "        rows = start_m + offs_m",
         "        row_ok = rows < seq_q",
-        "        q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
-        "                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
-        "        do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom",
-        "                     + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
-        f"        s = {_dot(spec, 'q', 'tl.trans(k)')} * scale + bias  # [BLOCK_M, BLOCK_N]",
-    ]
-    lines += _weights(spec, "        ", test=True)
-    lines += [
-        f"        dv += {_dot(spec, f'tl.trans(p.to({dt}))', 'do')}",
-        f"        dp = {_dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
-        "        ds = dp * p * (1.0 - p)",
-        f"        dk += {_dot(spec, f'tl.trans(ds.to({dt}))', 'q')}",
+        *_load_queries("        "),
+        *_score_grad(spec, "        "),
+        f"        dv += {dot(spec, f'tl.trans(p.to({dt}))', 'do')}",
+        f"        dk += {dot(spec, f'tl.trans(ds.to({dt}))', 'q')}",
         "    dk = dk * scale",
         "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,",
         "             dk, mask=col_ok[:, None] & d_ok[None, :])",
@@ -335,28 +317,23 @@ def _bwd_q(spec: SigmoidSpec) -> list[str]:
         "    rows = start_m + tl.arange(0, BLOCK_M)",
         "    row_ok = rows < seq_q",
         "    offs_n = tl.arange(0, BLOCK_N)",
-        "    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
-        "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
-        "    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom",
-        "                 + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
+        *_load_queries("    "),
         "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)",
     ]
+    if spec.write_ds:
+        lines.append("    ds_row = DS + (pid_bh.to(tl.int64) * seq_q + rows) * seq_k  # [BLOCK_M] &dS[row, 0]")
     lines += _key_end(spec)
     lines += [
         "    for start_n in range(0, end, BLOCK_N):",
         "        cols = start_n + offs_n",
         "        col_ok = cols < seq_k",
-        "        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
-        "                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]",
-        "        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
-        "                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
-        f"        s = {_dot(spec, 'q', 'tl.trans(k)')} * scale + bias",
+        *_load_keys("        "),
+        *_score_grad(spec, "        "),
     ]
-    lines += _weights(spec, "        ", test=True)
+    if spec.write_ds:
+        lines.append("        tl.store(ds_row[:, None] + cols[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])")
     lines += [
-        f"        dp = {_dot(spec, 'do', 'tl.trans(v)')}",
-        "        ds = dp * p * (1.0 - p)",
-        f"        dq += {_dot(spec, f'ds.to({dt})', 'k')}",
+        f"        dq += {dot(spec, f'ds.to({dt})', 'k')}",
         "    dq = dq * scale",
         "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,",
         "             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])",

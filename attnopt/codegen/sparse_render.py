@@ -25,13 +25,12 @@ kernel's name and cache file follow from what it computes. This module imports n
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from attnopt.codegen.cache import cache_root, load_generated
+from attnopt.codegen.common import module_head, tile_constants
+from attnopt.codegen.spec import GeneratedSpec, PaddedValueDim
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -43,7 +42,7 @@ EXTRAS = ("none", "bool", "additive")
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseKernelSpec:
+class SparseKernelSpec(PaddedValueDim, GeneratedSpec):
     """The compile-time parameters of one generated sparse kernel.
 
     ``predicate``: Triton source of the element test over ``rows`` [BLOCK_M, 1], ``cols`` [1, BLOCK_N],
@@ -51,6 +50,8 @@ class SparseKernelSpec:
     the heads of each such layout; ``bits``: boundary tiles are stored bits instead; ``head_maps``: the
     block map has one row set per query head; ``mask``: the descriptor, for the header only.
     """
+
+    FAMILY = "sparse"
 
     direction: str
     head_dim: int
@@ -70,35 +71,11 @@ class SparseKernelSpec:
     num_stages: int = 2
 
     def __post_init__(self):
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"SparseKernelSpec.direction must be one of {DIRECTIONS}; got {self.direction!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"SparseKernelSpec.dtype must be one of {tuple(DTYPES)}; got {self.dtype!r}")
-        if self.extra not in EXTRAS:
-            raise ValueError(f"SparseKernelSpec.extra must be one of {EXTRAS}; got {self.extra!r}")
-        for name in ("block_m", "block_n"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 16 or v & (v - 1):
-                raise ValueError(f"SparseKernelSpec.{name} must be a power of two >= 16; got {v!r}")
-        for name in ("head_dim", "head_dim_v"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or not 1 <= v <= 256:
-                raise ValueError(f"SparseKernelSpec.{name} must be an int in 1..256; got {v!r}")
-
-    @property
-    def block_d(self) -> int:
-        return max(16, 1 << max(self.head_dim - 1, 0).bit_length())
-
-    @property
-    def block_dv(self) -> int:
-        return max(16, 1 << max(self.head_dim_v - 1, 0).bit_length())
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
-
-    @property
-    def name(self) -> str:
-        return f"attnopt_sparse_{self.direction}_{hashlib.sha256(self.to_json().encode()).hexdigest()[:12]}"
+        self._check_choices(direction=DIRECTIONS, dtype=DTYPES, extra=EXTRAS)
+        self._check_bools("bits", "head_maps", "padding", "softcap")
+        self._check_tiles()
+        self._check_head_dims()
+        self._check_launch()
 
 
 # --- source ---------------------------------------------------------------------------------------------
@@ -135,25 +112,9 @@ def arg_names(spec: SparseKernelSpec) -> tuple[str, ...]:
 
 
 def render(spec: SparseKernelSpec) -> str:
-    lines = [
-        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.codegen.sparse_render.",
-        f"# spec: {spec.to_json()}",
-        "#",
-        f"# Block-sparse attention, {spec.direction}; mask {spec.mask}; dtype {spec.dtype}, tiles {spec.block_m}x{spec.block_n}.",
-        "",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        f"BLOCK_M = tl.constexpr({spec.block_m})",
-        f"BLOCK_N = tl.constexpr({spec.block_n})",
-        f"HEAD_DIM = tl.constexpr({spec.head_dim})",
-        f"BLOCK_D = tl.constexpr({spec.block_d})",
-        f"HEAD_DIM_V = tl.constexpr({spec.head_dim_v})",
-        f"BLOCK_DV = tl.constexpr({spec.block_dv})",
-        f"LOG2E = tl.constexpr({LOG2E!r})",
-        f"LN2 = tl.constexpr({LN2!r})",
-        "",
-        "",
+    summary = [f"Block-sparse attention, {spec.direction}; mask {spec.mask}; dtype {spec.dtype}, "
+               f"tiles {spec.block_m}x{spec.block_n}."]  # fmt: skip
+    lines = module_head(spec, __name__, summary, {**tile_constants(spec), "LOG2E": LOG2E, "LN2": LN2}) + [
         "@triton.jit",
         f"def {spec.name}(",
     ]
@@ -195,17 +156,20 @@ def _scores(spec, dot: str, ind: str) -> list[str]:
 
 
 def _keep(spec, full: bool, ind: str) -> list[str]:
-    """Lines computing ``keep`` [BLOCK_M, BLOCK_N] (or nothing when every element is kept) and applying it."""
-    terms = []
+    """Lines computing ``keep`` [BLOCK_M, BLOCK_N] (or nothing when every element is kept) and applying it.
+
+    The predicate's last line is the element test; lines before it compute the intermediates it names."""
+    terms, lines = [], []
     if not full:
         terms.append("cols2 < seq_k")
         if spec.bits:
             terms.append("tl.load(Bits + (kind - 2) * (BLOCK_M * BLOCK_N) + tile_off) != 0")
         else:
-            terms.append(spec.predicate)
+            *named, test = spec.predicate.split("\n")
+            lines += [f"{ind}{line}" for line in named]
+            terms.append(test)
     if spec.padding:
         terms.append("tl.load(KvValid + off_b * stride_kv_b + cols2, mask=cols2 < seq_k, other=0) != 0")
-    lines = []
     if spec.extra == "additive":
         lines.append(f"{ind}s += tl.load(Extra + x_base + rows2 * stride_xm + cols2 * stride_xn, "
                      "mask=(rows2 < seq_q) & (cols2 < seq_k), other=0.0).to(tl.float32) * LOG2E")  # fmt: skip

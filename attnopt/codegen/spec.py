@@ -237,3 +237,77 @@ def default_spec(q, k, v, attn_mask, causal: int, **features) -> KernelSpec:
         **features,
         **default_tiles(direction, dtype, q.shape[-1], v.shape[-1]),
     )
+
+
+class GeneratedSpec:
+    """What the specs of the other generated kernels (sigmoid, block-sparse, linear) share.
+
+    A mixin for a frozen dataclass: the padded head dim, the canonical JSON, its hash :attr:`key` and the
+    kernel's :attr:`name` ``attnopt_<FAMILY>_<role>_<key>``, where ``<role>`` is the value of the field
+    named by ``ROLE`` (the direction or kind of kernel); and the validation of the fields every such spec
+    has, with errors that name the spec class and the field.
+    """
+
+    FAMILY = ""  # the variant in the kernel name: "sigmoid", "sparse", "linear"
+    ROLE = "direction"  # the field naming which of the family's kernels this is
+
+    @property
+    def block_d(self) -> int:
+        """Padded q/k head dim: the next power of two, at least 16 (``tl.dot`` needs K >= 16)."""
+        return max(16, next_pow2(self.head_dim))
+
+    def to_json(self) -> str:
+        """Canonical JSON: sorted keys, no whitespace; the input of :attr:`key`."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def key(self) -> str:
+        """First 12 hex digits of the sha256 of :meth:`to_json`: stable across processes and machines."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        """The generated kernel's function name, also its module and cache file name."""
+        return f"attnopt_{self.FAMILY}_{getattr(self, self.ROLE)}_{self.key}"
+
+    def _fail(self, field: str, expected: str) -> None:
+        raise ValueError(f"{type(self).__name__}.{field} must be {expected}; got {getattr(self, field)!r}")
+
+    def _check_choices(self, **allowed: tuple) -> None:
+        """Each named field holds one of its allowed values."""
+        for field, values in allowed.items():
+            if getattr(self, field) not in values:
+                self._fail(field, f"one of {tuple(values)}")
+
+    def _check_bools(self, *fields: str) -> None:
+        for field in fields:
+            if not isinstance(getattr(self, field), bool):
+                self._fail(field, "a bool")
+
+    def _check_head_dims(self, max_head_dim: int = MAX_HEAD_DIM) -> None:
+        for field in ("head_dim", "head_dim_v"):
+            value = getattr(self, field)
+            if not _is_int(value) or not 1 <= value <= max_head_dim:
+                self._fail(field, f"an int in 1..{max_head_dim}")
+
+    def _check_tiles(self, fields=("block_m", "block_n")) -> None:
+        """Tile sizes are powers of two in 16..MAX_BLOCK (16: the smallest ``tl.dot`` operand)."""
+        for field in fields:
+            value = getattr(self, field)
+            if not _is_int(value) or not _is_pow2(value) or not 16 <= value <= MAX_BLOCK:
+                self._fail(field, f"a power of two in 16..{MAX_BLOCK}")
+
+    def _check_launch(self) -> None:
+        if not _is_int(self.num_warps) or self.num_warps not in NUM_WARPS:
+            self._fail("num_warps", f"one of {NUM_WARPS}")
+        if not _is_int(self.num_stages) or not 1 <= self.num_stages <= MAX_STAGES:
+            self._fail("num_stages", f"an int in 1..{MAX_STAGES}")
+
+
+class PaddedValueDim:
+    """``block_dv`` for specs that pad the value head dim whole (the linear spec tiles it as a field)."""
+
+    @property
+    def block_dv(self) -> int:
+        """Padded v head dim: the next power of two, at least 16."""
+        return max(16, next_pow2(self.head_dim_v))

@@ -14,10 +14,11 @@ Importing this package needs torch only (sympy and matplotlib are imported when 
 from attnopt.masks.base import EMPTY, FULL, PARTIAL, And, Mask, Or, from_dict, lookup
 from attnopt.masks.blockmap import KIND_BITS, KIND_FULL, KIND_PARTIAL, BlockMap, build
 from attnopt.masks.general import BlockSparse, MaskMod, from_mask_mod
-from attnopt.masks.structured import Blocked, GlobalLocal, Neighborhood, SlidingWindow, Strided, causal
+from attnopt.masks.structured import (Blocked, GlobalLocal, Neighborhood, ResidueOrder, SlidingWindow, Strided, causal,
+                                     residue_order)
 
 __all__ = [
     "EMPTY", "FULL", "KIND_BITS", "KIND_FULL", "KIND_PARTIAL", "PARTIAL", "And", "BlockMap", "BlockSparse",
-    "Blocked", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "SlidingWindow", "Strided", "build",
-    "causal", "from_dict", "from_mask_mod", "lookup",
+    "Blocked", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "ResidueOrder", "SlidingWindow", "Strided",
+    "build", "causal", "from_dict", "from_mask_mod", "lookup", "residue_order",
 ]  # fmt: skip

@@ -68,6 +68,13 @@ class Mask:
     def key_span(self, qs: torch.Tensor, qe: torch.Tensor, sq: int, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros_like(qs), torch.full_like(qs, sk)
 
+    def residue_status(self, qs, qe, ks, ke, stride: int, residue, sq: int, sk: int, heads: int) -> torch.Tensor:
+        """:meth:`tile_status` restricted to the keys ``j`` of ``[ks, ke)`` with ``j ≡ residue (mod stride)``
+        (``residue`` broadcasts like ``ks``; ``ks`` and ``ke - 1`` are such keys): what a key tile holds after
+        :class:`~attnopt.masks.structured.ResidueOrder` sorts keys by residue. The status of the whole range is a
+        valid answer (FULL there is FULL on the subset, EMPTY there EMPTY); Strided and SlidingWindow refine it."""
+        return self.tile_status(qs, qe, ks, ke, sq, sk, heads)
+
     def global_keys(self, sk: int) -> int:
         """Number of leading keys that some query of every tile may see (always block-map candidates)."""
         return 0
@@ -79,6 +86,14 @@ class Mask:
     def head_dependent(self) -> bool:
         """Whether different query heads see different keys (then block maps are per head)."""
         return False
+
+    def batch_dependent(self, batch: int) -> bool:
+        """Whether rows of a batch of ``batch`` see different keys (then each row runs with :meth:`at_batch`)."""
+        return False
+
+    def at_batch(self, b: int) -> "Mask":
+        """This mask for batch row ``b`` (itself unless it depends on the batch row)."""
+        return self
 
     def to_dict(self) -> dict | None:
         """A JSON-able description (``{"type": ClassName, ...fields}``), or None when the mask has none."""
@@ -156,9 +171,15 @@ class Mask:
 
     def tiles_per_query_tile(self, sq: int, sk: int, block: int):
         """Key tiles a query tile visits on average, in ``block`` x ``block`` tiles (a sympy number, for cost
-        models): counted on the block map, which is O(S/block) to build for structured masks."""
+        models): counted on the block map, which is O(S/block) to build for structured masks; a strided mask
+        is counted in the residue order its kernels run it in."""
         import sympy as sp
 
+        from attnopt.masks.structured import residue_order
+
+        ordered = residue_order(self)
+        if ordered is not None:
+            return ordered.tiles_per_query_tile(sq, sk, block)
         bmap = self.block_map(sq, sk, block, block, self.heads_of(1) if not self.head_dependent else _heads_hint(self))
         return sp.Rational(int(bmap.visited().sum()), max(bmap.runs.shape[0] * bmap.runs.shape[1], 1))
 
@@ -207,15 +228,14 @@ def _flatten(kind, parts):
     return tuple(out)
 
 
-@register_type
-@dataclass(frozen=True)
-class And(Mask):
-    """Keys visible under every part."""
+class _Combination(Mask):
+    """What :class:`And` and :class:`Or` share: their parts, element tests joined by ``_join``."""
 
     parts: tuple
 
     def __post_init__(self):
-        _check_parts(self)
+        if not isinstance(self.parts, tuple) or len(self.parts) < 2 or not all(isinstance(p, Mask) for p in self.parts):
+            raise TypeError(f"{type(self).__name__} combines two or more masks; got {self.parts!r}")
 
     @property
     def traceable(self) -> bool:
@@ -229,17 +249,61 @@ class And(Mask):
     def head_dependent(self) -> bool:
         return any(p.head_dependent for p in self.parts)
 
+    def heads_of(self, heads: int) -> int:
+        return heads if any(p.heads_of(heads) > 1 for p in self.parts) else 1
+
+    def batch_dependent(self, batch: int) -> bool:
+        return any(p.batch_dependent(batch) for p in self.parts)
+
+    def at_batch(self, b: int) -> Mask:
+        return type(self)(tuple(p.at_batch(b) for p in self.parts))
+
+    # How the parts' element tests and tile statuses (EMPTY < PARTIAL < FULL) combine: set by And and Or.
+    _join: Any
+    _join_status: Any
+
     def predicate(self, q, k, h, sq, sk, ops):
         out = self.parts[0].predicate(q, k, h, sq, sk, ops)
         for p in self.parts[1:]:
-            out = out & p.predicate(q, k, h, sq, sk, ops)
+            out = self._join(out, p.predicate(q, k, h, sq, sk, ops))
         return out
 
     def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
         out = self.parts[0].tile_status(qs, qe, ks, ke, sq, sk, heads)
         for p in self.parts[1:]:
-            out = torch.minimum(out, p.tile_status(qs, qe, ks, ke, sq, sk, heads))
+            out = self._join_status(out, p.tile_status(qs, qe, ks, ke, sq, sk, heads))
         return out
+
+    def residue_status(self, qs, qe, ks, ke, stride, residue, sq, sk, heads):
+        out = self.parts[0].residue_status(qs, qe, ks, ke, stride, residue, sq, sk, heads)
+        for p in self.parts[1:]:
+            out = self._join_status(out, p.residue_status(qs, qe, ks, ke, stride, residue, sq, sk, heads))
+        return out
+
+    def check(self, sq, sk, heads):
+        for p in self.parts:
+            p.check(sq, sk, heads)
+
+    def to_dict(self):
+        ds = [p.to_dict() for p in self.parts]
+        return None if any(d is None for d in ds) else {"type": type(self).__name__, "parts": ds}
+
+    def digest(self):
+        import hashlib
+
+        parts = [p.key() for p in self.parts]
+        return hashlib.sha256((type(self).__name__ + "\0" + "\0".join(parts)).encode()).hexdigest()[:16]
+
+
+@register_type
+@dataclass(frozen=True)
+class And(_Combination):
+    """Keys visible under every part."""
+
+    parts: tuple
+
+    _join = staticmethod(lambda a, b: a & b)
+    _join_status = staticmethod(torch.minimum)
 
     def key_span(self, qs, qe, sq, sk):
         # Part p sees keys in [lo_p, hi_p) ∪ [0, g_p); the intersection keeps [0, min g_p) as its global
@@ -257,54 +321,19 @@ class And(Mask):
     def global_keys(self, sk):
         return min(p.global_keys(sk) for p in self.parts)
 
-    def check(self, sq, sk, heads):
-        for p in self.parts:
-            p.check(sq, sk, heads)
-
-    def to_dict(self):
-        ds = [p.to_dict() for p in self.parts]
-        return None if any(d is None for d in ds) else {"type": "And", "parts": ds}
-
-    def digest(self):
-        return _digest_of(self)
-
     def __str__(self):
         return " & ".join(_wrap(p, Or) for p in self.parts)
 
 
 @register_type
 @dataclass(frozen=True)
-class Or(Mask):
+class Or(_Combination):
     """Keys visible under any part."""
 
     parts: tuple
 
-    def __post_init__(self):
-        _check_parts(self)
-
-    @property
-    def traceable(self) -> bool:
-        return all(p.traceable for p in self.parts)
-
-    @property
-    def shift_invariant(self) -> bool:
-        return all(p.shift_invariant for p in self.parts)
-
-    @property
-    def head_dependent(self) -> bool:
-        return any(p.head_dependent for p in self.parts)
-
-    def predicate(self, q, k, h, sq, sk, ops):
-        out = self.parts[0].predicate(q, k, h, sq, sk, ops)
-        for p in self.parts[1:]:
-            out = out | p.predicate(q, k, h, sq, sk, ops)
-        return out
-
-    def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
-        out = self.parts[0].tile_status(qs, qe, ks, ke, sq, sk, heads)
-        for p in self.parts[1:]:
-            out = torch.maximum(out, p.tile_status(qs, qe, ks, ke, sq, sk, heads))
-        return out
+    _join = staticmethod(lambda a, b: a | b)
+    _join_status = staticmethod(torch.maximum)
 
     def key_span(self, qs, qe, sq, sk):
         # Part p sees keys in [lo_p, hi_p) ∪ [0, g_p) ⊆ [lo_p, hi_p) ∪ [0, max g): the hull of the spans.
@@ -314,35 +343,12 @@ class Or(Mask):
     def global_keys(self, sk):
         return max(p.global_keys(sk) for p in self.parts)
 
-    def check(self, sq, sk, heads):
-        for p in self.parts:
-            p.check(sq, sk, heads)
-
-    def to_dict(self):
-        ds = [p.to_dict() for p in self.parts]
-        return None if any(d is None for d in ds) else {"type": "Or", "parts": ds}
-
-    def digest(self):
-        return _digest_of(self)
-
     def __str__(self):
         return " | ".join(_wrap(p, And) for p in self.parts)
 
 
 def _wrap(p, kind) -> str:
     return f"({p})" if isinstance(p, kind) else str(p)
-
-
-def _check_parts(m) -> None:
-    if not isinstance(m.parts, tuple) or len(m.parts) < 2 or not all(isinstance(p, Mask) for p in m.parts):
-        raise TypeError(f"{type(m).__name__} combines two or more masks; got {m.parts!r}")
-
-
-def _digest_of(m) -> str:
-    import hashlib
-
-    parts = [p.key() for p in m.parts]
-    return hashlib.sha256((type(m).__name__ + "\0" + "\0".join(parts)).encode()).hexdigest()[:16]
 
 
 def from_dict(d: dict) -> Mask:

@@ -7,6 +7,9 @@ boolean mask (tests, the CPU path, block maps); evaluated with a :class:`TritonO
 operands it gives the source text of the same predicate for a generated Triton kernel. So the kernel
 tests exactly what the reference tests.
 
+``ops.bind(name, value)`` names an intermediate: the kernel computes it once in a line of its own
+(``name = value``) and the predicate refers to it by name; on tensors it is the value itself.
+
 Integer ``//`` and ``%`` truncate in Triton and floor in Python and torch; the predicates only
 divide non-negative operands, where both agree. Predicates use ``&`` and ``|`` (never ``and``/``or``
 or chained comparisons, which Python cannot overload) and no ``~``.
@@ -101,6 +104,10 @@ class _TorchOps:
         return (q >= 0) & (k >= 0)
 
     @staticmethod
+    def bind(name, value):
+        return value
+
+    @staticmethod
     def layout_lookup(mask, h, qb, kb):
         """``mask.layout[h, qb, kb]`` of a :class:`~attnopt.masks.BlockSparse`."""
         return mask.lookup(h, qb, kb)
@@ -110,13 +117,21 @@ class TritonOps:
     """``ops`` for :class:`Expr` operands: the result is Triton source text.
 
     ``layouts`` maps each BlockSparse mask of the predicate to the kernel argument names of its
-    layout: ``(pointer, head stride, row stride, number of layout heads)``.
+    layout: ``(pointer, head stride, row stride, number of layout heads)``. ``bindings`` collects the
+    named intermediates, ``(name, source)`` in the order the kernel computes them.
     """
 
     name = "triton"
 
     def __init__(self, layouts: dict | None = None):
         self.layouts = layouts or {}
+        self.bindings: list[tuple[str, str]] = []
+
+    def bind(self, name, value):
+        if any(n == name for n, _ in self.bindings):
+            raise ValueError(f"the kernel predicate binds {name!r} twice")
+        self.bindings.append((name, _src(value)))
+        return Expr(name)
 
     @staticmethod
     def minimum(a, b):

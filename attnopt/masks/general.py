@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -140,15 +141,18 @@ class BlockSparse(Mask):
 class MaskMod(Mask):
     """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as a mask (see :func:`from_mask_mod`).
 
-    The callable is evaluated on broadcastable int64 tensors (``b`` a 0-d zero: masks here do not
-    depend on the batch; per-batch padding is the ``kv_valid`` argument of the sparse op). It must
-    be a pure function of its arguments. ``heads``: number of heads it distinguishes (None: it
-    ignores ``h``).
+    The callable is evaluated on broadcastable int64 tensors, tile by tile, and must be a pure function
+    of its arguments. Whether it depends on the batch row ``b`` or the head ``h`` is found by one call
+    with ``b`` as ``[B, 1, 1, 1]`` and ``h`` as ``[1, H, 1, 1]``: a dimension its result keeps is one it
+    depends on. Head-dependent masks get one block map per head; batch-dependent ones run one batch row
+    at a time, each with the mask bound to its row (:meth:`at_batch`; ``batch`` is that row, None: row 0).
+    ``heads`` declares the heads it distinguishes (None: found by that call).
     """
 
     fn: Callable
     heads: int | None = None
     name: str = ""
+    batch: int | None = None
 
     traceable = False
 
@@ -156,21 +160,34 @@ class MaskMod(Mask):
         if not callable(self.fn):
             raise TypeError(f"from_mask_mod takes a callable mask_mod(b, h, q_idx, kv_idx); got {self.fn!r}")
         check_int("from_mask_mod", "heads", self.heads, 1, allow_none=True)
+        check_int("from_mask_mod", "batch", self.batch, 0, allow_none=True)
         if not self.name:
             object.__setattr__(self, "name", getattr(self.fn, "__name__", type(self.fn).__name__))
 
     def __eq__(self, other):
-        return isinstance(other, MaskMod) and other.fn is self.fn and other.heads == self.heads
+        return isinstance(other, MaskMod) and other.fn is self.fn and (other.heads, other.batch) == (self.heads, self.batch)
 
     def __hash__(self):
-        return hash((id(self.fn), self.heads))
+        return hash((id(self.fn), self.heads, self.batch))
 
     @property
     def head_dependent(self) -> bool:
-        return self.heads is not None and self.heads > 1
+        """Declared, or (undeclared) assumed: :meth:`heads_of` finds out for a given head count."""
+        return self.heads is None or self.heads > 1
+
+    def heads_of(self, heads: int) -> int:
+        if self.heads is not None:
+            return heads if self.heads > 1 else 1
+        return heads if heads > 1 and _depends(self, 1, heads)[1] else 1
+
+    def batch_dependent(self, batch: int) -> bool:
+        return self.batch is None and batch > 1 and _depends(self, batch, 1)[0]
+
+    def at_batch(self, b: int) -> "MaskMod":
+        return MaskMod(self.fn, self.heads, self.name, b)
 
     def digest(self) -> str:
-        return hashlib.sha256(f"mask_mod:{id(self.fn)}:{self.heads}:{self.name}".encode()).hexdigest()[:16]
+        return hashlib.sha256(f"mask_mod:{id(self.fn)}:{self.heads}:{self.name}:{self.batch}".encode()).hexdigest()[:16]
 
     def to_dict(self):
         return None
@@ -179,16 +196,18 @@ class MaskMod(Mask):
         if self.heads is not None and self.heads not in (1, heads):
             raise ValueError(f"mask_mod {self.name} was declared for {self.heads} heads; the attention has {heads}")
 
-    def predicate(self, q, k, h, sq, sk, ops):
-        if ops.name != "torch":
-            raise TypeError(f"mask_mod {self.name} is a Python callable; it has no Triton form (block maps store "
-                            "its boundary tiles instead)")  # fmt: skip
-        b = torch.zeros((), dtype=torch.int64, device=q.device)
+    def _call(self, b, h, q, k) -> torch.Tensor:
         out = self.fn(b, h, q, k)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             raise TypeError(f"mask_mod {self.name} must return a bool tensor; got {type(out).__name__}"
                             f"{'' if not isinstance(out, torch.Tensor) else ' of ' + str(out.dtype)}")  # fmt: skip
         return out
+
+    def predicate(self, q, k, h, sq, sk, ops):
+        if ops.name != "torch":
+            raise TypeError(f"mask_mod {self.name} is a Python callable; it has no Triton form (block maps store "
+                            "its boundary tiles instead)")  # fmt: skip
+        return self._call(torch.tensor(self.batch or 0, dtype=torch.int64, device=q.device), h, q, k)
 
     def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
         """Evaluates the callable on every element of the tiles (rows past Sq count as visible)."""
@@ -209,6 +228,16 @@ class MaskMod(Mask):
 
     def __str__(self):
         return f"mask_mod({self.name})"
+
+
+@lru_cache(maxsize=256)
+def _depends(mask: MaskMod, batch: int, heads: int) -> tuple[bool, bool]:
+    """Whether ``mask``'s callable depends on (the batch row, the head), from one call on ``[B, H, 1, 1]`` indices."""
+    b = torch.arange(batch).view(batch, 1, 1, 1)
+    h = torch.arange(heads).view(1, heads, 1, 1)
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.int64)
+    shape = torch.broadcast_shapes(mask._call(b, h, zero, zero).shape, (1, 1, 1, 1))
+    return shape[-4] > 1, shape[-3] > 1
 
 
 def from_mask_mod(fn: Callable, heads: int | None = None, name: str = "") -> MaskMod:

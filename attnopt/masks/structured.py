@@ -9,6 +9,7 @@ tile pair it looks at and never builds an ``[Sq, Sk]`` tensor.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -92,6 +93,18 @@ class SlidingWindow(Mask):
             full &= dmax <= right
         return _status(full, nonempty)
 
+    def residue_status(self, qs, qe, ks, ke, stride, residue, sq, sk, heads):
+        status = self.tile_status(qs, qe, ks, ke, sq, sk, heads)  # FULL is exact: ks and ke - 1 are in the subset
+        if self.dilation > 1:
+            return status
+        # The tile's queries see the key interval [qs' - left, qe' - 1 + right]; is one of its keys ≡ residue?
+        left, right = self.reach
+        off = sk - sq
+        lo = ks if left is None else torch.maximum(ks, qs + off - left)
+        hi = ke - 1 if right is None else torch.minimum(ke - 1, qe - 1 + off + right)
+        nonempty = lo + torch.remainder(residue - lo, stride) <= hi
+        return torch.where(nonempty, status, EMPTY).to(STATUS_DTYPE)
+
     def key_span(self, qs, qe, sq, sk):
         left, right = self.reach
         off = sk - sq
@@ -172,6 +185,16 @@ class _Grid(Mask):
                                  f"{self.tile!r} for grid {self.grid!r}")  # fmt: skip
         elif self.order == "tiled":
             raise ValueError(f"{name}: order='tiled' needs a tile shape")
+
+    # Per-axis fields (a tuple of one value per grid axis after construction).
+    _axis_fields = ()
+
+    def on_grid(self, grid: tuple, global_tokens: int) -> "_Grid":
+        """This mask on ``grid`` after ``global_tokens`` leading tokens (a grid inferred from a model): per-axis
+        fields given once (an int, or a 1-tuple) apply to every axis of the grid."""
+        per_axis = {f: getattr(self, f) for f in self._axis_fields}
+        per_axis = {f: v[0] if isinstance(v, tuple) and len(v) == 1 else v for f, v in per_axis.items()}
+        return dataclasses.replace(self, grid=tuple(grid), global_tokens=global_tokens, **per_axis)
 
     def tiled(self) -> "_Grid":
         """The same mask on tile-major positions (what the sparse kernels run when ``tile`` is set)."""
@@ -368,6 +391,8 @@ class Neighborhood(_Grid):
     tile: tuple | None = None
     order: str = "row-major"
 
+    _axis_fields = ("kernel_size", "dilation", "stride", "causal")
+
     def __post_init__(self):
         name = "Neighborhood"
         self._check_grid(name)
@@ -473,6 +498,8 @@ class Blocked(_Grid):
     tile: tuple | None = None
     order: str = "row-major"
 
+    _axis_fields = ("block",)
+
     def __post_init__(self):
         self._check_grid("Blocked")
         vals = _per_axis("Blocked", "block", self.block, self.ndim)
@@ -563,6 +590,10 @@ class Strided(Mask):
     The union over ``stride`` consecutive heads covers the whole context; ``window`` (a
     :class:`SlidingWindow`, or an int r for ``SlidingWindow(r, r)``) keeps every query's local
     neighbourhood. Combine with :func:`causal` (``Strided(8, SlidingWindow(63, 0)) & causal()``) for decoders.
+
+    The sparse ops run it on keys sorted by residue (:class:`ResidueOrder`): head h's strided keys are
+    then one contiguous range of full key tiles, and a query tile's window a short piece of each other
+    residue class, so a head visits about ``Sk / (stride · block_n) + 2 · stride`` key tiles, not ``Sk / block_n``.
     """
 
     stride: int = 8
@@ -582,24 +613,171 @@ class Strided(Mask):
             return ops.true_like(q, k)
         return (k % self.stride == h % self.stride) | local
 
+    def _heads(self, heads, like):
+        return torch.arange(heads).reshape(heads, *([1] * like.dim()))  # [heads, 1, ...]
+
     def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
         local = self.window.tile_status(qs, qe, ks, ke, sq, sk, heads)
         if self.stride == 1:
             return torch.full_like(local, FULL)
         r = self.stride
-        h = torch.arange(heads).reshape(heads, *([1] * ks.dim()))
+        h = self._heads(heads, ks)
         # The first key >= ks in head h's residue class is ks + (h - ks) mod r.
         has_key = ks + torch.remainder(h - ks, r) < ke
         strided = torch.where(has_key, PARTIAL, EMPTY).to(STATUS_DTYPE)
         return torch.maximum(strided, local)
 
+    def residue_status(self, qs, qe, ks, ke, stride, residue, sq, sk, heads):
+        if self.stride == 1 or stride % self.stride != 0:
+            return self.tile_status(qs, qe, ks, ke, sq, sk, heads)
+        # Every key of the subset is ≡ residue (mod self.stride): all of them strided keys of head h, or none.
+        h = self._heads(heads, ks)
+        own = torch.where(torch.remainder(residue, self.stride) == h % self.stride, FULL, EMPTY).to(STATUS_DTYPE)
+        return torch.maximum(own, self.window.residue_status(qs, qe, ks, ke, stride, residue, sq, sk, heads))
+
     def tile_count(self, block_m, block_n):
+        """Key tiles that query tile ``t`` of head ``h`` visits as the sparse ops run the mask (keys in
+        :class:`ResidueOrder`; symbols t, h, Sq, Sk): the tiles of head h's residue segment and, in every
+        other residue segment, of the keys of the tile's window. Exact when ``Sk >= stride · block_n`` (a key tile
+        then meets at most two residue segments), an upper bound below that; None for a dilated window."""
         import sympy as sp
 
-        return sp.ceiling(sp.Symbol("Sk", integer=True, nonnegative=True) / block_n)
+        t, h, sq, sk = sp.symbols("t h Sq Sk", integer=True, nonnegative=True)
+        r = self.stride
+        if r == 1:
+            return sp.ceiling(sk / block_n)
+        if self.window.dilation != 1:
+            return None
+        n = sp.floor(sk / r)
+        m = sk - r * n
+
+        def start(rho):  # first position of residue class rho: classes below m hold n + 1 keys, the others n
+            return rho * n + sp.Min(rho, m)
+
+        left, right = self.window.reach
+        lo = 0 if left is None else sp.Max(0, t * block_m + sk - sq - left)  # the tile's window: keys [lo, hi)
+        hi = sk if right is None else sp.Min(sk, sp.Min(t * block_m + block_m, sq) + sk - sq + right)
+        pieces = []  # per residue class: (1 if it has visited keys else 0, first tile, last tile)
+        for rho in range(r):
+            own = sp.KroneckerDelta(sp.Mod(h, r), rho)  # head h's class: all of it, else the window's keys
+            first = start(rho) + (1 - own) * sp.ceiling((lo - rho) / r)
+            keys = own * (start(rho + 1) - start(rho)) + (1 - own) * (sp.ceiling((hi - rho) / r) - first + start(rho))
+            # 1 when the class has visited keys (unevaluated: evaluating Min/Max here searches for zeros, slowly)
+            some = sp.Min(sp.Max(keys, 0, evaluate=False), 1, evaluate=False)
+            pieces.append((some, sp.floor(first / block_n), sp.floor((first + keys - 1) / block_n)))
+        count = sum(some * (last - first + 1) for some, first, last in pieces)
+        # Consecutive pieces are ordered and disjoint: they share at most one tile, the last of one and first of the next.
+        shared = sum(a[0] * b[0] * sp.KroneckerDelta(a[2], b[1]) for a, b in itertools.pairwise(pieces))
+        return count - shared
 
     def __str__(self):
         return f"Strided({self.stride}, {self.window})"
 
 
-__all__ = ["Blocked", "GlobalLocal", "Neighborhood", "SlidingWindow", "Strided", "causal"]
+@register_type
+@dataclass(frozen=True)
+class ResidueOrder(Mask):
+    """``mask`` on keys sorted by ``(j mod stride, j // stride)``; queries keep their order.
+
+    Key position p holds the original key :meth:`original` (p): residue class rho (``ceil((Sk - rho) / stride)``
+    keys) starts at ``rho·n + min(rho, m)``, ``n = Sk // stride``, ``m = Sk mod stride``. This is how the sparse
+    ops run a mask with :class:`Strided` parts (:func:`residue_order`): each head's strided keys are one
+    contiguous run of key tiles. The block map comes from the descriptor: a key tile is at most a few
+    pieces of residue classes, each asked of ``mask`` by :meth:`Mask.residue_status` (interval arithmetic).
+    """
+
+    mask: Mask
+    stride: int
+
+    shift_invariant = False
+
+    def __post_init__(self):
+        if not isinstance(self.mask, Mask):
+            raise TypeError(f"ResidueOrder.mask must be a mask descriptor; got {self.mask!r}")
+        check_int("ResidueOrder", "stride", self.stride, 1)
+
+    @property
+    def traceable(self) -> bool:
+        return self.mask.traceable
+
+    @property
+    def head_dependent(self) -> bool:
+        return self.mask.head_dependent
+
+    def heads_of(self, heads):
+        return self.mask.heads_of(heads)
+
+    def batch_dependent(self, batch):
+        return self.mask.batch_dependent(batch)
+
+    def at_batch(self, b):
+        return ResidueOrder(self.mask.at_batch(b), self.stride)
+
+    def check(self, sq, sk, heads):
+        self.mask.check(sq, sk, heads)
+
+    def permutation(self, sk: int) -> torch.Tensor:
+        """int64 [Sk]: ``perm[p]`` is the original position of key position p."""
+        return torch.argsort(torch.arange(sk) % self.stride, stable=True)
+
+    def original(self, p, sk, ops):
+        """The original position of key position ``p`` (tensors or kernel expressions; ``p >= 0``); in a kernel
+        the residue class and the position are computed once, as ``key_class`` and ``key_orig``."""
+        r = self.stride
+        n, m = sk // r, sk % r
+        big = m * (n + 1)  # positions of the m classes of n + 1 keys
+        rho = ops.bind("key_class", ops.minimum(p, big) // (n + 1) + ops.maximum(p - big, 0) // ops.maximum(n, 1))
+        return ops.bind("key_orig", (p - (rho * n + ops.minimum(rho, m))) * r + rho)
+
+    def predicate(self, q, k, h, sq, sk, ops):
+        return self.mask.predicate(q, self.original(k, sk, ops), h, sq, sk, ops)
+
+    def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
+        r = self.stride
+        n, m = sk // r, sk % r
+        big = m * (n + 1)
+
+        def residue(p):
+            return torch.where(p < big, p // (n + 1), m + (p - big) // max(n, 1))
+
+        def start(rho):
+            return rho * n + torch.clamp(rho, max=m)
+
+        first, last = residue(ks), residue(ke - 1)
+        lowest = highest = None
+        for step in range(int((last - first).max()) + 1 if last.numel() else 0):
+            # The tile's keys of class rho (past the last class: the last one again, which changes nothing).
+            rho = torch.minimum(first + step, last)
+            s0, s1 = start(rho), start(rho + 1)
+            a0, a1 = torch.maximum(ks, s0) - s0, torch.minimum(ke, s1) - s0  # indices within the class
+            st = self.mask.residue_status(qs, qe, rho + r * a0, rho + r * (a1 - 1) + 1, r, rho, sq, sk, heads)
+            lowest = st if lowest is None else torch.minimum(lowest, st)
+            highest = st if highest is None else torch.maximum(highest, st)
+        if lowest is None:
+            return super().tile_status(qs, qe, ks, ke, sq, sk, heads)
+        return _status(lowest == FULL, highest != EMPTY)
+
+    def tile_count(self, block_m, block_n):
+        if isinstance(self.mask, Strided) and self.mask.stride == self.stride:
+            return self.mask.tile_count(block_m, block_n)
+        return None
+
+    def __str__(self):
+        return f"ResidueOrder({self.mask}, {self.stride})"
+
+
+def _strides(mask: Mask) -> set:
+    if isinstance(mask, Strided):
+        return {mask.stride} if mask.stride > 1 else set()
+    parts = getattr(mask, "parts", ())
+    return set().union(*(_strides(p) for p in parts)) if parts else set()
+
+
+def residue_order(mask: Mask) -> ResidueOrder | None:
+    """``mask`` on keys in residue order when it has :class:`Strided` parts, all of one stride > 1 (what the
+    sparse ops run, so each head visits only its own key tiles), else None."""
+    strides = _strides(mask)
+    return ResidueOrder(mask, strides.pop()) if len(strides) == 1 else None
+
+
+__all__ = ["Blocked", "GlobalLocal", "Neighborhood", "ResidueOrder", "SlidingWindow", "Strided", "causal", "residue_order"]

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from attnopt.kernels.exact import dispatch
 from attnopt.patterns import Detection, detect
 from attnopt.patterns.match import AttentionMatch, copy_graph, emit, replacement_graph
 from attnopt.policy import Exact, Keep, Policy
@@ -93,7 +94,7 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             if unsupported:
                 site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
                 continue
-            site.decision, site.reason = variant.name, variant.describe()
+            site.decision, site.reason = variant.name, variant.describe(d.match)
             ctx.chosen[site.name] = d.match
             ctx.variants[site.name] = variant
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
@@ -195,7 +196,9 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
             tol = ctx.policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
             sub, operands = replacement_graph(m, _emitter(ctx, site.name))
             try:
-                got = _first_tensor(sub(*[recorder.values[o] for o in operands]))
+                with dispatch.record() as decisions:  # which implementation the exact op ran (SDPA dispatch)
+                    got = _first_tensor(sub(*[recorder.values[o] for o in operands]))
+                site.runs = "; ".join(dict.fromkeys(d.describe() for d in decisions))
             except Exception as exc:  # a replacement that cannot run is a rollback, never a crash
                 failure = f"rolled back: the replacement raised {type(exc).__name__}: {exc}"
             else:

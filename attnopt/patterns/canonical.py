@@ -8,6 +8,7 @@ and ``x.type(torch.float32)``. :func:`classify` maps a node to one :class:`Op` o
 
 from __future__ import annotations
 
+import inspect
 import math
 import operator
 from dataclasses import dataclass, field
@@ -213,6 +214,21 @@ def classify(node: Any) -> Op | None:
         op = _classify(node, _INPLACE_OPERATORS[fn], None)
         return Op(op.kind, op.inputs, {**op.attrs, "inplace": True}) if op is not None else None
     return _classify(node, method, fn)
+
+
+def bind_call(node: Any, kind: str, signature: inspect.Signature, what: str) -> dict | str | None:
+    """The arguments of ``node``, a call of op ``kind``, bound by name to ``signature`` with its
+    defaults applied; None when ``node`` is not such a call, a reason string when its arguments do
+    not fit ``signature`` (``what`` names the callee in it)."""
+    op = classify(node)
+    if op is None or op.kind != kind:
+        return None
+    try:
+        bound = signature.bind(*node.args, **node.kwargs)
+    except TypeError as exc:
+        return f"unrecognized {what} arguments: {exc}"
+    bound.apply_defaults()
+    return bound.arguments
 
 
 def _classify(node: Node, method: str | None, fn: Any) -> Op | None:

@@ -179,15 +179,9 @@ _ENCODER_SIGNATURE = inspect.signature(transformer_encoder_layer_forward)
 
 def match_encoder_layer(node: Node) -> AttentionMatch | str | None:
     """A match for the fast path of ``nn.TransformerEncoderLayer`` (the whole layer is replaced)."""
-    op = C.classify(node)
-    if op is None or op.kind != C.ENCODER_LAYER:
-        return None
-    try:
-        bound = _ENCODER_SIGNATURE.bind(*node.args, **node.kwargs)
-    except TypeError as exc:
-        return f"unrecognized _transformer_encoder_layer_fwd arguments: {exc}"
-    bound.apply_defaults()
-    a = bound.arguments
+    a = C.bind_call(node, C.ENCODER_LAYER, _ENCODER_SIGNATURE, "_transformer_encoder_layer_fwd")
+    if not isinstance(a, dict):
+        return a
     src = C.tensor_meta(a["src"])
     if src is None or src.dim() != 3 or getattr(src, "is_nested", False):
         return "the fast path's input is not a dense batch-first [B, S, E] tensor"
@@ -220,14 +214,9 @@ def match(node: Node) -> AttentionMatch | str | None:
     op = C.classify(node)
     if op is not None and op.kind == C.ENCODER_LAYER:
         return match_encoder_layer(node)
-    if op is None or op.kind != C.MHA:
-        return None
-    try:
-        bound = _SIGNATURE.bind(*node.args, **node.kwargs)
-    except TypeError as exc:
-        return f"unrecognized multi_head_attention_forward arguments: {exc}"
-    bound.apply_defaults()
-    a = bound.arguments
+    a = C.bind_call(node, C.MHA, _SIGNATURE, "multi_head_attention_forward")
+    if not isinstance(a, dict):
+        return a
     if not isinstance(a["add_zero_attn"], bool) or not isinstance(a["is_causal"], bool):
         return "add_zero_attn/is_causal are not constants in the graph"
     if not isinstance(a["need_weights"], bool) or not isinstance(a["training"], bool):

@@ -37,15 +37,9 @@ def match(node: Node) -> AttentionMatch | str | None:
     """An :class:`AttentionMatch` for an SDPA call, a reason string when it cannot be taken, else None."""
     from attnopt.patterns import manual  # the shared canonicalization helpers
 
-    op = C.classify(node)
-    if op is None or op.kind != C.SDPA:
-        return None
-    try:
-        bound = _SIGNATURE.bind(*node.args, **node.kwargs)
-    except TypeError as exc:
-        return f"unrecognized scaled_dot_product_attention arguments: {exc}"
-    bound.apply_defaults()
-    a = bound.arguments
+    a = C.bind_call(node, C.SDPA, _SIGNATURE, "scaled_dot_product_attention")
+    if not isinstance(a, dict):
+        return a
     q, k, v, attn_mask = a["query"], a["key"], a["value"], a["attn_mask"]
     qm, km, vm = C.tensor_meta(q), C.tensor_meta(k), C.tensor_meta(v)
     if qm is None or km is None or vm is None:

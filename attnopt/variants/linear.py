@@ -92,6 +92,9 @@ def check_sigmoid(v) -> dict:
 
 
 def _parse_value(text: str) -> Any:
+    """A bool, None, an int, a float or the text; ``a/b/c`` is a tuple of values (one decay λ per head)."""
+    if "/" in text:
+        return tuple(_parse_value(x) for x in text.split("/"))
     low = text.strip().lower()
     if low in ("true", "false"):
         return low == "true"
@@ -126,6 +129,20 @@ def parse_options(text: str, cls) -> dict:
             raise ValueError(f"policy {text!r}: unknown option {key!r}; {cls.name} takes {', '.join(names)}")
         out[key] = _parse_value(value)
     return out
+
+
+def linear_string(v) -> str:
+    """``linear:<feature map>`` plus the fields that differ from their defaults (:func:`parse_options` inverts it)."""
+    parts = [v.feature_map]
+    if v.causal is not None:
+        parts.append(f"causal={str(v.causal).lower()}")
+    if v.decay is not None:
+        parts.append("decay=" + ("/".join(map(str, v.decay)) if isinstance(v.decay, tuple) else str(v.decay)))
+    if v.num_layers is not None:
+        parts.append(f"num_layers={v.num_layers}")
+    if v.normalize is not True:
+        parts.append(f"normalize={str(v.normalize).lower()}")
+    return "linear:" + ",".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------- applicability
@@ -189,6 +206,16 @@ def linear_unsupported(v, m) -> str | None:
         if layer >= v.num_layers:
             return f"decay='lightning': the site's layer {layer} is not below num_layers={v.num_layers}"
     return None
+
+
+def candidates(cls, site, match) -> list:
+    """For the auto policy (``Auto(allow_linear=True)``): linear attention with the elu+1 and the relu feature
+    map. Causal when the site is causal or has a mask tensor: a decoder's mask (causal plus padding) then
+    stays causal, and an encoder's padding mask gets a causal approximation whose measured deviation rules
+    it out; so no candidate lets a query see keys its mask may hide. Non-causal for an unmasked
+    non-causal site. Candidates the site cannot take stay in the list: calibration reports why."""
+    causal = site.causal != "none" or site.mask != "none"
+    return [cls(feature_map, causal=causal) for feature_map in ("elu", "relu")]
 
 
 def describe_linear(v) -> str:

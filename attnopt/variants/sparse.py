@@ -20,12 +20,16 @@ causal, padding or a combination (Mistral, Gemma 2, plain causal LMs), else the 
 from __future__ import annotations
 
 import json
+import math
 import operator
 from typing import Any
 
 import torch
+from torch.fx import Node
 
 from attnopt import masks
+from attnopt.masks.structured import _Grid
+from attnopt.patterns.canonical import tensor_meta
 
 AUTO = "auto"
 
@@ -79,11 +83,16 @@ def to_dict(mask) -> dict:
     return {"mask": d}
 
 
-def describe(mask) -> str:
+def describe(mask, match=None) -> str:
+    """The report's reason; with the site's ``match``, a grid mask names the grid it runs on and its source."""
     if mask == AUTO:
         return ("exact-sparse: the site's own mask, recognized at run time as causal / sliding window / padding, "
                 "runs the sparse kernel (else the exact kernel); same function")  # fmt: skip
-    return f"sparse attention, mask {mask} (approximate: changes the function)"
+    where = ""
+    if match is not None:
+        mask, source = resolve(mask, match)
+        where = f"; {source}" if source else ""
+    return f"sparse attention, mask {mask}{where} (approximate: changes the function)"
 
 
 def unsupported(mask, match) -> str | None:
@@ -93,7 +102,106 @@ def unsupported(mask, match) -> str | None:
         return "attention dropout is not supported by the sparse kernels"
     if mask == AUTO and not match.bool_masks and not match.additive and not match.causal:
         return "the site has no mask (full attention): nothing to skip"
+    if mask != AUTO:
+        resolve(mask, match)  # a grid that cannot be inferred or does not fit the site raises here, at decide time
     return None
+
+
+# --- token grids of vision models -------------------------------------------------------------------------
+_CONV_FUNCTIONS = {torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv1d, torch.nn.functional.conv2d,
+                   torch.nn.functional.conv3d, torch.ops.aten.convolution.default, torch.ops.aten.conv1d.default,
+                   torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default}  # fmt: skip
+
+
+def _is_conv(node: Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _CONV_FUNCTIONS
+    if node.op == "call_module" and node.graph.owning_module is not None:
+        module = node.graph.owning_module.get_submodule(node.target)
+        return isinstance(module, torch.nn.modules.conv._ConvNd)
+    return False
+
+
+def patch_grid(node: Node) -> tuple[tuple[int, ...], Node] | None:
+    """The token grid of the patch embedding that ``node``'s tokens come from, and that convolution node.
+
+    The grid is the spatial output shape (``[B, C, *grid]``: ``(H', W')`` for Conv2d, ``(T', H', W')`` for
+    Conv3d) of the convolution closest to ``node`` among its producers (the last one in graph order: a
+    hybrid backbone's last stage). None when no convolution produces ``node``.
+    """
+    seen, stack, convs = {node}, [node], []
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+                if _is_conv(parent):
+                    convs.append(parent)
+    if not convs:
+        return None
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    conv = max(convs, key=order.__getitem__)
+    out = tensor_meta(conv)
+    if out is None or out.dim() < 3:
+        return None
+    grid = tuple(out.shape[2:])
+    if not all(isinstance(n, int) for n in grid):
+        raise ValueError(f"the patch embedding {conv.name} has a dynamic output shape {tuple(out.shape)}; pass the "
+                         "token grid in the policy: attnopt.Sparse(Neighborhood(..., grid=(H, W)))")  # fmt: skip
+    return grid, conv
+
+
+def _site_len(match) -> int | None:
+    k = tensor_meta(match.k)
+    if "seq" in match.info:
+        sk = match.info["seq"][1]
+    elif k is not None:
+        sk = k.shape[-1] if match.k_transposed else k.shape[-2]
+    else:
+        return None
+    return sk if isinstance(sk, int) else None
+
+
+def resolve(mask, match):
+    """``(mask, source)``: ``mask`` with the token grid of the site filled in where a grid mask has none.
+
+    A :class:`~attnopt.masks.Neighborhood` or :class:`~attnopt.masks.Blocked` without ``grid`` applied to
+    tokens that come from a convolutional patch embedding runs on that embedding's output grid; the
+    tokens past the grid (CLS, register or distillation tokens, which a vision model puts first) become
+    its global tokens. ``source`` says where the grid came from ("" when nothing was inferred). Without
+    a patch embedding the mask stays 1-D. ValueError when the grid does not fit the site's sequence.
+    """
+    if not isinstance(mask, masks.Mask):
+        return mask, ""
+    if isinstance(mask, (masks.And, masks.Or)):
+        parts = [resolve(p, match) for p in mask.parts]
+        sources = list(dict.fromkeys(s for _, s in parts if s))
+        return type(mask)(tuple(p for p, _ in parts)), "; ".join(sources)
+    if not isinstance(mask, _Grid) or mask.grid is not None:
+        return mask, ""
+    found = patch_grid(match.q)
+    if found is None:
+        return mask, ""
+    grid, conv = found
+    sk = _site_len(match)
+    fix = (f"pass the token grid in the policy, e.g. attnopt.Sparse({type(mask).__name__}(..., grid=(H, W), "
+           "global_tokens=G)), or grid=(S,) for a 1-D sequence")  # fmt: skip
+    shape = "x".join(map(str, grid))
+    if sk is None:
+        raise ValueError(f"{mask}: the site's sequence length is unknown, so the {shape} grid of the patch "
+                         f"embedding {conv.name} cannot be checked against it; {fix}")  # fmt: skip
+    extra = sk - math.prod(grid)
+    if extra < 0 or (mask.global_tokens and extra != mask.global_tokens):
+        raise ValueError(f"{mask}: the site attends over {sk} tokens, which do not match the {shape} token grid of "
+                         f"the patch embedding {conv.name} plus {mask.global_tokens or 'leading extra'} tokens; {fix}")  # fmt: skip
+    try:
+        resolved = mask.on_grid(grid, extra)
+    except ValueError as exc:
+        raise ValueError(f"{mask} does not fit the {shape} token grid of the patch embedding {conv.name}: {exc}; "
+                         f"{fix}") from exc  # fmt: skip
+    source = f"grid {shape} inferred from the patch embedding {conv.name}" + (
+        f", {extra} leading extra token(s) as global tokens" if extra else "")
+    return resolved, source
 
 
 def emit(mask, graph, match, lookup):
@@ -106,6 +214,7 @@ def emit(mask, graph, match, lookup):
     else:
         # The site's causal flag joins the descriptor (bottom-right, the FlashAttention-2 convention; the same
         # as SDPA's top-left is_causal when Sq == Sk); its mask tensor goes along, read on visited tiles only.
+        mask, _ = resolve(mask, match)
         full = mask & masks.causal() if c.causal else mask
         call = graph.call_function(torch.ops.attnopt.sparse_attention.default,
                                    (c.q, c.k, c.v, c.mask, None, full.key(), c.scale, c.softcap))  # fmt: skip

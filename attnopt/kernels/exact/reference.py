@@ -13,8 +13,8 @@ Semantics (``shared/DESIGN.md`` §1)::
 * Dropout keeps an element where ``rand >= dropout_p`` with ``rand`` drawn from a generator seeded by
   ``seed``, so the backward regenerates exactly the forward's mask.
 
-Everything is computed in fp32 (fp64 for fp64 inputs) and cast back to the input dtype. This file is only the oracle and the
-CPU implementation; it materializes the [Sq, Sk] score matrix on purpose.
+Everything is computed in fp32 (fp64 for fp64 inputs) and cast back to the input dtype. This file is only the
+oracle and the CPU implementation; it materializes the [Sq, Sk] score matrix on purpose.
 """
 
 from __future__ import annotations

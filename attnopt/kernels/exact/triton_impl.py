@@ -41,8 +41,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from attnopt.codegen.cache import load_kernel
-from attnopt.codegen.spec import (CAUSAL_MODES, MAX_GROUP, MAX_HEAD_DIM, KernelSpec, default_tiles, dtype_name,
-                                  mask_kind)
+from attnopt.codegen.common import normalizes_rows
+from attnopt.codegen.spec import CAUSAL_MODES, MAX_GROUP, MAX_HEAD_DIM, KernelSpec, default_tiles, dtype_name, mask_kind
 
 MAX_BATCH_HEADS = 65535  # the grid's second axis (B * Hq) is limited to 65535 programs on CUDA
 
@@ -191,12 +191,17 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              dict(Out=out, DOut=dout, Lse=lse, Delta=delta, Lse2=lse2, **_strides(o=out, do=dout), num_heads=hq,
                   seq_q=sq), tune=False)
         common = dict(Q=q, K=k, V=v, DOut=dout, Lse2=lse2, Delta=delta, **call.feature_args())
-        _run(call, call.spec("bwd_dkdv"), lambda s: (-(-sk // s.block_n), b * hkv),
-             dict(common, DK=dk, DV=dv, **_strides(q=q, k=k, v=v, do=dout, dk=dk, dv=dv)))
+        dq_spec = call.spec("bwd_dq", write_ds=write_ds)
+        if normalizes_rows(dq_spec):  # bwd_dq stores 1 / Σ_j P_ij per row, bwd_dkdv reads it (see codegen.bwd)
+            common["RowScale"] = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
         args = dict(common, DQ=dq, **_strides(q=q, k=k, v=v, do=dout, dq=dq))
         if write_ds:
             args["DS"] = ds
-        _run(call, call.spec("bwd_dq", write_ds=write_ds), lambda s: (-(-sq // s.block_m), b * hq), args)
+        _run(call, dq_spec, lambda s: (-(-sq // s.block_m), b * hq), args)
+        if write_ds and "RowScale" in common:
+            ds.mul_(common["RowScale"][..., None])  # dS is linear in P, stored before the row scale
+        _run(call, call.spec("bwd_dkdv"), lambda s: (-(-sk // s.block_n), b * hkv),
+             dict(common, DK=dk, DV=dv, **_strides(q=q, k=k, v=v, do=dout, dk=dk, dv=dv)))
     dmask = _sum_to(ds, attn_mask.shape).to(attn_mask.dtype) if mask_grad else None
     dbias = _sum_to(ds, bias.shape).to(bias.dtype) if bias_grad else None
     drel = _rel_table_grad(ds, call.rel_buckets, rel_table) if rel_grad else None

@@ -17,8 +17,6 @@ a fixed schedule and gets none.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -38,19 +36,14 @@ def _cuda_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return triton_impl.supported(q, k, v) is None
 
 
-@torch.library.custom_op("attnopt::linear_attention", mutates_args=())
-def linear_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    log_decay: Optional[Tensor],
-    causal: bool,
-    normalize: bool,
-    scale: float,
-    eps: float,
-    initial_state: Optional[Tensor],
-    initial_norm: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+# The parameters both ops share after their tensors, in schema form (the Python signatures follow it).
+_PARAMS = ("Tensor? log_decay, bool causal, bool normalize, float scale, float eps, Tensor? initial_state, "
+           "Tensor? initial_norm")  # fmt: skip
+
+
+@torch.library.custom_op("attnopt::linear_attention", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, {_PARAMS}) -> (Tensor, Tensor, Tensor, Tensor)")
+def linear_attention(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm):
     _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm)
     return chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm)
 
@@ -75,24 +68,11 @@ def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_
     return triton_impl.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm)
 
 
-@torch.library.custom_op("attnopt::linear_attention_backward", mutates_args=())
-def linear_attention_backward(
-    dout: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    den: Tensor,
-    log_decay: Optional[Tensor],
-    causal: bool,
-    normalize: bool,
-    scale: float,
-    eps: float,
-    initial_state: Optional[Tensor],
-    initial_norm: Optional[Tensor],
-    dstate: Optional[Tensor],
-    dnorm: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+@torch.library.custom_op("attnopt::linear_attention_backward", mutates_args=(),
+                         schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor den, {_PARAMS}, "
+                                "Tensor? dstate, Tensor? dnorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")  # fmt: skip
+def linear_attention_backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
+                              initial_norm, dstate, dnorm):  # fmt: skip
     """Returns (dq, dk, dv, dinitial_state, dinitial_norm); the last two are empty for non-causal calls."""
     grads = chunked.backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
                              initial_norm, dstate, dnorm)  # fmt: skip

@@ -86,13 +86,10 @@ def _(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad):
 
 @sigmoid_attention_backward.register_kernel("cuda")
 def _(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad):
-    impl = None if mask_grad else _triton(q, k, v, attn_mask)  # the kernels do not reduce dS into a mask gradient
-    if impl is None:
-        dq, dk, dv, dmask = reference.sigmoid_attention_backward(dout, q, k, v, attn_mask, causal, scale, bias,
-                                                                 mask_grad)  # fmt: skip
-        return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
-    dq, dk, dv = impl.backward(dout, q, k, v, attn_mask, causal, scale, bias)
-    return dq, dk, dv, q.new_empty(0)
+    impl = _triton(q, k, v, attn_mask)
+    run = reference.sigmoid_attention_backward if impl is None else impl.backward
+    dq, dk, dv, dmask = run(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad)
+    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):

@@ -3,7 +3,9 @@
 ``forward`` and ``backward`` are the CUDA implementations behind ``torch.ops.attnopt.sigmoid_attention``
 and its backward, matching :mod:`attnopt.kernels.sigmoid.reference`. q, k, v and the mask are read
 through their strides (GQA without repeating k and v; broadcast mask dims read with stride 0; boolean
-masks as uint8). ``bias`` None means ``-log(Sk)``. See :mod:`attnopt.codegen.sigmoid_render`.
+masks as uint8). ``bias`` None means ``-log(Sk)``. The gradient of an additive mask is the score
+gradient ``dS``, stored by the ``bwd_q`` kernel into a ``[B, Hq, Sq, Sk]`` fp32 buffer (O(S²) memory,
+only when asked) and summed over the mask's broadcast dims. See :mod:`attnopt.codegen.sigmoid_render`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import math
 import torch
 
 from attnopt.codegen.sigmoid_render import MAX_HEAD_DIM, default_spec, load
-from attnopt.kernels.sigmoid.reference import default_bias
 
 MAX_BATCH_HEADS = 65535
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -48,12 +49,13 @@ def _mask(attn_mask, q, k) -> tuple[torch.Tensor | None, str]:
 
 
 def _common(q, k, v, attn_mask, scale, bias) -> tuple[dict, str]:
-    b, hq, sq, d = q.shape
+    _, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     mask, kind = _mask(attn_mask, q, k)
+    if bias is None:
+        bias = -math.log(sk) if sk else 0.0  # the default -log(Sk); unused without keys
     args = dict(Q=q, K=k, V=v, num_heads=hq, group=hq // hkv, seq_q=sq, seq_k=sk,
-                scale=1.0 / math.sqrt(d) if scale is None else float(scale),
-                bias=default_bias(sk) if bias is None else float(bias))  # fmt: skip
+                scale=1.0 / math.sqrt(d) if scale is None else float(scale), bias=float(bias))  # fmt: skip
     for name, t, dims in (("q", q, "bhmd"), ("k", k, "bhnd"), ("v", v, "bhnd")):
         args.update({f"stride_{name}{c}": t.stride(i) for i, c in enumerate(dims)})
     if mask is not None:
@@ -83,11 +85,15 @@ def forward(q, k, v, attn_mask=None, causal=0, scale=None, bias=None) -> torch.T
     return out
 
 
-def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None):
-    """Returns ``(dq, dk, dv)`` (no mask gradient: the op computes that one with the reference)."""
+def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None, mask_grad=False):
+    """Returns ``(dq, dk, dv, dmask)``; ``dmask``, the gradient of the additive ``attn_mask`` in its own
+    shape and dtype, is None unless ``mask_grad``."""
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if mask_grad and (attn_mask is None or not attn_mask.is_floating_point()):
+        raise ValueError("mask_grad needs an additive (floating point) attn_mask")
     dq = torch.zeros_like(q)
+    ds = torch.zeros((b, hq, sq, sk), dtype=torch.float32, device=q.device) if mask_grad else None
     dk = torch.zeros((b, hq, sk, d), dtype=torch.float32, device=q.device)
     dvh = torch.zeros((b, hq, sk, dv), dtype=torch.float32, device=q.device)
     if sq > 0 and sk > 0 and b * hq > 0:
@@ -99,8 +105,11 @@ def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None):
         spec = default_spec("bwd_kv", d, dv, _DTYPES[q.dtype], causal, kind)
         _launch(spec, (-(-sk // spec.block_n), b * hq), kv, q)
         qargs = dict(args, DQ=dq, **{f"stride_dq{c}": dq.stride(i) for i, c in enumerate("bhmd")})
-        spec = default_spec("bwd_q", d, dv, _DTYPES[q.dtype], causal, kind)
+        if mask_grad:
+            qargs["DS"] = ds
+        spec = default_spec("bwd_q", d, dv, _DTYPES[q.dtype], causal, kind, write_ds=mask_grad)
         _launch(spec, (-(-sq // spec.block_m), b * hq), qargs, q)
     dk = dk.reshape(b, hkv, hq // hkv, sk, d).sum(dim=2).to(k.dtype)
     dvk = dvh.reshape(b, hkv, hq // hkv, sk, dv).sum(dim=2).to(v.dtype)
-    return dq, dk, dvk
+    dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None  # over broadcast dims
+    return dq, dk, dvk, dmask

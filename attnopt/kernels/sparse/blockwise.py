@@ -1,7 +1,8 @@
 """Blockwise sparse attention in plain PyTorch: the CPU implementation (and any-device fallback).
 
-Queries are cut into tiles of ``block_m`` rows; the mask's block map (merged over heads, see
-:mod:`attnopt.masks.blockmap`) lists the key tiles each query tile visits. Query tiles are grouped
+Queries are cut into tiles of ``block_m`` rows; the mask's block map (see :mod:`attnopt.masks.blockmap`)
+lists the key tiles each query tile visits: one map for all heads, or, when the mask's tiles differ by
+head (Strided, per-head layouts), one run per query head over that head's own map. Query tiles are grouped
 into *chunks* of tiles that visit about as many keys (``L``); for a chunk of ``c`` tiles the keys of
 each tile are gathered into ``[c, B·Hkv, L, D]`` (index lists padded to the chunk's longest, the
 padding hidden) and one batched attention call computes the whole chunk, the tiles on the batch
@@ -9,7 +10,8 @@ axis. GQA stays native: the ``G = Hq / Hkv`` query heads of a key/value head are
 axis (``[c, B·Hkv, G·block_m, D]``), so k and v are gathered once per key/value head.
 
 Work is O(Sq · L): O(S · window) for a sliding window, never O(Sq · Sk); what a chunk materializes
-is bounded by :data:`CHUNK_ELEMENTS`. The element test runs only for chunks holding boundary tiles.
+is bounded by :data:`CHUNK_ELEMENTS`. The element test runs only for chunks holding boundary tiles, and
+only on the keys of boundary tiles (listed before those of full tiles).
 For a shift-invariant mask (a sliding window: a function of k - q) tiles whose keys sit at the same
 offsets share one element mask, computed once per call, and their keys are an overlapping strided
 view of k and v (no gather), so the chunk costs one fused kernel call.
@@ -41,30 +43,43 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
 class _Plan:
     """Chunks of query tiles with their padded key index lists; shared by the forward and the backward."""
 
-    def __init__(self, mask: Mask, sq: int, sk: int, heads: int, per_key: int, per_tile: int, device, block_m, block_n):
-        bmap = mask.block_map(sq, sk, block_m, block_n, heads, merge_heads=True, bits=False)
+    def __init__(self, mask: Mask, sq: int, sk: int, heads: int, per_key: int, per_tile: int, device, block_m, block_n,
+                 head: int | None = None):  # fmt: skip
+        """``head``: plan query head ``head`` alone on its own map (else every head on the merged map)."""
         self.mask, self.sq, self.sk = mask, sq, sk
         self.block_m, self.block_n = block_m, block_n
-        self.hm = mask.heads_of(heads)
+        if head is None:
+            bmap = mask.block_map(sq, sk, block_m, block_n, heads, merge_heads=True, bits=False)
+            self.head_ids = torch.arange(mask.heads_of(heads), device=device)
+        else:
+            bmap = mask.block_map(sq, sk, block_m, block_n, heads, bits=False)
+            self.head_ids = torch.tensor([head], device=device)
+        self.hm = self.head_ids.numel()
         self.device = device
-        # Per query tile: key segments [(c0, c1)] (adjacent runs merged), key count, element test needed.
-        segs, counts, tested = [], [], []
-        for tile_runs, n in zip(bmap.runs[0].tolist(), bmap.num_runs[0].tolist()):
-            s, test = [], False
-            for first, end, kind in tile_runs[:n]:
-                c0, c1 = first * block_n, min(end * block_n, sk)
-                test |= kind != KIND_FULL
-                if s and s[-1][1] == c0:
-                    s[-1] = (s[-1][0], c1)
-                else:
-                    s.append((c0, c1))
-            segs.append(s)
-            counts.append(sum(c1 - c0 for c0, c1 in s))
-            tested.append(test)
-        self.segs, self.tested = segs, tested
+        row_runs, row_counts = bmap.runs[0 if head is None else head], bmap.num_runs[0 if head is None else head]
         # A shift-invariant mask (a function of k - q) hides the same elements in every tile whose key
         # segments sit at the same offsets from its first row: such tiles share one element mask.
         self.shared = mask.shift_invariant
+        # Per query tile: key segments [(c0, c1)] (adjacent runs merged), key count, element test needed, and
+        # how many leading keys need it: for unshared masks the boundary tiles' keys come first, so the element
+        # test runs on those only (full tiles are visible throughout).
+        segs, counts, tested, self.tested_keys = [], [], [], []
+        for tile_runs, n in zip(row_runs.tolist(), row_counts.tolist()):
+            parts = {True: [], False: []}  # boundary segments, full segments (all in one when shared)
+            for first, end, kind in tile_runs[:n]:
+                c0, c1 = first * block_n, min(end * block_n, sk)
+                part = parts[self.shared or kind != KIND_FULL]
+                if part and part[-1][1] == c0:
+                    part[-1] = (part[-1][0], c1)
+                else:
+                    part.append((c0, c1))
+            s = parts[True] + parts[False]
+            test = any(kind != KIND_FULL for _, _, kind in tile_runs[:n])
+            segs.append(s)
+            counts.append(sum(c1 - c0 for c0, c1 in s))
+            tested.append(test)
+            self.tested_keys.append(sum(c1 - c0 for c0, c1 in parts[True]) if test else 0)
+        self.segs, self.tested = segs, tested
         self.patterns = [(tuple((c0 - t * block_m, c1 - t * block_m) for c0, c1 in s), test)
                          for t, (s, test) in enumerate(zip(segs, tested))]  # fmt: skip
         self.cache: dict = {}  # per shared pattern: its element mask and bias (computed once per call)
@@ -139,11 +154,14 @@ class _Plan:
 
     def _hidden(self, t0, t1, idx, pad):
         r0, r1 = self.rows(t0, t1)
-        m = (r1 - r0) // (t1 - t0)
-        q = torch.arange(r0, r1, device=self.device).view(1, t1 - t0, m, 1)
-        h = torch.arange(self.hm, device=self.device).view(self.hm, 1, 1, 1)
-        keep = self.mask.allows(q, idx[None, :, None, :], self.sq, self.sk, h)
-        hide = ~keep
+        c, length = t1 - t0, idx.shape[1]
+        m = (r1 - r0) // c
+        q = torch.arange(r0, r1, device=self.device).view(1, c, m, 1)
+        h = self.head_ids.view(self.hm, 1, 1, 1)
+        tested = max(self.tested_keys[t0:t1])  # keys past it lie in full tiles of every tile of the chunk
+        keep = self.mask.allows(q, idx[None, :, None, :tested], self.sq, self.sk, h)  # [Hm, c, m, tested]
+        hide = torch.zeros(keep.shape[0], c, m, length, dtype=torch.bool, device=self.device)
+        hide[..., :tested] = ~keep
         return hide if pad is None else hide | pad[None, :, None, :]
 
 
@@ -246,9 +264,12 @@ class _Chunk:
         c, b, hkv, g, m = self.shape
         parts = [x for x in (self.hidden, self.additive) if x is not None]
         shape = torch.broadcast_shapes(*(x.shape for x in parts))
-        out = torch.zeros(shape, dtype=dtype, device=parts[0].device) if self.additive is None else self.additive.to(dtype)
-        if self.hidden is not None:
-            out = out.masked_fill(self.hidden, float("-inf"))
+        if self.additive is None:  # a fresh tensor: filled in place
+            out = torch.zeros(shape, dtype=dtype, device=parts[0].device).masked_fill_(self.hidden, float("-inf"))
+        else:
+            out = self.additive.to(dtype)
+            if self.hidden is not None:
+                out = out.masked_fill(self.hidden, float("-inf"))
         length, tiles = shape[-1], shape[0]
         if shape[1] == 1 and shape[2] == 1:  # same for every batch row and head: broadcast, no copy
             return out.expand(tiles, 1, 1, g, m, length).reshape(tiles, 1, g * m, length)
@@ -288,36 +309,65 @@ def _fused(q: torch.Tensor, softcap: float) -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))  # fmt: skip
 
 
-def _setup(mask, q, k, v, block_m, block_n, fused):
-    """The plan; the chunk budget counts what a chunk materializes: with the fused kernels its rows (q, out)
-    and the element masks of unshared patterns; explicitly also its scores, probabilities and their gradient."""
+def _setup(mask, q, k, v, block_m, block_n, fused, heads: int, head: int | None = None):
+    """The plan of ``q``'s heads (query head ``head`` of ``heads`` alone, or all); the chunk budget counts what a
+    chunk materializes: with the fused kernels its rows (q, out) and the element masks of unshared patterns;
+    explicitly also its scores, probabilities and their gradient."""
     b, hq, sq, d = q.shape
     rows = b * hq * block_m
     per_key = (0 if mask.shift_invariant else rows) if fused else 3 * rows
-    return _Plan(mask, sq, k.shape[2], hq, per_key, rows * (d + v.shape[-1]), q.device, block_m, block_n)
+    return _Plan(mask, sq, k.shape[2], heads, per_key, rows * (d + v.shape[-1]), q.device, block_m, block_n, head)
+
+
+def _head_groups(mask, hq: int, hkv: int):
+    """``(query heads, key/value heads, head)`` slices run together: all heads on one merged map, or each query
+    head on its own map (``head``) when the mask's tiles differ by head."""
+    if mask.heads_of(hq) == 1:
+        yield slice(0, hq), slice(0, hkv), None
+        return
+    g = hq // hkv
+    for h in range(hq):
+        yield slice(h, h + 1), slice(h // g, h // g + 1), h
+
+
+def _heads_of(x, heads: slice):
+    """``x`` [B, Hq or 1, ...] at query heads ``heads`` (kept when it broadcasts over heads)."""
+    return x if x is None or x.shape[1] == 1 else x[:, heads]
+
+
+def _sizes(q, k, v, scale):
+    """``(B, Hq, Hkv, G, Sq, Sk, D, Dv, scale, accumulation dtype)``; the scale defaults to ``D ** -0.5``."""
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    return b, hq, hkv, hq // hkv, sq, sk, d, dv, d ** -0.5 if scale is None else scale, _acc_dtype(q)
 
 
 def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,
             block_m: int = BLOCK_M, block_n: int = BLOCK_N):  # fmt: skip
     """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)``; see the module docstring."""
-    b, hq, sq, d = q.shape
-    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
-    scale = d ** -0.5 if scale is None else scale
-    acc = _acc_dtype(q)
+    b, hq, hkv, g, sq, sk, d, dv, scale, acc = _sizes(q, k, v, scale)
     out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
     lse = torch.full((b, hq, sq, 1), float("-inf"), dtype=acc, device=q.device)
     if q.numel() == 0 or sk == 0:
         return out, lse.squeeze(-1)
     attn_mask = _check_extra(attn_mask, b, hq, sq, sk)
     fused = _fused(q, softcap)
-    plan = _setup(mask, q, k, v, block_m, block_n, fused)
-    q5 = q.reshape(b, hkv, g, sq, d)
-    out5, lse5 = out.view(b, hkv, g, sq, dv), lse.view(b, hkv, g, sq, 1)
+    for heads, kv_heads, head in _head_groups(mask, hq, hkv):
+        qh, kh, vh = q[:, heads], k[:, kv_heads], v[:, kv_heads]
+        plan = _setup(mask, qh, kh, vh, block_m, block_n, fused, hq, head)
+        n_kv, n_g = kh.shape[1], qh.shape[1] // kh.shape[1]
+        _forward_heads(plan, qh.reshape(b, n_kv, n_g, sq, d), kh, vh, kv_valid, _heads_of(attn_mask, heads),
+                       out[:, heads].view(b, n_kv, n_g, sq, dv), lse[:, heads].view(b, n_kv, n_g, sq, 1), scale,
+                       softcap, fused, acc)  # fmt: skip
+    return out, lse.squeeze(-1)
+
+
+def _forward_heads(plan, q5, k, v, kv_valid, attn_mask, out5, lse5, scale, softcap, fused, acc):
+    """The forward of one head group (see :func:`_head_groups`) into ``out5`` and ``lse5``, laid out [B, Hkv, G, Sq, ·]."""
     for t0, t1, length in plan.chunks:
-        ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, q.dtype if fused else acc)
+        ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, q5.dtype if fused else acc)
         if fused:
-            bias, blind = ch.bias(q.dtype)
+            bias, blind = ch.bias(q5.dtype)
             o, chunk_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 ch.q, ch.k, ch.v, attn_mask=bias, scale=scale)
             if blind is not None:  # the fused kernel reports lse 0 for rows that see no key
@@ -329,46 +379,51 @@ def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, soft
             o = torch.matmul(p, ch.v)
         ch.unrows(o, out5)
         ch.unrows(chunk_lse.unsqueeze(-1), lse5)
-    return out, lse.squeeze(-1)
 
 
 def backward(dout, q, k, v, out, lse, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,
              block_m: int = BLOCK_M, block_n: int = BLOCK_N):  # fmt: skip
     """``(dq, dk, dv)`` of :func:`forward` (no gradient for the masks)."""
-    b, hq, sq, d = q.shape
-    hkv, sk, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
-    scale = d ** -0.5 if scale is None else scale
-    acc = _acc_dtype(q)
+    b, hq, hkv, g, sq, sk, d, dv_dim, scale, acc = _sizes(q, k, v, scale)
     dq = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
     dv = torch.zeros(b, hkv, sk, dv_dim, dtype=acc, device=q.device)
     if q.numel() and sk:
         attn_mask = _check_extra(attn_mask, b, hq, sq, sk)
         fused = _fused(q, softcap)
-        plan = _setup(mask, q, k, v, block_m, block_n, fused)
-        q5 = q.reshape(b, hkv, g, sq, d)
-        do5, o5 = dout.reshape(b, hkv, g, sq, dv_dim), out.reshape(b, hkv, g, sq, dv_dim)
         # Rows that see no key have lse = -inf; with 0 instead, P = exp(-inf - 0) = 0 there.
-        lse5 = lse.masked_fill(lse == float("-inf"), 0.0).reshape(b, hkv, g, sq, 1)
-        for t0, t1, length in plan.chunks:
-            dtype = q.dtype if fused else acc
-            ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, dtype)
-            do, o = ch.rows(do5, dtype), ch.rows(o5, dtype)
-            chunk_lse = ch.rows(lse5, acc).squeeze(-1)
-            if fused:
-                cdq, cdk, cdv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    do, ch.q, ch.k, ch.v, o, chunk_lse, 0.0, False, attn_mask=ch.bias(q.dtype)[0], scale=scale)
-            else:
-                s, tanh = ch.scores(scale, softcap)
-                p = torch.exp(s - chunk_lse.unsqueeze(-1))
-                cdv = torch.matmul(p.transpose(-2, -1), do)
-                ds = p * (torch.matmul(do, ch.v.transpose(-2, -1)) - (do * o).sum(-1, keepdim=True))
-                if tanh is not None:
-                    ds = ds * (1.0 - tanh * tanh)
-                cdq = torch.matmul(ds, ch.k) * scale
-                cdk = torch.matmul(ds.transpose(-2, -1), ch.q) * scale
-            ch.unrows(cdq, dq)
-            ch.scatter_add(dk, cdk)
-            ch.scatter_add(dv, cdv)
+        lse = lse.masked_fill(lse == float("-inf"), 0.0).unsqueeze(-1)
+        dq_h = dq.view(b, hq, sq, d)
+        for heads, kv_heads, head in _head_groups(mask, hq, hkv):
+            qh, kh, vh = q[:, heads], k[:, kv_heads], v[:, kv_heads]
+            plan = _setup(mask, qh, kh, vh, block_m, block_n, fused, hq, head)
+            grouped = (b, kh.shape[1], qh.shape[1] // kh.shape[1], sq)  # [B, heads, Sq, ·] -> [B, Hkv, G, Sq, ·]
+            _backward_heads(plan, qh.reshape(*grouped, d), kh, vh, dout[:, heads].reshape(*grouped, dv_dim),
+                            out[:, heads].reshape(*grouped, dv_dim), lse[:, heads].reshape(*grouped, 1), kv_valid,
+                            _heads_of(attn_mask, heads), dq_h[:, heads].view(*grouped, d), dk[:, kv_heads],
+                            dv[:, kv_heads], scale, softcap, fused, acc)  # fmt: skip
     return dq.reshape(b, hq, sq, d).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward_heads(plan, q5, k, v, do5, o5, lse5, kv_valid, attn_mask, dq, dk, dv, scale, softcap, fused, acc):
+    """The backward of one head group: adds into ``dq`` [B, Hkv, G, Sq, D] and ``dk``, ``dv`` [B, Hkv, Sk, ·]."""
+    for t0, t1, length in plan.chunks:
+        dtype = q5.dtype if fused else acc
+        ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, dtype)
+        do, o = ch.rows(do5, dtype), ch.rows(o5, dtype)
+        chunk_lse = ch.rows(lse5, acc).squeeze(-1)
+        if fused:
+            cdq, cdk, cdv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do, ch.q, ch.k, ch.v, o, chunk_lse, 0.0, False, attn_mask=ch.bias(q5.dtype)[0], scale=scale)
+        else:
+            s, tanh = ch.scores(scale, softcap)
+            p = torch.exp(s - chunk_lse.unsqueeze(-1))
+            cdv = torch.matmul(p.transpose(-2, -1), do)
+            ds = p * (torch.matmul(do, ch.v.transpose(-2, -1)) - (do * o).sum(-1, keepdim=True))
+            if tanh is not None:
+                ds = ds * (1.0 - tanh * tanh)
+            cdq = torch.matmul(ds, ch.k) * scale
+            cdk = torch.matmul(ds.transpose(-2, -1), ch.q) * scale
+        ch.unrows(cdq, dq)
+        ch.scatter_add(dk, cdk)
+        ch.scatter_add(dv, cdv)

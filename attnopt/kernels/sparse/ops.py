@@ -15,7 +15,9 @@ op. It never returns a different function: a mask whose structure does not hold 
 One implementation per op (device-dispatched inside): the generated Triton kernels for CUDA tensors
 they take, else the blockwise PyTorch path (CPU, and the CUDA fallback); plus fake implementations
 (shapes only). A mask with a tile shape (``Neighborhood(..., tile=(8, 8))``) runs on tokens reordered
-into spatial tiles, the outputs put back in the model's order. Both ops are differentiable in q, k, v.
+into spatial tiles, the outputs put back in the model's order; a mask with :class:`~attnopt.masks.Strided`
+parts runs on keys sorted by residue (:func:`~attnopt.masks.residue_order`; queries keep their order), so
+each head visits only its own key tiles. Both ops are differentiable in q, k, v.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from attnopt.kernels.sparse import blockwise
-from attnopt.masks import lookup
+from attnopt.masks import lookup, residue_order
 from attnopt.masks.structured import _Grid
 
 _NS = "attnopt"
@@ -73,10 +75,23 @@ def _permute(x: Optional[Tensor], perm: Tensor, dims=(2,)) -> Optional[Tensor]:
     return x
 
 
-def _run_forward(q, k, v, attn_mask, kv_valid, key, scale, softcap):
-    """The sparse forward; masks with a tile shape run on tile-major tokens and come back in row-major order."""
-    mask = lookup(key)
-    impl = _impl(q, attn_mask)
+def _rows(x: Optional[Tensor], b: int) -> Optional[Tensor]:
+    """Batch row ``b`` of ``x`` (kept when ``x`` broadcasts over the batch)."""
+    return x if x is None or x.shape[0] == 1 else x[b:b + 1]
+
+
+def forward(impl, q, k, v, mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0):
+    """The sparse forward through ``impl`` (:mod:`.triton_impl` or :mod:`.blockwise`): masks that depend on the
+    batch row run one row at a time; masks with a tile shape on tile-major tokens, back in row-major order."""
+    if mask.batch_dependent(q.shape[0]):
+        parts = [forward(impl, q[b:b + 1], k[b:b + 1], v[b:b + 1], mask.at_batch(b), _rows(kv_valid, b),
+                         _rows(attn_mask, b), scale, softcap) for b in range(q.shape[0])]  # fmt: skip
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+    by_residue = None if _tiled(mask) else residue_order(mask)
+    if by_residue is not None:  # keys (not queries) in residue order: the outputs need no reordering
+        perm = by_residue.permutation(k.shape[2]).to(q.device)
+        return impl.forward(q, _permute(k, perm), _permute(v, perm), by_residue, _permute(kv_valid, perm, (1,)),
+                            _permute(attn_mask, perm, (3,)), scale, softcap)  # fmt: skip
     if not _tiled(mask):
         return impl.forward(q, k, v, mask, kv_valid, attn_mask, scale, softcap)
     perm = mask.permutation(k.shape[2]).to(q.device)
@@ -86,9 +101,19 @@ def _run_forward(q, k, v, attn_mask, kv_valid, key, scale, softcap):
     return out.index_select(2, inv), lse.index_select(2, inv)
 
 
-def _run_backward(dout, q, k, v, out, lse, attn_mask, kv_valid, key, scale, softcap):
-    mask = lookup(key)
-    impl = _impl(q, attn_mask)
+def backward(impl, dout, q, k, v, out, lse, mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0):
+    """``(dq, dk, dv)`` of :func:`forward`, the same way."""
+    if mask.batch_dependent(q.shape[0]):
+        parts = [backward(impl, *(t[b:b + 1] for t in (dout, q, k, v, out, lse)), mask.at_batch(b), _rows(kv_valid, b),
+                          _rows(attn_mask, b), scale, softcap) for b in range(q.shape[0])]  # fmt: skip
+        return tuple(torch.cat(g) for g in zip(*parts))
+    by_residue = None if _tiled(mask) else residue_order(mask)
+    if by_residue is not None:
+        perm = by_residue.permutation(k.shape[2]).to(q.device)
+        dq, dk, dv = impl.backward(dout, q, _permute(k, perm), _permute(v, perm), out, lse, by_residue,
+                                   _permute(kv_valid, perm, (1,)), _permute(attn_mask, perm, (3,)), scale, softcap)  # fmt: skip
+        inv = torch.argsort(perm)
+        return dq, dk.index_select(2, inv), dv.index_select(2, inv)
     if not _tiled(mask):
         return impl.backward(dout, q, k, v, out, lse, mask, kv_valid, attn_mask, scale, softcap)
     perm = mask.permutation(k.shape[2]).to(q.device)
@@ -104,7 +129,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      mask: str, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, kv_valid)
-    return _run_forward(q, k, v, attn_mask, kv_valid, mask, scale, softcap)
+    return forward(_impl(q, attn_mask), q, k, v, lookup(mask), kv_valid, attn_mask, scale, softcap)
 
 
 @sparse_attention.register_fake
@@ -119,7 +144,7 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                               attn_mask: Optional[Tensor], kv_valid: Optional[Tensor], mask: str, scale: float,
                               softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns (dq, dk, dv)."""
-    return _run_backward(dout, q, k, v, out, lse, attn_mask, kv_valid, mask, scale, softcap)
+    return backward(_impl(q, attn_mask), dout, q, k, v, out, lse, lookup(mask), kv_valid, attn_mask, scale, softcap)
 
 
 @sparse_attention_backward.register_fake

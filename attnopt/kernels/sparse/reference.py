@@ -17,9 +17,10 @@ from attnopt.kernels.exact import reference as exact
 from attnopt.masks import Mask
 
 
-def dense_mask(mask: Mask, sq: int, sk: int, heads: int, kv_valid=None, device=None) -> torch.Tensor:
-    """bool ``[B or 1, Hq or 1, Sq, Sk]``: ``mask`` and the key padding."""
-    keep = mask.dense(sq, sk, heads, device=device)[None]  # [1, Hm, Sq, Sk]
+def dense_mask(mask: Mask, sq: int, sk: int, heads: int, kv_valid=None, device=None, batch: int = 1) -> torch.Tensor:
+    """bool ``[B or 1, Hq or 1, Sq, Sk]``: ``mask`` (per batch row when it depends on the row) and the key padding."""
+    rows = range(batch) if mask.batch_dependent(batch) else range(1)
+    keep = torch.stack([mask.at_batch(b).dense(sq, sk, heads, device=device) for b in rows])  # [B or 1, Hm, Sq, Sk]
     if kv_valid is not None:
         keep = keep & kv_valid[:, None, None, :].to(device)
     return keep
@@ -27,7 +28,7 @@ def dense_mask(mask: Mask, sq: int, sk: int, heads: int, kv_valid=None, device=N
 
 def combined_mask(mask: Mask, q, k, kv_valid=None, attn_mask=None) -> torch.Tensor:
     """One mask for the exact reference: bool, or additive float with -inf where ``mask`` hides a key."""
-    keep = dense_mask(mask, q.shape[-2], k.shape[-2], q.shape[1], kv_valid, q.device)
+    keep = dense_mask(mask, q.shape[-2], k.shape[-2], q.shape[1], kv_valid, q.device, q.shape[0])
     if attn_mask is None:
         return keep
     if attn_mask.dtype == torch.bool:

@@ -49,12 +49,16 @@ def _layouts(mask: Mask) -> list[BlockSparse]:
 
 
 def predicate_source(mask: Mask) -> tuple[str, list[BlockSparse]]:
-    """The Triton source of ``mask``'s element test and the BlockSparse masks whose layouts it reads."""
+    """The Triton source of ``mask``'s element test and the BlockSparse masks whose layouts it reads.
+
+    The source is the test expression, after one ``name = value`` line per intermediate the mask names
+    (see :mod:`attnopt.masks.expr`)."""
     leaves = list(dict.fromkeys(_layouts(mask)))
     names = {leaf: (f"Layout{i}", f"layout{i}_stride_h", f"layout{i}_stride_m", leaf.layout.shape[0])
              for i, leaf in enumerate(leaves)}  # fmt: skip
-    expr = mask.predicate(Expr("rows2"), Expr("cols2"), Expr("off_h"), Expr("seq_q"), Expr("seq_k"), TritonOps(names))
-    return expr.src, leaves
+    ops = TritonOps(names)
+    expr = mask.predicate(Expr("rows2"), Expr("cols2"), Expr("off_h"), Expr("seq_q"), Expr("seq_k"), ops)
+    return "\n".join([f"{name} = {src}" for name, src in ops.bindings] + [expr.src]), leaves
 
 
 def _spec(direction, q, v, mask, bmap, kv_valid, attn_mask, softcap) -> tuple[SparseKernelSpec, list[BlockSparse]]:
