@@ -305,3 +305,21 @@ def test_the_generator_covers_every_form():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+@pytest.mark.parametrize("sk", [1, 5])
+def test_keys_scaled_after_repeat_and_merged_stay_native_gqa(sk):
+    """``reshape(repeat_kv(k) / c)`` into [B*H, S, D]: the tracer also reads the scaled keys' shape, which must
+    not stop the scale from folding (a hypothesis example once found heads (2, 2) instead of (2, 1))."""
+    spec = Spec(b=1, hkv=1, groups=2, sq=3, sk=sk, d=4, dv=4, scale="k", mask="none", fill=float("-inf"),
+                layout="merged_bmm", gqa="repeat_kv", bias="none", softcap=None, upcast=False, escape="none",
+                seed=0)  # fmt: skip
+    module = Program(spec).eval()
+    args = inputs(spec)
+    with torch.no_grad():
+        want = module(*args)
+        gm, ctx = run_pipeline(module, args)
+        got = gm(*args)
+    traced = torch.fx.symbolic_trace(module).graph
+    assert any(n.target is getattr and n.args[0].name == "truediv" for n in traced.nodes)  # the shape read
+    check(spec, gm, ctx, got, want)

@@ -360,6 +360,25 @@ def scalar_value(x: Any) -> float | None:
     return None
 
 
+_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
+_METADATA_METHODS = {"size", "dim", "numel", "stride", "get_device"}
+_METADATA_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
+
+
+def value_users(x: Node) -> list[Node]:
+    """The users of ``x`` that read its values: a shape or dtype read (``x.shape``, ``x.size(1)``,
+    ``sym_size``, as tracers record them) does not count, so a scaling whose result is also measured
+    still counts as used once."""
+    def metadata(u: Node) -> bool:
+        if u.op == "call_function" and u.target is getattr:
+            return len(u.args) > 1 and u.args[1] in _METADATA_ATTRS
+        if u.op == "call_method":
+            return u.target in _METADATA_METHODS
+        return u.op == "call_function" and u.target in _METADATA_OPS
+
+    return [u for u in x.users if not metadata(u)]
+
+
 def is_large_negative(x: Any) -> bool:
     """True for -inf and for the 'finfo.min'-style fill values models use as 'masked out'."""
     v = scalar_value(x)

@@ -828,7 +828,7 @@ def _fold_scalar(x, scale: float) -> tuple:
     """Fold single-use ``x * c`` / ``x / c`` chains into ``scale``; returns (operand, scale)."""
     for _ in range(8):
         op = C.classify(x)
-        if op is None or op.kind not in (C.MUL, C.DIV) or len(x.users) != 1 or op.attrs.get("inplace"):
+        if op is None or op.kind not in (C.MUL, C.DIV) or len(C.value_users(x)) != 1 or op.attrs.get("inplace"):
             return x, scale
         a, b = op.inputs
         cb, ca = C.scalar_value(b), C.scalar_value(a)
