@@ -28,6 +28,7 @@ from _common import write_json
 
 import attnopt  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt import masks
+from attnopt.kernels.sparse import blockwise
 
 
 def _median_seconds(fn, repeat: int) -> float:
@@ -104,7 +105,8 @@ def strided_cpu_case(seq: int, heads: int, dim: int, window: int, repeat: int) -
         t_sparse = _median_seconds(sparse, repeat)
         t_causal = _median_seconds(sdpa_causal, repeat)
         t_dense = _median_seconds(sdpa_dense, repeat)
-    visited = masks.residue_order(mask).block_map(seq, seq, 64, 64, heads).visited()
+    bm, bn = blockwise.RESIDUE_BLOCK_M, blockwise.RESIDUE_BLOCK_N  # the CPU path's tiles for keys in residue order
+    visited = masks.residue_order(mask).block_map(seq, seq, bm, bn, heads).visited()
     return {
         "case": f"strided heads (stride {heads}) + causal window {window}, B1 H{heads} S{seq} D{dim} fp32, CPU forward",
         "mask": str(mask),
@@ -115,7 +117,8 @@ def strided_cpu_case(seq: int, heads: int, dim: int, window: int, repeat: int) -
         "speedup_vs_is_causal": t_causal / t_sparse,
         "speedup_vs_dense": t_dense / t_sparse,
         "max_abs_deviation_vs_dense_mask": deviation,
-        "key_tiles_per_query_tile": {"visited_mean": float(visited.float().mean()), "dense": -(-seq // 64)},
+        "key_tiles_per_query_tile": {"tile": [bm, bn], "visited_mean": float(visited.float().mean()),
+                                     "dense": -(-seq // bn)},
     }
 
 

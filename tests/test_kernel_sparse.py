@@ -311,3 +311,40 @@ def test_blockwise_plans_each_head_on_its_own_tiles():
         keys = [sum(c1 - c0 for c0, c1 in segs) for segs in plan.segs]
         assert keys == (visited[head] * 64).tolist()
         assert max(keys) * 3 < s
+
+
+SPLIT = {  # mask, (B, Hq, Hkv, S), tile shape, how the chunks' full keys are read (see blockwise._Plan.split)
+    "strided_causal_gather": (M.Strided(2, M.SlidingWindow(20, 0)) & M.causal(), (1, 2, 1, 77), (8, 4),
+                              {"gather", "view 0"}),
+    "strided_gqa3": (M.Strided(3, M.SlidingWindow(30, 4)), (2, 3, 1, 101), (16, 8), {"gather", "view 0"}),
+    "global_local_stepped_view": (M.GlobalLocal(5, 16), (2, 4, 2, 99), (16, 8), {"view 0", "view 16"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT))
+def test_blockwise_runs_full_and_boundary_keys_as_two_parts(name):
+    """Chunks holding both full and boundary tiles run as two fused calls (boundary keys with the element test,
+    full keys without, as a strided view of k or gathered) merged by their lse; the backward reuses the merged
+    out and lse. Forward and backward match the dense reference (float32: the fused CPU kernels)."""
+    from attnopt.kernels.sparse import ops
+
+    mask, (b, hq, hkv, s), (bm, bn), reads = SPLIT[name]
+    run = M.residue_order(mask) or mask
+    q, k, v = qkv(b=b, hq=hq, hkv=hkv, sq=s, sk=s, d=8)
+    seen = set()
+    for heads, kv_heads, head in blockwise._head_groups(run, hq, hkv):
+        plan = blockwise._setup(run, q[:, heads], k[:, kv_heads], v[:, kv_heads], bm, bn, True, hq, head)
+        for t0, t1, _ in plan.chunks:
+            split = plan.split(t0, t1)
+            if split is not None:
+                seen.add("gather" if split[2] is None else f"view {split[3]}")
+    assert seen == reads
+    impl = _tiles(blockwise, bm, bn)
+    out, lse = ops.forward(impl, q, k, v, mask, None, None, 0.3, 0.0)
+    ref = reference.attention_forward(q, k, v, mask, None, None, 0.3)
+    _check((out, lse), ref, FP32)
+    dout = torch.randn_like(out)
+    grads = ops.backward(impl, dout, q, k, v, out, lse, mask, None, None, 0.3, 0.0)
+    want = reference.attention_backward(dout, q, k, v, ref[0], ref[1], mask, None, None, 0.3)
+    for got, r in zip(grads, want):
+        torch.testing.assert_close(got, r, **FP32)

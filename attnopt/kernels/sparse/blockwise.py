@@ -11,7 +11,11 @@ axis (``[c, B·Hkv, G·block_m, D]``), so k and v are gathered once per key/valu
 
 Work is O(Sq · L): O(S · window) for a sliding window, never O(Sq · Sk); what a chunk materializes
 is bounded by :data:`CHUNK_ELEMENTS`. The element test runs only for chunks holding boundary tiles, and
-only on the keys of boundary tiles (listed before those of full tiles).
+only on the keys of boundary tiles (listed before those of full tiles). On the fused kernels a chunk with
+both (and no padding or extra mask) runs as two calls, the boundary keys with their element mask as a bias
+and the full keys with none (a strided view of k where they are one segment per tile, as a head's own keys
+are in residue order), merged by their log-sum-exp (:class:`_Split`). Keys in residue order default to
+narrower, taller tiles (:data:`RESIDUE_BLOCK_N`), so fewer of their keys need the element test.
 For a shift-invariant mask (a sliding window: a function of k - q) tiles whose keys sit at the same
 offsets share one element mask, computed once per call, and their keys are an overlapping strided
 view of k and v (no gather), so the chunk costs one fused kernel call.
@@ -28,10 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from attnopt.masks import KIND_FULL, Mask
+from attnopt.masks import KIND_FULL, Mask, ResidueOrder
 
 BLOCK_M = 64
 BLOCK_N = 64
+# Keys in residue order (ResidueOrder): a key tile of n keys spans n·stride positions of the original order, so
+# narrower key tiles leave more of each query tile's window pieces as full tiles (no element test), and taller
+# query tiles make fewer, larger fused calls (S=8192, H8, D64, stride 8, window 256: 32 chunks, not 80).
+RESIDUE_BLOCK_M = 128
+RESIDUE_BLOCK_N = 32
 CHUNK_ELEMENTS = 1 << 23  # elements one chunk materializes (see _setup): 32 MiB of fp32
 PAD_WASTE = 1.25  # a chunk's padded keys may exceed its useful keys by this factor
 
@@ -63,7 +72,7 @@ class _Plan:
         # Per query tile: key segments [(c0, c1)] (adjacent runs merged), key count, element test needed, and
         # how many leading keys need it: for unshared masks the boundary tiles' keys come first, so the element
         # test runs on those only (full tiles are visible throughout).
-        segs, counts, tested, self.tested_keys = [], [], [], []
+        segs, counts, tested, self.tested_keys, full_segs = [], [], [], [], []
         for tile_runs, n in zip(row_runs.tolist(), row_counts.tolist()):
             parts = {True: [], False: []}  # boundary segments, full segments (all in one when shared)
             for first, end, kind in tile_runs[:n]:
@@ -74,12 +83,14 @@ class _Plan:
                 else:
                     part.append((c0, c1))
             s = parts[True] + parts[False]
+            full_segs.append(parts[False])
             test = any(kind != KIND_FULL for _, _, kind in tile_runs[:n])
             segs.append(s)
             counts.append(sum(c1 - c0 for c0, c1 in s))
             tested.append(test)
             self.tested_keys.append(sum(c1 - c0 for c0, c1 in parts[True]) if test else 0)
         self.segs, self.tested = segs, tested
+        self.full_segs = full_segs  # per tile: its full key segments (the tail of ``segs``)
         self.patterns = [(tuple((c0 - t * block_m, c1 - t * block_m) for c0, c1 in s), test)
                          for t, (s, test) in enumerate(zip(segs, tested))]  # fmt: skip
         self.cache: dict = {}  # per shared pattern: its element mask and bias (computed once per call)
@@ -130,6 +141,29 @@ class _Plan:
             pad = torch.arange(length)[None, :] >= n[:, None]
             pad = pad.to(self.device)
         return idx.to(self.device), pad
+
+    def split(self, t0: int, t1: int) -> tuple[int, int, int | None, int] | None:
+        """``(T, span, first, step)`` when tiles [t0, t1) run as two parts (see :class:`_Split`), else None.
+
+        Each tile's boundary keys are the first ``tested_keys`` of its list, padded to T; its full keys the rest,
+        padded to ``span``. ``first`` is not None when tile i's full keys are one segment starting at
+        ``first + i·step`` and ``first + i·step + span <= Sk`` for every tile: they are then a strided view of k.
+        """
+        if self.shared or self.hm != 1 or not any(self.tested[t0:t1]):
+            return None
+        full = [(i, self.full_segs[t]) for i, t in enumerate(range(t0, t1)) if self.full_segs[t]]
+        if not full:
+            return None
+        span = max(sum(c1 - c0 for c0, c1 in segs) for _, segs in full)
+        tested = max(self.tested_keys[t0:t1])
+        if any(len(segs) > 1 for _, segs in full):
+            return tested, span, None, 0
+        (i0, [(a0, _)]), *rest = full
+        step = (rest[0][1][0][0] - a0) // (rest[0][0] - i0) if rest else 0
+        first = a0 - i0 * step
+        fits = step >= 0 and all(segs[0][0] == first + i * step for i, segs in rest)  # as_strided: no negative steps
+        fits &= all(0 <= first + i * step and first + i * step + span <= self.sk for i in range(t1 - t0))
+        return tested, span, first if fits else None, step
 
     def uniform(self, t0: int, t1: int) -> bool:
         """Whether tiles [t0, t1) share one element mask (see ``shared``)."""
@@ -227,23 +261,26 @@ class _Chunk:
         x = x.reshape(c, b, hkv, g, m, -1).permute(1, 2, 3, 0, 4, 5).reshape(b, hkv, g, c * m, -1)
         out5[:, :, :, self.r0:self.r1] = x.to(out5.dtype)
 
-    def gather(self, x: torch.Tensor, dtype) -> torch.Tensor:
-        """Keys [B, Hkv, Sk, D] -> [c, B·Hkv, L, D]: an overlapping strided view for evenly spaced windows."""
+    def gather(self, x: torch.Tensor, dtype, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys [B, Hkv, Sk, D] -> [c, B·Hkv, L, D] at ``idx`` [c, L] (default: the chunk's keys); an overlapping
+        strided view for evenly spaced windows."""
         c, b, hkv, _, _ = self.shape
-        length = self.idx.shape[1]
+        idx = self.idx if idx is None else idx
+        length = idx.shape[1]
         if self.first_key is not None and x.dtype == dtype and x.stride(0) == x.shape[1] * x.stride(1):
             sb, sh, sn, sd = x.stride()
             step = (self.r1 - self.r0) // c * sn
             return x.as_strided((c, b * hkv, length, x.shape[-1]), (step, sh, sn, sd), x.storage_offset()
                                 + self.first_key * sn)  # fmt: skip
-        g = x[:, :, self.idx.reshape(-1)].to(dtype)  # [B, Hkv, c·L, D]
+        g = x[:, :, idx.reshape(-1)].to(dtype)  # [B, Hkv, c·L, D]
         return g.reshape(b, hkv, c, -1, x.shape[-1]).permute(2, 0, 1, 3, 4).reshape(c, b * hkv, -1, x.shape[-1])
 
-    def scatter_add(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """``dst[:, :, keys] += src`` for dst [B, Hkv, Sk, ·] and src [c, B·Hkv, L, ·] (padding adds zeros)."""
+    def scatter_add(self, dst: torch.Tensor, src: torch.Tensor, idx: torch.Tensor | None = None) -> None:
+        """``dst[:, :, idx] += src`` for dst [B, Hkv, Sk, ·], src [c, B·Hkv, L, ·] and ``idx`` [c, L] (default: the
+        chunk's keys); padding adds zeros."""
         c, b, hkv, _, _ = self.shape
         src = src.reshape(c, b, hkv, -1, src.shape[-1]).permute(1, 2, 0, 3, 4).reshape(b, hkv, -1, src.shape[-1])
-        dst.index_add_(2, self.idx.reshape(-1), src.to(dst.dtype))
+        dst.index_add_(2, (self.idx if idx is None else idx).reshape(-1), src.to(dst.dtype))
 
     def bias(self, dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(bias, blind)``: the additive mask [c or 1, B·Hkv or 1, G·m, L] in ``dtype`` (0 / -inf, plus a
@@ -289,6 +326,107 @@ class _Chunk:
         if self.hidden is not None:
             s6.masked_fill_(self.hidden, float("-inf"))
         return s, tanh
+
+
+class _Split(_Chunk):
+    """A chunk (no key padding mask, no extra mask, one element mask for all heads) run as two parts: each tile's
+    boundary keys (padded to T) with the element test as an additive bias ``[c, 1, G·m, T]``, and its full keys
+    (padded to ``span``) with no bias but the padding ``[c, 1, 1, span]``: a strided view of k where they are one
+    evenly spaced segment per tile (in residue order a head's own keys are one contiguous range, the same for
+    every tile), else gathered. The forward merges the parts by their log-sum-exp; each part's backward takes the
+    merged out and lse, which makes its P and rowsum(dO ⊙ O) those of the whole row."""
+
+    def __init__(self, plan: _Plan, t0, t1, length, split, q5, k, v, dtype):
+        b, hkv, g = q5.shape[:3]
+        self.r0, self.r1 = plan.rows(t0, t1)
+        c = t1 - t0
+        m = (self.r1 - self.r0) // c
+        self.shape = (c, b, hkv, g, m)
+        tested, span, first, step = split
+        dev = plan.device
+        self.q = self.rows(q5, dtype)
+        # Boundary part: keys [c, B·Hkv, T, D] gathered; hidden [c, m, T] by the element test and padding.
+        n_b = torch.tensor(plan.tested_keys[t0:t1], device=dev)
+        idx = plan.keys(t0, t1, length)[0]  # [c, L]: boundary keys first
+        self.idx, self.first_key = idx[:, :tested], None
+        self.kb, self.vb = self.gather(k, dtype), self.gather(v, dtype)
+        q_pos = torch.arange(self.r0, self.r1, device=dev).view(c, m, 1)
+        hide = ~plan.mask.allows(q_pos, self.idx[:, None, :], plan.sq, plan.sk, plan.head_ids[0])
+        hide |= (torch.arange(tested, device=dev) >= n_b[:, None])[:, None, :]  # past the tile's boundary keys
+        blind = hide.all(-1)  # [c, m]: rows that see no boundary key
+        bias = torch.zeros(c, 1, 1, m, tested, dtype=dtype, device=dev).masked_fill_(hide[:, None, None], float("-inf"))
+        self.bias_b = bias.expand(c, 1, g, m, tested).reshape(c, 1, g * m, tested)
+        self.blind_b = blind[:, None, None].expand(c, 1, g, m).reshape(c, 1, g * m) if bool(blind.any()) else None
+        # Full part: keys [c, B·Hkv, span, D], a view when evenly spaced, else gathered (positions [n_b, n) of idx).
+        n_f = torch.tensor([sum(c1 - c0 for c0, c1 in plan.full_segs[t]) for t in range(t0, t1)], device=dev)
+        self.first, self.step = first, step
+        if first is not None and all(x.dtype == dtype and _merged_stride(x) is not None for x in (k, v)):
+            self.full_idx = first + step * torch.arange(c, device=dev)[:, None] + torch.arange(span, device=dev)
+            self.kf, self.vf = (_view(x, first, step, c, span) for x in (k, v))
+        else:
+            self.first = None
+            at = (n_b[:, None] + torch.arange(span, device=dev)).clamp_(max=length - 1)  # [c, span]
+            self.full_idx = torch.gather(idx, 1, at)
+            self.kf, self.vf = self.gather(k, dtype, self.full_idx), self.gather(v, dtype, self.full_idx)
+        self.bias_f = self.blind_f = None
+        pad_f = torch.arange(span, device=dev) >= n_f[:, None]  # [c, span]
+        if bool(pad_f.any()):
+            self.bias_f = torch.zeros(c, 1, 1, span, dtype=dtype, device=dev).masked_fill_(
+                pad_f[:, None, None], float("-inf"))
+            blind_f = n_f == 0  # [c]: tiles without full keys
+            if bool(blind_f.any()):
+                self.blind_f = blind_f[:, None, None].expand(c, 1, g * m)
+
+    def forward(self, scale: float, acc) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [c, B·Hkv, G·m, Dv], lse [c, B·Hkv, G·m])`` of the chunk: both parts merged."""
+        o_b, lse_b = _flash(self.q, self.kb, self.vb, self.bias_b, self.blind_b, scale)
+        o_f, lse_f = _flash(self.q, self.kf, self.vf, self.bias_f, self.blind_f, scale)
+        lse_b, lse_f = lse_b.to(acc), lse_f.to(acc)
+        lse = torch.logaddexp(lse_b, lse_f)
+        finite = torch.where(lse == float("-inf"), 0.0, lse)  # rows that see no key: weights 0, out 0
+        w_b = torch.exp(lse_b - finite).unsqueeze(-1)
+        w_f = torch.exp(lse_f - finite).unsqueeze(-1)
+        return o_b.to(acc) * w_b + o_f.to(acc) * w_f, lse
+
+    def backward(self, do, o, lse, scale, dq, dk, dv) -> None:
+        """Adds the chunk's gradients (given the merged ``o`` and ``lse``) into ``dq``, ``dk``, ``dv``."""
+        flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        db = flash_bwd(do, self.q, self.kb, self.vb, o, lse, 0.0, False, attn_mask=self.bias_b, scale=scale)
+        df = flash_bwd(do, self.q, self.kf, self.vf, o, lse, 0.0, False, attn_mask=self.bias_f, scale=scale)
+        self.unrows(db[0] + df[0], dq)
+        self.scatter_add(dk, db[1])
+        self.scatter_add(dv, db[2])
+        _, b, hkv, _, _ = self.shape
+        if self.first is not None and self.step == 0:  # every tile's full keys are one range: sum the tiles
+            span = self.full_idx.shape[1]
+            dk[:, :, self.first:self.first + span] += df[1].sum(0).reshape(b, hkv, span, -1).to(dk.dtype)
+            dv[:, :, self.first:self.first + span] += df[2].sum(0).reshape(b, hkv, span, -1).to(dv.dtype)
+        else:
+            self.scatter_add(dk, df[1], self.full_idx)
+            self.scatter_add(dv, df[2], self.full_idx)
+
+
+def _view(x: torch.Tensor, first: int, step: int, c: int, span: int) -> torch.Tensor:
+    """[B, Hkv, Sk, D] -> [c, B·Hkv, span, D], tile i's keys ``first + i·step + j``: a view (see _merged_stride)."""
+    b, hkv, _, d = x.shape
+    _, _, sn, sd = x.stride()
+    return x.as_strided((c, b * hkv, span, d), (step * sn, _merged_stride(x), sn, sd), x.storage_offset() + first * sn)
+
+
+def _merged_stride(x: torch.Tensor) -> int | None:
+    """The stride of x's [B, Hkv] axes viewed as one B·Hkv axis, or None when they do not merge."""
+    b, hkv = x.shape[:2]
+    if hkv == 1:
+        return x.stride(0)
+    return x.stride(1) if b == 1 or x.stride(0) == hkv * x.stride(1) else None
+
+
+def _flash(q, k, v, bias, blind, scale):
+    """ATen's fused CPU attention ``(out, lse)``, lse -inf on the rows ``blind`` (the kernel reports 0 there)."""
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+    if blind is not None:
+        lse = lse.masked_fill(blind.expand_as(lse), float("-inf"))
+    return o, lse
 
 
 def _gather_rows_cols(rows: torch.Tensor, idx: torch.Tensor, c: int, m: int) -> torch.Tensor:
@@ -343,8 +481,10 @@ def _sizes(q, k, v, scale):
 
 
 def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,
-            block_m: int = BLOCK_M, block_n: int = BLOCK_N):  # fmt: skip
-    """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)``; see the module docstring."""
+            block_m: int | None = None, block_n: int | None = None):  # fmt: skip
+    """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)``; see the module docstring.
+    The tile shape defaults to :func:`_tiles`."""
+    block_m, block_n = _tiles(mask, block_m, block_n)
     b, hq, hkv, g, sq, sk, d, dv, scale, acc = _sizes(q, k, v, scale)
     out = torch.zeros(b, hq, sq, dv, dtype=q.dtype, device=q.device)
     lse = torch.full((b, hq, sq, 1), float("-inf"), dtype=acc, device=q.device)
@@ -362,9 +502,31 @@ def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, soft
     return out, lse.squeeze(-1)
 
 
+def _tiles(mask: Mask, block_m: int | None, block_n: int | None) -> tuple[int, int]:
+    """The tile shape: as given, else ``RESIDUE_BLOCK_*`` for keys in residue order and ``BLOCK_*`` otherwise."""
+    if isinstance(mask, ResidueOrder):
+        return block_m or RESIDUE_BLOCK_M, block_n or RESIDUE_BLOCK_N
+    return block_m or BLOCK_M, block_n or BLOCK_N
+
+
+def _splits(plan, t0, t1, kv_valid, attn_mask, fused):
+    """The split of chunk [t0, t1) into boundary and full keys (:meth:`_Plan.split`) when it runs as a
+    :class:`_Split`: on the fused kernels, with no key padding mask or extra mask; else None."""
+    if not fused or kv_valid is not None or attn_mask is not None:
+        return None
+    return plan.split(t0, t1)
+
+
 def _forward_heads(plan, q5, k, v, kv_valid, attn_mask, out5, lse5, scale, softcap, fused, acc):
     """The forward of one head group (see :func:`_head_groups`) into ``out5`` and ``lse5``, laid out [B, Hkv, G, Sq, ·]."""
     for t0, t1, length in plan.chunks:
+        split = _splits(plan, t0, t1, kv_valid, attn_mask, fused)
+        if split is not None:
+            sp = _Split(plan, t0, t1, length, split, q5, k, v, q5.dtype)
+            o, chunk_lse = sp.forward(scale, acc)
+            sp.unrows(o, out5)
+            sp.unrows(chunk_lse.unsqueeze(-1), lse5)
+            continue
         ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, q5.dtype if fused else acc)
         if fused:
             bias, blind = ch.bias(q5.dtype)
@@ -382,8 +544,9 @@ def _forward_heads(plan, q5, k, v, kv_valid, attn_mask, out5, lse5, scale, softc
 
 
 def backward(dout, q, k, v, out, lse, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,
-             block_m: int = BLOCK_M, block_n: int = BLOCK_N):  # fmt: skip
+             block_m: int | None = None, block_n: int | None = None):  # fmt: skip
     """``(dq, dk, dv)`` of :func:`forward` (no gradient for the masks)."""
+    block_m, block_n = _tiles(mask, block_m, block_n)
     b, hq, hkv, g, sq, sk, d, dv_dim, scale, acc = _sizes(q, k, v, scale)
     dq = torch.zeros(b, hkv, g, sq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, hkv, sk, d, dtype=acc, device=q.device)
@@ -409,6 +572,12 @@ def _backward_heads(plan, q5, k, v, do5, o5, lse5, kv_valid, attn_mask, dq, dk, 
     """The backward of one head group: adds into ``dq`` [B, Hkv, G, Sq, D] and ``dk``, ``dv`` [B, Hkv, Sk, ·]."""
     for t0, t1, length in plan.chunks:
         dtype = q5.dtype if fused else acc
+        split = _splits(plan, t0, t1, kv_valid, attn_mask, fused)
+        if split is not None:
+            sp = _Split(plan, t0, t1, length, split, q5, k, v, dtype)
+            do, o = sp.rows(do5, dtype), sp.rows(o5, dtype)
+            sp.backward(do, o, sp.rows(lse5, acc).squeeze(-1), scale, dq, dk, dv)
+            continue
         ch = _Chunk(plan, t0, t1, length, q5, k, v, kv_valid, attn_mask, dtype)
         do, o = ch.rows(do5, dtype), ch.rows(o5, dtype)
         chunk_lse = ch.rows(lse5, acc).squeeze(-1)
