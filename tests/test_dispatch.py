@@ -94,12 +94,12 @@ def test_dead_rows_become_zeros_and_minus_inf():
 
 def test_choose_measures_once_per_bucket_and_caches_on_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(dispatch, "sdpa_forward", cpu_sdpa)
-    q, k, v = qkv()
+    q, k, v = qkv(sq=13, sk=13)  # causal SDPA dispatch is square only
     timer = FakeTimer(2.0, 1.0, 4.0, 3.0)  # attnopt, sdpa-flash, sdpa-cudnn, sdpa-efficient
     decision = dispatch.choose(q, k, v, None, reference.CAUSAL_TOP_LEFT, 0.25, timer=timer, env=ENV)
     assert decision.backend == "sdpa-flash" and timer.calls == 4
     assert decision.describe() == "sdpa-flash, 2.00x faster than the attnopt kernel"
-    q2, k2, v2 = qkv(sq=11, sk=15)  # same buckets: no new measurement
+    q2, k2, v2 = qkv(sq=15, sk=15)  # same buckets: no new measurement
     assert dispatch.choose(q2, k2, v2, None, reference.CAUSAL_TOP_LEFT, 0.25, timer=timer, env=ENV) == decision
     dispatch.clear_memo()
     assert dispatch.choose(q, k, v, None, reference.CAUSAL_TOP_LEFT, 0.25, timer=timer, env=ENV) == decision
@@ -118,7 +118,8 @@ def test_refusing_backends_leave_the_attnopt_kernel():
 @pytest.mark.parametrize("change, why", [
     (dict(softcap=5.0), "softcap"),
     (dict(dropout_p=0.1), "dropout"),
-    (dict(causal=reference.CAUSAL_BOTTOM_RIGHT), "bottom-right"),
+    (dict(causal=reference.CAUSAL_BOTTOM_RIGHT), "Sq != Sk"),
+    (dict(causal=reference.CAUSAL_TOP_LEFT), "Sq != Sk"),  # flash's aten is_causal would be bottom-right
 ])
 def test_sites_sdpa_cannot_run_are_not_measured(change, why):
     q, k, v = qkv()

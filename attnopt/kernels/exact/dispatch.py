@@ -41,7 +41,7 @@ from typing import Callable
 import torch
 
 from attnopt.codegen.cache import cache_root
-from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, dtype_name, mask_kind
+from attnopt.codegen.spec import CAUSAL_NONE, dtype_name, mask_kind
 
 ATTNOPT = "attnopt"
 REFERENCE = "reference"
@@ -122,11 +122,10 @@ class Site:
 
     def sdpa_refusal(self) -> str:
         """Why no SDPA backend can run this site in attnopt's place, or "" when some can."""
-        causal_ok = self.causal in (CAUSAL_NONE, CAUSAL_TOP_LEFT) or (
-            self.causal == CAUSAL_BOTTOM_RIGHT and self.same_length
-        )
-        if not causal_ok:
-            return "SDPA has no bottom-right causal mask for Sq != Sk"
+        if self.causal != CAUSAL_NONE and not self.same_length:
+            # the aten ops' is_causal is bottom-right for flash (FlashAttention-2's convention) but top-left for
+            # the efficient kernel: only square causal attention, where both coincide, is unambiguous
+            return "causal with Sq != Sk: the SDPA backends' aten ops disagree on its alignment"
         if self.dropout:
             return "dropout: the backward replays attnopt's own dropout mask"
         if self.group > 1:
