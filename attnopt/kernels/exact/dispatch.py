@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import hashlib
 import json
 import os
@@ -151,7 +152,7 @@ def _path(key: dict) -> Path:
     return cache_root() / "dispatch" / f"{digest}.json"
 
 
-_MEMO: dict[str, Decision] = {}
+_MEMO: dict[tuple[Site, Environment], Decision] = {}
 _LOCK = threading.Lock()
 
 
@@ -164,21 +165,20 @@ def decide(site: Site, env: Environment, measure: Callable[[str], float | None])
         key = dispatch_key(site, env)
         _write(_path(key), key, decision)
         with _LOCK:
-            _MEMO[str(_path(key))] = decision
+            _MEMO[site, env] = decision
     return decision
 
 
 def cached(site: Site, env: Environment) -> Decision | None:
     """The decision already taken for ``(site, env)`` in this process or on disk, else None (nothing is measured)."""
-    key = dispatch_key(site, env)
-    path = _path(key)
     with _LOCK:
-        if str(path) in _MEMO:
-            return _MEMO[str(path)]
-    decision = _read(path, key)
+        if (site, env) in _MEMO:
+            return _MEMO[site, env]  # the per-call path: no hashing of the key, no file access
+    key = dispatch_key(site, env)
+    decision = _read(_path(key), key)
     if decision is not None:
         with _LOCK:
-            _MEMO[str(path)] = decision
+            _MEMO[site, env] = decision
     return decision
 
 
@@ -262,7 +262,9 @@ def note(decision: Decision) -> Decision:
     return decision
 
 
+@functools.lru_cache(maxsize=None)
 def current_environment(device: torch.device) -> Environment:
+    """The environment of ``device`` (asked once per device: every CUDA forward needs it)."""
     import triton
 
     return Environment(gpu=torch.cuda.get_device_name(device), torch=torch.__version__, triton=triton.__version__)
