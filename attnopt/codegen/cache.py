@@ -12,7 +12,9 @@ import triton: the generated module does, when :func:`load_kernel` first imports
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -42,21 +44,47 @@ def _path(name: str) -> Path:
     return cache_root() / "kernels" / f"{name}.py"
 
 
-def _write(name: str, source: str) -> Path:
-    """Writes ``source`` to ``name``'s cache file, atomically, unless the file already holds exactly it."""
-    path = _path(name)
-    if path.is_file() and path.read_text(encoding="utf-8") == source:
-        return path
+def atomic_write(path: Path, text: str) -> Path:
+    """Writes ``text`` to ``path`` through a temporary file beside it and a rename: a reader (another process
+    sharing the cache) sees the old file or the new one, never a partial write."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(source)
+            f.write(text)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
     return path
+
+
+def key_digest(key: dict) -> str:
+    """A short stable name for a JSON-able cache key (the key itself is stored in the file and checked on read)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def read_keyed(path: Path, key: dict) -> dict | None:
+    """The JSON record in ``path`` when its ``"key"`` equals ``key``; None when the file is missing, corrupt,
+    or belongs to another key (a digest collision)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) and record.get("key") == key else None
+
+
+def write_keyed(path: Path, record: dict) -> Path:
+    """Writes ``record`` (which holds its ``"key"``) as JSON to ``path``, atomically."""
+    return atomic_write(path, json.dumps(record, indent=1, sort_keys=True))
+
+
+def _write(name: str, source: str) -> Path:
+    """Writes ``source`` to ``name``'s cache file, atomically, unless the file already holds exactly it."""
+    path = _path(name)
+    if path.is_file() and path.read_text(encoding="utf-8") == source:
+        return path
+    return atomic_write(path, source)
 
 
 def write_source(spec: KernelSpec) -> Path:

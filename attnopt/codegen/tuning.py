@@ -47,18 +47,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
-import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from attnopt.codegen.cache import cache_root
+from attnopt.codegen.cache import cache_root, key_digest, read_keyed, write_keyed
 from attnopt.codegen.spec import TILE_FIELDS, KernelSpec, next_pow2
 
 
@@ -208,8 +205,7 @@ def tuning_key(spec: KernelSpec, seq_q: int, seq_k: int, device: Device) -> dict
 
 
 def tuning_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    return cache_root() / "tuning" / f"{key['features']['direction']}_{digest}.json"
+    return cache_root() / "tuning" / f"{key['features']['direction']}_{key_digest(key)}.json"
 
 
 _MEMO: dict[str, dict] = {}
@@ -224,11 +220,8 @@ def load_entry(key: dict) -> dict | None:
     with _LOCK:
         if memo_key in _MEMO:
             return _MEMO[memo_key]
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if entry.get("key") != key:
+    entry = read_keyed(path, key)
+    if entry is None:
         return None
     with _LOCK:
         _MEMO[memo_key] = entry
@@ -236,16 +229,7 @@ def load_entry(key: dict) -> dict | None:
 
 
 def store_entry(key: dict, entry: dict) -> Path:
-    path = tuning_path(key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    path = write_keyed(tuning_path(key), entry)
     with _LOCK:
         _MEMO[str(path)] = entry
     return path

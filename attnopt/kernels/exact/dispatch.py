@@ -30,10 +30,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-import hashlib
-import json
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from attnopt.codegen.cache import cache_root
+from attnopt.codegen.cache import cache_root, key_digest, read_keyed, write_keyed
 from attnopt.codegen.spec import CAUSAL_NONE, dtype_name, mask_kind
 
 ATTNOPT = "attnopt"
@@ -148,8 +145,7 @@ def dispatch_key(site: Site, env: Environment) -> dict:
 
 
 def _path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
-    return cache_root() / "dispatch" / f"{digest}.json"
+    return cache_root() / "dispatch" / f"{key_digest(key)}.json"
 
 
 _MEMO: dict[tuple[Site, Environment], Decision] = {}
@@ -197,25 +193,12 @@ def _measure(site: Site, measure: Callable[[str], float | None]) -> Decision:
 
 
 def _read(path: Path, key: dict) -> Decision | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    if data.get("key") != key:
-        return None
-    return Decision(**data["decision"])
+    record = read_keyed(path, key)
+    return None if record is None else Decision(**record["decision"])
 
 
 def _write(path: Path, key: dict, decision: Decision) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(dict(key=key, decision=asdict(decision)), f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_keyed(path, dict(key=key, decision=asdict(decision)))
 
 
 def clear_memo() -> None:
