@@ -174,6 +174,21 @@ def _check_choice(field: str, value, allowed: tuple) -> None:
 _TORCH_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32"}
 
 
+MAX_BATCH_HEADS = 65535  # a launch grid's second axis (B * H programs) holds at most 65535 on CUDA
+
+
+def inputs_refusal(q, k, v, max_head_dim: int) -> str | None:
+    """Why a generated kernel family cannot take ``q``, ``k``, ``v`` [B, H, S, D] (dtypes, head dims above
+    ``max_head_dim``, too many batch rows times heads), or None."""
+    if _TORCH_DTYPES.get(str(q.dtype)) is None or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the kernels take float16, bfloat16 or float32 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if q.shape[-1] > max_head_dim or v.shape[-1] > max_head_dim:
+        return f"head dims above {max_head_dim} (got {q.shape[-1]}, {v.shape[-1]})"
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        return f"batch * heads above {MAX_BATCH_HEADS} (got {q.shape[0] * q.shape[1]})"
+    return None
+
+
 def dtype_name(dtype) -> str:
     """The spec dtype string of a torch dtype; ValueError for dtypes the generated kernels do not take."""
     name = _TORCH_DTYPES.get(str(dtype))

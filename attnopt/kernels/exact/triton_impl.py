@@ -42,9 +42,16 @@ import torch
 
 from attnopt.codegen.cache import load_kernel
 from attnopt.codegen.common import normalizes_rows
-from attnopt.codegen.spec import CAUSAL_MODES, MAX_GROUP, MAX_HEAD_DIM, KernelSpec, default_tiles, dtype_name, mask_kind
-
-MAX_BATCH_HEADS = 65535  # the grid's second axis (B * Hq) is limited to 65535 programs on CUDA
+from attnopt.codegen.spec import (
+    CAUSAL_MODES,
+    MAX_BATCH_HEADS,
+    MAX_GROUP,
+    MAX_HEAD_DIM,
+    KernelSpec,
+    default_tiles,
+    dtype_name,
+    mask_kind,
+)
 
 
 class Grads(NamedTuple):

@@ -16,20 +16,12 @@ import contextlib
 import torch
 
 from attnopt.codegen.linear_render import CHUNK, MAX_HEAD_DIM, default_spec, load
-
-MAX_BATCH_HEADS = 65535  # a grid axis holds B * H programs
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+from attnopt.codegen.spec import dtype_name, inputs_refusal
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the kernels cannot take these inputs (the op then runs the chunked PyTorch code), or None."""
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"the kernels take float16, bfloat16 or float32 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM} (got {q.shape[-1]}, {v.shape[-1]})"
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        return f"batch * heads above {MAX_BATCH_HEADS}"
-    return None
+    return inputs_refusal(q, k, v, MAX_HEAD_DIM)
 
 
 def _strides(t: torch.Tensor, name: str) -> dict:
@@ -56,7 +48,7 @@ def _states(x, y, u, log_decay, init, init_norm, causal, normalize, group, x_sca
     b, h, d, dv = init.shape
     seq = x.shape[2]
     n = max(-(-seq // CHUNK), 1)
-    spec = default_spec("state", d, dv, _DTYPES[x.dtype] if not reverse else "float32", causal, normalize,
+    spec = default_spec("state", d, dv, dtype_name(x.dtype) if not reverse else "float32", causal, normalize,
                         log_decay is not None, reverse)  # fmt: skip
     final = torch.empty_like(init)
     args = dict(X=x, Y=y, Init=init, Final=final, **_strides(x, "x"), **_strides(y, "y"), num_heads=h, group=group,
@@ -98,7 +90,7 @@ def forward(q, k, v, log_decay=None, causal=True, normalize=True, scale=1.0, eps
     out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
     den = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device) if normalize else q.new_empty(0, dtype=torch.float32)
     if sq > 0:
-        spec = default_spec("out", d, dv, _DTYPES[q.dtype], causal, normalize, log_decay is not None)
+        spec = default_spec("out", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None)
         n = max(-(-sq // CHUNK), 1)
         args = dict(Q=q, K=k, V=v, Out=out, States=states if causal else final, **_strides(q, "q"), **_strides(k, "k"),
                     **_strides(v, "v"), **_strides(out, "o"), num_heads=hq, group=hq // hkv, seq_q=sq, n_chunks=n,
@@ -145,7 +137,7 @@ def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=Tru
     dvh = torch.empty((b, hq, sk, dv), dtype=torch.float32, device=q.device)
     rows = max(sq, sk)
     if rows > 0:
-        spec = default_spec("grad", d, dv, _DTYPES[q.dtype], causal, normalize, log_decay is not None)
+        spec = default_spec("grad", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None)
         n = max(-(-rows // CHUNK), 1)
         args = dict(Q=q, K=k, V=v, DNum=do, DQ=dq, DK=dk, DV=dvh,
                     States=states if causal else final, RStates=rstates if causal else dinit,

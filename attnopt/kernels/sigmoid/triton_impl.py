@@ -16,19 +16,14 @@ import math
 import torch
 
 from attnopt.codegen.sigmoid_render import MAX_HEAD_DIM, default_spec, load
-
-MAX_BATCH_HEADS = 65535
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+from attnopt.codegen.spec import dtype_name, inputs_refusal
 
 
 def supported(q, k, v, attn_mask) -> str | None:
     """Why the kernels cannot take these inputs (the op then runs the reference), or None."""
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"the kernels take float16, bfloat16 or float32 q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}"
-    if q.shape[-1] > MAX_HEAD_DIM or v.shape[-1] > MAX_HEAD_DIM:
-        return f"head dims above {MAX_HEAD_DIM}"
-    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
-        return f"batch * heads above {MAX_BATCH_HEADS}"
+    refusal = inputs_refusal(q, k, v, MAX_HEAD_DIM)
+    if refusal:
+        return refusal
     if attn_mask is not None and not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()):
         return f"masks are bool or floating point; got {attn_mask.dtype}"
     return None
@@ -80,7 +75,7 @@ def forward(q, k, v, attn_mask=None, causal=0, scale=None, bias=None) -> torch.T
     args, kind = _common(q, k, v, attn_mask, scale, bias)
     args["Out"] = out
     args.update({f"stride_o{c}": out.stride(i) for i, c in enumerate("bhmd")})
-    spec = default_spec("fwd", d, dv, _DTYPES[q.dtype], causal, kind)
+    spec = default_spec("fwd", d, dv, dtype_name(q.dtype), causal, kind)
     _launch(spec, (-(-sq // spec.block_m), b * hq), args, q)
     return out
 
@@ -102,12 +97,12 @@ def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None, mas
         args.update({f"stride_do{c}": dout.stride(i) for i, c in enumerate("bhmd")})
         kv = dict(args, DK=dk, DV=dvh, **{f"stride_dk{c}": dk.stride(i) for i, c in enumerate("bhnd")},
                   **{f"stride_dv{c}": dvh.stride(i) for i, c in enumerate("bhnd")})  # fmt: skip
-        spec = default_spec("bwd_kv", d, dv, _DTYPES[q.dtype], causal, kind)
+        spec = default_spec("bwd_kv", d, dv, dtype_name(q.dtype), causal, kind)
         _launch(spec, (-(-sk // spec.block_n), b * hq), kv, q)
         qargs = dict(args, DQ=dq, **{f"stride_dq{c}": dq.stride(i) for i, c in enumerate("bhmd")})
         if mask_grad:
             qargs["DS"] = ds
-        spec = default_spec("bwd_q", d, dv, _DTYPES[q.dtype], causal, kind, write_ds=mask_grad)
+        spec = default_spec("bwd_q", d, dv, dtype_name(q.dtype), causal, kind, write_ds=mask_grad)
         _launch(spec, (-(-sq // spec.block_m), b * hq), qargs, q)
     dk = dk.reshape(b, hkv, hq // hkv, sk, d).sum(dim=2).to(k.dtype)
     dvk = dvh.reshape(b, hkv, hq // hkv, sk, dv).sum(dim=2).to(v.dtype)

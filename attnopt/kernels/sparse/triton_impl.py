@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from attnopt.codegen.sparse_render import SparseKernelSpec, arg_names, load_kernel
+from attnopt.codegen.spec import MAX_BATCH_HEADS
 from attnopt.masks import And, BlockSparse, Mask, Or
 from attnopt.masks.expr import Expr, TritonOps
 
@@ -131,8 +132,8 @@ def _validate(q, k, v, kv_valid, attn_mask):
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"the sparse kernels take float16, bfloat16 or float32 q, k, v of one dtype; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")  # fmt: skip
-    if q.shape[0] * q.shape[1] > 65535:
-        raise ValueError(f"batch * query heads must be at most 65535; got {q.shape[0] * q.shape[1]}")
+    if q.shape[0] * q.shape[1] > MAX_BATCH_HEADS:
+        raise ValueError(f"batch * query heads must be at most {MAX_BATCH_HEADS}; got {q.shape[0] * q.shape[1]}")
     if attn_mask is not None:
         try:
             attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
