@@ -152,25 +152,16 @@ _NOT_FNS = {operator.invert, torch.logical_not, torch.bitwise_not, torch.Tensor.
 _AND_METHODS = {"logical_and", "bitwise_and", "__and__"}
 _OR_METHODS = {"logical_or", "bitwise_or", "__or__"}
 _NOT_METHODS = {"logical_not", "bitwise_not", "__invert__"}
+_LOGIC_OPS = (("and", _AND_FNS, _AND_METHODS, 2), ("or", _OR_FNS, _OR_METHODS, 2), ("not", _NOT_FNS, _NOT_METHODS, 1))
 
 
 def _logic(n: Any) -> tuple[str, tuple] | None:
     if not isinstance(n, Node) or C.tensor_meta(n) is None or C.tensor_meta(n).dtype != torch.bool:
         return None
-    if n.op == "call_function":
-        if n.target in _AND_FNS and len(n.args) == 2:
-            return "and", tuple(n.args)
-        if n.target in _OR_FNS and len(n.args) == 2:
-            return "or", tuple(n.args)
-        if n.target in _NOT_FNS and len(n.args) == 1:
-            return "not", tuple(n.args)
-    if n.op == "call_method":
-        if n.target in _AND_METHODS and len(n.args) == 2:
-            return "and", tuple(n.args)
-        if n.target in _OR_METHODS and len(n.args) == 2:
-            return "or", tuple(n.args)
-        if n.target in _NOT_METHODS and len(n.args) == 1:
-            return "not", tuple(n.args)
+    for name, fns, methods, arity in _LOGIC_OPS:
+        targets = fns if n.op == "call_function" else methods if n.op == "call_method" else ()
+        if n.target in targets and len(n.args) == arity:
+            return name, tuple(n.args)
     op = C.classify(n)
     if op is not None and op.kind in (C.EXPAND, C.CAST) and C.tensor_meta(op.inputs[0]) is not None:
         if C.tensor_meta(op.inputs[0]).dtype == torch.bool:
