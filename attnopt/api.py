@@ -10,15 +10,12 @@ from torch import nn
 
 from attnopt.backend import Backend
 from attnopt.cost import annotate
+from attnopt.errors import AttnoptError, GraphDeviationError
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.ops import new_seed
 from attnopt.passes import deviation
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
-
-
-class AttnoptError(Exception):
-    """Base class of the errors attnopt raises on bad input."""
 
 
 class CaptureError(AttnoptError):
@@ -148,6 +145,8 @@ def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: d
             torch.manual_seed(0)
             out = fn(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
+        if isinstance(exc.inner_exception, GraphDeviationError):  # the user asked for this one: as it is
+            raise exc.inner_exception from exc
         raise CaptureError(f"attnopt failed on a graph captured from {type(model).__name__}: {exc.inner_exception!r}") from exc
     except Exception as exc:
         raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
