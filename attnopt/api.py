@@ -48,7 +48,7 @@ class OptimizedModule(nn.Module):
     def __init__(self, module: nn.Module, policy: Policy, report: Report):
         super().__init__()
         self.module = module
-        backend = Backend(policy, then="eager", report=report)
+        backend = Backend(policy, then="eager", report=report, model=module)
         object.__setattr__(self, "_attnopt_backend", backend)
         object.__setattr__(self, "_attnopt_compiled", torch.compile(module, backend=backend))
 
@@ -150,10 +150,13 @@ def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: d
         raise CaptureError(f"attnopt failed on a graph captured from {type(model).__name__}: {exc.inner_exception!r}") from exc
     except Exception as exc:
         raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    backend.note_breaks()  # a break after the last graph ended no graph: the backend has not seen it yet
     if not backend.contexts:
+        lost = "".join(f"; attention {n.name} was not captured: {n.reason.rstrip('.')}"
+                       for n in backend.report.not_captured)  # fmt: skip
         raise CaptureError(
             f"no graph of {type(model).__name__} could be captured: its forward ran entirely outside dynamo "
-            "(e.g. under torch._dynamo.disable, or with a graph break on every operation)."
+            f"(e.g. under torch._dynamo.disable, or with a graph break on every operation){lost}."
         )
     return out
 
@@ -165,7 +168,7 @@ def _output_deviation(want: Any, got: Any) -> float | None:
 
 def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrite: bool) -> tuple[Backend, Any, Any]:
     want = _run_eager(model, args, kwargs)
-    backend = Backend(policy, then="eager", rewrite=rewrite)
+    backend = Backend(policy, then="eager", rewrite=rewrite, model=model)
     compiled = torch.compile(model, backend=backend)
     with _dynamo_limits():
         got = _run_captured(compiled, model, backend, args, kwargs)
