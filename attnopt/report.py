@@ -184,7 +184,8 @@ class Report:
                 misses.add_row(m.name, m.node, m.reason)
             console.print(misses)
         if self.not_captured:
-            lost = Table(title=f"{len(self.not_captured)} attention call(s) not captured (a graph break ran them eagerly)")
+            title = f"{len(self.not_captured)} attention call(s) not captured (a graph break ran them eagerly)"
+            lost = Table(title=title)
             for col in ("where", "graph break at", "reason"):
                 lost.add_column(col, overflow="fold")
             for n in self.not_captured:

@@ -87,10 +87,25 @@ def test_writes_survive_the_registered_backend():
 @pytest.mark.parametrize("write, attention", [("cumsum_out", True), ("custom_op", False), ("setitem_mask", True)])
 def test_writes_survive_convert(tmp_path, write, attention):
     factory = tmp_path / "factory.py"
-    factory.write_text(f"import _purity_models\n\ndef make():\n    return _purity_models.make({write!r}, {attention})\n")
+    body = f"import _purity_models\n\ndef make():\n    return _purity_models.make({write!r}, {attention})\n"
+    factory.write_text(body)
     manifest = convert(f"{factory}:make", "exact", tmp_path / "out")
     assert [s["decision"] for s in manifest["sites"]] == (["exact"] if attention else [])
     loaded = attnopt.load(tmp_path / "out")
     model, args = make(write, attention)
     with torch.no_grad():
         _same(loaded(*args), model(*args), attention)
+
+
+class ScalesItsInput(torch.nn.Module):
+    def forward(self, x):
+        x.mul_(2.0)  # writes into the caller's tensor: once per call, whatever validation runs
+        return torch.softmax(x @ x.transpose(-2, -1), dim=-1) @ x
+
+
+def test_validation_runs_do_not_write_into_the_callers_inputs():
+    x = torch.randn(2, 5, 8)
+    want = x * 2.0
+    with torch.no_grad():
+        torch.compile(ScalesItsInput(), backend=Backend("exact", then="eager"))(x)
+    assert torch.equal(x, want)

@@ -12,20 +12,26 @@ import attnopt
 from _purity_models import make
 from attnopt import passes
 from attnopt.backend import Backend
-from attnopt.patterns.match import emit, replacement_graph
+from attnopt.patterns.match import replacement_graph
 from attnopt.policy import Policy
 
 
 @pytest.fixture
 def faulty_rewrite(monkeypatch):
-    """Every exact site is written as twice its attention, while per-site validation checks the correct
-    replacement: a fault only the whole-graph check can see."""
+    """Every rewritten site is written as ten times its replacement, while per-site validation checks the
+    correct replacement: a fault only the whole-graph check can see."""
+    emitter_of = passes._emitter
 
-    def doubled(graph, m, lookup):
-        return graph.call_function(operator.mul, (emit(graph, m, lookup), 2.0))
+    def faulty(ctx, name):
+        def tenfold(graph, m, lookup):
+            return graph.call_function(operator.mul, (right(graph, m, lookup), 10.0))
 
-    monkeypatch.setattr(passes, "emit", doubled)
-    monkeypatch.setattr(passes, "replacement_graph", lambda m, _emitter: replacement_graph(m, emit))
+        right = emitter_of(ctx, name)
+        tenfold.right = right
+        return tenfold
+
+    monkeypatch.setattr(passes, "_emitter", faulty)
+    monkeypatch.setattr(passes, "replacement_graph", lambda m, emitter: replacement_graph(m, emitter.right))
 
 
 def _assert_fell_back(report):
@@ -57,6 +63,16 @@ def test_raise_on_deviation(faulty_rewrite):
     with pytest.raises(attnopt.GraphDeviationError, match=r"rewritten graph deviates \S+ > 1e-04") as info:
         attnopt.optimize(model, Policy(on_deviation="raise"), args)
     assert isinstance(info.value, attnopt.AttnoptError)
+
+
+def test_approximate_rewrites_held_to_max_error(faulty_rewrite):
+    model, args = make("add_out", True)
+    optimized = attnopt.optimize(model, Policy("linear", max_error=2.0), args)
+    (site,) = optimized.attnopt_report.sites
+    assert site.decision == "keep"
+    assert site.reason.startswith("whole-graph check: rewritten graph deviates ") and "> 2e+00" in site.reason
+    with torch.no_grad():
+        assert torch.equal(optimized(*args), model(*args))
 
 
 def test_without_a_fault_the_rewrite_stays():

@@ -235,7 +235,7 @@ def _run_whole(gm: GraphModule, example_inputs: list) -> list[torch.Tensor]:
     inputs = _copies(example_inputs)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # both graphs draw the same random numbers outside the sites
-        out = gm(*inputs)
+        out = Interpreter(gm).run(*inputs)  # placeholder by placeholder (an exported graph's call takes pytrees)
     leaves = torch.utils._pytree.tree_leaves(out)
     return [t for t in leaves + inputs if isinstance(t, torch.Tensor)]
 
@@ -290,8 +290,10 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
             return PassResult(gm, False, f"whole graph within tolerance ({worst:.1e} <= {bound:.0e})")
         why = f"rewritten graph deviates {worst:.1e} > {bound:.0e} on the example inputs"
     if ctx.policy.on_deviation == "raise":
-        raise GraphDeviationError(f"whole-graph check of graph {ctx.graph_index}: {why} (sites {sorted(ctx.chosen)}); "
-                                  "use Policy(on_deviation='fallback') to keep the graph as written instead")  # fmt: skip
+        raise GraphDeviationError(
+            f"whole-graph check of graph {ctx.graph_index}: {why} (sites {sorted(ctx.chosen)}); "
+            "use Policy(on_deviation='fallback') to keep the graph as written instead"
+        )
     for site in ctx.sites:
         if site.name in ctx.chosen:
             site.decision, site.reason = "keep", f"whole-graph check: {why}; graph kept as written"
