@@ -150,10 +150,12 @@ def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: d
         raise CaptureError(f"attnopt failed on a graph captured from {type(model).__name__}: {exc.inner_exception!r}") from exc
     except Exception as exc:
         raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
-    backend.note_breaks()  # a break after the last graph ended no graph: the backend has not seen it yet
-    if not backend.contexts:
+    lost = ""
+    if isinstance(backend, Backend):  # (auto's calibrating backend keeps no report)
+        backend.note_breaks()  # a break after the last graph ended no graph: the backend has not seen it yet
         lost = "".join(f"; attention {n.name} was not captured: {n.reason.rstrip('.')}"
                        for n in backend.report.not_captured)  # fmt: skip
+    if not backend.contexts:
         raise CaptureError(
             f"no graph of {type(model).__name__} could be captured: its forward ran entirely outside dynamo "
             f"(e.g. under torch._dynamo.disable, or with a graph break on every operation){lost}."

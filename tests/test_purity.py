@@ -41,6 +41,8 @@ def _node(target, args=(), kwargs=None, op="call_function"):
     (print, (None,), {}, "call_function", True),  # no schema to read: unknown, so impure
     ("copy_", (None, None), {}, "call_method", True),
     ("__setitem__", (None, 0, 1.0), {}, "call_method", True),
+    ("__iadd__", (None, 1.0), {}, "call_method", True),
+    ("__invert__", (None,), {}, "call_method", False),
     ("transpose", (None, 0, 1), {}, "call_method", False),
     ("tolist", (None,), {}, "call_method", True),
 ])  # fmt: skip

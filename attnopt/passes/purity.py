@@ -25,11 +25,10 @@ _PURE_BUILTINS = frozenset(
                  "max", "min", "pow", "range", "round", "slice", "sum", "tuple")  # fmt: skip
 )
 # operator's in-place forms (iadd, imul, ...) write into their first argument; setitem/delitem mutate it.
-_MUTATING_OPERATORS = frozenset(
-    getattr(operator, name)
-    for name in ("setitem", "delitem", "iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul",
-                 "ior", "ipow", "irshift", "isub", "itruediv", "ixor")  # fmt: skip
-)
+_INPLACE = ("iadd", "iand", "iconcat", "ifloordiv", "ilshift", "imatmul", "imod", "imul", "ior", "ipow", "irshift",
+            "isub", "itruediv", "ixor")  # fmt: skip
+_MUTATING_OPERATORS = frozenset(getattr(operator, name) for name in ("setitem", "delitem", *_INPLACE))
+_MUTATING_DUNDERS = frozenset({"__setitem__", "__delitem__", "setitem", *(f"__{name}__" for name in _INPLACE)})
 _PURE_MODULES = ("math", "_operator", "operator")
 
 
@@ -94,7 +93,7 @@ def _function_impure(target: Any, args: tuple, kwargs: dict) -> bool:
 
 
 def _method_impure(name: str, args: tuple, kwargs: dict) -> bool:
-    if name in ("__setitem__", "__delitem__", "setitem") or (name.startswith("__i") and name.endswith("__")):
+    if name in _MUTATING_DUNDERS:
         return True
     if name.endswith("_") and not name.startswith("__"):
         return True  # Tensor.add_, copy_, index_put_, masked_fill_, ...
