@@ -12,6 +12,7 @@ from attnopt import ops as _ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.api import (
     AttnoptError,
     CaptureError,
+    GraphDeviationError,
     InputError,
     OptimizedModule,
     attention,
@@ -31,6 +32,7 @@ __all__ = [
     "Backend",
     "CaptureError",
     "Exact",
+    "GraphDeviationError",
     "InputError",
     "Keep",
     "Linear",

@@ -10,15 +10,12 @@ from torch import nn
 
 from attnopt.backend import Backend
 from attnopt.cost import annotate
+from attnopt.errors import AttnoptError, GraphDeviationError
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.ops import new_seed
 from attnopt.passes import deviation
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
-
-
-class AttnoptError(Exception):
-    """Base class of the errors attnopt raises on bad input."""
 
 
 class CaptureError(AttnoptError):
@@ -51,7 +48,7 @@ class OptimizedModule(nn.Module):
     def __init__(self, module: nn.Module, policy: Policy, report: Report):
         super().__init__()
         self.module = module
-        backend = Backend(policy, then="eager", report=report)
+        backend = Backend(policy, then="eager", report=report, model=module)
         object.__setattr__(self, "_attnopt_backend", backend)
         object.__setattr__(self, "_attnopt_compiled", torch.compile(module, backend=backend))
 
@@ -148,13 +145,20 @@ def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: d
             torch.manual_seed(0)
             out = fn(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
+        if isinstance(exc.inner_exception, GraphDeviationError):  # the user asked for this one: as it is
+            raise exc.inner_exception from exc
         raise CaptureError(f"attnopt failed on a graph captured from {type(model).__name__}: {exc.inner_exception!r}") from exc
     except Exception as exc:
         raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
+    lost = ""
+    if isinstance(backend, Backend):  # (auto's calibrating backend keeps no report)
+        backend.note_breaks()  # a break after the last graph ended no graph: the backend has not seen it yet
+        lost = "".join(f"; attention {n.name} was not captured: {n.reason.rstrip('.')}"
+                       for n in backend.report.not_captured)  # fmt: skip
     if not backend.contexts:
         raise CaptureError(
             f"no graph of {type(model).__name__} could be captured: its forward ran entirely outside dynamo "
-            "(e.g. under torch._dynamo.disable, or with a graph break on every operation)."
+            f"(e.g. under torch._dynamo.disable, or with a graph break on every operation){lost}."
         )
     return out
 
@@ -166,7 +170,7 @@ def _output_deviation(want: Any, got: Any) -> float | None:
 
 def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrite: bool) -> tuple[Backend, Any, Any]:
     want = _run_eager(model, args, kwargs)
-    backend = Backend(policy, then="eager", rewrite=rewrite)
+    backend = Backend(policy, then="eager", rewrite=rewrite, model=model)
     compiled = torch.compile(model, backend=backend)
     with _dynamo_limits():
         got = _run_captured(compiled, model, backend, args, kwargs)

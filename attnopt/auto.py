@@ -295,7 +295,7 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
     default = Exact() if isinstance(policy.default, Auto) else policy.default
     final = {s.name: calibrator.assignment.get(s.name) or base(s.name) for s, _ in sites}
     return Calibration(
-        policy=replace(pinned(final, default), seq_len=policy.seq_len),
+        policy=replace(pinned(final, default), seq_len=policy.seq_len, on_deviation=policy.on_deviation),
         max_error=policy.max_error, budget=budget, deviation=deviation, sites=choices, runs=runs,
         seconds=time.perf_counter() - start,
     )  # fmt: skip

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from torch.fx import GraphModule
 
+from attnopt.breaks import BreakWatch
 from attnopt.passes import PASSES, Context, run_pipeline
 from attnopt.policy import Policy, as_policy
 from attnopt.report import Report
@@ -31,7 +32,8 @@ def _eager(gm: GraphModule, example_inputs: list) -> Callable:
 class Backend:
     """A dynamo backend that runs attnopt's passes on each graph and records what it did in ``report``."""
 
-    def __init__(self, policy: Any = None, then: str = "inductor", rewrite: bool = True, report: Report | None = None):
+    def __init__(self, policy: Any = None, then: str = "inductor", rewrite: bool = True, report: Report | None = None,
+                 model: Any = None):  # fmt: skip
         if then not in ("inductor", "eager"):
             raise ValueError(f"then must be 'inductor' or 'eager', got {then!r}")
         self.policy: Policy = as_policy(policy)
@@ -39,8 +41,14 @@ class Backend:
         self.then = _inductor if then == "inductor" else _eager
         self.passes = PASSES if rewrite else _DETECT_ONLY
         self.contexts: list[Context] = []
+        self.breaks = BreakWatch(model)  # ``model`` (optional) names the attention a graph break ran eagerly
+
+    def note_breaks(self) -> None:
+        """Records in the report the attention that graph breaks ran outside the captured graphs so far."""
+        self.report.add_not_captured(self.breaks.new_entries())
 
     def __call__(self, gm: GraphModule, example_inputs: list) -> Callable:
+        self.note_breaks()  # the break that ended this graph, and any before it
         ctx = Context(self.policy, graph_index=len(self.contexts), example_inputs=list(example_inputs))
         self.contexts.append(ctx)
         out = run_pipeline(gm, ctx, self.passes)

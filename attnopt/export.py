@@ -74,7 +74,7 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
             validate: bool = True) -> tuple[torch.fx.GraphModule, Context]:  # fmt: skip
     """``model`` as one dynamo graph, rewritten by attnopt's pipeline under ``policy``; and the pipeline's context.
 
-    ``validate=False`` skips the per-site validation pass (for decisions that were validated already)."""
+    ``validate=False`` skips the per-site and whole-graph checks (for decisions that were validated already)."""
     policy = as_policy(policy)
     try:
         with _dynamo_limits(), torch.no_grad():
@@ -85,7 +85,7 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
     ctx = Context(policy, example_inputs=_flat_inputs(gm, args, kwargs))
-    passes = PASSES if validate else [p for p in PASSES if p[0] != "validate"]
+    passes = PASSES if validate else [p for p in PASSES if p[0] not in ("validate", "check-graph")]
     with torch.no_grad():
         return run_pipeline(gm, ctx, passes), ctx
 

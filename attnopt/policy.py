@@ -261,7 +261,8 @@ _VARIANTS = (Exact, Keep, Auto, Sparse, Linear, Sigmoid)
 _BY_NAME = {cls.name: cls for cls in _VARIANTS}  # the names of the dict form
 _STRING_HEADS = {**_BY_NAME, "sliding_window": Sparse}  # "head[:argument]" string forms
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
-_POLICY_KEYS = ("default", "overrides", "max_error", "seq_len")
+_POLICY_KEYS = ("default", "overrides", "max_error", "seq_len", "on_deviation")
+ON_DEVIATION = ("fallback", "raise")  # what a whole-graph deviation does (Policy.on_deviation)
 DEFAULT_AUTO_ERROR = 1e-2  # the budget of the plain "auto" string
 
 
@@ -349,6 +350,10 @@ class Policy:
     """A variant per site: ``overrides`` maps fnmatch globs on site names to variants (first match wins);
     else ``default``. ``max_error`` bounds approximate variants (for auto: the model's outputs);
     ``seq_len`` is the target sequence length the cost model predicts speedups at.
+    ``on_deviation``: when a rewritten graph's outputs deviate from the original's on the example inputs
+    beyond the tolerance (the dtype's, or ``max_error`` for approximate variants), ``"fallback"`` (the
+    default) keeps the graph as written, every site reported with the reason; ``"raise"`` raises
+    :class:`attnopt.GraphDeviationError` with the deviation.
 
     Forms: ``to_dict``/``from_dict``, ``to_yaml``/``from_yaml``, ``save``/``load`` (.yaml, .yml, .json),
     ``from_string`` (``exact``, ``keep``, ``auto``, ``auto:1e-2``, ``sliding_window:1024``, a policy file).
@@ -358,6 +363,7 @@ class Policy:
     overrides: tuple[tuple[str, Variant], ...] = ()
     max_error: float | None = None
     seq_len: int | None = None
+    on_deviation: str = "fallback"
 
     def __post_init__(self):
         object.__setattr__(self, "default", _as_variant(self.default, "Policy.default"))
@@ -382,6 +388,8 @@ class Policy:
         if self.seq_len is not None and not (isinstance(self.seq_len, int) and not isinstance(self.seq_len, bool)
                                              and self.seq_len > 0):  # fmt: skip
             raise ValueError(f"Policy.seq_len must be a positive int, got {self.seq_len!r}")
+        if self.on_deviation not in ON_DEVIATION:
+            raise ValueError(f"Policy.on_deviation must be one of {ON_DEVIATION}, got {self.on_deviation!r}")
         if self.is_auto and self.max_error is None:
             raise ValueError("Policy.max_error is required with an auto variant (the budget on the model's outputs), "
                              "e.g. Policy.auto(max_error=1e-2)")  # fmt: skip
@@ -411,6 +419,8 @@ class Policy:
             "overrides": {g: variant_to_dict(v) for g, v in self.overrides},
             "max_error": self.max_error,
             "seq_len": self.seq_len,
+            # the default is left out, so the dict (and files) of a policy that never set it stay as they were
+            **({"on_deviation": self.on_deviation} if self.on_deviation != "fallback" else {}),
         }
 
     @classmethod
@@ -423,7 +433,8 @@ class Policy:
         overrides = d.get("overrides") or {}
         if not isinstance(overrides, Mapping):
             raise TypeError(f"Policy.overrides: expected a mapping {{glob: variant}}, got {overrides!r}")
-        return cls(d.get("default", "exact"), tuple(overrides.items()), d.get("max_error"), d.get("seq_len"))
+        return cls(d.get("default", "exact"), tuple(overrides.items()), d.get("max_error"), d.get("seq_len"),
+                   d.get("on_deviation", "fallback"))
 
     def to_yaml(self) -> str:
         import yaml

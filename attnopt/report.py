@@ -94,9 +94,19 @@ class Miss:
 
 
 @dataclass
+class NotCaptured:
+    """Attention that ran outside every captured graph: a graph break inside it ran it eagerly, unseen."""
+
+    name: str  # the attention module's path (or its class, or the attention function)
+    at: str  # file:line of the graph break
+    reason: str  # dynamo's reason for the break
+
+
+@dataclass
 class Report:
     sites: list[Site] = field(default_factory=list)
     misses: list[Miss] = field(default_factory=list)
+    not_captured: list[NotCaptured] = field(default_factory=list)
     graphs: int = 0
     output_deviation: float | None = None  # max relative output difference, original vs optimized
     notes: list[str] = field(default_factory=list)
@@ -116,6 +126,14 @@ class Report:
         self.misses = [m for m in self.misses if (m.name, m.node) not in miss_keys] + misses
         self.graphs += 1
 
+    def add_not_captured(self, entries: list[NotCaptured]) -> None:
+        """Adds attention that ran outside the captured graphs, once per (name, break location)."""
+        known = {(n.name, n.at) for n in self.not_captured}
+        for entry in entries:
+            if (entry.name, entry.at) not in known:
+                self.not_captured.append(entry)
+                known.add((entry.name, entry.at))
+
     def site(self, name: str) -> Site:
         for s in self.sites:
             if s.name == name:
@@ -128,6 +146,7 @@ class Report:
             "output_deviation": self.output_deviation,
             "sites": [asdict(s) for s in self.sites],
             "misses": [asdict(m) for m in self.misses],
+            "not_captured": [asdict(n) for n in self.not_captured],
             "notes": list(self.notes),
         }
 
@@ -164,6 +183,14 @@ class Report:
             for m in self.misses:
                 misses.add_row(m.name, m.node, m.reason)
             console.print(misses)
+        if self.not_captured:
+            title = f"{len(self.not_captured)} attention call(s) not captured (a graph break ran them eagerly)"
+            lost = Table(title=title)
+            for col in ("where", "graph break at", "reason"):
+                lost.add_column(col, overflow="fold")
+            for n in self.not_captured:
+                lost.add_row(n.name, n.at, n.reason)
+            console.print(lost)
         if self.output_deviation is not None:
             console.print(f"max relative output difference vs the original: {self.output_deviation:.2e}")
         for note in self.notes:

@@ -1,13 +1,16 @@
 """The pipeline: one ordered list of named passes, each ``(GraphModule, Context) -> PassResult``.
 
-    dead-code -> detect -> decide -> rewrite -> validate
+    dead-code -> detect -> decide -> rewrite -> validate -> check-graph
 
 ``detect`` and ``decide`` only annotate the context; ``rewrite`` returns a new GraphModule (the input
 graph is never edited, so a rollback is a re-rewrite without the failing site); ``validate`` runs the
 original graph once on the example inputs, evaluates each rewritten site on the very operands the
 original saw, and rolls back any exact site whose output deviates beyond the dtype's tolerance.
 Sites given a variant that changes the function (sparse, linear, ...) are measured and reported as
-approximate, and rolled back only when they exceed the policy's ``max_error``.
+approximate, and rolled back only when they exceed the policy's ``max_error``. ``check-graph`` then
+runs the original and the rewritten graph whole on (copies of) the example inputs: a deviation of the
+outputs, or of the inputs the graph writes to, beyond the tolerance falls back to the original graph or
+raises :class:`GraphDeviationError`, as ``Policy.on_deviation`` says.
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule, Interpreter, Node
 
+from attnopt.errors import GraphDeviationError
 from attnopt.kernels.exact import dispatch
 from attnopt.patterns import Detection, detect
+from attnopt.passes.purity import is_impure
 from attnopt.patterns.match import AttentionMatch, copy_graph, emit, replacement_graph
 from attnopt.policy import Exact, Keep, Policy
 from attnopt.report import Miss, Site
@@ -54,13 +59,9 @@ class Context:
     log: list[tuple[str, bool, str]] = field(default_factory=list)
 
 
-def _is_impure(node: Node) -> bool:
-    return node.is_impure() or (node.op == "call_method" and str(node.target).endswith("_"))
-
-
 def dead_code(gm: GraphModule, ctx: Context) -> PassResult:
     """Drops unused nodes, so an attention map computed and then discarded does not count as used."""
-    changed = gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    changed = gm.graph.eliminate_dead_code(is_impure_node=is_impure)
     if changed:
         gm.recompile()
     ctx.original = gm
@@ -118,7 +119,7 @@ def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
             new = _emitter(ctx, name)(graph, m, lookup)
         old.replace_all_uses_with(new)
         env[m.output] = new  # a later site may read this one's output as an operand
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     out = GraphModule(ctx.original, graph, class_name=type(ctx.original).__name__)
     return PassResult(out, True, f"{len(ctx.chosen)} site(s) rewritten")
@@ -181,7 +182,7 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
         wanted.add(m.output)
     recorder = _Recorder(ctx.original, wanted)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+        recorder.run(*_copies(ctx.example_inputs))
         rolled_back = []
         for site in ctx.sites:
             m = ctx.chosen.get(site.name)
@@ -221,12 +222,93 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
     return PassResult(rewrite(gm, ctx).gm, True, f"rolled back {rolled_back}")
 
 
+def _copies(example_inputs: list) -> list:
+    """The example inputs for one validation run: tensors cloned (a graph may write into its inputs, and a
+    run must neither see the previous run's writes nor change the caller's tensors), sizes concrete.
+    Parameters are shared: a forward does not write into its weights, and a model's weights can be large."""
+    return [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else _concrete(x)
+            for x in example_inputs]  # fmt: skip
+
+
+def _run_whole(gm: GraphModule, example_inputs: list) -> list[torch.Tensor]:
+    """``gm``'s tensor outputs followed by its (copied) tensor inputs after the run, which hold its in-place writes."""
+    inputs = _copies(example_inputs)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # both graphs draw the same random numbers outside the sites
+        out = Interpreter(gm).run(*inputs)  # placeholder by placeholder (an exported graph's call takes pytrees)
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return [t for t in leaves + inputs if isinstance(t, torch.Tensor)]
+
+
+def _graph_deviation(want: list[torch.Tensor], got: list[torch.Tensor], budget: float | None) -> tuple[float, float]:
+    """(deviation, bound) of the tensor furthest beyond its bound: ``budget``, else its dtype's tolerance.
+    Integer and boolean tensors (indices, masks) must match exactly: (inf, 0) when they do not."""
+    if len(want) != len(got):
+        return float("inf"), 0.0
+    measured = []
+    for w, g in zip(want, got):
+        if w.shape != g.shape or (not w.is_floating_point() and not torch.equal(w, g)):
+            return float("inf"), 0.0
+        if w.is_floating_point():
+            measured.append((deviation(g, w), budget if budget is not None else TOLERANCE.get(w.dtype, 1e-4)))
+    return max(measured, key=lambda m: m[0] / max(m[1], 1e-300), default=(0.0, 0.0))
+
+
+def _check_skip(ctx: Context) -> str | None:
+    skip = _validation_skip(ctx.example_inputs)
+    if skip is None and any(m.dropout_p > 0.0 for m in ctx.chosen.values()):
+        skip = "a site uses dropout, which is random"
+    return skip
+
+
+def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
+    """The whole-graph guarantee: the rewritten graph computes what the original computes, on the example inputs.
+
+    Per-site validation compares each replacement with the site it replaces; this compares the graphs' outputs
+    (and the inputs they write to), so any other change the passes made is held to the same bound. Exact
+    rewrites are held to the dtype's tolerance, approximate ones to the policy's ``max_error``.
+    """
+    if not ctx.chosen:
+        return PassResult(gm, False, "nothing rewritten")
+    skip = _check_skip(ctx)
+    if skip is not None:
+        for site in ctx.sites:
+            if site.name in ctx.chosen:
+                site.reason += f" (whole-graph check skipped: {skip})"
+        return PassResult(gm, False, f"skipped: {skip}")
+    approximate = any(not getattr(v, "exact", False) for v in ctx.variants.values())
+    if approximate and ctx.policy.max_error is None:
+        return PassResult(gm, False, "approximate without max_error: nothing to hold the graph to")
+    want = _run_whole(ctx.original, ctx.example_inputs)
+    try:
+        got = _run_whole(gm, ctx.example_inputs)
+    except Exception as exc:  # a rewritten graph that cannot run is a deviation, never a crash
+        worst, why = float("inf"), f"the rewritten graph raised {type(exc).__name__}: {exc}"
+    else:
+        worst, bound = _graph_deviation(want, got, ctx.policy.max_error if approximate else None)
+        if worst <= bound:
+            return PassResult(gm, False, f"whole graph within tolerance ({worst:.1e} <= {bound:.0e})")
+        why = f"rewritten graph deviates {worst:.1e} > {bound:.0e} on the example inputs"
+    if ctx.policy.on_deviation == "raise":
+        raise GraphDeviationError(
+            f"whole-graph check of graph {ctx.graph_index}: {why} (sites {sorted(ctx.chosen)}); "
+            "use Policy(on_deviation='fallback') to keep the graph as written instead"
+        )
+    for site in ctx.sites:
+        if site.name in ctx.chosen:
+            site.decision, site.reason = "keep", f"whole-graph check: {why}; graph kept as written"
+    ctx.chosen.clear()
+    ctx.variants.clear()
+    return PassResult(ctx.original, True, f"fell back to the original graph: {why}")
+
+
 PASSES: list[tuple[str, Callable[[GraphModule, Context], PassResult]]] = [
     ("dead-code", dead_code),
     ("detect", detect_sites),
     ("decide", decide),
     ("rewrite", rewrite),
     ("validate", validate),
+    ("check-graph", check_graph),
 ]
 
 
