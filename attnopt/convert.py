@@ -566,11 +566,37 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
             "failed": failed}  # fmt: skip
 
 
+def _export_onnx(exported: Any, export_args: tuple, decisions: dict, path: Path, mode: str) -> dict:
+    """ONNX of ``exported``. A dynamic program whose ONNX translation needs static sizes (a sparse site needs
+    its sequence lengths) is exported again with a dynamic batch only, then at the example shapes; the
+    reasons go to the entry's ``shape_notes``."""
+    from attnopt import export as E
+
+    notes = []
+    while True:
+        try:
+            entry = E.export_onnx(exported.program, path, mode, exported.output_names, exported.dim_symbols)
+            info = exported.entry()
+            return {**entry, **info, "shape_notes": [*info["shape_notes"], *notes]}
+        except E.ExportError as exc:
+            if not exported.dynamic:
+                raise
+            roles = sorted({r for dims in exported.dynamic.values() for r in dims.values()})
+            notes.append(f"ONNX export refused dynamic {' and '.join(roles)}: {exc}")
+        batch = {n: {d: r for d, r in dims.items() if r == "batch"} for n, dims in exported.dynamic.items()}
+        batch = {n: dims for n, dims in batch.items() if dims}
+        exported = E.export_program(*export_args, expect=decisions, dynamic=batch if batch != exported.dynamic else False)
+
+
 def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | None = None, inputs: Any = None,
             formats: Any = (), validate: bool = False, samples: int = 3, max_error: float | None = None,
             force: bool = False, attn_implementation: str | None = None, onnx_attention: str = "standard",
-            progress: bool = False) -> dict:  # fmt: skip
+            dynamic: bool = True, progress: bool = False) -> dict:  # fmt: skip
     """Converts ``src`` under ``policy`` into the artifact directory ``out``; returns the manifest.
+
+    ``dynamic`` exports ``.pt2`` and ONNX with dynamic batch and sequence dims where the model allows it
+    (:func:`attnopt.export.export_program`); the manifest's export entries say which dims are dynamic and why
+    any stayed static.
 
     Raises :class:`ConvertError` (with a message fit for the command line) on any problem, leaving ``out``
     untouched and nothing behind.
@@ -580,13 +606,13 @@ def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | Non
     try:
         return _convert(src, policy, out, weights=weights, inputs=inputs, formats=formats, validate=validate,
                         samples=samples, max_error=max_error, force=force, attn_implementation=attn_implementation,
-                        onnx_attention=onnx_attention, progress=progress)  # fmt: skip
+                        onnx_attention=onnx_attention, dynamic=dynamic, progress=progress)  # fmt: skip
     except (I.InputSpecError, A.ArtifactError, E.ExportError) as exc:
         raise ConvertError(str(exc)) from exc
 
 
 def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, formats, validate, samples,
-             max_error, force, attn_implementation, onnx_attention, progress) -> dict:  # fmt: skip
+             max_error, force, attn_implementation, onnx_attention, dynamic, progress) -> dict:  # fmt: skip
     import attnopt
     from attnopt import export as E
 
@@ -681,18 +707,20 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                 A.write_manifest(st.staging, manifest)
                 steps.done()
 
-                program = None
+                exported = None
+                export_args = (source.model, A.decisions_policy(sites), args, kwargs)
                 decisions = {s["name"]: s["decision"] for s in sites}
                 for fmt in formats:
                     steps.step(f"export {fmt}")
-                    if program is None:
-                        program, _ = E.export_program(source.model, A.decisions_policy(sites), args, kwargs, expect=decisions)
+                    if exported is None:
+                        exported = E.export_program(*export_args, expect=decisions, dynamic=dynamic)
                     if fmt == "pt2":
-                        torch.export.save(program, str(st.staging / A.PT2))
-                        manifest["exports"]["pt2"] = {"file": A.PT2, "attnopt_ops": E.count_attnopt_ops(program),
-                                                      "load": "import attnopt; torch.export.load(path).module()"}  # fmt: skip
+                        torch.export.save(exported.program, str(st.staging / A.PT2))
+                        manifest["exports"]["pt2"] = {"file": A.PT2, "attnopt_ops": E.count_attnopt_ops(exported.program),
+                                                      "load": "import attnopt; torch.export.load(path).module()",
+                                                      **exported.entry()}  # fmt: skip
                     else:
-                        entry = E.export_onnx(program, st.staging / A.ONNX, onnx_attention)
+                        entry = _export_onnx(exported, export_args, decisions, st.staging / A.ONNX, onnx_attention)
                         manifest["exports"]["onnx"] = {"file": A.ONNX, **entry}
                     A.write_manifest(st.staging, manifest)
                     steps.done()

@@ -35,9 +35,11 @@ with the op's name.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -47,6 +49,8 @@ from torch import nn
 from attnopt.api import AttnoptError, _dynamo_limits
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.passes import PASSES, Context, run_pipeline
+from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, infer_dims, input_names,
+                                 name_onnx_values, named_outputs, program_dims, violation_reason)
 from attnopt.policy import as_policy
 
 ONNX_ATTENTION_MODES = ("standard", "decomposed")
@@ -70,16 +74,19 @@ def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return pytree.tree_leaves((args, kwargs))
 
 
-def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
-            validate: bool = True) -> tuple[torch.fx.GraphModule, Context]:  # fmt: skip
+def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict, validate: bool = True,
+            dynamic_shapes: Any = None) -> tuple[torch.fx.GraphModule, Context]:  # fmt: skip
     """``model`` as one dynamo graph, rewritten by attnopt's pipeline under ``policy``; and the pipeline's context.
 
-    ``validate=False`` skips the per-site validation pass (for decisions that were validated already)."""
+    ``validate=False`` skips the per-site validation pass (for decisions that were validated already);
+    ``dynamic_shapes`` (torch.export's form) captures those dims symbolically."""
     policy = as_policy(policy)
     try:
-        with _dynamo_limits(), torch.no_grad():
-            gm, _ = torch._dynamo.export(model, aten_graph=False)(*args, **kwargs)
+        with _dynamo_limits(), torch.no_grad(), _quiet_guards():
+            gm, _ = torch._dynamo.export(model, aten_graph=False, dynamic_shapes=dynamic_shapes)(*args, **kwargs)
     except Exception as exc:
+        if dynamic_shapes is not None:
+            raise _DynamicRefused(violation_reason(exc)) from exc
         raise ExportError(
             f"exporting needs {type(model).__name__} captured as one graph, and dynamo could not: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -90,17 +97,50 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
         return run_pipeline(gm, ctx, passes), ctx
 
 
-class _Flat(nn.Module):
-    """Tensors in (constants baked in), a flat tuple of tensors out."""
+class _DynamicRefused(ExportError):
+    """The model cannot be exported with the requested dynamic dims (the message is the reason)."""
 
-    def __init__(self, gm: nn.Module, constants: dict):
+
+@contextlib.contextmanager
+def _quiet_guards():
+    """A refused dynamic dim is reported once, as the fallback's reason: not also as dynamo's guard log."""
+    loggers = [logging.getLogger(n) for n in ("torch._guards", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+class _Flat(nn.Module):
+    """Tensors in (constants baked in), a flat tuple of tensors out; the outputs' names go to ``names`` when
+    traced (a list outside the module: torch.export restores module attributes assigned while tracing)."""
+
+    def __init__(self, gm: nn.Module, constants: dict, names: list[str]):
         super().__init__()
         self.gm = gm
         self.constants = dict(constants)
+        self.names = names
 
     def forward(self, *args, **kwargs):
-        out = self.gm(*args, **kwargs, **self.constants)
-        return flatten_output(out)
+        named = named_outputs(self.gm(*args, **kwargs, **self.constants))
+        self.names[:] = [name for name, _ in named]
+        return tuple(t for _, t in named)
+
+
+def _flat_module(gm: nn.Module, constants: dict, inputs: list[str], names: list[str]) -> _Flat:
+    """A :class:`_Flat` whose ``forward`` declares ``inputs`` as its parameters: torch.export matches
+    ``dynamic_shapes`` to the signature, and a ``**kwargs`` signature trips it (torch 2.13)."""
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *inputs]]
+
+    def forward(self, *args, **kwargs):
+        return _Flat.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(params)
+    return type("Flat", (_Flat,), {"forward": forward})(gm, constants, names).eval()
 
 
 def flatten_output(out: Any) -> tuple[torch.Tensor, ...]:
@@ -110,31 +150,87 @@ def flatten_output(out: Any) -> tuple[torch.Tensor, ...]:
     return tuple(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
 
 
-def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
-                   expect: dict[str, str] | None = None) -> tuple[torch.export.ExportedProgram, Context]:  # fmt: skip
+@dataclass
+class Exported:
+    """A ``torch.export`` program of a rewritten model and what it accepts.
+
+    ``dynamic``: per program input, its dims that take any size (``{"input_ids": {0: "batch", 1: "sequence"}}``);
+    ``notes``: why requested or inferred dims are static (a constraint violation, an example size of 1)."""
+
+    program: torch.export.ExportedProgram
+    ctx: Context
+    output_names: list[str]
+    dynamic: Dims = field(default_factory=dict)
+    dim_symbols: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def entry(self) -> dict:
+        """The manifest's description of the program's inputs and outputs."""
+        return {"outputs": self.output_names, "dynamic": {n: {str(d): r for d, r in dims.items()}
+                for n, dims in self.dynamic.items()}, "shape_notes": self.notes}  # fmt: skip
+
+
+def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict, expect: dict[str, str] | None = None,
+                   dynamic: bool | Dims = True) -> Exported:  # fmt: skip
     """A ``torch.export`` program of ``model`` with its sites rewritten per ``policy``.
 
     ``expect`` (site name -> decision), when given, must be exactly what the pipeline decides: an artifact's
     program computes what its manifest says. Those decisions were validated when they were made, so the
     capture then skips the per-site validation pass.
+
+    ``dynamic``: ``True`` makes the batch and sequence dims read off the example inputs dynamic
+    (:func:`attnopt.export_dims.infer_dims`), a dict names the dims itself (``{"args_0": {0: "batch"}}``),
+    ``False`` exports at the example shapes. A model whose code fixes a requested dim is exported static,
+    with the reason in ``Exported.notes``.
     """
     from attnopt.inputs import split_constants
 
     args, tensors, constants = split_constants(args, kwargs)
-    gm, ctx = capture(model, policy, args, {**tensors, **constants}, validate=expect is None)
+    notes: list[str] = []
+    dims = dynamic if isinstance(dynamic, dict) else {}
+    if dynamic is True:
+        dims, notes = infer_dims(args, tensors)
+    batch_only = {n: {d: r for d, r in rs.items() if r == BATCH} for n, rs in dims.items()}
+    batch_only = {n: rs for n, rs in batch_only.items() if rs}
+    for attempt in [dims, batch_only if batch_only != dims else {}]:
+        if not attempt:
+            continue
+        try:
+            return _export(model, policy, (args, tensors, constants), expect, attempt, notes)
+        except _DynamicRefused as exc:
+            notes.append(f"dynamic {_describe(attempt)} refused: {exc}")
+    if notes and dims:
+        notes.append("exported with static shapes (the example inputs' shapes)")
+    return _export(model, policy, (args, tensors, constants), expect, {}, notes)
+
+
+def _describe(dims: Dims) -> str:
+    roles = sorted({r for rs in dims.values() for r in rs.values()}, key=[BATCH, SEQUENCE].index)
+    return " and ".join(roles)
+
+
+def _export(model: nn.Module, policy: Any, inputs: tuple, expect: dict | None, dims: Dims, notes: list) -> Exported:
+    args, tensors, constants = inputs
+    spec = dynamo_spec(model, args, {**tensors, **constants}, dims) if dims else None
+    gm, ctx = capture(model, policy, args, {**tensors, **constants}, validate=expect is None, dynamic_shapes=spec)
     if expect is not None:
         got = {s.name: s.decision for s in ctx.sites}
         if got != expect:
             diff = {n: (expect.get(n), got.get(n)) for n in set(got) | set(expect) if expect.get(n) != got.get(n)}
-            raise ExportError(
-                "the whole-model capture decided differently from the optimized module "
-                f"(site: (recorded, exported)) {diff}"
-            )
+            message = ("the whole-model capture decided differently from the optimized module "
+                       f"(site: (recorded, exported)) {diff}")  # fmt: skip
+            raise (_DynamicRefused(f"under dynamic shapes {message}") if dims else ExportError(message))
+    names: list[str] = []
+    flat = _flat_module(gm, constants, input_names(args, tensors), names)
     try:
-        program = torch.export.export(_Flat(gm, constants).eval(), args, tensors)
+        with _quiet_guards():
+            program = torch.export.export(flat, args, tensors, dynamic_shapes=export_spec(dims) if dims else None)
     except Exception as exc:
+        if dims:
+            raise _DynamicRefused(violation_reason(exc)) from exc
         raise ExportError(f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}") from exc
-    return program, ctx
+    got, symbols = program_dims(program, dims)
+    return Exported(program, ctx, list(names), got, symbols, list(notes))
 
 
 def count_attnopt_ops(program: torch.export.ExportedProgram) -> int:
@@ -318,14 +414,19 @@ def _quiet():
             lg.setLevel(level)
 
 
-def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str = "standard") -> dict:
-    """Writes ``program`` as ONNX to ``path``; returns the manifest entry (opset, inputs, outputs, op counts)."""
+def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str = "standard",
+                output_names: list[str] | None = None, dim_symbols: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """Writes ``program`` as ONNX to ``path``; returns the manifest entry (opset, inputs, outputs, op counts).
+
+    Outputs are named ``output_names`` (default ``output_<i>``); the program's dynamic dims stay symbolic,
+    named per ``dim_symbols`` (program symbol -> ``batch``, ``sequence``: :attr:`Exported.dim_symbols`)."""
     if attention not in ONNX_ATTENTION_MODES:
         raise ExportError(f"unknown ONNX attention mode {attention!r}; use one of {ONNX_ATTENTION_MODES}")
     _onnxscript()
     from attnopt import onnx_functions
 
     table = _translation_table(attention)
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     missing = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"
                       and str(getattr(n.target, "namespace", "")) == "attnopt" and n.target not in table})  # fmt: skip
     if missing:
@@ -340,8 +441,8 @@ def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str
 
             onnx_program.model = optimizer.optimize(onnx_program.model, inline=False)
             onnx_functions.attach(onnx_program.model)
-            for i, value in enumerate(onnx_program.model.graph.outputs):
-                value.name = f"output_{i}"
+            outputs = output_names or [f"output_{i}" for i in range(len(onnx_program.model.graph.outputs))]
+            name_onnx_values(onnx_program.model, user_inputs, list(outputs), dim_symbols or {})
             onnx_program.save(str(path))
     except ExportError:
         raise
@@ -359,7 +460,6 @@ def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str
     for node in model.graph.node:
         key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
         ops[key] = ops.get(key, 0) + 1
-    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     return {
         "opset": ONNX_OPSET[attention],
         "attention": attention,
@@ -400,6 +500,6 @@ def run_onnx(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...
     return tuple(torch.from_numpy(x) for x in session.run(None, onnx_feed(session, args, kwargs)))
 
 
-__all__ = ["ExportError", "ONNX_TRANSLATIONS", "additive_bias", "capture", "causal_keep", "count_attnopt_ops",
+__all__ = ["ExportError", "Exported", "ONNX_TRANSLATIONS", "additive_bias", "capture", "causal_keep", "count_attnopt_ops",
            "export_onnx", "export_program", "flatten_output", "onnx_session", "register_onnx_translation",
            "run_onnx"]  # fmt: skip
