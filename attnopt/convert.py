@@ -1,7 +1,7 @@
 """``attnopt convert``: a checkpoint in, an optimized, validated artifact directory out.
 
     attnopt convert SRC --policy POLICY --out DIR [--weights CKPT] [--inputs SPEC] [--format pt2|onnx]
-                    [--validate] [--force]
+                    [--dynamic/--no-dynamic] [--validate] [--force]
 
 SRC is a local Hugging Face model directory (config.json and safetensors or ``pytorch_model.bin``
 weights) or ``path/to/file.py:factory`` (a callable returning ``(model, args[, kwargs])``) with optional

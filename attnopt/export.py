@@ -6,15 +6,19 @@ validation as :func:`attnopt.optimize`; site names are the same), and the rewrit
 with ``torch.export.export``. Rewritten sites stay ``torch.ops.attnopt.attention`` custom-op calls. The
 program takes the tensor inputs (positional, then keyword by name; constant keyword arguments such as
 ``use_cache=False`` are baked in) and returns a flat tuple of tensors (the leaves of the model's output,
-in order: ``ModelOutput.to_tuple()`` for Hugging Face models), so loading it needs neither transformers nor
-the model's code::
+in order: ``ModelOutput.to_tuple()`` for Hugging Face models; :attr:`Exported.output_names` names them),
+so loading it needs neither transformers nor the model's code. By default the batch and sequence dims
+read off the example inputs are dynamic (captured and exported symbolically; :mod:`attnopt.export_dims`),
+falling back to a dynamic batch only, then to the example shapes, with the reason in :attr:`Exported.notes`::
 
     import attnopt   # registers torch.ops.attnopt.*: torch.export.load fails on the custom op without it
     program = torch.export.load("out/model.pt2")
     outputs = program.module()(input_ids=..., attention_mask=...)
 
 **ONNX.** The exported program goes through ``torch.onnx.export(..., dynamo=True)`` with a custom
-translation per attnopt op (:data:`ONNX_TRANSLATIONS`):
+translation per attnopt op (:data:`ONNX_TRANSLATIONS`); the program's dynamic dims stay symbolic (the
+translations read sizes with ``Shape``, never as constants, except a sparse site's mask matrix), named
+``batch`` and ``sequence``, and the outputs carry the model's output names:
 
 * ``attention="standard"`` (default, opset 23): an exact site becomes the standard ``Attention`` operator
   (GQA native, boolean or additive mask, ``is_causal``, ``scale``, ``softcap``, fp32 softmax).
@@ -35,7 +39,6 @@ with the op's name.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import math
@@ -49,8 +52,8 @@ from torch import nn
 from attnopt.api import AttnoptError, _dynamo_limits
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.passes import PASSES, Context, run_pipeline
-from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, infer_dims, input_names,
-                                 name_onnx_values, named_outputs, program_dims, violation_reason)
+from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, flat_module, infer_dims,
+                                 input_names, name_onnx_values, program_dims, violation_reason)
 from attnopt.policy import as_policy
 
 ONNX_ATTENTION_MODES = ("standard", "decomposed")
@@ -113,34 +116,6 @@ def _quiet_guards():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
-
-
-class _Flat(nn.Module):
-    """Tensors in (constants baked in), a flat tuple of tensors out; the outputs' names go to ``names`` when
-    traced (a list outside the module: torch.export restores module attributes assigned while tracing)."""
-
-    def __init__(self, gm: nn.Module, constants: dict, names: list[str]):
-        super().__init__()
-        self.gm = gm
-        self.constants = dict(constants)
-        self.names = names
-
-    def forward(self, *args, **kwargs):
-        named = named_outputs(self.gm(*args, **kwargs, **self.constants))
-        self.names[:] = [name for name, _ in named]
-        return tuple(t for _, t in named)
-
-
-def _flat_module(gm: nn.Module, constants: dict, inputs: list[str], names: list[str]) -> _Flat:
-    """A :class:`_Flat` whose ``forward`` declares ``inputs`` as its parameters: torch.export matches
-    ``dynamic_shapes`` to the signature, and a ``**kwargs`` signature trips it (torch 2.13)."""
-    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *inputs]]
-
-    def forward(self, *args, **kwargs):
-        return _Flat.forward(self, *args, **kwargs)
-
-    forward.__signature__ = inspect.Signature(params)
-    return type("Flat", (_Flat,), {"forward": forward})(gm, constants, names).eval()
 
 
 def flatten_output(out: Any) -> tuple[torch.Tensor, ...]:
@@ -221,7 +196,7 @@ def _export(model: nn.Module, policy: Any, inputs: tuple, expect: dict | None, d
                        f"(site: (recorded, exported)) {diff}")  # fmt: skip
             raise (_DynamicRefused(f"under dynamic shapes {message}") if dims else ExportError(message))
     names: list[str] = []
-    flat = _flat_module(gm, constants, input_names(args, tensors), names)
+    flat = flat_module(gm, constants, input_names(args, tensors), names)
     try:
         with _quiet_guards():
             program = torch.export.export(flat, args, tensors, dynamic_shapes=export_spec(dims) if dims else None)
@@ -271,6 +246,17 @@ def _static_len(value: Any, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def _same_len(q: Any, k: Any) -> bool:
+    """Sq == Sk known at export: equal sizes, or the same named symbolic dim (dynamic shapes)."""
+    a, b = (getattr(x, "shape", None) for x in (q, k))
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return False
+    sq, sk = a[-2], b[-2]
+    if isinstance(sq, int) or isinstance(sk, int):
+        return sq == sk
+    return getattr(sq, "value", None) is not None and getattr(sq, "value", None) == getattr(sk, "value", None)
+
+
 def causal_keep(op: Any, q: Any, k: Any, bottom_right: bool) -> Any:
     """Boolean [Sq, Sk] ONNX value: key j visible to query i (j <= i, or j <= i + Sk - Sq bottom-right)."""
     sq = op.Squeeze(op.Shape(q, start=-2, end=-1), [0])
@@ -307,7 +293,7 @@ def _exact_translation(mode: str) -> Callable:
         op = opset23
         mask, is_causal = attn_mask, 0
         is_bool = attn_mask is not None and _is_bool(attn_mask)  # values built here have no dtype yet
-        square = _static_len(q, -2) is not None and _static_len(q, -2) == _static_len(k, -2)
+        square = _same_len(q, k)
         if causal == CAUSAL_TOP_LEFT or (causal == CAUSAL_BOTTOM_RIGHT and square):
             is_causal = 1  # ONNX's is_causal (no past keys): key j visible to query i iff j <= i
         elif causal == CAUSAL_BOTTOM_RIGHT:

@@ -14,10 +14,14 @@ fixes one of them raises a constraint violation; :func:`violation_reason` says w
 **Output names.** :func:`named_outputs` pairs each output tensor (in :func:`attnopt.export.flatten_output`
 order) with a name: a Hugging Face ``ModelOutput``'s keys (``logits``, ``last_hidden_state``), a dict's
 keys, ``output_<i>`` for unnamed positions, joined by ``.`` when nested (``hidden_states.0``).
+:func:`flat_module` is the module torch.export traces (the tensors in, that flat tuple out), and
+:func:`name_onnx_values` gives the ONNX graph the program's input names, these output names and the dims'
+names (``batch``, ``sequence``).
 """
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -149,8 +153,36 @@ def named_outputs(out: Any) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
+class FlatOutputs(torch.nn.Module):
+    """Tensors in (constants baked in), a flat tuple of tensors out; the outputs' names go to ``names`` when
+    traced (a list outside the module: torch.export restores module attributes assigned while tracing)."""
+
+    def __init__(self, gm: torch.nn.Module, constants: dict, names: list[str]):
+        super().__init__()
+        self.gm = gm
+        self.constants = dict(constants)
+        self.names = names
+
+    def forward(self, *args, **kwargs):
+        named = named_outputs(self.gm(*args, **kwargs, **self.constants))
+        self.names[:] = [name for name, _ in named]
+        return tuple(t for _, t in named)
+
+
+def flat_module(gm: torch.nn.Module, constants: dict, inputs: list[str], names: list[str]) -> FlatOutputs:
+    """A :class:`FlatOutputs` whose ``forward`` declares ``inputs`` as its parameters: torch.export matches
+    ``dynamic_shapes`` to the signature, and a ``**kwargs`` signature trips it (torch 2.13)."""
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["self", *inputs]]
+
+    def forward(self, *args, **kwargs):
+        return FlatOutputs.forward(self, *args, **kwargs)
+
+    forward.__signature__ = inspect.Signature(params)
+    return type("Flat", (FlatOutputs,), {"forward": forward})(gm, constants, names).eval()
+
+
 def name_onnx_values(model: Any, inputs: list[str], outputs: list[str], symbols: dict[str, str]) -> None:
-    """Names an onnx_ir model's graph inputs (the program's) and outputs, and its symbolic dims per ``symbols`` (in place).
+    """Names an onnx_ir model's graph inputs (the program's) and outputs, and its symbolic dims (in place).
 
     An output that is also a graph input, or a second output of one value, gets an Identity node (renaming
     it would rename the input); a value already holding a wanted name is renamed out of the way first (the
@@ -188,6 +220,6 @@ def name_onnx_values(model: Any, inputs: list[str], outputs: list[str], symbols:
             value.shape = ir.Shape([ir.SymbolicDim(symbols[str(d)]) if str(d) in symbols else d for d in value.shape])
 
 
-__all__ = ["BATCH", "SEQUENCE", "dynamo_spec", "export_spec", "infer_dims", "input_names", "name_onnx_values",
+__all__ = ["BATCH", "SEQUENCE", "FlatOutputs", "dynamo_spec", "export_spec", "flat_module", "infer_dims", "input_names", "name_onnx_values",
            "named_outputs",
            "program_dims", "violation_reason"]  # fmt: skip
