@@ -122,6 +122,8 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic,
         v = manifest["validation"]
         devs = ", ".join(f"{n} {_fmt(d)}" for n, d in v["deviation"].items())
         click.echo(f"  validated on {v['samples']} sample(s), budget {v['budget']:.1e}: {devs}")
+        for r in v.get("reshaped") or []:
+            click.echo(f"  validated {', '.join(r['targets'])} also at {', '.join(r['inputs'])} (dynamic dims)")
 
 
 def _shapes(entry: dict) -> str:

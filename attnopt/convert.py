@@ -526,12 +526,17 @@ def _max_dev(got: tuple, want: tuple) -> float:
 
 
 def validate_dir(path: Path, source: Source, samples: int, budget: float, steps: Steps | None = None) -> dict:
-    """Runs the original model and every converted form in ``path`` on ``samples`` inputs; the deviations."""
+    """Runs the original model and every converted form in ``path`` on ``samples`` inputs; the deviations.
+
+    Exports with dynamic dims also run on inputs grown along them (:func:`_reshaped_draws`)."""
     from attnopt import export as E
 
     art = A.open_artifact(path)
     args, kwargs = art.sample_inputs()
-    draws = [(args, kwargs)] + [I.resample(args, kwargs, seed=i, config=source.config) for i in range(1, samples)]
+    draws = [(args, kwargs, None)] + [(*I.resample(args, kwargs, seed=i, config=source.config), None)
+                                      for i in range(1, samples)]  # fmt: skip
+    reshaped = _reshaped_draws(art.manifest, args, kwargs, source.config)
+    draws += reshaped
     converted = A.load(path)
     targets: dict[str, Callable] = {"module": lambda a, k: E.flatten_output(converted(*a, **k))}
     pt2 = art.file("pt2")
@@ -548,10 +553,10 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
     consistency = {name: 0.0 for name in targets if name != "module"}
     tolerance = 0.0
     with torch.no_grad():
-        for a, k in draws:
+        for a, k, only in draws:
             want = E.flatten_output(source.model(*a, **k))
             tolerance = max(tolerance, _budget(Policy(), None, want))
-            outs = {name: fn(a, k) for name, fn in targets.items()}
+            outs = {name: fn(a, k) for name, fn in targets.items() if only is None or name in only}
             for name, got in outs.items():
                 dev[name] = max(dev[name], _max_dev(got, want))
                 pairs = [(g, w) for g, w in zip(got, want) if w.is_floating_point()]
@@ -561,9 +566,35 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
             advance()
     failed = {n: d for n, d in dev.items() if not d <= budget}
     failed.update({f"{n} vs module": d for n, d in consistency.items() if not d <= tolerance})
-    return {"samples": len(draws), "budget": budget, "deviation": dev, "max_abs_diff": abs_diff,
+    return {"samples": len(draws) - len(reshaped), "budget": budget, "deviation": dev, "max_abs_diff": abs_diff,
             "consistency": consistency, "consistency_tolerance": tolerance, "passed": not failed,
-            "failed": failed}  # fmt: skip
+            "failed": failed, "reshaped": [{"targets": sorted(only), "inputs": [str(s) for s in I.specs_of(a, k)]}
+                                           for a, k, only in reshaped]}  # fmt: skip
+
+
+def _reshaped_draws(manifest: dict, args: tuple, kwargs: dict, config: Any) -> list[tuple[tuple, dict, set]]:
+    """Per distinct set of dynamic dims among the exports: inputs with each of those dims grown (batch + 1,
+    sequence + 3; masks pad the last row's end), to be run by the module and the exports that take them."""
+    import json
+
+    groups: dict[str, set] = {}
+    for fmt, entry in (manifest.get("exports") or {}).items():
+        if entry.get("dynamic"):
+            groups.setdefault(json.dumps(entry["dynamic"], sort_keys=True), {"module"}).add(fmt)
+    draws = []
+    for seed, (key, only) in enumerate(groups.items(), start=100):
+        dims, specs = json.loads(key), []
+        for spec in I.specs_of(args, kwargs):
+            grow = dims.get(f"args_{spec.name}" if spec.positional else spec.name, {})
+            shape = [n + (1 if grow.get(str(d)) == "batch" else 3 if grow.get(str(d)) else 0)
+                     for d, n in enumerate(spec.shape)]  # fmt: skip
+            specs.append(I.InputSpec(spec.name, tuple(shape), spec.dtype))
+        a, k = I.make_inputs(specs, config, seed=seed)
+        for name, t in k.items():
+            if "mask" in name.lower() and t.dim() == 2 and not t.is_floating_point() and t.shape[1] > 2:
+                t[-1, -2:] = 0
+        draws.append((a, {**k, **{n: v for n, v in kwargs.items() if not isinstance(v, torch.Tensor)}}, only))
+    return draws
 
 
 def _export_onnx(exported: Any, export_args: tuple, decisions: dict, path: Path, mode: str) -> dict:

@@ -48,7 +48,13 @@ def _inputs(model, batch, seq):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_exports_written_at_2x13_run_at_other_batches_and_lengths(tmp_path, name):
     model = _model(name)
-    out, manifest, output = _convert(model, tmp_path)
+    validate = ["--validate", "--samples", "1"] if name == "llama" else []
+    out, manifest, output = _convert(model, tmp_path, *validate)
+    if validate:  # --validate also runs the dynamic exports at a grown batch and length
+        assert manifest["validation"]["passed"] and manifest["validation"]["samples"] == 1
+        assert manifest["validation"]["reshaped"] == [{"targets": ["module", "onnx", "pt2"],
+                                                       "inputs": ["input_ids:3x16:int64", "attention_mask:3x16:int64"]}]
+        assert "validated module, onnx, pt2 also at input_ids:3x16:int64" in output
     assert manifest["inputs"]["specs"][0]["shape"] == [2, 13]
     names = MODELS[name][1]
     for fmt in ("pt2", "onnx"):
