@@ -77,7 +77,8 @@ def _sigterm_as_interrupt():
 @click.option("--dynamic/--no-dynamic", default=True, show_default=True,
               help="Export .pt2 and ONNX with dynamic batch and sequence dims where the model allows it (batch: dim 0 "
               "of the inputs; sequence: dim 1 of token ids, masks and *embeds inputs); a model whose code fixes them "
-              "is exported at the example shapes with a warning saying why. --no-dynamic: the example shapes.")
+              "keeps a dynamic batch only, or the example shapes, with a warning saying why (so does an example "
+              "with batch 1: give batch >= 2). --no-dynamic: the example shapes.")
 @click.option("--validate", is_flag=True, help="Run original and converted (module, .pt2, ONNX) on sample inputs; "
               "fail when the deviation exceeds the budget.")
 @click.option("--samples", default=3, show_default=True, help="Sample inputs for --validate.")

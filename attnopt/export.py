@@ -97,7 +97,13 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict, validate: 
     ctx = Context(policy, example_inputs=_flat_inputs(gm, args, kwargs))
     passes = PASSES if validate else [p for p in PASSES if p[0] != "validate"]
     with torch.no_grad():
-        return run_pipeline(gm, ctx, passes), ctx
+        if dynamic_shapes is None:
+            return run_pipeline(gm, ctx, passes), ctx
+        try:
+            return run_pipeline(gm, ctx, passes), ctx
+        except Exception as exc:  # noqa: BLE001 - reported as the reason, then the static capture runs
+            raise _DynamicRefused(f"attnopt's passes failed on the symbolic graph: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc  # fmt: skip
 
 
 class _DynamicRefused(ExportError):
@@ -155,8 +161,8 @@ def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict, exp
 
     ``dynamic``: ``True`` makes the batch and sequence dims read off the example inputs dynamic
     (:func:`attnopt.export_dims.infer_dims`), a dict names the dims itself (``{"args_0": {0: "batch"}}``),
-    ``False`` exports at the example shapes. A model whose code fixes a requested dim is exported static,
-    with the reason in ``Exported.notes``.
+    ``False`` exports at the example shapes. A model whose code fixes a requested dim is exported with a
+    dynamic batch only, else at the example shapes, with the reasons in ``Exported.notes``.
     """
     from attnopt.inputs import split_constants
 
