@@ -9,6 +9,10 @@ An artifact directory (written by ``attnopt convert``, see :mod:`attnopt.convert
     model.pt2                    with --format pt2: a torch.export program (attnopt ops kept as custom ops)
     model.onnx                   with --format onnx: ONNX (exact sites as the standard Attention operator)
 
+Both exports take dynamic batch and sequence dims unless converted with ``--no-dynamic``; the manifest's
+``exports`` entries list per input the ``dynamic`` dims, the ``outputs`` names and ``shape_notes`` (why a
+dim stayed static).
+
 The manifest records the format version, the attnopt/torch/triton/transformers versions, the source and
 its fingerprint, the policy (its dict form), every site's decision, variant, kernel spec and measured
 deviation, the inputs, the exports and the validation results.

@@ -74,6 +74,11 @@ def _sigterm_as_interrupt():
               help="Also write a torch.export program (model.pt2) and/or ONNX (model.onnx). Repeatable.")
 @click.option("--onnx-attention", type=click.Choice(["standard", "decomposed"]), default="standard", show_default=True,
               help="standard: exact sites as ONNX Attention (opset 23); decomposed: attnopt-domain functions (opset 18).")
+@click.option("--dynamic/--no-dynamic", default=True, show_default=True,
+              help="Export .pt2 and ONNX with dynamic batch and sequence dims where the model allows it (batch: dim 0 "
+              "of the inputs; sequence: dim 1 of token ids, masks and *embeds inputs); a model whose code fixes them "
+              "keeps a dynamic batch only, or the example shapes, with a warning saying why (so does an example "
+              "with batch 1: give batch >= 2). --no-dynamic: the example shapes.")
 @click.option("--validate", is_flag=True, help="Run original and converted (module, .pt2, ONNX) on sample inputs; "
               "fail when the deviation exceeds the budget.")
 @click.option("--samples", default=3, show_default=True, help="Sample inputs for --validate.")
@@ -84,7 +89,7 @@ def _sigterm_as_interrupt():
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (an attnopt artifact or an empty directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate, samples, max_error,
+def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic, validate, samples, max_error,
             attn_implementation, force, as_json, quiet) -> None:  # fmt: skip
     """Convert SRC (a Hugging Face model directory, or path/to/file.py:factory with --weights) into an
     optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module."""
@@ -98,7 +103,7 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate
             manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
                                    validate=validate, samples=samples, max_error=max_error, force=force,
                                    attn_implementation=attn_implementation, onnx_attention=onnx_attention,
-                                   progress=not quiet)  # fmt: skip
+                                   dynamic=dynamic, progress=not quiet)  # fmt: skip
     except ConvertError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -111,11 +116,23 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate
     for s in sites:
         click.echo(f"  {s['name']}: {s['decision']} (deviation {_fmt(s['deviation'])}) {s['reason']}")
     for fmt, entry in manifest["exports"].items():
-        click.echo(f"  {fmt}: {entry['file']}")
+        click.echo(f"  {fmt}: {entry['file']} ({_shapes(entry)})")
+        for note in entry.get("shape_notes", []):
+            click.echo(f"  warning: {fmt}: {note}")
     if manifest["validation"]:
         v = manifest["validation"]
         devs = ", ".join(f"{n} {_fmt(d)}" for n, d in v["deviation"].items())
         click.echo(f"  validated on {v['samples']} sample(s), budget {v['budget']:.1e}: {devs}")
+        for r in v.get("reshaped") or []:
+            click.echo(f"  validated {', '.join(r['targets'])} also at {', '.join(r['inputs'])} (dynamic dims)")
+
+
+def _shapes(entry: dict) -> str:
+    """``dynamic input_ids[batch, sequence], ...`` or ``static shapes`` for an export entry."""
+    dims = entry.get("dynamic") or {}
+    if not dims:
+        return "static shapes"
+    return "dynamic " + ", ".join(f"{name}[{', '.join(roles.values())}]" for name, roles in dims.items())
 
 
 def _fmt(x) -> str:

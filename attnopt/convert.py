@@ -1,7 +1,7 @@
 """``attnopt convert``: a checkpoint in, an optimized, validated artifact directory out.
 
     attnopt convert SRC --policy POLICY --out DIR [--weights CKPT] [--inputs SPEC] [--format pt2|onnx]
-                    [--validate] [--force]
+                    [--dynamic/--no-dynamic] [--validate] [--force]
 
 SRC is a local Hugging Face model directory (config.json and safetensors or ``pytorch_model.bin``
 weights) or ``path/to/file.py:factory`` (a callable returning ``(model, args[, kwargs])``) with optional
@@ -526,12 +526,17 @@ def _max_dev(got: tuple, want: tuple) -> float:
 
 
 def validate_dir(path: Path, source: Source, samples: int, budget: float, steps: Steps | None = None) -> dict:
-    """Runs the original model and every converted form in ``path`` on ``samples`` inputs; the deviations."""
+    """Runs the original model and every converted form in ``path`` on ``samples`` inputs; the deviations.
+
+    Exports with dynamic dims also run on inputs grown along them (:func:`_reshaped_draws`)."""
     from attnopt import export as E
 
     art = A.open_artifact(path)
     args, kwargs = art.sample_inputs()
-    draws = [(args, kwargs)] + [I.resample(args, kwargs, seed=i, config=source.config) for i in range(1, samples)]
+    draws = [(args, kwargs, None)] + [(*I.resample(args, kwargs, seed=i, config=source.config), None)
+                                      for i in range(1, samples)]  # fmt: skip
+    reshaped = _reshaped_draws(art.manifest, args, kwargs, source.config)
+    draws += reshaped
     converted = A.load(path)
     targets: dict[str, Callable] = {"module": lambda a, k: E.flatten_output(converted(*a, **k))}
     pt2 = art.file("pt2")
@@ -548,10 +553,10 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
     consistency = {name: 0.0 for name in targets if name != "module"}
     tolerance = 0.0
     with torch.no_grad():
-        for a, k in draws:
+        for a, k, only in draws:
             want = E.flatten_output(source.model(*a, **k))
             tolerance = max(tolerance, _budget(Policy(), None, want))
-            outs = {name: fn(a, k) for name, fn in targets.items()}
+            outs = {name: fn(a, k) for name, fn in targets.items() if only is None or name in only}
             for name, got in outs.items():
                 dev[name] = max(dev[name], _max_dev(got, want))
                 pairs = [(g, w) for g, w in zip(got, want) if w.is_floating_point()]
@@ -561,16 +566,68 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
             advance()
     failed = {n: d for n, d in dev.items() if not d <= budget}
     failed.update({f"{n} vs module": d for n, d in consistency.items() if not d <= tolerance})
-    return {"samples": len(draws), "budget": budget, "deviation": dev, "max_abs_diff": abs_diff,
+    return {"samples": len(draws) - len(reshaped), "budget": budget, "deviation": dev, "max_abs_diff": abs_diff,
             "consistency": consistency, "consistency_tolerance": tolerance, "passed": not failed,
-            "failed": failed}  # fmt: skip
+            "failed": failed, "reshaped": [{"targets": sorted(only), "inputs": [str(s) for s in I.specs_of(a, k)]}
+                                           for a, k, only in reshaped]}  # fmt: skip
+
+
+def _reshaped_draws(manifest: dict, args: tuple, kwargs: dict, config: Any) -> list[tuple[tuple, dict, set]]:
+    """Per distinct set of dynamic dims among the exports: inputs with each of those dims grown (batch + 1,
+    sequence + 3; masks pad the last row's end), to be run by the module and the exports that take them."""
+    import json
+
+    groups: dict[str, set] = {}
+    for fmt, entry in (manifest.get("exports") or {}).items():
+        if entry.get("dynamic"):
+            groups.setdefault(json.dumps(entry["dynamic"], sort_keys=True), {"module"}).add(fmt)
+    draws = []
+    for seed, (key, only) in enumerate(groups.items(), start=100):
+        dims, specs = json.loads(key), []
+        for spec in I.specs_of(args, kwargs):
+            grow = dims.get(f"args_{spec.name}" if spec.positional else spec.name, {})
+            shape = [n + (1 if grow.get(str(d)) == "batch" else 3 if grow.get(str(d)) else 0)
+                     for d, n in enumerate(spec.shape)]  # fmt: skip
+            specs.append(I.InputSpec(spec.name, tuple(shape), spec.dtype))
+        a, k = I.make_inputs(specs, config, seed=seed)
+        for name, t in k.items():
+            if "mask" in name.lower() and t.dim() == 2 and not t.is_floating_point() and t.shape[1] > 2:
+                t[-1, -2:] = 0
+        draws.append((a, {**k, **{n: v for n, v in kwargs.items() if not isinstance(v, torch.Tensor)}}, only))
+    return draws
+
+
+def _export_onnx(exported: Any, export_args: tuple, decisions: dict, path: Path, mode: str) -> dict:
+    """ONNX of ``exported``. A dynamic program whose ONNX translation needs static sizes (a sparse site needs
+    its sequence lengths) is exported again with a dynamic batch only, then at the example shapes; the
+    reasons go to the entry's ``shape_notes``."""
+    from attnopt import export as E
+
+    notes = []
+    while True:
+        try:
+            entry = E.export_onnx(exported.program, path, mode, exported.output_names, exported.dim_symbols)
+            info = exported.entry()
+            return {**entry, **info, "shape_notes": [*info["shape_notes"], *notes]}
+        except E.ExportError as exc:
+            if not exported.dynamic:
+                raise
+            roles = sorted({r for dims in exported.dynamic.values() for r in dims.values()})
+            notes.append(f"ONNX export refused dynamic {' and '.join(roles)}: {exc}")
+        batch = {n: {d: r for d, r in dims.items() if r == "batch"} for n, dims in exported.dynamic.items()}
+        batch = {n: dims for n, dims in batch.items() if dims}
+        exported = E.export_program(*export_args, expect=decisions, dynamic=batch if batch != exported.dynamic else False)
 
 
 def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | None = None, inputs: Any = None,
             formats: Any = (), validate: bool = False, samples: int = 3, max_error: float | None = None,
             force: bool = False, attn_implementation: str | None = None, onnx_attention: str = "standard",
-            progress: bool = False) -> dict:  # fmt: skip
+            dynamic: bool = True, progress: bool = False) -> dict:  # fmt: skip
     """Converts ``src`` under ``policy`` into the artifact directory ``out``; returns the manifest.
+
+    ``dynamic`` exports ``.pt2`` and ONNX with dynamic batch and sequence dims where the model allows it
+    (:func:`attnopt.export.export_program`); the manifest's export entries say which dims are dynamic and why
+    any stayed static.
 
     Raises :class:`ConvertError` (with a message fit for the command line) on any problem, leaving ``out``
     untouched and nothing behind.
@@ -580,13 +637,13 @@ def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | Non
     try:
         return _convert(src, policy, out, weights=weights, inputs=inputs, formats=formats, validate=validate,
                         samples=samples, max_error=max_error, force=force, attn_implementation=attn_implementation,
-                        onnx_attention=onnx_attention, progress=progress)  # fmt: skip
+                        onnx_attention=onnx_attention, dynamic=dynamic, progress=progress)  # fmt: skip
     except (I.InputSpecError, A.ArtifactError, E.ExportError) as exc:
         raise ConvertError(str(exc)) from exc
 
 
 def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, formats, validate, samples,
-             max_error, force, attn_implementation, onnx_attention, progress) -> dict:  # fmt: skip
+             max_error, force, attn_implementation, onnx_attention, dynamic, progress) -> dict:  # fmt: skip
     import attnopt
     from attnopt import export as E
 
@@ -681,18 +738,20 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                 A.write_manifest(st.staging, manifest)
                 steps.done()
 
-                program = None
+                exported = None
+                export_args = (source.model, A.decisions_policy(sites), args, kwargs)
                 decisions = {s["name"]: s["decision"] for s in sites}
                 for fmt in formats:
                     steps.step(f"export {fmt}")
-                    if program is None:
-                        program, _ = E.export_program(source.model, A.decisions_policy(sites), args, kwargs, expect=decisions)
+                    if exported is None:
+                        exported = E.export_program(*export_args, expect=decisions, dynamic=dynamic)
                     if fmt == "pt2":
-                        torch.export.save(program, str(st.staging / A.PT2))
-                        manifest["exports"]["pt2"] = {"file": A.PT2, "attnopt_ops": E.count_attnopt_ops(program),
-                                                      "load": "import attnopt; torch.export.load(path).module()"}  # fmt: skip
+                        torch.export.save(exported.program, str(st.staging / A.PT2))
+                        manifest["exports"]["pt2"] = {"file": A.PT2, "attnopt_ops": E.count_attnopt_ops(exported.program),
+                                                      "load": "import attnopt; torch.export.load(path).module()",
+                                                      **exported.entry()}  # fmt: skip
                     else:
-                        entry = E.export_onnx(program, st.staging / A.ONNX, onnx_attention)
+                        entry = _export_onnx(exported, export_args, decisions, st.staging / A.ONNX, onnx_attention)
                         manifest["exports"]["onnx"] = {"file": A.ONNX, **entry}
                     A.write_manifest(st.staging, manifest)
                     steps.done()

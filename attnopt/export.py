@@ -6,15 +6,19 @@ validation as :func:`attnopt.optimize`; site names are the same), and the rewrit
 with ``torch.export.export``. Rewritten sites stay ``torch.ops.attnopt.attention`` custom-op calls. The
 program takes the tensor inputs (positional, then keyword by name; constant keyword arguments such as
 ``use_cache=False`` are baked in) and returns a flat tuple of tensors (the leaves of the model's output,
-in order: ``ModelOutput.to_tuple()`` for Hugging Face models), so loading it needs neither transformers nor
-the model's code::
+in order: ``ModelOutput.to_tuple()`` for Hugging Face models; :attr:`Exported.output_names` names them),
+so loading it needs neither transformers nor the model's code. By default the batch and sequence dims
+read off the example inputs are dynamic (captured and exported symbolically; :mod:`attnopt.export_dims`),
+falling back to a dynamic batch only, then to the example shapes, with the reason in :attr:`Exported.notes`::
 
     import attnopt   # registers torch.ops.attnopt.*: torch.export.load fails on the custom op without it
     program = torch.export.load("out/model.pt2")
     outputs = program.module()(input_ids=..., attention_mask=...)
 
 **ONNX.** The exported program goes through ``torch.onnx.export(..., dynamo=True)`` with a custom
-translation per attnopt op (:data:`ONNX_TRANSLATIONS`):
+translation per attnopt op (:data:`ONNX_TRANSLATIONS`); the program's dynamic dims stay symbolic (the
+translations read sizes with ``Shape``, never as constants, except a sparse site's mask matrix), named
+``batch`` and ``sequence``, and the outputs carry the model's output names:
 
 * ``attention="standard"`` (default, opset 23): an exact site becomes the standard ``Attention`` operator
   (GQA native, boolean or additive mask, ``is_causal``, ``scale``, ``softcap``, fp32 softmax).
@@ -38,6 +42,7 @@ import contextlib
 import io
 import logging
 import math
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -47,6 +52,8 @@ from torch import nn
 from attnopt.api import AttnoptError, _dynamo_limits
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.passes import PASSES, Context, run_pipeline
+from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, flat_module, infer_dims,
+                                 input_names, name_onnx_values, program_dims, violation_reason)
 from attnopt.policy import as_policy
 
 ONNX_ATTENTION_MODES = ("standard", "decomposed")
@@ -70,16 +77,19 @@ def _flat_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: dict) -> list:
     return pytree.tree_leaves((args, kwargs))
 
 
-def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
-            validate: bool = True) -> tuple[torch.fx.GraphModule, Context]:  # fmt: skip
+def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict, validate: bool = True,
+            dynamic_shapes: Any = None) -> tuple[torch.fx.GraphModule, Context]:  # fmt: skip
     """``model`` as one dynamo graph, rewritten by attnopt's pipeline under ``policy``; and the pipeline's context.
 
-    ``validate=False`` skips the per-site and whole-graph checks (for decisions that were validated already)."""
+    ``validate=False`` skips the per-site and whole-graph checks (for decisions that were validated already);
+    ``dynamic_shapes`` (torch.export's form) captures those dims symbolically."""
     policy = as_policy(policy)
     try:
-        with _dynamo_limits(), torch.no_grad():
-            gm, _ = torch._dynamo.export(model, aten_graph=False)(*args, **kwargs)
+        with _dynamo_limits(), torch.no_grad(), _quiet_guards():
+            gm, _ = torch._dynamo.export(model, aten_graph=False, dynamic_shapes=dynamic_shapes)(*args, **kwargs)
     except Exception as exc:
+        if dynamic_shapes is not None:
+            raise _DynamicRefused(violation_reason(exc)) from exc
         raise ExportError(
             f"exporting needs {type(model).__name__} captured as one graph, and dynamo could not: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -87,20 +97,31 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
     ctx = Context(policy, example_inputs=_flat_inputs(gm, args, kwargs))
     passes = PASSES if validate else [p for p in PASSES if p[0] not in ("validate", "check-graph")]
     with torch.no_grad():
-        return run_pipeline(gm, ctx, passes), ctx
+        if dynamic_shapes is None:
+            return run_pipeline(gm, ctx, passes), ctx
+        try:
+            return run_pipeline(gm, ctx, passes), ctx
+        except Exception as exc:  # noqa: BLE001 - reported as the reason, then the static capture runs
+            raise _DynamicRefused(f"attnopt's passes failed on the symbolic graph: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc  # fmt: skip
 
 
-class _Flat(nn.Module):
-    """Tensors in (constants baked in), a flat tuple of tensors out."""
+class _DynamicRefused(ExportError):
+    """The model cannot be exported with the requested dynamic dims (the message is the reason)."""
 
-    def __init__(self, gm: nn.Module, constants: dict):
-        super().__init__()
-        self.gm = gm
-        self.constants = dict(constants)
 
-    def forward(self, *args, **kwargs):
-        out = self.gm(*args, **kwargs, **self.constants)
-        return flatten_output(out)
+@contextlib.contextmanager
+def _quiet_guards():
+    """A refused dynamic dim is reported once, as the fallback's reason: not also as dynamo's guard log."""
+    loggers = [logging.getLogger(n) for n in ("torch._guards", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def flatten_output(out: Any) -> tuple[torch.Tensor, ...]:
@@ -110,31 +131,87 @@ def flatten_output(out: Any) -> tuple[torch.Tensor, ...]:
     return tuple(x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor))
 
 
-def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict,
-                   expect: dict[str, str] | None = None) -> tuple[torch.export.ExportedProgram, Context]:  # fmt: skip
+@dataclass
+class Exported:
+    """A ``torch.export`` program of a rewritten model and what it accepts.
+
+    ``dynamic``: per program input, its dims that take any size (``{"input_ids": {0: "batch", 1: "sequence"}}``);
+    ``notes``: why requested or inferred dims are static (a constraint violation, an example size of 1)."""
+
+    program: torch.export.ExportedProgram
+    ctx: Context
+    output_names: list[str]
+    dynamic: Dims = field(default_factory=dict)
+    dim_symbols: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def entry(self) -> dict:
+        """The manifest's description of the program's inputs and outputs."""
+        return {"outputs": self.output_names, "dynamic": {n: {str(d): r for d, r in dims.items()}
+                for n, dims in self.dynamic.items()}, "shape_notes": self.notes}  # fmt: skip
+
+
+def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict, expect: dict[str, str] | None = None,
+                   dynamic: bool | Dims = True) -> Exported:  # fmt: skip
     """A ``torch.export`` program of ``model`` with its sites rewritten per ``policy``.
 
     ``expect`` (site name -> decision), when given, must be exactly what the pipeline decides: an artifact's
     program computes what its manifest says. Those decisions were validated when they were made, so the
     capture then skips the per-site validation pass.
+
+    ``dynamic``: ``True`` makes the batch and sequence dims read off the example inputs dynamic
+    (:func:`attnopt.export_dims.infer_dims`), a dict names the dims itself (``{"args_0": {0: "batch"}}``),
+    ``False`` exports at the example shapes. A model whose code fixes a requested dim is exported with a
+    dynamic batch only, else at the example shapes, with the reasons in ``Exported.notes``.
     """
     from attnopt.inputs import split_constants
 
     args, tensors, constants = split_constants(args, kwargs)
-    gm, ctx = capture(model, policy, args, {**tensors, **constants}, validate=expect is None)
+    notes: list[str] = []
+    dims = dynamic if isinstance(dynamic, dict) else {}
+    if dynamic is True:
+        dims, notes = infer_dims(args, tensors)
+    batch_only = {n: {d: r for d, r in rs.items() if r == BATCH} for n, rs in dims.items()}
+    batch_only = {n: rs for n, rs in batch_only.items() if rs}
+    for attempt in [dims, batch_only if batch_only != dims else {}]:
+        if not attempt:
+            continue
+        try:
+            return _export(model, policy, (args, tensors, constants), expect, attempt, notes)
+        except _DynamicRefused as exc:
+            notes.append(f"dynamic {_describe(attempt)} refused: {exc}")
+    if notes and dims:
+        notes.append("exported with static shapes (the example inputs' shapes)")
+    return _export(model, policy, (args, tensors, constants), expect, {}, notes)
+
+
+def _describe(dims: Dims) -> str:
+    roles = sorted({r for rs in dims.values() for r in rs.values()}, key=[BATCH, SEQUENCE].index)
+    return " and ".join(roles)
+
+
+def _export(model: nn.Module, policy: Any, inputs: tuple, expect: dict | None, dims: Dims, notes: list) -> Exported:
+    args, tensors, constants = inputs
+    spec = dynamo_spec(model, args, {**tensors, **constants}, dims) if dims else None
+    gm, ctx = capture(model, policy, args, {**tensors, **constants}, validate=expect is None, dynamic_shapes=spec)
     if expect is not None:
         got = {s.name: s.decision for s in ctx.sites}
         if got != expect:
             diff = {n: (expect.get(n), got.get(n)) for n in set(got) | set(expect) if expect.get(n) != got.get(n)}
-            raise ExportError(
-                "the whole-model capture decided differently from the optimized module "
-                f"(site: (recorded, exported)) {diff}"
-            )
+            message = ("the whole-model capture decided differently from the optimized module "
+                       f"(site: (recorded, exported)) {diff}")  # fmt: skip
+            raise (_DynamicRefused(f"under dynamic shapes {message}") if dims else ExportError(message))
+    names: list[str] = []
+    flat = flat_module(gm, constants, input_names(args, tensors), names)
     try:
-        program = torch.export.export(_Flat(gm, constants).eval(), args, tensors)
+        with _quiet_guards():
+            program = torch.export.export(flat, args, tensors, dynamic_shapes=export_spec(dims) if dims else None)
     except Exception as exc:
+        if dims:
+            raise _DynamicRefused(violation_reason(exc)) from exc
         raise ExportError(f"torch.export failed on the rewritten graph: {type(exc).__name__}: {exc}") from exc
-    return program, ctx
+    got, symbols = program_dims(program, dims)
+    return Exported(program, ctx, list(names), got, symbols, list(notes))
 
 
 def count_attnopt_ops(program: torch.export.ExportedProgram) -> int:
@@ -175,6 +252,17 @@ def _static_len(value: Any, axis: int) -> int | None:
     return dim if isinstance(dim, int) else None
 
 
+def _same_len(q: Any, k: Any) -> bool:
+    """Sq == Sk known at export: equal sizes, or the same named symbolic dim (dynamic shapes)."""
+    a, b = (getattr(x, "shape", None) for x in (q, k))
+    if a is None or b is None or len(a) < 2 or len(b) < 2:
+        return False
+    sq, sk = a[-2], b[-2]
+    if isinstance(sq, int) or isinstance(sk, int):
+        return sq == sk
+    return getattr(sq, "value", None) is not None and getattr(sq, "value", None) == getattr(sk, "value", None)
+
+
 def causal_keep(op: Any, q: Any, k: Any, bottom_right: bool) -> Any:
     """Boolean [Sq, Sk] ONNX value: key j visible to query i (j <= i, or j <= i + Sk - Sq bottom-right)."""
     sq = op.Squeeze(op.Shape(q, start=-2, end=-1), [0])
@@ -211,7 +299,7 @@ def _exact_translation(mode: str) -> Callable:
         op = opset23
         mask, is_causal = attn_mask, 0
         is_bool = attn_mask is not None and _is_bool(attn_mask)  # values built here have no dtype yet
-        square = _static_len(q, -2) is not None and _static_len(q, -2) == _static_len(k, -2)
+        square = _same_len(q, k)
         if causal == CAUSAL_TOP_LEFT or (causal == CAUSAL_BOTTOM_RIGHT and square):
             is_causal = 1  # ONNX's is_causal (no past keys): key j visible to query i iff j <= i
         elif causal == CAUSAL_BOTTOM_RIGHT:
@@ -318,14 +406,19 @@ def _quiet():
             lg.setLevel(level)
 
 
-def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str = "standard") -> dict:
-    """Writes ``program`` as ONNX to ``path``; returns the manifest entry (opset, inputs, outputs, op counts)."""
+def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str = "standard",
+                output_names: list[str] | None = None, dim_symbols: dict[str, str] | None = None) -> dict:  # fmt: skip
+    """Writes ``program`` as ONNX to ``path``; returns the manifest entry (opset, inputs, outputs, op counts).
+
+    Outputs are named ``output_names`` (default ``output_<i>``); the program's dynamic dims stay symbolic,
+    named per ``dim_symbols`` (program symbol -> ``batch``, ``sequence``: :attr:`Exported.dim_symbols`)."""
     if attention not in ONNX_ATTENTION_MODES:
         raise ExportError(f"unknown ONNX attention mode {attention!r}; use one of {ONNX_ATTENTION_MODES}")
     _onnxscript()
     from attnopt import onnx_functions
 
     table = _translation_table(attention)
+    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     missing = sorted({str(n.target) for n in program.graph.nodes if n.op == "call_function"
                       and str(getattr(n.target, "namespace", "")) == "attnopt" and n.target not in table})  # fmt: skip
     if missing:
@@ -340,8 +433,8 @@ def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str
 
             onnx_program.model = optimizer.optimize(onnx_program.model, inline=False)
             onnx_functions.attach(onnx_program.model)
-            for i, value in enumerate(onnx_program.model.graph.outputs):
-                value.name = f"output_{i}"
+            outputs = output_names or [f"output_{i}" for i in range(len(onnx_program.model.graph.outputs))]
+            name_onnx_values(onnx_program.model, user_inputs, list(outputs), dim_symbols or {})
             onnx_program.save(str(path))
     except ExportError:
         raise
@@ -359,7 +452,6 @@ def export_onnx(program: torch.export.ExportedProgram, path: Any, attention: str
     for node in model.graph.node:
         key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
         ops[key] = ops.get(key, 0) + 1
-    user_inputs = [s.arg.name for s in program.graph_signature.input_specs if s.kind.name == "USER_INPUT"]
     return {
         "opset": ONNX_OPSET[attention],
         "attention": attention,
@@ -400,6 +492,6 @@ def run_onnx(session: Any, args: tuple, kwargs: dict) -> tuple[torch.Tensor, ...
     return tuple(torch.from_numpy(x) for x in session.run(None, onnx_feed(session, args, kwargs)))
 
 
-__all__ = ["ExportError", "ONNX_TRANSLATIONS", "additive_bias", "capture", "causal_keep", "count_attnopt_ops",
+__all__ = ["ExportError", "Exported", "ONNX_TRANSLATIONS", "additive_bias", "capture", "causal_keep", "count_attnopt_ops",
            "export_onnx", "export_program", "flatten_output", "onnx_session", "register_onnx_translation",
            "run_onnx"]  # fmt: skip

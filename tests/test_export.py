@@ -124,14 +124,15 @@ class Manual(nn.Module):
 def test_export_program_rewrites_and_flattens():
     model = Manual().eval()
     x = torch.randn(2, 5, 16)
-    program, ctx = E.export_program(model, "exact", (x,), {"scale": 0.25}, expect={"<top>": "exact"})
-    assert [(s.name, s.decision) for s in ctx.sites] == [("<top>", "exact")]
-    assert E.count_attnopt_ops(program) == 1
-    out = program.module()(x)  # constants are baked in; outputs are a flat tuple of tensors
+    exported = E.export_program(model, "exact", (x,), {"scale": 0.25}, expect={"<top>": "exact"})
+    assert [(s.name, s.decision) for s in exported.ctx.sites] == [("<top>", "exact")]
+    assert E.count_attnopt_ops(exported.program) == 1
+    assert exported.output_names == ["out", "x"] and exported.dynamic == {"args_0": {0: "batch"}}
+    out = exported.program.module()(x)  # constants are baked in; outputs are a flat tuple of tensors
     assert isinstance(out, tuple) and len(out) == 2
     torch.testing.assert_close(out[0], model(x)["out"], rtol=1e-5, atol=1e-6)
-    program_keep, _ = E.export_program(model, "keep", (x,), {"scale": 0.25})
-    assert E.count_attnopt_ops(program_keep) == 0
+    exported_keep = E.export_program(model, "keep", (x,), {"scale": 0.25}, dynamic=False)
+    assert E.count_attnopt_ops(exported_keep.program) == 0 and exported_keep.dynamic == {}
 
 
 def test_export_program_checks_expected_decisions():
