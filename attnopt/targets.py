@@ -79,8 +79,8 @@ def _from_hf_dir(path: Path, attn_implementation: str | None, model_class: str |
         raise TargetError(f"could not build a model from {path}: {exc}") from exc
     model.eval()
     args, kwargs = example_inputs(config)
-    return Target(model, args, kwargs, f"{type(model).__name__} ({config.model_type}) from {path}, {how}; built "
-                  f"{type(model).__name__} ({why}; --model-class to choose)", config)  # fmt: skip
+    return Target(model, args, kwargs, f"built {type(model).__name__} ({config.model_type}) from {path}, {how} ({why}; "
+                  "--model-class to choose)", config)  # fmt: skip
 
 
 def _from_factory(spec: str) -> Target:
