@@ -71,7 +71,7 @@ class Backend:
         frames = FrameInputs(namer, gm, list(example_inputs))
         first = frames.bases(example_inputs)
         compiled = {tuple(first.items()): self._compile(gm, list(example_inputs), GraphNamer(namer, first))}
-        if not frames.where:
+        if not frames.where and not frames.direct:
             return next(iter(compiled.values()))
 
         def run(*args: Any) -> Any:

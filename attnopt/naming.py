@@ -16,11 +16,14 @@ graph's inputs:
 4. else the stripped source itself (:func:`attnopt.patterns.module_path`, what a root-less backend uses).
 
 A node traced in no module call is in the frame's own module (``L['self']``) when the frame is a
-module's method, else at the top: ``""``, which detection reports as ``<top>``.
+module's method; in a function frame passed parameters of the root (an attention function compiled on its
+own after a graph break, as ``F.multi_head_attention_forward``), in the innermost module holding them all; else at the top: ``""``, which detection reports as
+``<top>``.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from typing import Any
@@ -31,6 +34,7 @@ from torch.fx import GraphModule, Node
 from attnopt.patterns import module_path, normalize_source
 
 _FRAME_INPUT = re.compile(r"^L(?:\[[^\]]+\])+")  # L['self'], L['args'][0], L['kwargs']['model']
+OWNER = "<owner>"  # in FrameInputs.bases: the innermost module holding the tensors a function frame was passed
 
 
 def compiled_root() -> nn.Module | None:
@@ -83,6 +87,7 @@ class FrameInputs:
     def __init__(self, namer: SiteNamer, gm: GraphModule, example_inputs: list):
         self.namer = namer
         self.where: dict[str, tuple[int, int]] = {}  # frame input -> (input index, length of the tensor's suffix)
+        self.direct: list[int] = []  # inputs that are the root's tensors themselves
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
             full = namer.tensor_paths.get(id(value))
@@ -91,7 +96,9 @@ class FrameInputs:
             if token is None or token.group(0) in self.where:
                 continue
             rest = normalize_source(source[token.end():])
-            if full == rest or full.endswith("." + rest):
+            if not rest:  # a parameter passed as an argument (a function compiled as its own frame)
+                self.direct.append(i)
+            elif full == rest or full.endswith("." + rest):
                 self.where[token.group(0)] = (i, len(rest))
 
     def bases(self, inputs: list | tuple) -> dict[str, str]:
@@ -101,6 +108,9 @@ class FrameInputs:
             full = self.namer.tensor_paths.get(id(inputs[i])) if i < len(inputs) else None
             if full is not None:
                 found[token] = full[: len(full) - cut].strip(".")
+        owners = [self.namer.tensor_paths.get(id(inputs[i])) for i in self.direct if i < len(inputs)]
+        if owners and None not in owners:  # the innermost module holding all of them
+            found[OWNER] = ".".join(os.path.commonprefix([o.split(".")[:-1] for o in owners]))
         return found
 
 
@@ -113,7 +123,7 @@ class GraphNamer:
     def __call__(self, node: Node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
         if not stack:
-            return self.bases.get("L['self']", "")
+            return self.bases.get("L['self']", self.bases.get(OWNER, ""))
         key, (source, cls) = list(stack.items())[-1]
         token = _FRAME_INPUT.match(str(source))
         if token is not None and token.group(0) in self.bases:  # relative to the module this call runs for

@@ -162,3 +162,24 @@ def test_an_unknown_model_class_is_refused(tmp_path):
     zoo.config("llama").save_pretrained(tmp_path)
     res = CliRunner().invoke(main, ["inspect", str(tmp_path), "--model-class", "NoSuchModel"])
     assert res.exit_code != 0 and "NoSuchModel" in res.output and "LlamaForCausalLM" in res.output
+
+
+def _attention_function(x, w_qkv, b_qkv, w_out):
+    torch._dynamo.graph_break()  # what follows compiles as this function's own frame, passed the weights
+    q, k, v = F.linear(x, w_qkv, b_qkv).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+    return F.linear(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2), w_out)
+
+
+class FunctionalAttn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(16, 48), nn.Linear(16, 16, bias=False)
+
+    def forward(self, x):
+        return _attention_function(x, self.qkv.weight, self.qkv.bias, self.out.weight)
+
+
+def test_an_attention_function_compiled_on_its_own_is_named_by_the_module_holding_its_weights():
+    torch._dynamo.reset()
+    net, x = nn.Sequential(FunctionalAttn(), FunctionalAttn()).eval(), torch.randn(2, 5, 16)
+    assert sorted(s.name for s in attnopt.inspect(net, (x,)).sites) == ["0", "1"]  # not <top>, once per module
