@@ -21,9 +21,10 @@ for a ``LlamaForCausalLM``, ``layers.0.self_attn`` for a ``LlamaModel``; ``model
 the layer). They are found automatically at a model's first eager call: the first attention layer that
 runs looks up the outermost transformers model on the call stack holding it and tags every attention
 module of that model (:func:`name_sites`, which can also be called directly). At that moment, and
-whenever the policy changes, a policy glob matching none of the model's site names is an error. A model
-traced by ``torch.compile``/``torch.export`` before any eager call cannot look up its owner: there a
-policy with overrides asks for ``attnopt.hf.name_sites(model)`` first.
+whenever the policy changes, a policy glob matching none of the model's site names is an error. Under
+``torch.compile`` an untagged layer is named by a graph break on its first trace when the policy has
+overrides; ``torch.export`` cannot break the graph, so call ``attnopt.hf.name_sites(model)`` before
+exporting a model whose policy has overrides.
 
 The current policy lives in one explicit holder, :data:`CURRENT` (read it with :func:`current_policy`);
 there is no other module-level mutable state. A module built with ``attn_implementation="attnopt"`` can be
@@ -132,23 +133,26 @@ def _owning_model(module: torch.nn.Module) -> torch.nn.Module | None:
     return found
 
 
+@torch.compiler.disable
+def _name_from_owner(module: torch.nn.Module) -> str | None:
+    """Tags the attention modules of ``module``'s model and returns its name (None outside a model). Always
+    runs eagerly: under ``torch.compile`` the call is a graph break, and the recompiled graph reads the tag."""
+    root = _owning_model(module)
+    if root is None:
+        return None
+    name_sites(root)
+    return getattr(module, SITE_ATTR, None)
+
+
 def site_name(module: torch.nn.Module) -> str:
     """``module``'s site name: its module path in the model that runs it (tagging that model's attention
     modules on first use), else ``<ClassName>.<layer_idx>`` for a layer called outside any model."""
     name = getattr(module, SITE_ATTR, None)
-    if name is None and not torch.compiler.is_compiling():
-        root = _owning_model(module)
-        if root is not None:
-            name_sites(root)
-            name = getattr(module, SITE_ATTR, None)
+    # a traced call needs the name only to pick an override (torch.export cannot break the graph for it)
+    if name is None and (CURRENT.policy.overrides or not torch.compiler.is_compiling()):
+        name = _name_from_owner(module)
     if name is not None:
         return name
-    if CURRENT.policy.overrides and torch.compiler.is_compiling():
-        raise RuntimeError(
-            f"attnopt.hf cannot name the {type(module).__name__} layers of a model traced before its first eager "
-            "call, so the policy's globs cannot be matched: call attnopt.hf.name_sites(model) before compiling "
-            "or exporting"
-        )
     idx = getattr(module, "layer_idx", None)
     return type(module).__name__ if idx is None else f"{type(module).__name__}.{idx}"
 

@@ -5,8 +5,8 @@ keys are ``str(id(module))`` (``"<id>@<n>"`` for the n-th repeated call in one f
 ``(source, class)``, where the source depends on how the frame reached the module: ``L['self'].layers.0``,
 ``L['args'][0].model.layers.0.self_attn`` (a Hugging Face wrapper passing the model to a compiled function),
 ``L['s'].attn1`` (a block's own frame after a graph break). :class:`SiteNamer` therefore resolves a node
-by module identity against ``root.named_modules()``, so a name never depends on what dynamo calls the
-graph's inputs:
+by module and tensor identity against ``root.named_modules()``, so a name never depends on what dynamo
+calls the graph's inputs:
 
 1. the innermost stack entry's source, with its frame-input prefix (``L['s']``) replaced by that input's
    path in the root, found from the frame's lifted parameters (the graph's inputs are the real
@@ -16,9 +16,12 @@ graph's inputs:
 4. else the stripped source itself (:func:`attnopt.patterns.module_path`, what a root-less backend uses).
 
 A node traced in no module call is in the frame's own module (``L['self']``) when the frame is a
-module's method; in a function frame passed parameters of the root (an attention function compiled on its
-own after a graph break, as ``F.multi_head_attention_forward``), in the innermost module holding them all; else at the top: ``""``, which detection reports as
-``<top>``.
+module's method; in a function frame passed parameters of the root (an attention function compiled on
+its own after a graph break, as ``F.multi_head_attention_forward``), in the innermost module holding them
+all; else at the top: ``""``, which detection reports as ``<top>``.
+
+Limitation: a module without parameters or buffers that compiles as its own frame cannot be told apart
+from the other instances its graph serves; its sites are named ``<top>``.
 """
 
 from __future__ import annotations

@@ -118,6 +118,16 @@ def test_layers_are_named_by_module_path_on_the_first_call():
     assert attnopt.hf.site_name(ours.model.layers[1].self_attn) == "layers.1.self_attn"
 
 
+def test_layers_traced_by_torch_compile_are_named_too():
+    torch._dynamo.reset()
+    ours, eager = _pair("llama")
+    with attnopt.hf.use(attnopt.Policy(overrides={"layers.0.*": "keep"})), torch.no_grad():
+        got = torch.compile(ours.model, backend="eager")(*ours.args, **ours.kwargs).last_hidden_state
+    assert [attnopt.hf.site_name(layer.self_attn) for layer in ours.model.layers] == ["layers.0.self_attn",
+                                                                                      "layers.1.self_attn"]
+    torch.testing.assert_close(got, _outputs(eager)[0], rtol=1e-5, atol=2e-5)
+
+
 def test_a_glob_matching_no_layer_is_an_error():
     ours, _ = _pair("llama")
     with attnopt.hf.use(attnopt.Policy(overrides={"LlamaAttention.1": "keep"})):

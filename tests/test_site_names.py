@@ -32,7 +32,8 @@ def test_llama_sites_are_module_paths_that_resolve(attn):
     names = [s.name for s in attnopt.inspect(model, z.args, z.kwargs).sites]
     assert names == LLAMA
     assert all(type(model.get_submodule(n)).__name__ == "LlamaAttention" for n in names)
-    assert [s.name for s in attnopt.inspect(z.model, z.args, z.kwargs).sites] == ["layers.0.self_attn", "layers.1.self_attn"]
+    base = [s.name for s in attnopt.inspect(z.model, z.args, z.kwargs).sites]
+    assert base == ["layers.0.self_attn", "layers.1.self_attn"]
     policy = attnopt.Policy(overrides={"model.layers.0.*": "keep"})
     assert policy.for_site("model.layers.10.self_attn") == attnopt.Exact()  # the glob is not a prefix match
     opt = attnopt.optimize(model, policy, z.args, z.kwargs)
@@ -111,12 +112,11 @@ def test_a_graph_serving_several_blocks_follows_each_blocks_policy():
     torch._dynamo.reset()
     net, x = UNet(graph_break=True).eval(), torch.randn(2, 5, 16)
     opt = attnopt.optimize(net, attnopt.Policy(overrides={"transformer_blocks.1.*": "keep"}), (x,))
-    assert sorted((s.name, s.decision) for s in attnopt.report(opt).sites) == [(BLOCKS[0], "exact"), (BLOCKS[1], "keep")]
-    counts = []
+    decisions = sorted((s.name, s.decision) for s in attnopt.report(opt).sites)
+    assert decisions == [(BLOCKS[0], "exact"), (BLOCKS[1], "keep")]
     with torch.no_grad(), torch.profiler.profile() as prof:
         got = opt(x)
-    counts = [e.key for e in prof.key_averages() if e.key.startswith("attnopt::attention")]
-    assert counts and sum(e.count for e in prof.key_averages() if e.key in counts) == 1
+    assert sum(e.count for e in prof.key_averages() if e.key == "attnopt::attention") == 1  # block 0 only
     with torch.no_grad():
         torch.testing.assert_close(got, net(x), rtol=1e-5, atol=1e-5)
 
@@ -145,8 +145,8 @@ def test_inspect_convert_and_attn_implementation_agree(tmp_path):
     assert "built LlamaForCausalLM" in res.output
     res = CliRunner().invoke(main, ["inspect", str(tmp_path / "src"), "--json"])
     assert [s["name"] for s in json.loads(res.stdout)["sites"]] == LLAMA
-    res = CliRunner().invoke(main, ["convert", str(tmp_path / "src"), "--policy", "exact", "--out", str(tmp_path / "out"),
-                                    "-q", "--json"])  # fmt: skip
+    res = CliRunner().invoke(main, ["convert", str(tmp_path / "src"), "--policy", "exact",
+                                    "--out", str(tmp_path / "out"), "-q", "--json"])  # fmt: skip
     assert res.exit_code == 0, res.output
     manifest = json.loads(res.stdout)
     assert manifest["model"]["class"] == "LlamaForCausalLM" and [s["name"] for s in manifest["sites"]] == LLAMA
