@@ -18,7 +18,7 @@ layer's variant in the current policy and runs:
 
 Site names are module paths relative to the model, as everywhere in attnopt (``model.layers.0.self_attn``
 for a ``LlamaForCausalLM``, ``layers.0.self_attn`` for a ``LlamaModel``; ``model.get_submodule(name)`` is
-the layer). They are found automatically at a model's first eager call: the first attention layer that
+the layer). They are found automatically at a model's first call: the first attention layer that
 runs looks up the outermost transformers model on the call stack holding it and tags every attention
 module of that model (:func:`name_sites`, which can also be called directly). At that moment, and
 whenever the policy changes, a policy glob matching none of the model's site names is an error. Under
