@@ -48,9 +48,12 @@ class OptimizedModule(nn.Module):
     def __init__(self, module: nn.Module, policy: Policy, report: Report):
         super().__init__()
         self.module = module
-        backend = Backend(policy, then="eager", report=report, model=module)
+        backend = Backend(policy, then="eager", report=report, model=module, check_globs=False)
         object.__setattr__(self, "_attnopt_backend", backend)
         object.__setattr__(self, "_attnopt_compiled", torch.compile(module, backend=backend))
+        # policy globs are checked against the sites once the first call's graphs are captured (optimize
+        # does it itself when given example inputs)
+        object.__setattr__(self, "_attnopt_globs_pending", True)
 
     @property
     def attnopt_report(self) -> Report:
@@ -62,7 +65,11 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         with _dynamo_limits():
-            return self._attnopt_compiled(*args, **kwargs)
+            out = self._attnopt_compiled(*args, **kwargs)
+        if self._attnopt_globs_pending and self._attnopt_backend.contexts:
+            object.__setattr__(self, "_attnopt_globs_pending", False)
+            _check_globs(self.policy, self.attnopt_report)
+        return out
 
     def __getattr__(self, name: str):
         try:
@@ -170,7 +177,7 @@ def _output_deviation(want: Any, got: Any) -> float | None:
 
 def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrite: bool) -> tuple[Backend, Any, Any]:
     want = _run_eager(model, args, kwargs)
-    backend = Backend(policy, then="eager", rewrite=rewrite, model=model)
+    backend = Backend(policy, then="eager", rewrite=rewrite, model=model, check_globs=False)
     compiled = torch.compile(model, backend=backend)
     with _dynamo_limits():
         got = _run_captured(compiled, model, backend, args, kwargs)
@@ -178,10 +185,12 @@ def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrit
 
 
 def _check_globs(policy: Policy, report: Report) -> None:
-    unmatched = policy.unmatched_globs([s.name for s in report.sites])
+    names = list(dict.fromkeys(s.name for s in report.sites))
+    unmatched = policy.unmatched_globs(names)
     if unmatched:
         raise ValueError(
-            f"policy override glob(s) {unmatched} match no attention site; sites are {[s.name for s in report.sites]}"
+            f"policy override glob(s) {unmatched} match no attention site; sites are {names} (module paths: "
+            "write the globs against these names, e.g. 'model.layers.0.*')"
         )
 
 
@@ -227,6 +236,7 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
     report = Report()
     optimized = OptimizedModule(model, policy, report)
     if args or kwargs:
+        object.__setattr__(optimized, "_attnopt_globs_pending", False)
         want = _run_eager(model, args, kwargs)
         got = _run_captured(optimized, model, optimized._attnopt_backend, args, kwargs)
         report.output_deviation = _output_deviation(want, got)

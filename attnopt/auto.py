@@ -35,6 +35,7 @@ from attnopt import masks
 from attnopt.api import (CaptureError, _check_model, _dynamo_limits, _leaves, _normalize, _output_deviation,
                          _run_captured, _run_eager)  # fmt: skip
 from attnopt.cost import Shape, predict_seconds, predict_speedup
+from attnopt.naming import SiteNamer
 from attnopt.passes import PASSES, TOLERANCE, Context, _concrete, _Recorder, _validation_skip, run_pipeline
 from attnopt.patterns.match import emit_operands, replacement_graph
 from attnopt.policy import Auto, Exact, Linear, Policy, Sparse, Variant, as_policy
@@ -67,13 +68,15 @@ class _Calibrator:
     """A dynamo backend: each graph's sites are detected once; every call runs the graph rewritten for
     ``assignment`` (sites absent from it get ``base(name)``)."""
 
-    def __init__(self, base):
+    def __init__(self, base, model: torch.nn.Module):
         self.base = base
+        self.namer = SiteNamer(model)
         self.assignment: dict[str, Variant] = {}
         self.contexts: list[Context] = []
 
     def __call__(self, gm: GraphModule, example_inputs: list):
-        ctx = Context(Policy(), graph_index=len(self.contexts), example_inputs=list(example_inputs))
+        ctx = Context(Policy(), graph_index=len(self.contexts), example_inputs=list(example_inputs),
+                      name_of=self.namer.for_graph(gm, list(example_inputs)))  # fmt: skip
         self.contexts.append(ctx)
         run_pipeline(gm, ctx, _DETECT)
         rewrites: dict[tuple, GraphModule] = {}
@@ -247,7 +250,7 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
         v = policy.for_site(name)
         return Exact() if isinstance(v, Auto) else v
 
-    calibrator = _Calibrator(base)
+    calibrator = _Calibrator(base, model)
     compiled = torch.compile(model, backend=calibrator)
     runs = 0
     with Progress(console=Console(stderr=True), transient=True, disable=not progress) as bar:

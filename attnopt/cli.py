@@ -11,6 +11,9 @@ import click
 from attnopt.targets import TargetError, load_target
 
 ATTN_CHOICES = click.Choice(["eager", "sdpa"])
+MODEL_CLASS_HELP = ("Hugging Face class to build: auto (the class config.json's architectures names, as saved), base "
+                    "(AutoModel, no task head) or a class name such as LlamaForCausalLM. inspect and convert build "
+                    "the same class, so they report the same site names.")  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,14 +29,15 @@ def main() -> None:
 @click.option("--policy", default="exact", show_default=True,
               help="Policy whose decisions to show: exact, keep, sliding_window:W, linear, sigmoid, auto[:max_error] "
                    "(calibrated on the example inputs), or a .yaml/.json policy file.")  # fmt: skip
+@click.option("--model-class", default="auto", show_default=True, help=MODEL_CLASS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(target: str, attn_implementation: str | None, policy: str, as_json: bool) -> None:
+def inspect(target: str, attn_implementation: str | None, policy: str, model_class: str, as_json: bool) -> None:
     """List the attention sites of TARGET: a Hugging Face model directory (config.json, weights optional:
     random init when absent) or path/to/file.py:factory (a callable returning model, args[, kwargs])."""
     import attnopt
 
     try:
-        t = load_target(target, attn_implementation)
+        t = load_target(target, attn_implementation, model_class)
         report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
     except (TargetError, attnopt.AttnoptError, ValueError, NotImplementedError, TypeError, OSError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -86,11 +90,12 @@ def _sigterm_as_interrupt():
               "policy's max_error, else the output dtype's tolerance (1e-4 for float32).")
 @click.option("--attn", "attn_implementation", type=ATTN_CHOICES, default=None,
               help="Hugging Face attn_implementation to load the model with (default: transformers' choice).")
+@click.option("--model-class", default="auto", show_default=True, help=MODEL_CLASS_HELP)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (an attnopt artifact or an empty directory).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic, validate, samples, max_error,
-            attn_implementation, force, as_json, quiet) -> None:  # fmt: skip
+            attn_implementation, model_class, force, as_json, quiet) -> None:  # fmt: skip
     """Convert SRC (a Hugging Face model directory, or path/to/file.py:factory with --weights) into an
     optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module."""
     import json
@@ -103,7 +108,7 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic,
             manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
                                    validate=validate, samples=samples, max_error=max_error, force=force,
                                    attn_implementation=attn_implementation, onnx_attention=onnx_attention,
-                                   dynamic=dynamic, progress=not quiet)  # fmt: skip
+                                   dynamic=dynamic, progress=not quiet, model_class=model_class)  # fmt: skip
     except ConvertError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
@@ -111,7 +116,7 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic,
         return
     sites = manifest["sites"]
     rewritten = [s for s in sites if s["decision"] != "keep"]
-    click.echo(f"wrote {out}: {manifest['model']['class']}, {len(rewritten)} of {len(sites)} attention site(s) "
+    click.echo(f"wrote {out}: built {manifest['model']['class']}, {len(rewritten)} of {len(sites)} attention site(s) "
                f"rewritten, output deviation {_fmt(manifest['output_deviation'])}")  # fmt: skip
     for s in sites:
         click.echo(f"  {s['name']}: {s['decision']} (deviation {_fmt(s['deviation'])}) {s['reason']}")

@@ -34,6 +34,7 @@ from attnopt import artifact as A
 from attnopt import inputs as I
 from attnopt.api import AttnoptError
 from attnopt.policy import Keep, Policy, as_policy
+from attnopt.targets import TargetError, build_from_config, hf_model_class
 
 FORMATS = ("pt2", "onnx")
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -189,17 +190,7 @@ def _check_shapes(ckpt: dict[str, tuple], expected: dict[str, tuple], prefix: st
                            f"{'; '.join(bad[:3])}{more}")  # fmt: skip
 
 
-def _hf_class(config: Any):
-    import transformers
-
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
-        if cls is not None and hasattr(cls, "from_pretrained"):
-            return cls
-    return transformers.AutoModel
-
-
-def _load_hf(path: Path, attn_implementation: str | None) -> Source:
+def _load_hf(path: Path, attn_implementation: str | None, model_class: str | None = None) -> Source:
     if not (path / "config.json").is_file():
         raise ConvertError(f"{path} has no config.json: a Hugging Face model directory needs config.json next to "
                            "its weights (or pass path/to/file.py:factory)")  # fmt: skip
@@ -216,12 +207,15 @@ def _load_hf(path: Path, attn_implementation: str | None) -> Source:
         raise ConvertError(f"{path} has no weights ({' or '.join(_HF_WEIGHTS[::2])}); convert needs the trained "
                            "weights (attnopt inspect works on a config alone)")  # fmt: skip
     ckpt = _checkpoint_shapes(files)
-    cls = _hf_class(config)
+    try:
+        cls, why = hf_model_class(config, model_class)
+    except TargetError as exc:
+        raise ConvertError(str(exc)) from exc
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _quiet_transformers():
         try:
             with torch.device("meta"):
-                skeleton = (cls.from_config if cls is transformers.AutoModel else cls._from_config)(config, **kw)
+                skeleton = build_from_config(cls, config, **kw)
         except Exception as exc:  # noqa: BLE001 - any failure to build from the config is the config's
             raise ConvertError(f"cannot build {cls.__name__} from {path / 'config.json'}: {_first_line(exc)}") from exc
         expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
@@ -244,13 +238,13 @@ def _load_hf(path: Path, attn_implementation: str | None) -> Source:
     fp_files = ["config.json", *(f.name for f in files)]
     return Source(
         kind="hf", model=model, args=args, kwargs=kwargs, config=config, notes=notes,
-        description=f"{type(model).__name__} ({config.model_type}) from {path}",
+        description=f"{type(model).__name__} ({config.model_type}) from {path} ({why}; --model-class to choose)",
         info={"kind": "hf", "path": str(path.resolve()), "fingerprint": A.fingerprint(path, fp_files)},
     )  # fmt: skip
 
 
 def _load_factory(spec: str, weights: str | None) -> Source:
-    from attnopt.targets import TargetError, _from_factory
+    from attnopt.targets import _from_factory
 
     file = Path(spec.rpartition(":")[0]).resolve()
     try:
@@ -302,13 +296,14 @@ def _multi_fingerprint(files: list[tuple[Path, str]]) -> dict:
     return {"algorithm": "sha256", "files": parts, "digest": h.hexdigest()}
 
 
-def load_source(src: str, weights: str | None = None, attn_implementation: str | None = None) -> Source:
+def load_source(src: str, weights: str | None = None, attn_implementation: str | None = None,
+                model_class: str | None = None) -> Source:  # fmt: skip
     path = Path(os.path.expanduser(src))
     if path.is_dir():
         if weights is not None:
             raise ConvertError("--weights is for path/to/file.py:factory sources; a Hugging Face directory holds its "
                                "own weights")  # fmt: skip
-        return _load_hf(path, attn_implementation)
+        return _load_hf(path, attn_implementation, model_class)
     if ":" in src and src.rpartition(":")[0].endswith(".py"):
         return _load_factory(src, weights)
     if path.exists():
@@ -622,7 +617,7 @@ def _export_onnx(exported: Any, export_args: tuple, decisions: dict, path: Path,
 def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | None = None, inputs: Any = None,
             formats: Any = (), validate: bool = False, samples: int = 3, max_error: float | None = None,
             force: bool = False, attn_implementation: str | None = None, onnx_attention: str = "standard",
-            dynamic: bool = True, progress: bool = False) -> dict:  # fmt: skip
+            dynamic: bool = True, progress: bool = False, model_class: str | None = None) -> dict:  # fmt: skip
     """Converts ``src`` under ``policy`` into the artifact directory ``out``; returns the manifest.
 
     ``dynamic`` exports ``.pt2`` and ONNX with dynamic batch and sequence dims where the model allows it
@@ -637,13 +632,14 @@ def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | Non
     try:
         return _convert(src, policy, out, weights=weights, inputs=inputs, formats=formats, validate=validate,
                         samples=samples, max_error=max_error, force=force, attn_implementation=attn_implementation,
-                        onnx_attention=onnx_attention, dynamic=dynamic, progress=progress)  # fmt: skip
+                        onnx_attention=onnx_attention, dynamic=dynamic, progress=progress,
+                        model_class=model_class)  # fmt: skip
     except (I.InputSpecError, A.ArtifactError, E.ExportError) as exc:
         raise ConvertError(str(exc)) from exc
 
 
 def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, formats, validate, samples,
-             max_error, force, attn_implementation, onnx_attention, dynamic, progress) -> dict:  # fmt: skip
+             max_error, force, attn_implementation, onnx_attention, dynamic, progress, model_class) -> dict:  # fmt: skip
     import attnopt
     from attnopt import export as E
 
@@ -676,7 +672,7 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
         try:
             with Steps(n_steps, progress) as steps:
                 steps.step(f"load {src}")
-                source = load_source(src, weights, attn_implementation)
+                source = load_source(src, weights, attn_implementation, model_class)
                 if specs:
                     args, kwargs = I.make_inputs(specs, source.config)
                     if source.kind == "hf" and getattr(source.config, "use_cache", None) is not None:

@@ -51,6 +51,7 @@ from torch import nn
 
 from attnopt.api import AttnoptError, _dynamo_limits
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.naming import SiteNamer
 from attnopt.passes import PASSES, Context, run_pipeline
 from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, flat_module, infer_dims,
                                  input_names, name_onnx_values, program_dims, violation_reason)
@@ -94,7 +95,8 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict, validate: 
             f"exporting needs {type(model).__name__} captured as one graph, and dynamo could not: "
             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         ) from exc
-    ctx = Context(policy, example_inputs=_flat_inputs(gm, args, kwargs))
+    flat = _flat_inputs(gm, args, kwargs)
+    ctx = Context(policy, example_inputs=flat, name_of=SiteNamer(model).for_graph(gm, flat))
     passes = PASSES if validate else [p for p in PASSES if p[0] not in ("validate", "check-graph")]
     with torch.no_grad():
         if dynamic_shapes is None:

@@ -2,7 +2,7 @@
 
     import attnopt.hf                                   # registers "attnopt" with transformers
     attnopt.hf.use("exact")                             # the current policy (a setter) ...
-    with attnopt.hf.use(attnopt.Policy(default="exact", overrides={"layers.0.*": "keep"})):
+    with attnopt.hf.use(attnopt.Policy(default="exact", overrides={"model.layers.0.*": "keep"})):
         ...                                             # ... or a context manager restoring the previous one
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="attnopt")
 
@@ -16,10 +16,15 @@ layer's variant in the current policy and runs:
 * ``keep`` (or a call attnopt's kernel cannot serve: ``output_attentions``, paged caches): transformers'
   own SDPA function, or the model's eager function where SDPA cannot run it (softcap, attention weights).
 
-Site names: :func:`name_sites` tags every attention module of a model with its dotted path (the name
-attnopt's graph passes use, e.g. ``layers.0.self_attn``); untagged modules are named
-``<ClassName>.<layer_idx>``. ``from_pretrained``/``from_config`` models built while this module is imported
-are not tagged automatically: call ``attnopt.hf.name_sites(model)`` to use path globs in a policy.
+Site names are module paths relative to the model, as everywhere in attnopt (``model.layers.0.self_attn``
+for a ``LlamaForCausalLM``, ``layers.0.self_attn`` for a ``LlamaModel``; ``model.get_submodule(name)`` is
+the layer). They are found automatically at a model's first call: the first attention layer that
+runs looks up the outermost transformers model on the call stack holding it and tags every attention
+module of that model (:func:`name_sites`, which can also be called directly). At that moment, and
+whenever the policy changes, a policy glob matching none of the model's site names is an error. Under
+``torch.compile`` an untagged layer is named by a graph break on its first trace when the policy has
+overrides; ``torch.export`` cannot break the graph, so call ``attnopt.hf.name_sites(model)`` before
+exporting a model whose policy has overrides.
 
 The current policy lives in one explicit holder, :data:`CURRENT` (read it with :func:`current_policy`);
 there is no other module-level mutable state. A module built with ``attn_implementation="attnopt"`` can be
@@ -48,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 NAME = "attnopt"
 SITE_ATTR = "_attnopt_site_name"
+NAMES_ATTR = "_attnopt_model_sites"  # on each tagged module: every site name of its model (one shared tuple)
 
 
 class _PolicyHolder:
@@ -55,6 +61,7 @@ class _PolicyHolder:
 
     def __init__(self) -> None:
         self.policy: Policy = as_policy("exact")
+        self.checked: set[tuple[Policy, tuple[str, ...]]] = set()  # (policy, a model's site names) whose globs match
 
 
 CURRENT = _PolicyHolder()
@@ -98,14 +105,13 @@ def register() -> None:
 
 
 def name_sites(model: torch.nn.Module, prefix: str = "") -> list[str]:
-    """Tags every attention module of ``model`` with its dotted path; returns the names tagged."""
-    names = []
-    for path, module in model.named_modules():
-        if path and _looks_like_attention(module):
-            name = f"{prefix}{path}"
-            object.__setattr__(module, SITE_ATTR, name)
-            names.append(name)
-    return names
+    """Tags every attention module of ``model`` with its module path (``prefix`` first); returns the names."""
+    modules = [(f"{prefix}{path}", m) for path, m in model.named_modules() if path and _looks_like_attention(m)]
+    names = tuple(name for name, _ in modules)
+    for name, module in modules:
+        object.__setattr__(module, SITE_ATTR, name)
+        object.__setattr__(module, NAMES_ATTR, names)
+    return list(names)
 
 
 def _looks_like_attention(module: torch.nn.Module) -> bool:
@@ -114,12 +120,53 @@ def _looks_like_attention(module: torch.nn.Module) -> bool:
         hasattr(module, "config")  # fmt: skip
 
 
+def _owning_model(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The outermost transformers model on the Python call stack that holds ``module`` (None outside one)."""
+    from transformers import PreTrainedModel
+
+    found, frame = None, sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, PreTrainedModel) and owner is not found and any(m is module for m in owner.modules()):
+            found = owner
+        frame = frame.f_back
+    return found
+
+
+@torch.compiler.disable
+def _name_from_owner(module: torch.nn.Module) -> str | None:
+    """Tags the attention modules of ``module``'s model and returns its name (None outside a model). Always
+    runs eagerly: under ``torch.compile`` the call is a graph break, and the recompiled graph reads the tag."""
+    root = _owning_model(module)
+    if root is None:
+        return None
+    name_sites(root)
+    return getattr(module, SITE_ATTR, None)
+
+
 def site_name(module: torch.nn.Module) -> str:
+    """``module``'s site name: its module path in the model that runs it (tagging that model's attention
+    modules on first use), else ``<ClassName>.<layer_idx>`` for a layer called outside any model."""
     name = getattr(module, SITE_ATTR, None)
+    # a traced call needs the name only to pick an override (torch.export cannot break the graph for it)
+    if name is None and (CURRENT.policy.overrides or not torch.compiler.is_compiling()):
+        name = _name_from_owner(module)
     if name is not None:
         return name
     idx = getattr(module, "layer_idx", None)
     return type(module).__name__ if idx is None else f"{type(module).__name__}.{idx}"
+
+
+def _check_globs(module: torch.nn.Module) -> None:
+    """A glob of the current policy matching none of the site names of ``module``'s model is an error."""
+    policy, names = CURRENT.policy, getattr(module, NAMES_ATTR, None)
+    if not policy.overrides or names is None or torch.compiler.is_compiling() or (policy, names) in CURRENT.checked:
+        return
+    unmatched = policy.unmatched_globs(list(names))
+    if unmatched:
+        raise ValueError(f"policy override glob(s) {unmatched} match no attention layer of this model; its sites "
+                         f"are {list(names)} (module paths from the model you loaded)")  # fmt: skip
+    CURRENT.checked.add((policy, names))
 
 
 def _model_eager(module: torch.nn.Module):
@@ -155,7 +202,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                       **kwargs: Any) -> tuple[torch.Tensor, None]:  # fmt: skip
     """transformers' attention-function signature; q [B, Hq, Sq, D], k/v [B, Hkv, Sk, D] -> ([B, Sq, Hq, Dv], None)."""
-    variant = CURRENT.policy.for_site(site_name(module))
+    name = site_name(module)
+    _check_globs(module)
+    variant = CURRENT.policy.for_site(name)
     unsupported = kwargs.get("output_attentions", False) or kwargs.get("cache") is not None
     if isinstance(variant, Keep) or unsupported:
         return _fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)

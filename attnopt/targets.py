@@ -25,7 +25,37 @@ class Target:
     config: object = None
 
 
-def _from_hf_dir(path: Path, attn_implementation: str | None) -> Target:
+def hf_model_class(config: object, choice: str | None = None) -> tuple[type, str]:
+    """The transformers class ``attnopt inspect`` and ``attnopt convert`` build from ``config``, and why.
+
+    ``choice``: None or ``"auto"`` (the class in config.json's ``architectures``, the one the checkpoint
+    was saved from; ``AutoModel``'s base class when it names none), ``"base"`` (``AutoModel``: the model
+    without its task head) or a transformers class name (``LlamaForCausalLM``)."""
+    import transformers
+
+    if choice in (None, "auto"):
+        for name in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, name, None)
+            if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+                return cls, "the class config.json's architectures names"
+        return transformers.AutoModel, "config.json names no architecture"
+    if choice == "base":
+        return transformers.AutoModel, "--model-class base"
+    cls = getattr(transformers, choice, None)
+    if not (isinstance(cls, type) and hasattr(cls, "from_pretrained")):
+        raise TargetError(f"--model-class {choice}: transformers has no model class of that name; use auto, base "
+                          "or a class name such as LlamaForCausalLM")  # fmt: skip
+    return cls, f"--model-class {choice}"
+
+
+def build_from_config(cls: type, config: object, **kw: object) -> torch.nn.Module:
+    """A randomly initialized ``cls`` (a transformers model class or ``AutoModel``) for ``config``."""
+    import transformers
+
+    return (cls.from_config if cls is transformers.AutoModel else cls._from_config)(config, **kw)
+
+
+def _from_hf_dir(path: Path, attn_implementation: str | None, model_class: str | None = None) -> Target:
     if not (path / "config.json").is_file():
         raise TargetError(f"{path} is a directory but has no config.json: not a Hugging Face model directory")
     try:
@@ -37,18 +67,20 @@ def _from_hf_dir(path: Path, attn_implementation: str | None) -> Target:
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+        cls, why = hf_model_class(config, model_class)
         has_weights = any((path / f).is_file() for f in WEIGHT_FILES)
         if has_weights:
-            model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, **kw)
+            model = cls.from_pretrained(str(path), local_files_only=True, **kw)
             how = "weights from the directory"
         else:
-            model = transformers.AutoModel.from_config(config, **kw)
+            model = build_from_config(cls, config, **kw)
             how = "random weights (no weights in the directory)"
     except (OSError, ValueError, KeyError) as exc:
         raise TargetError(f"could not build a model from {path}: {exc}") from exc
     model.eval()
     args, kwargs = example_inputs(config)
-    return Target(model, args, kwargs, f"{type(model).__name__} ({config.model_type}) from {path}, {how}", config)
+    return Target(model, args, kwargs, f"built {type(model).__name__} ({config.model_type}) from {path}, {how} ({why}; "
+                  "--model-class to choose)", config)  # fmt: skip
 
 
 def _from_factory(spec: str) -> Target:
@@ -74,11 +106,11 @@ def _from_factory(spec: str) -> Target:
     return Target(model, args, kwargs, f"{type(model).__name__} from {spec}")
 
 
-def load_target(target: str, attn_implementation: str | None = None) -> Target:
-    """The model and example inputs named by ``target``."""
+def load_target(target: str, attn_implementation: str | None = None, model_class: str | None = None) -> Target:
+    """The model and example inputs named by ``target`` (``model_class``: see :func:`hf_model_class`)."""
     path = Path(os.path.expanduser(target))
     if path.is_dir():
-        return _from_hf_dir(path, attn_implementation)
+        return _from_hf_dir(path, attn_implementation, model_class)
     if ":" in target and target.rpartition(":")[0].endswith(".py"):
         return _from_factory(target)
     if path.exists():

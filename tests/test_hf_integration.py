@@ -98,13 +98,41 @@ def test_per_layer_policy_and_keep_fallback():
     assert counter.calls == 0
 
 
-def test_unnamed_modules_and_attention_weights_fall_back():
+def test_layers_are_named_by_module_path_on_the_first_call():
+    """No name_sites call: the first eager call names every layer by its path in the model the user holds."""
     ours, eager = _pair("llama")
-    assert attnopt.hf.site_name(ours.model.layers[1].self_attn) == "LlamaAttention.1"
-    with attnopt.hf.use(attnopt.Policy(default="keep", overrides={"LlamaAttention.1": "exact"})), \
+    causal = transformers.LlamaForCausalLM(ours.model.config).eval()
+    layer = causal.model.layers[1].self_attn
+    assert attnopt.hf.site_name(layer) == "LlamaAttention.1"  # outside any model call: no owner to ask
+    with attnopt.hf.use(attnopt.Policy(default="keep", overrides={"model.layers.1.*": "exact"})), \
             CountAttnopt() as counter:  # fmt: skip
-        _outputs(ours)
+        with torch.no_grad():
+            causal(*ours.args, **ours.kwargs)
     assert counter.calls == 1
+    assert attnopt.hf.site_name(layer) == "model.layers.1.self_attn"
+    assert causal.get_submodule(attnopt.hf.site_name(layer)) is layer
+    with attnopt.hf.use(attnopt.Policy(default="keep", overrides={"layers.1.*": "exact"})), \
+            CountAttnopt() as counter:  # fmt: skip
+        _outputs(ours)  # the base model's own paths
+    assert counter.calls == 1
+    assert attnopt.hf.site_name(ours.model.layers[1].self_attn) == "layers.1.self_attn"
+
+
+def test_layers_traced_by_torch_compile_are_named_too():
+    torch._dynamo.reset()
+    ours, eager = _pair("llama")
+    with attnopt.hf.use(attnopt.Policy(overrides={"layers.0.*": "keep"})), torch.no_grad():
+        got = torch.compile(ours.model, backend="eager")(*ours.args, **ours.kwargs).last_hidden_state
+    assert [attnopt.hf.site_name(layer.self_attn) for layer in ours.model.layers] == ["layers.0.self_attn",
+                                                                                      "layers.1.self_attn"]
+    torch.testing.assert_close(got, _outputs(eager)[0], rtol=1e-5, atol=2e-5)
+
+
+def test_a_glob_matching_no_layer_is_an_error():
+    ours, _ = _pair("llama")
+    with attnopt.hf.use(attnopt.Policy(overrides={"LlamaAttention.1": "keep"})):
+        with pytest.raises(ValueError, match=r"\['LlamaAttention\.1'\] match no attention layer.*layers\.0\.self_attn"):
+            _outputs(ours)
 
 
 def test_torch_export_keeps_attnopt_ops():

@@ -56,6 +56,7 @@ class Context:
     chosen: dict[str, AttentionMatch] = field(default_factory=dict)  # site name -> match to rewrite
     variants: dict[str, Any] = field(default_factory=dict)  # site name -> variant, for non-exact variants
     original: GraphModule | None = None
+    name_of: Callable[[Node], str] | None = None  # a node's site name (default: its frame-relative module path)
     log: list[tuple[str, bool, str]] = field(default_factory=list)
 
 
@@ -69,7 +70,7 @@ def dead_code(gm: GraphModule, ctx: Context) -> PassResult:
 
 
 def detect_sites(gm: GraphModule, ctx: Context) -> PassResult:
-    ctx.detections = detect(gm)
+    ctx.detections = detect(gm) if ctx.name_of is None else detect(gm, ctx.name_of)
     for d in ctx.detections:
         if d.match is None:
             ctx.misses.append(Miss(d.name, ctx.graph_index, d.anchor.name, d.reason or "not attention"))

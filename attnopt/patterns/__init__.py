@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 import networkx as nx
 from torch.fx import GraphModule, Node
@@ -26,20 +27,27 @@ class Detection:
     reason: str | None  # why it is a miss (match is None) or must be kept (match.escape)
 
 
-_DYNAMO_ROOT = re.compile(r"^(L\['(self|fn|mod|model|module)'\]|L__(self|fn)__|self|fn)\.?")
+# What a frame calls its inputs: L['self'], L['args'][0], L['kwargs']['model'], L__self__, self, fn.
+_FRAME_INPUT = re.compile(r"^(L(\[[^\]]+\])+|L__\w+?__|self|fn)(?=\.|$)")
+
+
+def normalize_source(source: str) -> str:
+    """A dynamo source as a dotted path: ``._modules['a'][0]`` and ``.__dict__['_modules']['a']`` -> ``.a.0``."""
+    path = re.sub(r"\[(\d+)\]", r".\1", source)
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\.(?:__dict__\.)?_(?:modules|parameters|buffers)(?=\.)", "", path)
+    return path.strip(".")
 
 
 def module_path(node: Node) -> str:
-    """The dotted path of the innermost module that ``node`` was traced in ("" for the top level)."""
+    """The dotted path, relative to its frame's input, of the innermost module ``node`` was traced in ("" at
+    the frame's top). Detection's default naming; entry points that know the model name by module identity
+    (:mod:`attnopt.naming`)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    path = _DYNAMO_ROOT.sub("", str(path))
-    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    path = re.sub(r"\['([^']+)'\]", r".\1", path)
-    return path.strip(".")
+    path = str(list(stack.values())[-1][0])
+    return normalize_source(_FRAME_INPUT.sub("", path))
 
 
 def dataflow(gm: GraphModule) -> nx.DiGraph:
@@ -54,7 +62,8 @@ def dataflow(gm: GraphModule) -> nx.DiGraph:
     return dag
 
 
-def detect(gm: GraphModule) -> list[Detection]:
+def detect(gm: GraphModule, name_of: Callable[[Node], str] = module_path) -> list[Detection]:
+    """Every candidate of ``gm``, named by ``name_of(anchor)`` ("" is ``<top>``; repeats get ``#1``, ``#2``)."""
     dag = dataflow(gm)
     found: list[Detection] = []
     for node in gm.graph.nodes:
@@ -75,7 +84,7 @@ def detect(gm: GraphModule) -> list[Detection]:
             m, reason = None, f"attnopt could not analyze this site ({type(exc).__name__}: {exc}); please report it"
         if m is not None and m.escape:
             reason = m.escape
-        found.append(Detection(module_path(node) or "<top>", node, m, reason))
+        found.append(Detection(name_of(node) or "<top>", node, m, reason))
     counts: dict[str, int] = {}
     for d in found:
         counts[d.name] = counts.get(d.name, 0) + 1
@@ -87,4 +96,4 @@ def detect(gm: GraphModule) -> list[Detection]:
     return found
 
 
-__all__ = ["Detection", "detect", "module_path"]
+__all__ = ["Detection", "detect", "module_path", "normalize_source"]
