@@ -252,10 +252,10 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
 def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> Any:
     """transformers' ``generate`` on a Hugging Face decoder whose attention sites ``attnopt.Linear`` rewrote,
     through their recurrent states: the prompt once, then one token per step, no KV cache
-    (:func:`attnopt.kernels.linear.decode.generate`; a site that would need a KV cache is refused by name)."""
-    from attnopt.kernels.linear import decode
+    (:func:`attnopt.generation.generate`; a site that would need a KV cache is refused by name)."""
+    from attnopt import generation
 
-    return decode.generate(model, input_ids, **generate_kwargs)
+    return generation.generate(model, input_ids, **generate_kwargs)
 
 
 def report(module: nn.Module) -> Report:

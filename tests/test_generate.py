@@ -8,7 +8,7 @@ import transformers
 from torch.profiler import profile
 
 import attnopt
-from attnopt import zoo
+from attnopt import generation, zoo
 
 PROMPT, NEW = 7, 5
 
@@ -51,7 +51,7 @@ def test_linear_generate_goes_through_the_recurrent_states():
     opt = attnopt.optimize(model, attnopt.Linear(causal=True), kwargs=dict(input_ids=ids, use_cache=False))
     out = opt.generate(ids, max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, attnopt.generate(opt, ids, max_new_tokens=NEW, do_sample=False))
-    assert type(out.past_key_values).__name__ == "RecurrentSession"  # no KV cache was built
+    assert type(out[generation.cache_keyword(model)]).__name__ == "RecurrentCache"  # no KV cache was built
 
 
 def test_generate_on_a_model_without_one_names_the_fix():

@@ -7,7 +7,7 @@ import torch
 import transformers
 
 import attnopt
-from attnopt import zoo
+from attnopt import generation, zoo
 from attnopt.kernels.linear import decode
 
 from conftest import rel_err
@@ -41,6 +41,7 @@ def _teacher_forced(opt, sequences: torch.Tensor, mask: torch.Tensor) -> torch.T
         return opt(input_ids=seq, attention_mask=full, position_ids=pos, use_cache=False).logits[:, PROMPT - 1:]
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache goes under the name this transformers expects
 @pytest.mark.parametrize("name, sample", [("llama", False), ("gpt2", True)])
 def test_generate_runs_through_the_recurrent_states_and_equals_the_chunked_path(name, sample):
     ids, mask = _prompt(padded=sample)  # sampling runs on a left-padded batch: padded keys stay out of the states
@@ -52,8 +53,8 @@ def test_generate_runs_through_the_recurrent_states_and_equals_the_chunked_path(
     out = attnopt.generate(opt, ids, attention_mask=mask, max_new_tokens=6, return_dict_in_generate=True,
                            output_logits=True, **options)  # fmt: skip
     assert out.sequences.shape == (2, PROMPT + 6)
-    session = out.past_key_values
-    assert isinstance(session, decode.RecurrentSession) and sorted(session.states) == sorted(sites)
+    session = out[generation.cache_keyword(opt.module)]
+    assert isinstance(session, generation.RecurrentCache) and sorted(session.states) == sorted(sites)
     assert session.length == PROMPT + 5  # the prompt once, then each token but the last fed alone
     state, norm = session.states[sites[0]]
     assert state.shape == (2, 4, 16, 16) and norm.shape == (2, 4, 16)  # O(D²) per head, whatever the length
@@ -118,3 +119,26 @@ def test_advance_reruns_a_call_that_compiled_and_checks_every_site_ran_once():
         session.advance(lambda: _site(session, q[:, :, :1]), 1, lambda: graphs[0], ["site", "other"])
     with pytest.raises(RuntimeError, match=r"ran \{'site': 2\} times"):
         session.advance(lambda: (_site(session, q), _site(session, q)), 5, lambda: graphs[0], ["site"])
+
+
+def test_the_recurrent_cache_answers_what_generate_and_the_mask_builders_ask_of_a_cache():
+    cache = generation.RecurrentCache(["b", "a"])
+    assert isinstance(cache, transformers.cache_utils.Cache) and isinstance(cache, decode.RecurrentSession)
+    assert (cache.batch_size, cache.is_initialized, cache.get_seq_length()) == (-1, False, 0)
+    q = torch.rand(3, 2, 5, 4)
+    cache.advance(lambda: (_site(cache, q, "a"), _site(cache, q, "b")), 5, lambda: 0, ["a", "b"])
+    assert (cache.get_seq_length(1), cache.get_query_offset(1), cache.batch_size) == (5, 5, 3) and cache.is_initialized
+    assert cache.get_mask_sizes(2, 0) == (7, 0) and cache.get_mask_sizes(torch.arange(5, 7), 0) == (7, 0)  # 5.x, 4.x
+    assert cache.is_linear == [True, True] and cache.is_sliding == [False, False] and cache.get_max_length() == -1
+    assert not cache.is_compileable and not cache.is_croppable
+    with pytest.raises(ValueError, match="recurrent states cannot be cropped"):
+        cache.crop(2)
+
+    state = cache.states["a"][0]
+    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert torch.equal(cache.states["a"][0], state[[2, 0, 1]])
+    cache.batch_select_indices(torch.tensor([1]))
+    cache.batch_repeat_interleave(2)
+    assert torch.equal(cache.states["a"][0], state[[0, 0]]) and cache.states["b"][1].shape == (2, 2, 4)
+    cache.reset()
+    assert (cache.states, cache.get_seq_length()) == ({}, 0)
