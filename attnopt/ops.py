@@ -40,6 +40,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
+    check_mask_dtype(attn_mask)
+
+
+def check_mask_dtype(attn_mask: Optional[Tensor]) -> None:
+    """Refuse a mask that is neither bool nor floating point (as SDPA does): an int 0/1 mask read as additive
+    would shift the scores by 0 or 1 and mask nothing."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(
+            f"attn_mask has dtype {attn_mask.dtype}; attention takes a bool mask (True = attend) or a floating-point "
+            "additive mask (0 = attend, -inf = masked), as SDPA does. For a 0/1 keep-mask (a Hugging Face "
+            "attention_mask) pass attn_mask.bool(); for additive values pass a float mask"
+        )
 
 
 def _key_padding(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
