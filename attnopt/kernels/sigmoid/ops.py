@@ -26,7 +26,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None
         raise ValueError(f"sigmoid attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or len({q.shape[0], k.shape[0], v.shape[0]}) != 1:
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
