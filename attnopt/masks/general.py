@@ -143,8 +143,8 @@ class MaskMod(Mask):
 
     The callable must be a pure function of its arguments. It is evaluated tile by tile as FlexAttention
     evaluates it: per element, through ``torch.vmap`` (each call sees 0-d int64 index tensors, so
-    ``starts[doc[q_idx]] <= kv_idx`` works). A callable vmap cannot run (``.item()``, Python control flow
-    on an index) is called once on the broadcast index tensors instead.
+    ``start, end = intervals[doc[q_idx]]`` works). A callable vmap cannot run (a NumPy round trip, an op
+    without a batching rule) is called once on the broadcast index tensors instead.
 
     Whether it depends on the batch row ``b`` or the head ``h`` is whether its result flows from that
     index under vmap (without vmap: whether a call with ``b`` as ``[B, 1, 1, 1]`` and ``h`` as
