@@ -12,7 +12,7 @@ from attnopt.backend import Backend
 from attnopt.cost import annotate
 from attnopt.errors import AttnoptError, GraphDeviationError
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.ops import new_seed
+from attnopt.ops import check_mask_dtype, new_seed
 from attnopt.passes import deviation
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
@@ -270,13 +270,15 @@ def attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | N
     """attnopt's kernels called directly, with SDPA's layout and semantics.
 
     q [..., Hq, Sq, D], k [..., Hkv, Sk, D], v [..., Hkv, Sk, Dv] (Hq % Hkv == 0: GQA needs no repeat);
-    ``attn_mask`` boolean (True = attend) or additive; ``is_causal`` is SDPA's (top-left aligned).
+    ``attn_mask`` boolean (True = attend) or floating-point additive (an integer mask is refused, as by SDPA:
+    ``attn_mask.bool()`` makes a 0/1 keep-mask boolean); ``is_causal`` is SDPA's (top-left aligned).
     """
     if variant is not None and not isinstance(as_policy(variant).default, Exact):
         raise NotImplementedError(
             f"attnopt.attention runs exact attention only, not {variant!r}; apply other variants to a model with "
             "attnopt.optimize(model, policy)"
         )
+    check_mask_dtype(attn_mask)
     if is_causal and attn_mask is not None:
         raise ValueError("attnopt.attention: pass either attn_mask or is_causal=True, not both (as SDPA)")
     if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from attnopt.kernels.exact import dispatch, reference
+from attnopt.kernels.layout import contiguous, empty
 
 _NAMESPACE = "attnopt"
 
@@ -39,6 +40,18 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
+    check_mask_dtype(attn_mask)
+
+
+def check_mask_dtype(attn_mask: Optional[Tensor]) -> None:
+    """Refuse a mask that is neither bool nor floating point (as SDPA does): an int 0/1 mask read as additive
+    would shift the scores by 0 or 1 and mask nothing."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise ValueError(
+            f"attn_mask has dtype {attn_mask.dtype}; attention takes a bool mask (True = attend) or a floating-point "
+            "additive mask (0 = attend, -inf = masked), as SDPA does. For a 0/1 keep-mask (a Hugging Face "
+            "attention_mask) pass attn_mask.bool(); for additive values pass a float mask"
+        )
 
 
 def _key_padding(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
@@ -67,8 +80,7 @@ def attention_fwd(
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, attn_mask)
     dispatch.note(dispatch.Decision(dispatch.REFERENCE))
-    out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
-    return out, lse.contiguous()
+    return contiguous(*reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
 
 
 @attention_fwd.register_fake
@@ -76,7 +88,7 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     b, hq, sq, _ = q.shape
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return q.new_empty(b, hq, sq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=lse_dtype)
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), lse_dtype)
 
 
 @attention_fwd.register_kernel("cuda")
@@ -84,21 +96,20 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     if q.dtype == torch.float64:
         # The generated kernels take fp16, bf16 and fp32; fp64 runs the reference on the GPU.
-        out, lse = reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
-        return out, lse.contiguous()
+        return contiguous(*reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
     from attnopt.kernels.exact import triton_impl
 
     decision = dispatch.choose(q, k, v, attn_mask, causal, scale, dropout_p, softcap)
     if decision.backend in dispatch.SDPA_BACKENDS:
         try:
-            return dispatch.sdpa_forward(decision.backend, q, k, v, attn_mask, causal, scale)
+            return contiguous(*dispatch.sdpa_forward(decision.backend, q, k, v, attn_mask, causal, scale))
         except RuntimeError:
             pass  # a shape of the bucket this backend refuses (alignment, head dim): attnopt's kernel runs it
     attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     # Dropout draws its mask with the kernels' Philox generator: a different mask than the CPU reference's for
     # the same seed, replayed exactly by the CUDA backward.
-    return triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p, seed=seed,
-                               kv_lens=kv_lens)
+    return contiguous(*triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
+                                           seed=seed, kv_lens=kv_lens))
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
@@ -121,7 +132,7 @@ def attention_bwd(
     dq, dk, dv, dmask = reference.attention_backward(
         dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
     )
-    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+    return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
 
 
 @attention_bwd.register_kernel("cuda")
@@ -130,7 +141,7 @@ def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_g
         dq, dk, dv, dmask = reference.attention_backward(
             dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
         )
-        return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+        return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
     from attnopt.kernels.exact import triton_impl
 
     kv_lens = None
@@ -138,13 +149,13 @@ def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_g
         attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     g = triton_impl.backward(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
                              seed=seed, mask_grad=mask_grad, kv_lens=kv_lens)
-    return g.dq, g.dk, g.dv, g.dmask if g.dmask is not None else q.new_empty(0)
+    return contiguous(g.dq, g.dk, g.dv, g.dmask if g.dmask is not None else q.new_empty(0))
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
-    dmask = torch.empty_like(attn_mask) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    dmask = empty(attn_mask) if mask_grad else q.new_empty(0)
+    return empty(q), empty(k), empty(v), dmask
 
 
 def _setup_context(ctx, inputs, output):

@@ -53,6 +53,28 @@ def test_feature_maps_and_lightning_schedule():
         lightning_log_decay(4, 4, 4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_elu_feature_stays_positive_in_low_precision(dtype):
+    """elu(x) + 1 in bf16/fp16 cancelled to exactly 0 for x < -5.5: zero features, a zero output (issue 12)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (-6.0 - 4.0 * torch.rand(1, 2, 8, 4, generator=g) for _ in range(2))  # in [-10, -6]
+    v = torch.randn(1, 2, 8, 3, generator=g)
+    fq, fk = feature_map(q.to(dtype), "elu"), feature_map(k.to(dtype), "elu")
+    assert fq.dtype == dtype and bool((fq > 0).all()) and bool((fk > 0).all())
+    torch.testing.assert_close(fq.float(), torch.exp(q.to(dtype).float()), rtol=1e-2, atol=0)
+    # scale 1e4 keeps eps negligible next to the tiny features' denominators
+    got = torch.ops.attnopt.linear_attention(fq, fk, v.to(dtype), None, True, True, 1e4, 1e-6, None, None)[0]
+    want, _, _ = reference.linear_attention(feature_map(q, "elu"), feature_map(k, "elu"), v, None, True, True, 1e4)
+    assert bool(got.isfinite().all())
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_elu_feature_gradient_is_finite_where_exp_would_overflow():
+    x = torch.tensor([-9.0, -1.0, 0.0, 2.0, 60000.0], dtype=torch.float16, requires_grad=True)
+    feature_map(x, "elu").sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(x > 0, 1.0, torch.exp(x.detach().float())).half())
+
+
 def test_quadratic_form_by_hand():
     """One head, two positions, no decay: out_1 = (q1·k0 v0 + q1·k1 v1) / (q1·k0 + q1·k1 + eps)."""
     q, k, v = features(b=1, hq=1, hkv=1, sq=2, d=3, dv=2)

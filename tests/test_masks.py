@@ -335,3 +335,61 @@ def test_tile_must_divide_the_grid():
         M.Neighborhood(3, grid=(6, 6), tile=(4, 4))
     with pytest.raises(ValueError, match="needs a tile shape"):
         M.Neighborhood(3, grid=(6, 6), order="tiled")
+
+
+# --- mask_mods evaluated per element, as FlexAttention does (issue 12, finding 9) -------------------------
+# Per-document [start, end) intervals, looked up through the query's document and unpacked as one row: a
+# FlexAttention idiom that only works on 0-d indices (on broadcast index tensors the unpacking fails).
+_INTERVALS = torch.tensor([[0, 5], [5, 12], [12, 20], [20, 24]])
+_DOC = torch.repeat_interleave(torch.arange(4), _INTERVALS[:, 1] - _INTERVALS[:, 0])  # [24] document of a token
+_ROW_INTERVALS = torch.stack([_INTERVALS, torch.tensor([[0, 8], [8, 12], [12, 16], [16, 24]])])  # [B=2, 4, 2]
+_HEAD_WINDOW = torch.tensor([3, 100, 6, 100])  # per head
+
+
+def _same_doc_causal(b, h, q_idx, kv_idx):
+    start, end = _INTERVALS[_DOC[q_idx]]
+    return (start <= kv_idx) & (kv_idx < end) & (kv_idx <= q_idx)
+
+
+def _row_doc_head_window(b, h, q_idx, kv_idx):
+    start, _ = _ROW_INTERVALS[b, _DOC[q_idx]]
+    return (start <= kv_idx) & (kv_idx <= q_idx) & (q_idx - kv_idx < _HEAD_WINDOW[h])
+
+
+def test_mask_mod_indexing_by_query_is_evaluated_per_element():
+    from torch.nn.attention.flex_attention import create_mask
+
+    mask = M.from_mask_mod(_same_doc_causal)
+    want = create_mask(_same_doc_causal, 1, 1, 24, 24, device="cpu")[0]
+    assert torch.equal(mask.dense(24, 24), want)
+    assert (mask.heads_of(4), mask.batch_dependent(2)) == (1, False)
+    check_block_map(mask, 24, 24, 4, 8)
+
+
+def test_mask_mod_per_element_keeps_batch_and_head_dependence():
+    from torch.nn.attention.flex_attention import create_mask
+
+    mask = M.from_mask_mod(_row_doc_head_window)
+    assert (mask.heads_of(4), mask.batch_dependent(2)) == (4, True)
+    want = create_mask(_row_doc_head_window, 2, 4, 24, 24, device="cpu")  # [B, H, Sq, Sk]
+    for b in range(2):
+        assert torch.equal(mask.at_batch(b).dense(24, 24, heads=4), want[b])
+        check_block_map(mask.at_batch(b), 24, 24, 8, 4, heads=4)
+
+
+def test_mask_mod_that_vmap_cannot_run_is_called_on_broadcast_indices():
+    """``.numpy()`` has no vmap rule: the callable runs once on the broadcast index tensors (the former way)."""
+
+    def through_numpy(b, h, q_idx, kv_idx):
+        return torch.from_numpy((kv_idx <= q_idx).numpy()) & (h == 1)
+
+    mask = M.from_mask_mod(through_numpy)
+    assert (mask.heads_of(4), mask.batch_dependent(2)) == (4, False)
+    assert torch.equal(mask.dense(6, 6, heads=4)[1], torch.ones(6, 6, dtype=torch.bool).tril())
+    assert not mask.dense(6, 6, heads=4)[0].any()
+
+
+def test_mask_mod_failing_both_ways_names_the_fix():
+    mask = M.from_mask_mod(lambda b, h, q_idx, kv_idx: int(q_idx) <= kv_idx)
+    with pytest.raises(TypeError, match="per element through torch.vmap.*broadcast index tensors.*0-d"):
+        mask.dense(4, 4)

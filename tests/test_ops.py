@@ -109,6 +109,19 @@ def test_bad_input_errors(bad, match):
         bad(q, k, v)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
+def test_integer_mask_is_refused_like_sdpa(dtype):
+    """A Hugging Face style 0/1 mask read as additive would mask nothing (issue 12, finding 4)."""
+    q, k, v = _qkv(dtype=torch.float32)
+    keep = torch.ones(1, 1, 7, 7, dtype=dtype).tril()
+    with pytest.raises(ValueError, match=rf"{dtype}.*attn_mask\.bool\(\).*float mask"):
+        attnopt.attention(q, k, v, attn_mask=keep)
+    with pytest.raises(ValueError, match=r"attn_mask\.bool\(\)"):
+        torch.ops.attnopt.attention(q, k, v, keep, 0.0, 0, 0.5, None)
+    torch.testing.assert_close(attnopt.attention(q, k, v, attn_mask=keep.bool()),
+                               F.scaled_dot_product_attention(q, k, v, attn_mask=keep.bool()))
+
+
 def test_direct_call_is_exact_only():
     q, k, v = _qkv()
     with pytest.raises(NotImplementedError, match="exact attention only.*attnopt.optimize"):

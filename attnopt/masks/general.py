@@ -141,12 +141,17 @@ class BlockSparse(Mask):
 class MaskMod(Mask):
     """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool`` as a mask (see :func:`from_mask_mod`).
 
-    The callable is evaluated on broadcastable int64 tensors, tile by tile, and must be a pure function
-    of its arguments. Whether it depends on the batch row ``b`` or the head ``h`` is found by one call
-    with ``b`` as ``[B, 1, 1, 1]`` and ``h`` as ``[1, H, 1, 1]``: a dimension its result keeps is one it
-    depends on. Head-dependent masks get one block map per head; batch-dependent ones run one batch row
-    at a time, each with the mask bound to its row (:meth:`at_batch`; ``batch`` is that row, None: row 0).
-    ``heads`` declares the heads it distinguishes (None: found by that call).
+    The callable must be a pure function of its arguments. It is evaluated tile by tile as FlexAttention
+    evaluates it: per element, through ``torch.vmap`` (each call sees 0-d int64 index tensors, so
+    ``start, end = intervals[doc[q_idx]]`` works). A callable vmap cannot run (a NumPy round trip, an op
+    without a batching rule) is called once on the broadcast index tensors instead.
+
+    Whether it depends on the batch row ``b`` or the head ``h`` is whether its result flows from that
+    index under vmap (without vmap: whether a call with ``b`` as ``[B, 1, 1, 1]`` and ``h`` as
+    ``[1, H, 1, 1]`` keeps that dimension). Head-dependent masks get one block map per head;
+    batch-dependent ones run one batch row at a time, each with the mask bound to its row
+    (:meth:`at_batch`; ``batch`` is that row, None: row 0). ``heads`` declares the heads it distinguishes
+    (None: found by that test).
     """
 
     fn: Callable
@@ -196,12 +201,28 @@ class MaskMod(Mask):
         if self.heads is not None and self.heads not in (1, heads):
             raise ValueError(f"mask_mod {self.name} was declared for {self.heads} heads; the attention has {heads}")
 
-    def _call(self, b, h, q, k) -> torch.Tensor:
-        out = self.fn(b, h, q, k)
+    def _call(self, b, h, q, k, per_element: bool = True) -> torch.Tensor:
+        """The callable on broadcastable index tensors: per element through vmap (the result has the broadcast
+        shape), else (or with ``per_element`` False) in one call on the tensors themselves."""
+        if per_element:
+            try:
+                out = _per_element(self.fn, (b, h, q, k))
+            except Exception as vmap_error:  # not vmap-able: evaluated on the broadcast tensors instead
+                out = self._broadcast_call(b, h, q, k, vmap_error)
+        else:
+            out = self.fn(b, h, q, k)
         if not isinstance(out, torch.Tensor) or out.dtype != torch.bool:
             raise TypeError(f"mask_mod {self.name} must return a bool tensor; got {type(out).__name__}"
                             f"{'' if not isinstance(out, torch.Tensor) else ' of ' + str(out.dtype)}")  # fmt: skip
         return out
+
+    def _broadcast_call(self, b, h, q, k, vmap_error: Exception):
+        try:
+            return self.fn(b, h, q, k)
+        except Exception as exc:
+            raise TypeError(f"mask_mod {self.name} failed per element through torch.vmap ({vmap_error}) and on "
+                            f"broadcast index tensors ({exc}); write it as FlexAttention expects: a function of 0-d "
+                            "index tensors built from torch ops") from exc  # fmt: skip
 
     def predicate(self, q, k, h, sq, sk, ops):
         if ops.name != "torch":
@@ -230,13 +251,49 @@ class MaskMod(Mask):
         return f"mask_mod({self.name})"
 
 
+def _per_element(fn: Callable, args: tuple) -> torch.Tensor:
+    """``fn`` on every element of the broadcast of ``args`` (FlexAttention's semantics: each call sees 0-d
+    tensors), through one ``torch.vmap`` per dimension of size > 1; an argument is mapped along the dimensions
+    where it varies (as ``torch.nn.attention.flex_attention`` maps b, h, q_idx, kv_idx). Returns the broadcast shape."""
+    shape = torch.broadcast_shapes(*(a.shape for a in args))
+    padded = [a.reshape((1,) * (len(shape) - a.dim()) + tuple(a.shape)) for a in args]
+    dims = [d for d, n in enumerate(shape) if n > 1]
+    for d in reversed(dims):  # the last dimension innermost
+        fn = torch.vmap(fn, in_dims=tuple(0 if a.shape[d] > 1 else None for a in padded))
+    out = fn(*(a.reshape([n for n in a.shape if n > 1]) for a in padded))
+    if not isinstance(out, torch.Tensor) or out.dim() != len(dims):
+        raise TypeError("a mask_mod returns one bool per (b, h, q_idx, kv_idx)")
+    return out.reshape(shape)
+
+
+def _flows_from(fn: Callable, args: tuple, i: int) -> bool | None:
+    """Whether ``fn``'s result flows from ``args[i]`` (1-D; the others 0-d) under vmap: vmap refuses to return an
+    unmapped result (``out_dims=None``) that depends on the mapped argument. None: vmap cannot run ``fn``."""
+    in_dims = tuple(0 if j == i else None for j in range(len(args)))
+    try:
+        torch.vmap(fn, in_dims=in_dims)(*args)
+    except Exception:
+        return None
+    try:
+        torch.vmap(fn, in_dims=in_dims, out_dims=None)(*args)
+    except ValueError:  # "can not return a BatchedTensor when out_dim is None" (the call itself ran above)
+        return True
+    return False
+
+
 @lru_cache(maxsize=256)
 def _depends(mask: MaskMod, batch: int, heads: int) -> tuple[bool, bool]:
-    """Whether ``mask``'s callable depends on (the batch row, the head), from one call on ``[B, H, 1, 1]`` indices."""
+    """Whether ``mask``'s callable depends on (the batch row, the head): whether its result flows from ``b`` (``h``)
+    under vmap, else (vmap cannot run it) whether one call on ``[B, H, 1, 1]`` indices keeps that dimension."""
+    zero = torch.zeros((), dtype=torch.int64)
+    by_batch = batch > 1 and _flows_from(mask.fn, (torch.arange(batch), zero, zero, zero), 0)
+    by_head = heads > 1 and _flows_from(mask.fn, (zero, torch.arange(heads), zero, zero), 1)
+    if by_batch is not None and by_head is not None:
+        return by_batch, by_head
     b = torch.arange(batch).view(batch, 1, 1, 1)
     h = torch.arange(heads).view(1, heads, 1, 1)
-    zero = torch.zeros(1, 1, 1, 1, dtype=torch.int64)
-    shape = torch.broadcast_shapes(mask._call(b, h, zero, zero).shape, (1, 1, 1, 1))
+    zero = zero.view(1, 1, 1, 1)
+    shape = torch.broadcast_shapes(mask._call(b, h, zero, zero, per_element=False).shape, (1, 1, 1, 1))
     return shape[-4] > 1, shape[-3] > 1
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnopt.kernels.layout import contiguous, empty
 from attnopt.kernels.linear import chunked
 from attnopt.kernels.linear.reference import acc_dtype, check
 
@@ -45,7 +46,7 @@ _PARAMS = ("Tensor? log_decay, bool causal, bool normalize, float scale, float e
                          schema=f"(Tensor q, Tensor k, Tensor v, {_PARAMS}) -> (Tensor, Tensor, Tensor, Tensor)")
 def linear_attention(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm):
     _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm)
-    return chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm)
+    return contiguous(*chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm))
 
 
 @linear_attention.register_fake
@@ -53,19 +54,21 @@ def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_
     _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm)
     b, hq, sq, d = q.shape
     acc = acc_dtype(q)
-    den = q.new_empty(b, hq, sq, dtype=acc) if normalize else q.new_empty(0, dtype=acc)
-    norm = q.new_empty(b, hq, d, dtype=acc) if normalize else q.new_empty(0, dtype=acc)
-    return q.new_empty(b, hq, sq, v.shape[-1]), den, q.new_empty(b, hq, d, v.shape[-1], dtype=acc), norm
+    den = empty(q, (b, hq, sq) if normalize else (0,), acc)
+    norm = empty(q, (b, hq, d) if normalize else (0,), acc)
+    return empty(q, (b, hq, sq, v.shape[-1])), den, empty(q, (b, hq, d, v.shape[-1]), acc), norm
 
 
 @linear_attention.register_kernel("cuda")
 def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm):
     _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm)
     if not _cuda_ok(q, k, v):
-        return chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm)
+        return contiguous(*chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
+                                           initial_norm))  # fmt: skip
     from attnopt.kernels.linear import triton_impl
 
-    return triton_impl.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm)
+    return contiguous(*triton_impl.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
+                                           initial_norm))  # fmt: skip
 
 
 @torch.library.custom_op("attnopt::linear_attention_backward", mutates_args=(),
@@ -80,17 +83,18 @@ def linear_attention_backward(dout, q, k, v, out, den, log_decay, causal, normal
 
 
 def _fill_empty(q: Tensor, grads) -> tuple:
-    """None gradients become distinct empty tensors (a custom op returns tensors, never the same one twice)."""
-    return tuple(g if g is not None else q.new_empty(0, dtype=acc_dtype(q)) for g in grads)
+    """None gradients become distinct empty tensors (a custom op returns tensors, never the same one twice);
+    the others are made contiguous, the layout the fake promises."""
+    return contiguous(*(g if g is not None else q.new_empty(0, dtype=acc_dtype(q)) for g in grads))
 
 
 @linear_attention_backward.register_fake
 def _(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state, initial_norm, dstate, dnorm):
     b, hq, _, d = q.shape
     acc = acc_dtype(q)
-    dinit = q.new_empty(b, hq, d, v.shape[-1], dtype=acc) if causal else q.new_empty(0, dtype=acc)
-    dinit_norm = q.new_empty(b, hq, d, dtype=acc) if causal and normalize else q.new_empty(0, dtype=acc)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dinit, dinit_norm
+    dinit = empty(q, (b, hq, d, v.shape[-1]) if causal else (0,), acc)
+    dinit_norm = empty(q, (b, hq, d) if causal and normalize else (0,), acc)
+    return empty(q), empty(k), empty(v), dinit, dinit_norm
 
 
 @linear_attention_backward.register_kernel("cuda")

@@ -42,9 +42,15 @@ EPS = 1e-6
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
-    """φ(x): ``"elu"`` is elu(x) + 1 (positive), ``"relu"`` max(x, 0), ``"identity"`` x."""
+    """φ(x): ``"elu"`` is elu(x) + 1 (positive), ``"relu"`` max(x, 0), ``"identity"`` x.
+
+    elu(x) + 1 is computed as ``x + 1`` for x > 0 and ``exp(x)`` otherwise: the sum ``(exp(x) - 1) + 1``
+    cancels to exactly 0 in bf16/fp16 for x < -5.5 (a zero feature, a zero denominator). The exp branch
+    reads ``min(x, 0)`` so that large positive x cannot overflow it (an inf there would make the
+    gradient of the unselected branch 0 · inf = NaN).
+    """
     if name == "elu":
-        return F.elu(x) + 1.0
+        return torch.where(x > 0, x + 1.0, torch.exp(x.clamp(max=0.0)))
     if name == "relu":
         return F.relu(x)
     if name == "identity":

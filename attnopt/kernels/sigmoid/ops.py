@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnopt.kernels.layout import contiguous, empty
 from attnopt.kernels.sigmoid import reference
 
 
@@ -25,7 +26,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None
         raise ValueError(f"sigmoid attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or len({q.shape[0], k.shape[0], v.shape[0]}) != 1:
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
@@ -43,13 +44,13 @@ def sigmoid_attention(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], causal: int, scale: float, bias: Optional[float]
 ) -> Tensor:
     _check(q, k, v, attn_mask)
-    return reference.sigmoid_attention(q, k, v, attn_mask, causal, scale, bias)
+    return reference.sigmoid_attention(q, k, v, attn_mask, causal, scale, bias).contiguous()
 
 
 @sigmoid_attention.register_fake
 def _(q, k, v, attn_mask, causal, scale, bias):
     _check(q, k, v, attn_mask)
-    return q.new_empty(*q.shape[:3], v.shape[-1])
+    return empty(q, (*q.shape[:3], v.shape[-1]))
 
 
 @sigmoid_attention.register_kernel("cuda")
@@ -57,8 +58,8 @@ def _(q, k, v, attn_mask, causal, scale, bias):
     _check(q, k, v, attn_mask)
     impl = _triton(q, k, v, attn_mask)
     if impl is None:
-        return reference.sigmoid_attention(q, k, v, attn_mask, causal, scale, bias)
-    return impl.forward(q, k, v, attn_mask, causal, scale, bias)
+        return reference.sigmoid_attention(q, k, v, attn_mask, causal, scale, bias).contiguous()
+    return impl.forward(q, k, v, attn_mask, causal, scale, bias).contiguous()
 
 
 @torch.library.custom_op("attnopt::sigmoid_attention_backward", mutates_args=())
@@ -75,13 +76,13 @@ def sigmoid_attention_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
     dq, dk, dv, dmask = reference.sigmoid_attention_backward(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad)
-    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+    return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
 
 
 @sigmoid_attention_backward.register_fake
 def _(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad):
-    dmask = torch.empty_like(attn_mask) if mask_grad else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+    dmask = empty(attn_mask) if mask_grad else q.new_empty(0)
+    return empty(q), empty(k), empty(v), dmask
 
 
 @sigmoid_attention_backward.register_kernel("cuda")
@@ -89,7 +90,7 @@ def _(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad):
     impl = _triton(q, k, v, attn_mask)
     run = reference.sigmoid_attention_backward if impl is None else impl.backward
     dq, dk, dv, dmask = run(dout, q, k, v, attn_mask, causal, scale, bias, mask_grad)
-    return dq, dk, dv, dmask if dmask is not None else q.new_empty(0)
+    return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

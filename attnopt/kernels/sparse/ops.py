@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnopt.kernels.layout import contiguous, empty
 from attnopt.kernels.sparse import blockwise
 from attnopt.masks import lookup, residue_order
 from attnopt.masks.structured import _Grid
@@ -129,14 +130,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      mask: str, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, kv_valid)
-    return forward(_impl(q, attn_mask), q, k, v, lookup(mask), kv_valid, attn_mask, scale, softcap)
+    return contiguous(*forward(_impl(q, attn_mask), q, k, v, lookup(mask), kv_valid, attn_mask, scale, softcap))
 
 
 @sparse_attention.register_fake
 def _(q, k, v, attn_mask, kv_valid, mask, scale, softcap=0.0):
     _check(q, k, v, kv_valid)
     b, hq, sq, _ = q.shape
-    return q.new_empty(b, hq, sq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=_lse_dtype(q))
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), _lse_dtype(q))
 
 
 @torch.library.custom_op(f"{_NS}::sparse_attention_backward", mutates_args=())
@@ -144,12 +145,13 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                               attn_mask: Optional[Tensor], kv_valid: Optional[Tensor], mask: str, scale: float,
                               softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns (dq, dk, dv)."""
-    return backward(_impl(q, attn_mask), dout, q, k, v, out, lse, lookup(mask), kv_valid, attn_mask, scale, softcap)
+    return contiguous(*backward(_impl(q, attn_mask), dout, q, k, v, out, lse, lookup(mask), kv_valid, attn_mask, scale,
+                                softcap))  # fmt: skip
 
 
 @sparse_attention_backward.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, kv_valid, mask, scale, softcap=0.0):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return empty(q), empty(k), empty(v)
 
 
 def _setup(ctx, inputs, output):
@@ -189,14 +191,14 @@ def sparse_attention_auto(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[T
     _check(q, k, v, None)
     with torch.no_grad():
         out, lse = _auto_forward(q, k, v, attn_mask, causal, scale, softcap)
-    return out, lse.to(_lse_dtype(q)).contiguous()
+    return contiguous(out, lse.to(_lse_dtype(q)))
 
 
 @sparse_attention_auto.register_fake
 def _(q, k, v, attn_mask, causal, scale, softcap=0.0):
     _check(q, k, v, None)
     b, hq, sq, _ = q.shape
-    return q.new_empty(b, hq, sq, v.shape[-1]), q.new_empty(b, hq, sq, dtype=_lse_dtype(q))
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), _lse_dtype(q))
 
 
 @torch.library.custom_op(f"{_NS}::sparse_attention_auto_backward", mutates_args=())
@@ -210,15 +212,15 @@ def sparse_attention_auto_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
     if found is None:
         dq, dk, dv, _ = torch.ops.attnopt.attention_backward.default(
             dout, q, k, v, out, lse, attn_mask, 0.0, causal, scale, None, False, softcap)
-        return dq, dk, dv
+        return contiguous(dq, dk, dv)
     mask, kv_valid = found
-    return torch.ops.attnopt.sparse_attention_backward.default(dout, q, k, v, out, lse, None, kv_valid, mask.key(),
-                                                               scale, softcap)  # fmt: skip
+    return contiguous(*torch.ops.attnopt.sparse_attention_backward.default(dout, q, k, v, out, lse, None, kv_valid,
+                                                                           mask.key(), scale, softcap))  # fmt: skip
 
 
 @sparse_attention_auto_backward.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=0.0):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return empty(q), empty(k), empty(v)
 
 
 def _setup_auto(ctx, inputs, output):
