@@ -8,13 +8,16 @@ import sys
 
 import click
 
-from attnopt.targets import TargetError, load_target
+from attnopt.cli_errors import ErrorHandlingGroup, set_debug
+from attnopt.targets import load_target
 
 ATTN_CHOICES = click.Choice(["eager", "sdpa"])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attnopt")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=set_debug,
+              help="Show the full traceback of a failure instead of a one-paragraph error.")
 def main() -> None:
     """attnopt: find every attention in a PyTorch model and run it through generated kernels."""
 
@@ -32,11 +35,8 @@ def inspect(target: str, attn_implementation: str | None, policy: str, as_json: 
     random init when absent) or path/to/file.py:factory (a callable returning model, args[, kwargs])."""
     import attnopt
 
-    try:
-        t = load_target(target, attn_implementation)
-        report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
-    except (TargetError, attnopt.AttnoptError, ValueError, NotImplementedError, TypeError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    t = load_target(target, attn_implementation)
+    report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
     if as_json:
         click.echo(report.to_json())
     else:
@@ -90,17 +90,13 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate
     optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module."""
     import json
 
-    from attnopt.convert import ConvertError
     from attnopt.convert import convert as run_convert
 
-    try:
-        with _sigterm_as_interrupt():
-            manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
-                                   validate=validate, samples=samples, max_error=max_error, force=force,
-                                   attn_implementation=attn_implementation, onnx_attention=onnx_attention,
-                                   progress=not quiet)  # fmt: skip
-    except ConvertError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with _sigterm_as_interrupt():
+        manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
+                               validate=validate, samples=samples, max_error=max_error, force=force,
+                               attn_implementation=attn_implementation, onnx_attention=onnx_attention,
+                               progress=not quiet)  # fmt: skip
     if as_json:
         click.echo(json.dumps(manifest, indent=2, default=str))
         return
@@ -135,14 +131,9 @@ def bench(artifact, runs, warmup, device, as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from attnopt.artifact import ArtifactError
-    from attnopt.convert import ConvertError
     from attnopt.convert import bench as run_bench
 
-    try:
-        result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
-    except (ConvertError, ArtifactError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -192,17 +183,13 @@ def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key
     from attnopt.codegen.spec import KernelSpec, default_tiles
 
     dv = head_dim_v or head_dim
-    try:
-        spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype,
-                          causal=_CAUSAL_CODES[causal], mask=mask, bias=bias, key_padding=key_padding,
-                          softcap=softcap, dropout=dropout, group=group, write_ds=write_ds,
-                          **default_tiles(direction, dtype, head_dim, dv))
-        if generation is not None:
-            spec = tuning.default(spec, tuning.GENERATIONS[generation])
-        chosen = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-        spec = spec.replace(**{k: v for k, v in chosen.items() if v is not None})
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype, causal=_CAUSAL_CODES[causal],
+                      mask=mask, bias=bias, key_padding=key_padding, softcap=softcap, dropout=dropout, group=group,
+                      write_ds=write_ds, **default_tiles(direction, dtype, head_dim, dv))  # fmt: skip
+    if generation is not None:
+        spec = tuning.default(spec, tuning.GENERATIONS[generation])
+    chosen = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    spec = spec.replace(**{k: v for k, v in chosen.items() if v is not None})
     if show_path:
         click.echo(str(cache.write_source(spec)))
     else:

@@ -84,3 +84,67 @@ def test_backend_entry_point_without_importing_attnopt():
         "assert 'attnopt' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ failures: one paragraph, exit 1 / 130, --debug
+
+def _refused_pickle_dir(tmp_path):
+    import argparse
+
+    import torch
+
+    z = zoo.build("llama", "eager")
+    z.model.config.save_pretrained(tmp_path)
+    state = dict(z.model.state_dict(), extra=argparse.Namespace(a=1))  # not an allowed global for weights_only
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    return tmp_path
+
+
+def _assert_one_paragraph_error(res):
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    lines = [line for line in res.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), res.output
+
+
+def test_inspect_refused_pickle_is_one_paragraph_naming_the_fix(tmp_path):
+    res = CliRunner().invoke(main, ["inspect", str(_refused_pickle_dir(tmp_path))])
+    _assert_one_paragraph_error(res)
+    assert "argparse.Namespace" in res.output and "safetensors" in res.output
+    assert "weights_only=False" not in res.output  # never advise loading arbitrary pickles
+
+
+def test_debug_shows_the_original_exception(tmp_path):
+    import pickle
+
+    res = CliRunner().invoke(main, ["--debug", "inspect", str(_refused_pickle_dir(tmp_path))])
+    assert res.exit_code == 1 and isinstance(res.exception, pickle.UnpicklingError)
+
+
+def test_unexpected_error_in_any_command_is_caught_centrally(monkeypatch, tmp_path):
+    import attnopt.convert
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("something broke\n\nlong details that belong to --debug")
+
+    monkeypatch.setattr(attnopt.convert, "bench", boom)
+    res = CliRunner().invoke(main, ["bench", str(tmp_path)])
+    _assert_one_paragraph_error(res)
+    assert "something broke" in res.output and "long details" not in res.output and "--debug" in res.output
+
+
+def test_ctrl_c_exits_130_without_traceback(monkeypatch, tmp_path):
+    import attnopt.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(attnopt.cli, "load_target", interrupted)
+    res = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert res.exit_code == 130 and "Traceback" not in res.output and "interrupted" in res.output
+
+
+def test_kernels_show_bad_spec_is_a_clean_error():
+    res = CliRunner().invoke(main, ["kernels", "show", "--head-dim", "999"])
+    _assert_one_paragraph_error(res)
+    assert "head_dim" in res.output
