@@ -30,18 +30,23 @@ def main() -> None:
               help="Policy whose decisions to show: exact, keep, sliding_window:W, linear, sigmoid, auto[:max_error] "
                    "(calibrated on the example inputs), or a .yaml/.json policy file.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(target: str, attn_implementation: str | None, policy: str, as_json: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show long reasons and the auto policy's candidates in full.")
+def inspect(target: str, attn_implementation: str | None, policy: str, as_json: bool, verbose: bool) -> None:
     """List the attention sites of TARGET: a Hugging Face model directory (config.json, weights optional:
     random init when absent) or path/to/file.py:factory (a callable returning model, args[, kwargs])."""
+    import textwrap
+
     import attnopt
+    from attnopt.report import terminal_width
 
     t = load_target(target, attn_implementation)
     report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
     if as_json:
         click.echo(report.to_json())
     else:
-        click.echo(t.description)
-        click.echo(str(report))
+        width = terminal_width()
+        click.echo(textwrap.fill(t.description, width))
+        click.echo(report.render(width, verbose=verbose))
 
 
 @contextlib.contextmanager
@@ -132,6 +137,7 @@ def bench(artifact, runs, warmup, device, as_json) -> None:
     from rich.table import Table
 
     from attnopt.convert import bench as run_bench
+    from attnopt.report import terminal_width
 
     result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
     if as_json:
@@ -144,7 +150,7 @@ def bench(artifact, runs, warmup, device, as_json) -> None:
     for r in result["rows"]:
         table.add_row(r["name"], r["device"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['speedup']:.2f}x",
                       f"{r['deviation']:.1e}")  # fmt: skip
-    Console(width=140).print(table)
+    Console(width=terminal_width()).print(table)
 
 
 @main.group()

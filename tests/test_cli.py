@@ -148,3 +148,10 @@ def test_kernels_show_bad_spec_is_a_clean_error():
     res = CliRunner().invoke(main, ["kernels", "show", "--head-dim", "999"])
     _assert_one_paragraph_error(res)
     assert "head_dim" in res.output
+
+
+def test_inspect_report_fits_the_terminal_width(tmp_path):
+    zoo.config("llama").save_pretrained(tmp_path)
+    res = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["inspect", str(tmp_path), "--attn", "eager", "--policy", "linear"])
+    assert res.exit_code == 0, res.output
+    assert max(len(line) for line in res.output.splitlines()) <= 80 and "self_attn" in res.output
