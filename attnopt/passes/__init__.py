@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Interpreter, Node
 
 from attnopt.kernels.exact import dispatch
 from attnopt.patterns import Detection, detect
-from attnopt.patterns.match import AttentionMatch, copy_graph, emit, replacement_graph
+from attnopt.patterns.match import AttentionMatch, copy_graph, emit, emit_mask, replacement_graph
 from attnopt.policy import Exact, Keep, Policy
 from attnopt.report import Miss, Site
 
@@ -90,6 +90,7 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             site.decision, site.reason = "exact", "fused attnopt kernel, same function"
             ctx.chosen[site.name] = d.match
         else:
+            variant = _bound(variant, d.match, ctx)
             unsupported = variant.unsupported(d.match)
             if unsupported:
                 site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
@@ -98,6 +99,20 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             ctx.chosen[site.name] = d.match
             ctx.variants[site.name] = variant
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
+
+
+def _bound(variant: Any, m: AttentionMatch, ctx: Context) -> Any:
+    """``variant`` bound to the site's mask tensor as computed on the example inputs, for a variant that
+    reads it (``needs_site_mask(match)``, ``bind(match, mask)``: linear attention's causal=None); else as is."""
+    needs = getattr(variant, "needs_site_mask", None)
+    if needs is None or not needs(m) or _validation_skip(ctx.example_inputs) or ctx.original is None:
+        return variant
+    recorder = _Recorder(ctx.original, set(m.operands()))
+    sub, operands = replacement_graph(m, emit_mask)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+        mask = sub(*[recorder.values[o] for o in operands])
+    return variant.bind(m, mask)
 
 
 def _emitter(ctx: Context, name: str) -> Callable:
