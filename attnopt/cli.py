@@ -13,6 +13,33 @@ from attnopt.targets import load_target
 
 ATTN_CHOICES = click.Choice(["eager", "sdpa"])
 
+# Every string form of a policy (attnopt.Policy.from_string), shown under --help; README.md lists the same.
+POLICY_FORMS = """\b
+Policies (--policy):
+  exact                 the same function, attnopt's fused kernel
+  keep                  leave the site as written
+  sparse                exact-sparse: the site's own causal, window or
+                        padding mask on the sparse kernel (same function)
+  sparse:causal         causal sparse attention
+  sparse:blocked:B      blocks of B tokens (also sparse:<mask JSON>)
+  sliding_window:W      a causal window of W tokens
+  sliding_window:L,R    keys i-L .. i+R
+  linear                linear attention, elu+1 features, causal or not
+                        as each site's own mask is
+  linear:relu           feature map elu, relu or identity
+  linear:KEY=VALUE,...  feature_map, causal=true|false, normalize=
+                        true|false|rms, decay=0.9|0.9/0.8/...|lightning
+                        (with num_layers=N); e.g. linear:relu,causal=true
+  sigmoid               sigmoid attention, bias -log(Sk)
+  sigmoid:B             bias B (also sigmoid:bias=B)
+  auto                  per site the fastest candidate within max_error
+                        1e-2 (calibrated on the example inputs)
+  auto:E                the same within max_error E, e.g. auto:1e-3
+  FILE.yaml|.yml|.json  default, overrides ({site glob: variant}),
+                        max_error, seq_len
+All but exact, keep and bare sparse change the function: each site's
+deviation is measured and reported; --validate holds it to --max-error."""
+
 
 @click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attnopt")
@@ -22,13 +49,12 @@ def main() -> None:
     """attnopt: find every attention in a PyTorch model and run it through generated kernels."""
 
 
-@main.command()
+@main.command(epilog=POLICY_FORMS)
 @click.argument("target")
 @click.option("--attn", "attn_implementation", type=ATTN_CHOICES, default=None,
               help="Hugging Face attn_implementation to build the model with.")
 @click.option("--policy", default="exact", show_default=True,
-              help="Policy whose decisions to show: exact, keep, sliding_window:W, linear, sigmoid, auto[:max_error] "
-                   "(calibrated on the example inputs), or a .yaml/.json policy file.")  # fmt: skip
+              help="Policy whose decisions to show (every form below).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("-v", "--verbose", is_flag=True, help="Show long reasons and the auto policy's candidates in full.")
 def inspect(target: str, attn_implementation: str | None, policy: str, as_json: bool, verbose: bool) -> None:
@@ -66,10 +92,9 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-@main.command()
+@main.command(epilog=POLICY_FORMS)
 @click.argument("src")
-@click.option("--policy", required=True, help="exact, keep (sparse and linear policies arrive with issues 5 and 6), "
-              "or a .json/.yaml file with default, overrides and max_error.")
+@click.option("--policy", required=True, help="What to do with each attention site (every form below).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--weights", default=None, help="Checkpoint for a file.py:factory SRC (.safetensors, or .pt/.pth/.bin/.ckpt "
               "loaded with weights_only=True).")
@@ -92,10 +117,14 @@ def _sigterm_as_interrupt():
 def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate, samples, max_error,
             attn_implementation, force, as_json, quiet) -> None:  # fmt: skip
     """Convert SRC (a Hugging Face model directory, or path/to/file.py:factory with --weights) into an
-    optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module."""
+    optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module.
+
+    A model in which no attention is found still converts (exit 0: the artifact is the original model),
+    with a warning on stderr."""
     import json
 
     from attnopt.convert import convert as run_convert
+    from attnopt.convert import no_attention_warning
 
     with _sigterm_as_interrupt():
         manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
@@ -105,6 +134,9 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate
     if as_json:
         click.echo(json.dumps(manifest, indent=2, default=str))
         return
+    warning = no_attention_warning(manifest)
+    if warning:
+        click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
     sites = manifest["sites"]
     rewritten = [s for s in sites if s["decision"] != "keep"]
     click.echo(f"wrote {out}: {manifest['model']['class']}, {len(rewritten)} of {len(sites)} attention site(s) "
@@ -130,7 +162,8 @@ def _fmt(x) -> str:
 @click.option("--device", default=None, help="Device for the PyTorch rows (default: cuda if available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(artifact, runs, warmup, device, as_json) -> None:
-    """Time the original model against the converted one in artifact DIR on the local device."""
+    """Time the original model against the converted one in artifact DIR on the local device (the policy
+    was chosen at conversion: see attnopt convert --help for every policy form)."""
     import json
 
     from rich.console import Console

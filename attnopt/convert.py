@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 import shutil
 import tempfile
@@ -678,6 +679,9 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                     "exports": {},
                     "validation": None,
                 }
+                warning = no_attention_warning(manifest)
+                if warning:
+                    manifest["notes"].append(warning)
                 A.write_manifest(st.staging, manifest)
                 steps.done()
 
@@ -706,9 +710,7 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                     manifest["validation"] = result
                     A.write_manifest(st.staging, manifest)
                     if not result["passed"]:
-                        worst = ", ".join(f"{n} {d:.2e}" for n, d in result["failed"].items())
-                        raise ConvertError(f"validation failed: the converted model deviates from the original beyond the "
-                                           f"budget {budget:.1e} on {result['samples']} sample(s): {worst}")  # fmt: skip
+                        raise ConvertError(validation_failure(result, sites))
                     steps.done()
                 manifest["seconds"] = round(time.perf_counter() - started, 2)
                 A.write_manifest(st.staging, manifest)
@@ -717,6 +719,33 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
             st.discard()
             raise
     return manifest
+
+
+EXACT_DECISIONS = ("exact", "exact-sparse", "keep")  # the same function as the original
+
+
+def validation_failure(result: dict, sites: list[dict]) -> str:
+    """The error of a failed validation, with the way out: a larger budget (--max-error) when the policy
+    changes the function at some site, else a report (exact sites stay within the dtype's tolerance)."""
+    worst = ", ".join(f"{n} {d:.2e}" for n, d in result["failed"].items())
+    text = (f"validation failed: the converted model deviates from the original beyond the budget "
+            f"{result['budget']:.1e} on {result['samples']} sample(s): {worst}.")  # fmt: skip
+    approximate = sorted({s["decision"] for s in sites if s["decision"] not in EXACT_DECISIONS})
+    finite = [d for d in result["failed"].values() if math.isfinite(d) and d > 0]
+    suggest = f" (e.g. --max-error {10 ** math.ceil(math.log10(max(finite))):.0e})" if finite else ""
+    if approximate:
+        return (f"{text} The policy changes the function ({', '.join(approximate)}): accept a larger deviation with "
+                f"--max-error{suggest} (max_error= in Python, or in a policy file), or convert with an exact policy.")
+    return (f"{text} The sites are exact, so this exceeds rounding: raise the budget with --max-error{suggest} if "
+            "the output dtype is coarser than its default tolerance, else report it (rerun with --debug).")
+
+
+def no_attention_warning(manifest: dict) -> str | None:
+    """The warning for a model in which attnopt found no attention site (the artifact is the original model)."""
+    if manifest["sites"]:
+        return None
+    return (f"no attention found in {manifest['model']['class']}: nothing was rewritten, and the output is the "
+            "original model (attnopt inspect lists what was found, the softmaxes not taken included)")
 
 
 # ------------------------------------------------------------------------------------------------------- bench
