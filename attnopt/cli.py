@@ -131,12 +131,12 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, validate
                                validate=validate, samples=samples, max_error=max_error, force=force,
                                attn_implementation=attn_implementation, onnx_attention=onnx_attention,
                                progress=not quiet)  # fmt: skip
-    if as_json:
-        click.echo(json.dumps(manifest, indent=2, default=str))
-        return
     warning = no_attention_warning(manifest)
     if warning:
         click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2, default=str))
+        return
     sites = manifest["sites"]
     rewritten = [s for s in sites if s["decision"] != "keep"]
     click.echo(f"wrote {out}: {manifest['model']['class']}, {len(rewritten)} of {len(sites)} attention site(s) "
