@@ -79,6 +79,7 @@ def detect_sites(gm: GraphModule, ctx: Context) -> PassResult:
 
 def decide(gm: GraphModule, ctx: Context) -> PassResult:
     matched = [d for d in ctx.detections if d.match is not None]
+    masks = _site_masks(ctx, matched)
     for d, site in zip(matched, ctx.sites):
         if d.match.escape:
             site.decision, site.reason = "keep", d.match.escape
@@ -90,7 +91,8 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             site.decision, site.reason = "exact", "fused attnopt kernel, same function"
             ctx.chosen[site.name] = d.match
         else:
-            variant = _bound(variant, d.match, ctx)
+            if id(d.match) in masks:  # the variant reads the site's mask (bind)
+                variant = variant.bind(d.match, masks[id(d.match)])
             unsupported = variant.unsupported(d.match)
             if unsupported:
                 site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
@@ -101,18 +103,24 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
 
 
-def _bound(variant: Any, m: AttentionMatch, ctx: Context) -> Any:
-    """``variant`` bound to the site's mask tensor as computed on the example inputs, for a variant that
-    reads it (``needs_site_mask(match)``, ``bind(match, mask)``: linear attention's causal=None); else as is."""
-    needs = getattr(variant, "needs_site_mask", None)
-    if needs is None or not needs(m) or _validation_skip(ctx.example_inputs) or ctx.original is None:
-        return variant
-    recorder = _Recorder(ctx.original, set(m.operands()))
-    sub, operands = replacement_graph(m, emit_mask)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        recorder.run(*[_concrete(x) for x in ctx.example_inputs])
-        mask = sub(*[recorder.values[o] for o in operands])
-    return variant.bind(m, mask)
+def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
+    """The mask tensor of each site whose variant reads it (``needs_site_mask(match)``: linear attention's
+    causal=None), computed on the example inputs in one run of the graph; keyed by ``id(match)``."""
+    wanted = [d.match for d, site in zip(matched, ctx.sites)
+              if getattr(ctx.policy.for_site(site.name), "needs_site_mask", lambda m: False)(d.match)]  # fmt: skip
+    if not wanted or _validation_skip(ctx.example_inputs) or ctx.original is None:
+        return {}
+    recorder = _Recorder(ctx.original, {o for m in wanted for o in m.operands()})
+    out = {}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+            for m in wanted:
+                sub, operands = replacement_graph(m, emit_mask)
+                out[id(m)] = sub(*[recorder.values[o] for o in operands])
+    except Exception:  # noqa: BLE001 - unread masks leave the variant unbound: it refuses the site by name
+        return {}
+    return out
 
 
 def _emitter(ctx: Context, name: str) -> Callable:
