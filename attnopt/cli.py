@@ -65,8 +65,9 @@ def inspect(target: str, attn_implementation: str | None, policy: str, as_json: 
     import attnopt
     from attnopt.report import terminal_width
 
+    chosen = attnopt.Policy.from_string(policy)  # a misspelt policy fails before the model is built
     t = load_target(target, attn_implementation)
-    report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
+    report = attnopt.inspect(t.model, t.args, t.kwargs, policy=chosen)
     if as_json:
         click.echo(report.to_json())
     else:
