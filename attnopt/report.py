@@ -209,8 +209,8 @@ _COLUMNS = (
     ("causal", lambda s, v: s.causal, "name", 5),
     ("layout", lambda s, v: s.layout, "name", 1),
     ("deviation", lambda s, v: _short(s.deviation), "number", 7),
-    ("speedup (pred.)", lambda s, v: "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x", "number", 6),
-    ("runs", lambda s, v: s.runs or "-", "prose", 0),
+    ("speedup", lambda s, v: "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x", "number", 6),
+    ("runs", lambda s, v: s.runs or "-", "prose", 4),
     ("reason", lambda s, v: _summary(s.reason, v), "prose", 10),
     ("tried", _tried, "prose", 6),
 )
@@ -271,7 +271,7 @@ def _sites_table(report: Report, width: int, verbose: bool):
     needs = _needs(columns, cells)
     kept = _fit(columns, needs, width)
     hidden = [c[0] for c in columns if c not in kept]
-    caption = "heads q/kv, dims qk/v, seq q/k" + (f"; not shown at {width} columns: {', '.join(hidden)} "
+    caption = "heads q/kv, dims qk/v, seq q/k, speedup predicted" + (f"; not shown at {width} columns: {', '.join(hidden)} "
                                                    "(--json shows all)" if hidden else "")  # fmt: skip
     prose = _prose_widths([c for c in kept if c[2] == "prose"], needs, cells, width - sum(needs[c[0]] + 3 for c in kept if
                                                                                           c[2] != "prose") - 1)  # fmt: skip
