@@ -150,7 +150,7 @@ class Report:
         if self.output_deviation is not None:
             console.print(f"max relative output difference vs the original: {self.output_deviation:.2e}")
         for note in self.notes:
-            console.print(f"note: {note}")
+            console.print(f"note: {note}", markup=False)
         return buf.getvalue().rstrip()
 
     def __str__(self) -> str:
@@ -264,6 +264,7 @@ def _prose_widths(prose: list, needs: dict, cells: dict, room: int) -> dict:
 
 def _sites_table(report: Report, width: int, verbose: bool):
     from rich.table import Table
+    from rich.text import Text
 
     tried = any(s.tried for s in report.sites)
     columns = [c for c in _COLUMNS if c[0] != "tried" or tried]
@@ -282,17 +283,18 @@ def _sites_table(report: Report, width: int, verbose: bool):
         else:  # one line, never narrower than its longest cell
             table.add_column(header, no_wrap=True, min_width=needs[header])
     for i in range(len(report.sites)):
-        table.add_row(*(cells[c[0]][i] for c in kept))
+        table.add_row(*(Text(cells[c[0]][i]) for c in kept))  # Text: a "[...]" in a reason is not markup
     return table
 
 
 def _misses_table(misses: list[Miss]):
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(title=f"{len(misses)} softmax(es) not rewritten")
     table.add_column("where", overflow="fold", ratio=1)
     table.add_column("node", no_wrap=True, overflow="fold")
     table.add_column("reason", overflow="fold", ratio=2, min_width=MIN_PROSE)
     for m in misses:
-        table.add_row(m.name, m.node, m.reason)
+        table.add_row(Text(m.name), Text(m.node), Text(m.reason))
     return table

@@ -66,3 +66,11 @@ def test_str_without_terminal_follows_columns(monkeypatch):
     assert max(len(line) for line in str(_report()).splitlines()) <= 90
     monkeypatch.delenv("COLUMNS")
     assert max(len(line) for line in str(_report()).splitlines()) <= 120
+
+
+def test_brackets_in_reasons_are_text_not_markup():
+    r = _report()
+    r.sites[0].reason = "mask [bold] [B, 1, Sq, Sk] not taken"
+    r.notes.append("see [link]")
+    text = r.render(width=200)
+    assert "[bold]" in text and "[B, 1, Sq, Sk]" in text and "see [link]" in text
