@@ -68,7 +68,7 @@ class OptimizedModule(nn.Module):
             with _dynamo_limits():
                 return self._attnopt_compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
-            raise compile_error(exc, self.module, args, kwargs) from exc.inner_exception
+            raise _compile_error(exc, self.module, args, kwargs) from exc.inner_exception
 
     def __getattr__(self, name: str):
         try:
@@ -145,7 +145,7 @@ def _run_eager(model: nn.Module, args: tuple, kwargs: dict) -> Any:
         ) from exc
 
 
-def compile_error(exc: torch._dynamo.exc.BackendCompilerFailed, model: nn.Module, args: tuple,
+def _compile_error(exc: torch._dynamo.exc.BackendCompilerFailed, model: nn.Module, args: tuple,
                   kwargs: dict) -> AttnoptError:  # fmt: skip
     """The attnopt error behind dynamo's wrapper: attnopt's own as raised; an input the original model also
     refuses (a wrong dtype, shape or device) as an :class:`InputError`; anything else as a :class:`CaptureError`."""
@@ -174,7 +174,7 @@ def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: d
             torch.manual_seed(0)
             out = fn(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
-        raise compile_error(exc, model, args, kwargs) from exc.inner_exception
+        raise _compile_error(exc, model, args, kwargs) from exc.inner_exception
     except AttnoptError:
         raise
     except Exception as exc:
