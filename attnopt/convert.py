@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -120,10 +121,12 @@ def load_pickle_checkpoint(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))  # torch names the first class it refused
+        holding = unsafe.group(1) if unsafe else "objects"
         raise ConvertError(
-            f"refusing to load {path}: it is a pickle holding objects other than tensors and plain containers, and "
+            f"refusing to load {path}: it is a pickle holding {holding}, not only tensors and plain containers, and "
             "attnopt only loads checkpoints with torch.load(weights_only=True), never unpickling arbitrary objects "
-            f"(a pickle can run code). Re-save the weights as safetensors. ({_first_line(exc)})"
+            "(a pickle can run code). Re-save the weights as safetensors."
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise ConvertError(f"{path} is not a readable PyTorch checkpoint: {_first_line(exc)}") from exc

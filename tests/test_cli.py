@@ -229,3 +229,11 @@ def test_failed_validation_of_an_approximate_policy_points_at_max_error(tmp_path
                                     str(tmp_path / "out"), "--validate", "--samples", "1", "-q"])  # fmt: skip
     assert res.exit_code == 1 and "validation failed" in res.output, res.output
     assert "changes the function (sigmoid)" in res.output and "--max-error" in res.output
+
+
+def test_convert_refused_pickle_names_the_class_without_torchs_unsafe_advice(tmp_path):
+    src = _refused_pickle_dir(tmp_path / "src")
+    res = CliRunner().invoke(main, ["convert", str(src), "--policy", "exact", "--out", str(tmp_path / "out"), "-q"])
+    _assert_one_paragraph_error(res)
+    assert "argparse.Namespace" in res.output and "safetensors" in res.output
+    assert "can still be loaded" not in res.output and "weights_only=False" not in res.output
