@@ -44,7 +44,8 @@ def explain(exc: BaseException) -> str:
         return (f"refusing to load a pickled checkpoint: it holds {holding}, not only tensors and plain "
                 "containers, and attnopt loads checkpoints with torch.load(weights_only=True) only, never unpickling "
                 "arbitrary objects (a pickle can run code). Re-save the weights as safetensors, e.g. "
-                "model.save_pretrained(DIR) or safetensors.torch.save_file(state_dict, 'model.safetensors').")  # fmt: skip
+                "model.save_pretrained(DIR) or safetensors.torch.save_file(state_dict, "
+                "'model.safetensors').")  # fmt: skip
     if isinstance(exc, FileNotFoundError):
         return f"{exc.filename or first_paragraph(str(exc))} does not exist: check the path."
     if isinstance(exc, (OSError, ValueError, TypeError, NotImplementedError)):

@@ -272,10 +272,11 @@ def _sites_table(report: Report, width: int, verbose: bool):
     needs = _needs(columns, cells)
     kept = _fit(columns, needs, width)
     hidden = [c[0] for c in columns if c not in kept]
-    caption = "heads q/kv, dims qk/v, seq q/k, speedup predicted" + (f"; not shown at {width} columns: {', '.join(hidden)} "
-                                                   "(--json shows all)" if hidden else "")  # fmt: skip
-    prose = _prose_widths([c for c in kept if c[2] == "prose"], needs, cells, width - sum(needs[c[0]] + 3 for c in kept if
-                                                                                          c[2] != "prose") - 1)  # fmt: skip
+    caption = "heads q/kv, dims qk/v, seq q/k, speedup predicted"
+    if hidden:
+        caption += f"; not shown at {width} columns: {', '.join(hidden)} (--json shows all)"
+    fixed = sum(needs[c[0]] + 3 for c in kept if c[2] != "prose")
+    prose = _prose_widths([c for c in kept if c[2] == "prose"], needs, cells, width - fixed - 1)
     table = Table(title=f"attnopt: {len(report.sites)} attention site(s) in {report.graphs} graph(s)", caption=caption)
     for header, _, kind, _ in kept:
         if kind == "prose":  # wraps at spaces; a word longer than the column folds

@@ -153,7 +153,8 @@ def test_kernels_show_bad_spec_is_a_clean_error():
 
 def test_inspect_report_fits_the_terminal_width(tmp_path):
     zoo.config("llama").save_pretrained(tmp_path)
-    res = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["inspect", str(tmp_path), "--attn", "eager", "--policy", "linear"])
+    res = CliRunner(env={"COLUMNS": "80"}).invoke(main, ["inspect", str(tmp_path), "--attn", "eager", "--policy",
+                                                         "linear"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert max(len(line) for line in res.output.splitlines()) <= 80 and "self_attn" in res.output
 
@@ -217,7 +218,8 @@ def test_inspect_bare_linear_rewrites_a_llamas_masked_sites(tmp_path):
 def test_convert_model_without_attention_warns(tmp_path):
     (tmp_path / "m.py").write_text(ATTENTION_FACTORY)
     out = tmp_path / "out"
-    res = CliRunner().invoke(main, ["convert", f"{tmp_path / 'm.py'}:mlp", "--policy", "exact", "--out", str(out), "-q"])
+    res = CliRunner().invoke(main, ["convert", f"{tmp_path / 'm.py'}:mlp", "--policy", "exact", "--out", str(out),
+                                    "-q"])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "warning: no attention found in Mlp" in res.stderr and "original model" in res.stderr
     assert any("no attention found" in n for n in json.loads((out / "attnopt.json").read_text())["notes"])

@@ -194,9 +194,9 @@ def resolve_causal(v, m) -> bool | str:
     site_causal = m.causal != CAUSAL_NONE
     if v.causal is None:
         if masked(m):
-            return (f"the site's {m.mask_kind} mask tensor is neither causal nor padding on the example inputs (or there "
-                    "were none); say what it is: linear:causal=true / Linear(causal=True) for a causal mask (padding "
-                    "included), linear:causal=false / Linear(causal=False) for a padding mask")  # fmt: skip
+            return (f"the site's {m.mask_kind} mask tensor is neither causal nor padding on the example inputs "
+                    "(or there were none); say what it is: linear:causal=true / Linear(causal=True) for a causal "
+                    "mask (padding included), linear:causal=false / Linear(causal=False) for a padding mask")
         return site_causal
     if v.causal is False and site_causal:
         return "the site is causal; Linear(causal=False) would let queries see later keys"
