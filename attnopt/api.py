@@ -64,8 +64,11 @@ class OptimizedModule(nn.Module):
         return self._attnopt_backend.policy
 
     def forward(self, *args, **kwargs):
-        with _dynamo_limits():
-            out = self._attnopt_compiled(*args, **kwargs)
+        try:
+            with _dynamo_limits():
+                out = self._attnopt_compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            raise _compile_error(exc, self.module, args, kwargs) from exc.inner_exception
         if self._attnopt_globs_pending and self._attnopt_backend.contexts:
             object.__setattr__(self, "_attnopt_globs_pending", False)
             _check_globs(self.policy, self.attnopt_report)
@@ -146,15 +149,38 @@ def _run_eager(model: nn.Module, args: tuple, kwargs: dict) -> Any:
         ) from exc
 
 
+def _compile_error(exc: torch._dynamo.exc.BackendCompilerFailed, model: nn.Module, args: tuple,
+                  kwargs: dict) -> AttnoptError:  # fmt: skip
+    """The attnopt error behind dynamo's wrapper: attnopt's own as raised; an input the original model also
+    refuses (a wrong dtype, shape or device) as an :class:`InputError`; anything else as a :class:`CaptureError`."""
+    inner = exc.inner_exception
+    if isinstance(inner, AttnoptError):
+        return inner
+    name = type(model).__name__
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(*args, **kwargs)
+    except Exception as original:
+        return InputError(f"the inputs do not fit {name}: the original model raises {_first_line(original)}. Pass "
+                          "inputs with the dtype, device and shapes the model takes.")  # fmt: skip
+    return CaptureError(f"attnopt failed on a graph captured from {name} ({_first_line(inner)}), although the original "
+                        "model runs on these inputs: a bug in attnopt; please report it with the traceback.")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: dict) -> Any:
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             out = fn(*args, **kwargs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
-        if isinstance(exc.inner_exception, GraphDeviationError):  # the user asked for this one: as it is
-            raise exc.inner_exception from exc
-        raise CaptureError(f"attnopt failed on a graph captured from {type(model).__name__}: {exc.inner_exception!r}") from exc
+        raise _compile_error(exc, model, args, kwargs) from exc.inner_exception
+    except AttnoptError:
+        raise
     except Exception as exc:
         raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
     lost = ""

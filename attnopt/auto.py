@@ -46,12 +46,12 @@ _REWRITE = [p for p in PASSES if p[0] in ("decide", "rewrite")]
 
 
 def label(variant: Any) -> str:
-    """A short name for a variant in the report: "exact-sparse", "sparse(<mask>)", the variant's ``to_string()``,
+    """A short name for a variant in the report: "exact-sparse", the variant's ``to_string()`` (``sliding_window:4``),
     its dataclass repr, or its name."""
     if isinstance(variant, Exact):
         return "exact"
     if isinstance(variant, Sparse):
-        return variant.name if variant.exact else f"sparse({variant.mask})"
+        return variant.name if variant.exact else variant.to_string()
     to_string = getattr(variant, "to_string", None)
     if to_string is not None:
         return to_string()

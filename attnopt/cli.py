@@ -8,44 +8,77 @@ import sys
 
 import click
 
-from attnopt.targets import TargetError, load_target
+from attnopt.cli_errors import ErrorHandlingGroup, set_debug
+from attnopt.targets import load_target
 
 ATTN_CHOICES = click.Choice(["eager", "sdpa"])
 MODEL_CLASS_HELP = ("Hugging Face class to build: auto (the class config.json's architectures names, as saved), base "
                     "(AutoModel, no task head) or a class name such as LlamaForCausalLM. inspect and convert build "
                     "the same class, so they report the same site names.")  # fmt: skip
 
+# Every string form of a policy (attnopt.Policy.from_string), shown under --help; README.md lists the same.
+POLICY_FORMS = """\b
+Policies (--policy):
+  exact                 the same function, attnopt's fused kernel
+  keep                  leave the site as written
+  sparse                exact-sparse: the site's own causal, window or
+                        padding mask on the sparse kernel (same function)
+  sparse:causal         causal sparse attention
+  sparse:blocked:B      blocks of B tokens (also sparse:<mask JSON>)
+  sliding_window:W      a causal window of W tokens
+  sliding_window:L,R    keys i-L .. i+R
+  linear                linear attention, elu+1 features, causal or not
+                        as each site's own mask is
+  linear:relu           feature map elu, relu or identity
+  linear:KEY=VALUE,...  feature_map, causal=true|false, normalize=
+                        true|false|rms, decay=0.9|0.9/0.8/...|lightning
+                        (with num_layers=N); e.g. linear:relu,causal=true
+  sigmoid               sigmoid attention, bias -log(Sk)
+  sigmoid:B             bias B (also sigmoid:bias=B)
+  auto                  per site the fastest candidate within max_error
+                        1e-2 (calibrated on the example inputs)
+  auto:E                the same within max_error E, e.g. auto:1e-3
+  FILE.yaml|.yml|.json  default, overrides ({site glob: variant}),
+                        max_error, seq_len
+All but exact, keep and bare sparse change the function: each site's
+deviation is measured and reported; --validate holds it to --max-error."""
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+
+@click.group(cls=ErrorHandlingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attnopt")
+@click.option("--debug", is_flag=True, is_eager=True, expose_value=False, callback=set_debug,
+              help="Show the full traceback of a failure instead of a one-paragraph error.")
 def main() -> None:
     """attnopt: find every attention in a PyTorch model and run it through generated kernels."""
 
 
-@main.command()
+@main.command(epilog=POLICY_FORMS)
 @click.argument("target")
 @click.option("--attn", "attn_implementation", type=ATTN_CHOICES, default=None,
               help="Hugging Face attn_implementation to build the model with.")
 @click.option("--policy", default="exact", show_default=True,
-              help="Policy whose decisions to show: exact, keep, sliding_window:W, linear, sigmoid, auto[:max_error] "
-                   "(calibrated on the example inputs), or a .yaml/.json policy file.")  # fmt: skip
+              help="Policy whose decisions to show (every form below).")
 @click.option("--model-class", default="auto", show_default=True, help=MODEL_CLASS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(target: str, attn_implementation: str | None, policy: str, model_class: str, as_json: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Show long reasons and the auto policy's candidates in full.")
+def inspect(target: str, attn_implementation: str | None, policy: str, model_class: str, as_json: bool,
+            verbose: bool) -> None:  # fmt: skip
     """List the attention sites of TARGET: a Hugging Face model directory (config.json, weights optional:
     random init when absent) or path/to/file.py:factory (a callable returning model, args[, kwargs])."""
-    import attnopt
+    import textwrap
 
-    try:
-        t = load_target(target, attn_implementation, model_class)
-        report = attnopt.inspect(t.model, t.args, t.kwargs, policy=policy)
-    except (TargetError, attnopt.AttnoptError, ValueError, NotImplementedError, TypeError, OSError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    import attnopt
+    from attnopt.report import terminal_width
+
+    chosen = attnopt.Policy.from_string(policy)  # a misspelt policy fails before the model is built
+    t = load_target(target, attn_implementation, model_class)
+    report = attnopt.inspect(t.model, t.args, t.kwargs, policy=chosen)
     if as_json:
         click.echo(report.to_json())
     else:
-        click.echo(t.description)
-        click.echo(str(report))
+        width = terminal_width()
+        click.echo(textwrap.fill(t.description, width))
+        click.echo(report.render(width, verbose=verbose))
 
 
 @contextlib.contextmanager
@@ -65,10 +98,9 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-@main.command()
+@main.command(epilog=POLICY_FORMS)
 @click.argument("src")
-@click.option("--policy", required=True, help="exact, keep (sparse and linear policies arrive with issues 5 and 6), "
-              "or a .json/.yaml file with default, overrides and max_error.")
+@click.option("--policy", required=True, help="What to do with each attention site (every form below).")
 @click.option("--out", "out", required=True, type=click.Path(), help="Artifact directory to create.")
 @click.option("--weights", default=None, help="Checkpoint for a file.py:factory SRC (.safetensors, or .pt/.pth/.bin/.ckpt "
               "loaded with weights_only=True).")
@@ -97,20 +129,23 @@ def _sigterm_as_interrupt():
 def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic, validate, samples, max_error,
             attn_implementation, model_class, force, as_json, quiet) -> None:  # fmt: skip
     """Convert SRC (a Hugging Face model directory, or path/to/file.py:factory with --weights) into an
-    optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module."""
+    optimized, validated artifact directory OUT that attnopt.load(OUT) returns as a module.
+
+    A model in which no attention is found still converts (exit 0: the artifact is the original model),
+    with a warning on stderr."""
     import json
 
-    from attnopt.convert import ConvertError
     from attnopt.convert import convert as run_convert
+    from attnopt.convert import no_attention_warning
 
-    try:
-        with _sigterm_as_interrupt():
-            manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
-                                   validate=validate, samples=samples, max_error=max_error, force=force,
-                                   attn_implementation=attn_implementation, onnx_attention=onnx_attention,
-                                   dynamic=dynamic, progress=not quiet, model_class=model_class)  # fmt: skip
-    except ConvertError as exc:
-        raise click.ClickException(str(exc)) from exc
+    with _sigterm_as_interrupt():
+        manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
+                               validate=validate, samples=samples, max_error=max_error, force=force,
+                               attn_implementation=attn_implementation, onnx_attention=onnx_attention,
+                               dynamic=dynamic, progress=not quiet, model_class=model_class)  # fmt: skip
+    warning = no_attention_warning(manifest)
+    if warning:
+        click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
     if as_json:
         click.echo(json.dumps(manifest, indent=2, default=str))
         return
@@ -151,20 +186,17 @@ def _fmt(x) -> str:
 @click.option("--device", default=None, help="Device for the PyTorch rows (default: cuda if available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(artifact, runs, warmup, device, as_json) -> None:
-    """Time the original model against the converted one in artifact DIR on the local device."""
+    """Time the original model against the converted one in artifact DIR on the local device (the policy
+    was chosen at conversion: see attnopt convert --help for every policy form)."""
     import json
 
     from rich.console import Console
     from rich.table import Table
 
-    from attnopt.artifact import ArtifactError
-    from attnopt.convert import ConvertError
     from attnopt.convert import bench as run_bench
+    from attnopt.report import terminal_width
 
-    try:
-        result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
-    except (ConvertError, ArtifactError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -175,7 +207,7 @@ def bench(artifact, runs, warmup, device, as_json) -> None:
     for r in result["rows"]:
         table.add_row(r["name"], r["device"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['speedup']:.2f}x",
                       f"{r['deviation']:.1e}")  # fmt: skip
-    Console(width=140).print(table)
+    Console(width=terminal_width()).print(table)
 
 
 @main.group()
@@ -214,17 +246,13 @@ def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key
     from attnopt.codegen.spec import KernelSpec, default_tiles
 
     dv = head_dim_v or head_dim
-    try:
-        spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype,
-                          causal=_CAUSAL_CODES[causal], mask=mask, bias=bias, key_padding=key_padding,
-                          softcap=softcap, dropout=dropout, group=group, write_ds=write_ds,
-                          **default_tiles(direction, dtype, head_dim, dv))
-        if generation is not None:
-            spec = tuning.default(spec, tuning.GENERATIONS[generation])
-        chosen = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
-        spec = spec.replace(**{k: v for k, v in chosen.items() if v is not None})
-    except ValueError as exc:
-        raise click.ClickException(str(exc)) from exc
+    spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype, causal=_CAUSAL_CODES[causal],
+                      mask=mask, bias=bias, key_padding=key_padding, softcap=softcap, dropout=dropout, group=group,
+                      write_ds=write_ds, **default_tiles(direction, dtype, head_dim, dv))  # fmt: skip
+    if generation is not None:
+        spec = tuning.default(spec, tuning.GENERATIONS[generation])
+    chosen = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+    spec = spec.replace(**{k: v for k, v in chosen.items() if v is not None})
     if show_path:
         click.echo(str(cache.write_source(spec)))
     else:

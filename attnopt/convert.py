@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -120,10 +122,12 @@ def load_pickle_checkpoint(path: Path) -> Any:
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"GLOBAL (\S+)", str(exc))  # torch names the first class it refused
+        holding = unsafe.group(1) if unsafe else "objects"
         raise ConvertError(
-            f"refusing to load {path}: it is a pickle holding objects other than tensors and plain containers, and "
+            f"refusing to load {path}: it is a pickle holding {holding}, not only tensors and plain containers, and "
             "attnopt only loads checkpoints with torch.load(weights_only=True), never unpickling arbitrary objects "
-            f"(a pickle can run code). Re-save the weights as safetensors. ({_first_line(exc)})"
+            "(a pickle can run code). Re-save the weights as safetensors."
         ) from exc
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise ConvertError(f"{path} is not a readable PyTorch checkpoint: {_first_line(exc)}") from exc
@@ -731,6 +735,9 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                     "exports": {},
                     "validation": None,
                 }
+                warning = no_attention_warning(manifest)
+                if warning:
+                    manifest["notes"].append(warning)
                 A.write_manifest(st.staging, manifest)
                 steps.done()
 
@@ -761,9 +768,7 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                     manifest["validation"] = result
                     A.write_manifest(st.staging, manifest)
                     if not result["passed"]:
-                        worst = ", ".join(f"{n} {d:.2e}" for n, d in result["failed"].items())
-                        raise ConvertError(f"validation failed: the converted model deviates from the original beyond the "
-                                           f"budget {budget:.1e} on {result['samples']} sample(s): {worst}")  # fmt: skip
+                        raise ConvertError(validation_failure(result, sites))
                     steps.done()
                 manifest["seconds"] = round(time.perf_counter() - started, 2)
                 A.write_manifest(st.staging, manifest)
@@ -772,6 +777,33 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
             st.discard()
             raise
     return manifest
+
+
+EXACT_DECISIONS = ("exact", "exact-sparse", "keep")  # the same function as the original
+
+
+def validation_failure(result: dict, sites: list[dict]) -> str:
+    """The error of a failed validation, with the way out: a larger budget (--max-error) when the policy
+    changes the function at some site, else a report (exact sites stay within the dtype's tolerance)."""
+    worst = ", ".join(f"{n} {d:.2e}" for n, d in result["failed"].items())
+    text = (f"validation failed: the converted model deviates from the original beyond the budget "
+            f"{result['budget']:.1e} on {result['samples']} sample(s): {worst}.")  # fmt: skip
+    approximate = sorted({s["decision"] for s in sites if s["decision"] not in EXACT_DECISIONS})
+    finite = [d for d in result["failed"].values() if math.isfinite(d) and d > 0]
+    suggest = f" (e.g. --max-error {10 ** math.ceil(math.log10(max(finite))):.0e})" if finite else ""
+    if approximate:
+        return (f"{text} The policy changes the function ({', '.join(approximate)}): accept a larger deviation with "
+                f"--max-error{suggest} (max_error= in Python, or in a policy file), or convert with an exact policy.")
+    return (f"{text} The sites are exact, so this exceeds rounding: raise the budget with --max-error{suggest} if "
+            "the output dtype is coarser than its default tolerance, else report it (rerun with --debug).")
+
+
+def no_attention_warning(manifest: dict) -> str | None:
+    """The warning for a model in which attnopt found no attention site (the artifact is the original model)."""
+    if manifest["sites"]:
+        return None
+    return (f"no attention found in {manifest['model']['class']}: nothing was rewritten, and the output is the "
+            "original model (attnopt inspect lists what was found, the softmaxes not taken included)")
 
 
 # ------------------------------------------------------------------------------------------------------- bench

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Union
 
@@ -88,6 +88,12 @@ class Sparse(ApproximateVariant):
         from attnopt.variants.sparse import parse
 
         return cls(parse(text))
+
+    def to_string(self) -> str:
+        """The string form ``parse_variant`` reads back, e.g. ``sliding_window:4`` or ``sparse:causal``."""
+        from attnopt.variants.sparse import to_string
+
+        return to_string(self.mask)
 
     def to_dict(self) -> dict:
         from attnopt.variants.sparse import to_dict
@@ -171,6 +177,23 @@ class Linear(ApproximateVariant):
         from attnopt.variants.linear import candidates
 
         return candidates(cls, site, match)
+
+    def needs_site_mask(self, match) -> bool:
+        """``causal=None`` at a site with a mask tensor: whether the mask is causal is read from its values
+        on the example inputs (:meth:`bind`)."""
+        from attnopt.variants.linear import masked
+
+        return self.causal is None and masked(match)
+
+    def bind(self, match, mask) -> "Linear":
+        """This variant with ``causal`` read from the site's ``mask`` (causal plus padding, or padding alone);
+        unchanged when the mask is neither (the site is then refused, naming the choice to make)."""
+        from attnopt.variants.linear import mask_causality
+
+        causal = mask_causality(mask)
+        if causal is None or (causal is False and self.decay is not None):
+            return self
+        return replace(self, causal=causal)
 
     def unsupported(self, match) -> str | None:
         from attnopt.variants.linear import linear_unsupported

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -153,52 +154,182 @@ class Report:
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str, **kwargs)
 
-    def __str__(self) -> str:
+    def render(self, width: int | None = None, verbose: bool = False) -> str:
+        """The report as text ``width`` columns wide (default: :func:`terminal_width`). Numbers and names stay
+        on one line; reasons wrap in their own column. Columns that do not fit are left out (the caption says
+        which); long reasons and the auto policy's candidates are summarized unless ``verbose``."""
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(title=f"attnopt: {len(self.sites)} attention site(s) in {self.graphs} graph(s)",
-                      caption="heads q/kv, dims qk/v, seq q/k")
-        tried = any(s.tried for s in self.sites)
-        for col in ("site", "kind", "decision", "heads", "dims", "seq", "mask", "causal", "layout", "deviation",
-                    "speedup (pred.)", "runs", "reason", *(("tried",) if tried else ())):  # fmt: skip
-            # the prose columns fold; names and numbers stay on one line (and stay searchable)
-            table.add_column(col, overflow="fold", no_wrap=col not in ("runs", "reason", "tried"))
-        for s in self.sites:
-            dev = "-" if s.deviation is None else f"{s.deviation:.1e}"
-            speedup = "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x"
-            row = [s.name, s.kind, s.decision, "/".join(map(str, s.heads)), "/".join(map(str, s.head_dims)),
-                   "/".join(map(str, s.seq)), s.mask, s.causal, s.layout, dev, speedup, s.runs or "-",
-                   s.reason]  # fmt: skip
-            if tried:
-                row.append("; ".join(f"{t.variant} {_short(t.deviation)} {t.verdict}" for t in s.tried) or "-")
-            table.add_row(*row)
+        width = terminal_width() if width is None else width
         buf = io.StringIO()
-        console = Console(file=buf, width=160, force_terminal=False, color_system=None)
-        console.print(table)
+        console = Console(file=buf, width=width, force_terminal=False, color_system=None)
+        console.print(_sites_table(self, width, verbose))
         if self.misses:
-            misses = Table(title=f"{len(self.misses)} softmax(es) not rewritten")
-            for col in ("where", "node", "reason"):
-                misses.add_column(col, overflow="fold")
-            for m in self.misses:
-                misses.add_row(m.name, m.node, m.reason)
-            console.print(misses)
+            console.print(_misses_table(self.misses))
         if self.not_captured:
-            title = f"{len(self.not_captured)} attention call(s) not captured (a graph break ran them eagerly)"
-            lost = Table(title=title)
-            for col in ("where", "graph break at", "reason"):
-                lost.add_column(col, overflow="fold")
-            for n in self.not_captured:
-                lost.add_row(n.name, n.at, n.reason)
-            console.print(lost)
+            console.print(_not_captured_table(self.not_captured))
         if self.output_deviation is not None:
             console.print(f"max relative output difference vs the original: {self.output_deviation:.2e}")
         for note in self.notes:
-            console.print(f"note: {note}")
+            console.print(f"note: {note}", markup=False)
         return buf.getvalue().rstrip()
+
+    def __str__(self) -> str:
+        return self.render()
 
     __repr__ = __str__
 
 
 def _short(x: float | None) -> str:
     return "-" if x is None else f"{x:.1e}"
+
+
+DEFAULT_WIDTH = 120  # str(report) away from a terminal, without $COLUMNS
+MIN_PROSE = 20  # a reason column narrower than this is unreadable: other columns go first
+MAX_WORD = 32  # a longer word in a prose column (a path) folds rather than widening the column
+_SUMMARY = 140  # characters of a reason shown in the table unless verbose
+
+
+def terminal_width() -> int:
+    """rich's detected width on a terminal; else ``$COLUMNS``; else :data:`DEFAULT_WIDTH`."""
+    from rich.console import Console
+
+    console = Console()
+    if console.is_terminal:
+        return console.width
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else DEFAULT_WIDTH
+
+
+def _summary(text: str, verbose: bool) -> str:
+    """The first clause of a long auto reason (the evidence follows it; to_json and ``verbose`` keep it
+    whole). Other reasons name a problem and its fix: they are shown whole."""
+    if verbose or len(text) <= _SUMMARY or not text.startswith("auto:"):
+        return text
+    head = text.split("; ")[0]
+    return (head if len(head) <= _SUMMARY else head[: _SUMMARY - 3].rstrip()) + " ... (--verbose: all)"
+
+
+def _tried(s: Site, verbose: bool) -> str:
+    if verbose:
+        return "; ".join(f"{t.variant} {_short(t.deviation)} {t.verdict}" for t in s.tried) or "-"
+    chosen = [t.variant for t in s.tried if t.verdict == "chosen"]
+    return f"{len(s.tried)} tried" + (f", chose {chosen[0]}" if chosen else "") if s.tried else "-"
+
+
+# (header, cell, kind, priority): "name" and "number" cells never wrap and never shrink; "prose" wraps in its
+# own column. When the columns do not fit, the lowest priority goes first.
+_COLUMNS = (
+    ("site", lambda s, v: s.name, "name", 9),
+    ("kind", lambda s, v: s.kind, "name", 2),
+    ("decision", lambda s, v: s.decision, "name", 8),
+    ("heads", lambda s, v: "/".join(map(str, s.heads)), "number", 3),
+    ("dims", lambda s, v: "/".join(map(str, s.head_dims)), "number", 3),
+    ("seq", lambda s, v: "/".join(map(str, s.seq)), "number", 4),
+    ("mask", lambda s, v: s.mask, "name", 5),
+    ("causal", lambda s, v: s.causal, "name", 5),
+    ("layout", lambda s, v: s.layout, "name", 1),
+    ("deviation", lambda s, v: _short(s.deviation), "number", 7),
+    ("speedup", lambda s, v: "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x", "number", 6),
+    ("runs", lambda s, v: s.runs or "-", "prose", 4),
+    ("reason", lambda s, v: _summary(s.reason, v), "prose", 10),
+    ("tried", _tried, "prose", 6),
+)
+
+
+def _needs(columns: list, cells: dict) -> dict:
+    """The narrowest each column may be: names and numbers their longest cell; prose MIN_PROSE, or its longest
+    word (up to MAX_WORD) so that words wrap whole, or its longest cell, if shorter."""
+    out = {}
+    for header, _, kind, _ in columns:
+        longest = max([len(header), *(len(c) for c in cells[header])])
+        word = min(MAX_WORD, max((len(w) for c in cells[header] for w in c.split()), default=0))
+        out[header] = min(longest, max(MIN_PROSE, len(header), word)) if kind == "prose" else longest
+    return out
+
+
+def _fit(columns: list, needs: dict, width: int) -> list:
+    """The columns that fit ``width`` (3 characters of border and padding per column, 1 for the edge),
+    dropping the lowest priority first."""
+    def fits(cols) -> bool:
+        return sum(needs[c[0]] + 3 for c in cols) + 1 <= width
+
+    kept = list(columns)
+    while len(kept) > 1 and not fits(kept):
+        kept.remove(min(kept, key=lambda c: c[3]))
+    for col in sorted((c for c in columns if c not in kept), key=lambda c: -c[3]):  # room left by a wide one
+        if fits([*kept, col]):
+            kept.append(col)
+    return [c for c in columns if c in kept]
+
+
+def _prose_widths(prose: list, needs: dict, cells: dict, room: int) -> dict:
+    """Widths of the prose columns in ``room`` characters (their borders included): each its need, then what
+    is left shared 3:1 between the reason and the others, none wider than its longest cell."""
+    widths = {c[0]: needs[c[0]] for c in prose}
+    natural = {h: max([len(h), *(len(x) for x in cells[h])]) for h in widths}
+    extra = room - sum(w + 3 for w in widths.values())
+    while extra > 0:
+        growing = [h for h in widths if widths[h] < natural[h]]
+        total = sum(3 if h == "reason" else 1 for h in growing)
+        given = 0
+        for h in growing:
+            add = min(natural[h] - widths[h], max(1, extra * (3 if h == "reason" else 1) // total), extra - given)
+            widths[h] += add
+            given += add
+        if not given:
+            break
+        extra -= given
+    return widths
+
+
+def _sites_table(report: Report, width: int, verbose: bool):
+    from rich.table import Table
+    from rich.text import Text
+
+    tried = any(s.tried for s in report.sites)
+    columns = [c for c in _COLUMNS if c[0] != "tried" or tried]
+    cells = {c[0]: [c[1](s, verbose) for s in report.sites] for c in columns}
+    needs = _needs(columns, cells)
+    kept = _fit(columns, needs, width)
+    hidden = [c[0] for c in columns if c not in kept]
+    caption = "heads q/kv, dims qk/v, seq q/k, speedup predicted"
+    if hidden:
+        caption += f"; not shown at {width} columns: {', '.join(hidden)} (--json shows all)"
+    fixed = sum(needs[c[0]] + 3 for c in kept if c[2] != "prose")
+    prose = _prose_widths([c for c in kept if c[2] == "prose"], needs, cells, width - fixed - 1)
+    table = Table(title=f"attnopt: {len(report.sites)} attention site(s) in {report.graphs} graph(s)", caption=caption)
+    for header, _, kind, _ in kept:
+        if kind == "prose":  # wraps at spaces; a word longer than the column folds
+            table.add_column(header, overflow="fold", width=prose[header])
+        else:  # one line, never narrower than its longest cell
+            table.add_column(header, no_wrap=True, min_width=needs[header])
+    for i in range(len(report.sites)):
+        table.add_row(*(Text(cells[c[0]][i]) for c in kept))  # Text: a "[...]" in a reason is not markup
+    return table
+
+
+def _misses_table(misses: list[Miss]):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"{len(misses)} softmax(es) not rewritten")
+    table.add_column("where", overflow="fold", ratio=1)
+    table.add_column("node", no_wrap=True, overflow="fold")
+    table.add_column("reason", overflow="fold", ratio=2, min_width=MIN_PROSE)
+    for m in misses:
+        table.add_row(Text(m.name), Text(m.node), Text(m.reason))
+    return table
+
+
+def _not_captured_table(entries: list[NotCaptured]):
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"{len(entries)} attention call(s) not captured (a graph break ran them eagerly)")
+    table.add_column("where", overflow="fold", ratio=1)
+    table.add_column("graph break at", overflow="fold", ratio=1)
+    table.add_column("reason", overflow="fold", ratio=2, min_width=MIN_PROSE)
+    for n in entries:
+        table.add_row(Text(n.name), Text(n.at), Text(n.reason))
+    return table

@@ -85,3 +85,18 @@ def test_import_is_light():
         "assert 'transformers' not in sys.modules, 'transformers imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_wrong_dtype_at_call_time_is_an_input_error_not_a_backend_failure():
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(16, 48)
+
+        def forward(self, x):
+            q, k, v = self.proj(x).view(2, 5, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            return nn.functional.scaled_dot_product_attention(q, k, v)
+
+    fast = attnopt.optimize(Attn().eval(), "exact")
+    with pytest.raises(attnopt.InputError, match="do not fit Attn.*Double and Float.*dtype"):
+        fast(torch.randn(2, 5, 16, dtype=torch.float64))

@@ -195,3 +195,59 @@ def test_glob_matching_no_site_names_it_and_the_sites(entry):
     names = r"\['decoder\.\*'\] match no attention site; sites are \['<top>#1', '<top>#2'\]"
     with pytest.raises(ValueError, match=names):
         getattr(attnopt, entry)(TwoSites(), args=(x,), policy=policy)
+
+
+# ------------------------------------------------------------------ bare policy strings and their display (issue 12)
+
+class _MaskedAttention(nn.Module):
+    """An attention module taking an additive mask, as a Hugging Face eager attention does."""
+
+    def forward(self, q, k, v, mask):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, dim=-1) @ v
+
+
+def _masked_args(mask_kind: str):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, 16, generator=g) for _ in range(3))
+    hidden = torch.zeros(2, 1, 12, 12, dtype=torch.bool)
+    hidden[1, ..., 9:] = True  # the second sequence is padded after 9 tokens
+    if mask_kind == "causal":
+        hidden |= torch.ones(12, 12, dtype=torch.bool).triu(1)
+    return q, k, v, torch.zeros(hidden.shape).masked_fill(hidden, torch.finfo(torch.float32).min)
+
+
+@pytest.mark.parametrize("mask_kind, causal", [("causal", True), ("padding", False)])
+def test_bare_linear_infers_causal_from_the_sites_mask(mask_kind, causal):
+    args = _masked_args(mask_kind)
+    opt = attnopt.optimize(_MaskedAttention(), "linear", args)
+    (site,) = attnopt.report(opt).sites
+    assert site.decision == "linear", site.reason
+    assert ("non-causal" in site.reason) == (not causal) and "causal" in site.reason
+    explicit = attnopt.optimize(_MaskedAttention(), Linear(causal=causal), args)
+    torch.testing.assert_close(opt(*args), explicit(*args))
+
+
+@pytest.mark.parametrize("text, decision", [("sigmoid", "sigmoid"), ("sparse", "exact-sparse")])
+def test_bare_sigmoid_and_sparse_rewrite_a_masked_site(text, decision):
+    opt = attnopt.optimize(_MaskedAttention(), text, _masked_args("causal"))
+    (site,) = attnopt.report(opt).sites
+    assert site.decision == decision, site.reason
+
+
+def test_mask_causality():
+    from attnopt.variants.linear import mask_causality
+
+    tril = torch.ones(5, 5, dtype=torch.bool).tril()
+    keep = torch.tensor([True, True, True, False, False])
+    assert mask_causality(tril) is True and mask_causality(tril & keep) is True
+    assert mask_causality(keep.expand(5, 5)) is False and mask_causality(torch.zeros(3, 7)) is False
+    assert mask_causality(tril.T) is None and mask_causality(torch.ones(1, 1, dtype=torch.bool)) is True
+
+
+@pytest.mark.parametrize("text", ["sparse", "sparse:causal", "sliding_window:4", "sliding_window:3,2",
+                                  "sparse:blocked:8", "linear:relu,causal=true"])
+def test_display_reads_back_as_written(text):
+    v = parse_variant(text)
+    assert v.to_string() == text and parse_variant(v.to_string()) == v
+    if text.startswith("sliding_window"):
+        assert text in v.describe() and "SlidingWindow(" not in v.describe()

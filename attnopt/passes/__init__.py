@@ -25,7 +25,7 @@ from attnopt.errors import GraphDeviationError
 from attnopt.kernels.exact import dispatch
 from attnopt.patterns import Detection, detect
 from attnopt.passes.purity import is_impure
-from attnopt.patterns.match import AttentionMatch, copy_graph, emit, replacement_graph
+from attnopt.patterns.match import AttentionMatch, copy_graph, emit, emit_mask, replacement_graph
 from attnopt.policy import Exact, Keep, Policy
 from attnopt.report import Miss, Site
 
@@ -81,6 +81,7 @@ def detect_sites(gm: GraphModule, ctx: Context) -> PassResult:
 
 def decide(gm: GraphModule, ctx: Context) -> PassResult:
     matched = [d for d in ctx.detections if d.match is not None]
+    masks = _site_masks(ctx, matched)
     for d, site in zip(matched, ctx.sites):
         if d.match.escape:
             site.decision, site.reason = "keep", d.match.escape
@@ -92,6 +93,8 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             site.decision, site.reason = "exact", "fused attnopt kernel, same function"
             ctx.chosen[site.name] = d.match
         else:
+            if id(d.match) in masks:  # the variant reads the site's mask (bind)
+                variant = variant.bind(d.match, masks[id(d.match)])
             unsupported = variant.unsupported(d.match)
             if unsupported:
                 site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
@@ -100,6 +103,26 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
             ctx.chosen[site.name] = d.match
             ctx.variants[site.name] = variant
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
+
+
+def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
+    """The mask tensor of each site whose variant reads it (``needs_site_mask(match)``: linear attention's
+    causal=None), computed on the example inputs in one run of the graph; keyed by ``id(match)``."""
+    wanted = [d.match for d, site in zip(matched, ctx.sites)
+              if getattr(ctx.policy.for_site(site.name), "needs_site_mask", lambda m: False)(d.match)]  # fmt: skip
+    if not wanted or _validation_skip(ctx.example_inputs) or ctx.original is None:
+        return {}
+    recorder = _Recorder(ctx.original, {o for m in wanted for o in m.operands()})
+    out = {}
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+            for m in wanted:
+                sub, operands = replacement_graph(m, emit_mask)
+                out[id(m)] = sub(*[recorder.values[o] for o in operands])
+    except Exception:  # noqa: BLE001 - unread masks leave the variant unbound: it refuses the site by name
+        return {}
+    return out
 
 
 def _emitter(ctx: Context, name: str) -> Callable:

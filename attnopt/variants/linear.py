@@ -147,8 +147,26 @@ def linear_string(v) -> str:
 
 # ----------------------------------------------------------------------------------------------- applicability
 
-def _masked(m) -> bool:
+def masked(m) -> bool:
+    """Whether the site has a mask tensor."""
     return bool(m.additive or m.bool_masks)
+
+
+def mask_causality(mask: torch.Tensor) -> bool | None:
+    """What a site's mask (bool True = attend, or additive) is on the values given: causal plus key padding
+    (True), key padding alone (False), or neither (None). Rows that see no key (padded queries) are ignored;
+    one query over one key counts as causal (a decode step carries the recurrent state)."""
+    visible = mask if mask.dtype == torch.bool else mask > MASKED
+    sq, sk = visible.shape[-2:]
+    seen = visible.any(dim=-1, keepdim=True)  # [..., Sq, 1]: rows that see some key
+    keep = visible.any(dim=-2, keepdim=True)  # [..., 1, Sk]: keys some query sees
+    if sq == sk:
+        tril = torch.ones(sq, sk, dtype=torch.bool, device=visible.device).tril()
+        if bool(((visible == (tril & keep)) | ~seen).all()):
+            return True
+    if bool(((visible == keep) | ~seen).all()):
+        return False
+    return None
 
 
 def _softcapped(m) -> bool:
@@ -175,9 +193,10 @@ def resolve_causal(v, m) -> bool | str:
     """Whether the site runs causal; a string says why it cannot run at all."""
     site_causal = m.causal != CAUSAL_NONE
     if v.causal is None:
-        if _masked(m):
-            return (f"the site has a {m.mask_kind} mask tensor; say what it is: Linear(causal=True) for a causal mask "
-                    "(padding included), Linear(causal=False) for a padding mask")  # fmt: skip
+        if masked(m):
+            return (f"the site's {m.mask_kind} mask tensor is neither causal nor padding on the example inputs "
+                    "(or there were none); say what it is: linear:causal=true / Linear(causal=True) for a causal "
+                    "mask (padding included), linear:causal=false / Linear(causal=False) for a padding mask")
         return site_causal
     if v.causal is False and site_causal:
         return "the site is causal; Linear(causal=False) would let queries see later keys"

@@ -74,6 +74,22 @@ def parse(text: str):
     raise ValueError(f"policy {text!r}: sparse takes auto, causal, blocked:B or a mask's JSON (mask.to_dict())")
 
 
+def to_string(mask) -> str:
+    """The string form :func:`parse` reads back: ``sparse`` (exact-sparse), ``sparse:causal``,
+    ``sliding_window:W`` (a causal window of W tokens), ``sliding_window:L,R``, ``sparse:blocked:B``, else
+    ``sparse:<mask JSON>``; a mask without a dict form (a tensor, a callable) as its own text."""
+    if mask == AUTO:
+        return "sparse"
+    if mask == masks.causal():
+        return "sparse:causal"
+    if isinstance(mask, masks.SlidingWindow) and mask.dilation == 1 and None not in (mask.left, mask.right):
+        return f"sliding_window:{mask.left + 1}" if mask.right == 0 else f"sliding_window:{mask.left},{mask.right}"
+    if isinstance(mask, masks.Blocked) and len(mask.block) == 1 and mask == masks.Blocked(mask.block[0]):
+        return f"sparse:blocked:{mask.block[0]}"
+    d = mask.to_dict()
+    return str(mask) if d is None else "sparse:" + json.dumps(d, separators=(",", ":"))
+
+
 def to_dict(mask) -> dict:
     if mask == AUTO:
         return {"mask": AUTO}
@@ -92,7 +108,9 @@ def describe(mask, match=None) -> str:
     if match is not None:
         mask, source = resolve(mask, match)
         where = f"; {source}" if source else ""
-    return f"sparse attention, mask {mask}{where} (approximate: changes the function)"
+    text = to_string(mask)
+    shown = f"mask {mask}" if text.startswith("sparse:{") else text  # a JSON form reads worse than the mask
+    return f"sparse attention, {shown}{where} (approximate: changes the function)"
 
 
 def unsupported(mask, match) -> str | None:
