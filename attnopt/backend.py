@@ -56,6 +56,12 @@ class Backend:
         self.check_globs = check_globs  # off where the caller checks globs against all sites (optimize, inspect)
         self.namers: dict[int, SiteNamer] = {}
 
+    # dynamo names a backend in its errors by ``__name__`` or repr: ``backend='attnopt'``, not an object address
+    __name__ = "attnopt"
+
+    def __repr__(self) -> str:
+        return "attnopt"
+
     def note_breaks(self) -> None:
         """Records in the report the attention that graph breaks ran outside the captured graphs so far."""
         self.report.add_not_captured(self.breaks.new_entries())

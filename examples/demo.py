@@ -9,6 +9,7 @@ import argparse
 import logging
 
 import torch
+from torch.utils.benchmark import Timer
 
 import attnopt
 from attnopt import zoo
@@ -41,6 +42,19 @@ def main() -> None:
         got = fast(*z.args, **z.kwargs).last_hidden_state
     print(f"\nlargest output difference: {(got - want).abs().max().item():.3e} absolute, "
           f"{deviation(got, want):.3e} relative to the largest output")  # fmt: skip
+    print_speed(z, fast)
+
+
+def print_speed(z: zoo.ZooModel, fast: torch.nn.Module) -> None:
+    """Median forward time of the original and the optimized model on the example inputs (this machine)."""
+    times = {}
+    for label, model in (("original", z.model), ("attnopt", fast)):
+        timer = Timer("with torch.no_grad(): model(*args, **kwargs)",
+                      globals={"torch": torch, "model": model, "args": z.args, "kwargs": z.kwargs})  # fmt: skip
+        times[label] = timer.blocked_autorange(min_run_time=1.0).median
+    device = "CUDA" if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    print(f"measured forward time ({device}, median): original {times['original'] * 1e3:.2f} ms, "
+          f"attnopt {times['attnopt'] * 1e3:.2f} ms ({times['original'] / times['attnopt']:.2f}x)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def test_convert_keep_policy_and_bench(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(*args, **kwargs)[0], z.model(*args, **kwargs)[0])
 
-    res = CliRunner().invoke(main, ["bench", str(out), "--runs", "2", "--warmup", "1"])
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["bench", str(out), "--runs", "2", "--warmup", "1"])
     assert res.exit_code == 0, res.output
     assert "original (PyTorch)" in res.stdout and "attnopt (attnopt.load)" in res.stdout and "speedup" in res.stdout
     res = CliRunner().invoke(main, ["bench", str(out), "--runs", "1", "--warmup", "0", "--json"])
