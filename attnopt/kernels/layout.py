@@ -1,4 +1,4 @@
-"""The memory layout every attnopt custom op promises for its outputs: contiguous.
+"""The layout of attnopt's custom ops: SDPA's for the inputs (:func:`check_qkv`), contiguous for the outputs.
 
 A custom op's fake implementation tells ``torch.compile`` the shape *and strides* of each output, and
 Inductor asserts them on the real outputs (``assert_size_stride``). The inputs arrive in any layout
@@ -22,3 +22,15 @@ def empty(like: Tensor, shape=None, dtype: torch.dtype | None = None) -> Tensor:
 def contiguous(*tensors: Tensor) -> tuple[Tensor, ...]:
     """``tensors`` in the promised layout, each contiguous."""
     return tuple(t.contiguous() for t in tensors)
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, op: str) -> None:
+    """Raises ValueError unless q, k, v have SDPA's layout, which every attnopt op takes: q [B, Hq, Sq, D],
+    k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] with Hq a multiple of Hkv (GQA). ``op`` names the caller in the
+    message."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"{op}: q, k, v must be 4-D [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")

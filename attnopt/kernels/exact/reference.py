@@ -1,6 +1,6 @@
 """Plain PyTorch reference for exact attention: the oracle every exact kernel is tested against.
 
-Semantics (``shared/DESIGN.md`` §1)::
+Semantics::
 
     O = dropout(softmax(softcap(scale * Q Kᵀ) + mask)) V,   softcap(s) = cap · tanh(s / cap)  (cap > 0)
     Q: [B, Hq, Sq, D]   K: [B, Hkv, Sk, D]   V: [B, Hkv, Sk, Dv]   Hq % Hkv == 0

@@ -1,6 +1,6 @@
 r"""Plain PyTorch reference for linear attention: the quadratic form (the oracle) and the recurrence.
 
-Semantics (``shared/DESIGN.md`` §2, Linear and Lightning). The operands are *features*: the feature
+Semantics (linear attention, and Lightning attention with its decay). The operands are *features*: the feature
 map φ (:func:`feature_map`) is applied to the queries and keys before they reach these functions (the
 variant writes it into the graph). With ``s = scale``, a per-query-head decay ``λ = exp(log_decay)``
 (1 without decay) and ``M_ij = λ^(i-j)`` for ``j <= i`` (0 above the diagonal) when causal, ``M = 1``
@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from attnopt.kernels.layout import check_qkv
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 EPS = 1e-6
@@ -82,13 +84,8 @@ def expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
 
 def check(q, k, v, log_decay, causal, initial_state, initial_norm) -> None:
     """Raises ValueError for operands outside the semantics of the module docstring."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"linear attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    check_qkv(q, k, v, "linear attention")
     b, hq, sq, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or k.shape[3] != d:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[1] == 0 or hq % k.shape[1] != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[1]})")
     if log_decay is not None and tuple(log_decay.shape) != (hq,):
         raise ValueError(f"log_decay must have shape [{hq}] (one per query head); got {tuple(log_decay.shape)}")
     if causal and sq != k.shape[2]:

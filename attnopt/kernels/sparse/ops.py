@@ -27,21 +27,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.layout import contiguous, empty
-from attnopt.kernels.sparse import blockwise
-from attnopt.masks import lookup, residue_order
-from attnopt.masks.structured import _Grid
+from attnopt.kernels.layout import check_qkv, contiguous, empty
+from attnopt.kernels.sparse import blockwise, triton_impl
+from attnopt.kernels.sparse.structure import recognize
+from attnopt.masks import Blocked, Neighborhood, lookup, residue_order
 
 _NS = "attnopt"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, kv_valid: Optional[Tensor]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"sparse attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, "sparse attention")
     if kv_valid is not None and (kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (q.shape[0], k.shape[2])):
         raise ValueError(f"kv_valid must be bool [B, Sk] = {(q.shape[0], k.shape[2])}; got {kv_valid.dtype} "
                          f"{tuple(kv_valid.shape)}")  # fmt: skip
@@ -53,17 +48,15 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 def _impl(q: Tensor, attn_mask: Optional[Tensor]):
     """The implementation module: the Triton kernels for CUDA tensors they take, else the blockwise path."""
-    if q.is_cuda:
-        from attnopt.kernels.sparse import triton_impl
-
-        if triton_impl.supports(q, attn_mask):
-            return triton_impl
+    if q.is_cuda and triton_impl.supports(q, attn_mask):
+        return triton_impl
     return blockwise
 
 
 def _tiled(mask) -> bool:
-    """Whether the mask asks for its grid tokens reordered into spatial tiles (see ``Neighborhood.tile``)."""
-    return isinstance(mask, _Grid) and mask.tile is not None and mask.order == "row-major"
+    """Whether the mask asks for its grid tokens reordered into spatial tiles (see ``Neighborhood.tile``; the
+    token-grid masks are Neighborhood and Blocked)."""
+    return isinstance(mask, (Blocked, Neighborhood)) and mask.tile is not None and mask.order == "row-major"
 
 
 def _permute(x: Optional[Tensor], perm: Tensor, dims=(2,)) -> Optional[Tensor]:
@@ -174,8 +167,6 @@ sparse_attention.register_autograd(_backward, setup_context=_setup)
 
 # --- exact-sparse: the site's own mask, recognized at run time ------------------------------------------
 def _auto_forward(q, k, v, attn_mask, causal, scale, softcap):
-    from attnopt.kernels.sparse.structure import recognize
-
     found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if found is None:
         out, lse = torch.ops.attnopt.attention.default(q, k, v, attn_mask, 0.0, causal, scale, None, softcap)
@@ -206,8 +197,6 @@ def sparse_attention_auto_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
                                    attn_mask: Optional[Tensor], causal: int, scale: float,
                                    softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv): recognizes the mask again (deterministic) and takes the forward's path."""
-    from attnopt.kernels.sparse.structure import recognize
-
     found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if found is None:
         dq, dk, dv, _ = torch.ops.attnopt.attention_backward.default(

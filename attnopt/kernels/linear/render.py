@@ -30,15 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.common import dim_constants, module_head
-from attnopt.codegen.spec import GeneratedSpec, next_pow2
+from attnopt.codegen.spec import DTYPES, GeneratedSpec, next_pow2
+from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dim_constants, dot, module_head
 
 KINDS = ("state", "out", "grad")
-DTYPES = ("float16", "bfloat16", "float32")
-TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
 MAX_HEAD_DIM = 128  # the grad kernel holds two full [D, Dv] fp32 states per program
 CHUNK = 64
-LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,12 +91,6 @@ def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: 
 
 
 # --------------------------------------------------------------------------------------------------- render
-
-def _dot(spec: LinearSpec, a: str, b: str) -> str:
-    """``tl.dot``; exact fp32 products for fp32 specs (Triton's default for fp32 operands is tf32)."""
-    ieee = ', input_precision="ieee"' if spec.dtype == "float32" else ""
-    return f"tl.dot({a}, {b}{ieee})"
-
 
 def _header(spec: LinearSpec, what: str) -> list[str]:
     summary = [
@@ -265,7 +256,7 @@ def _state(spec: LinearSpec) -> list[str]:
             lines.append("        z = z * carry")
     y_cast = "y.to(tl.float32)" if rev else "y"
     x_cast = "x" if rev else f"x.to({dt})"
-    lines.append(f"        h += {_dot(spec, f'tl.trans({x_cast})', y_cast)}")
+    lines.append(f"        h += {dot(spec, f'tl.trans({x_cast})', y_cast)}")
     if norm:
         if rev:
             lines += [
@@ -312,17 +303,17 @@ def _out(spec: LinearSpec) -> list[str]:
     if spec.causal:
         lines += _load_rows("k", "K", "offs_d", "row_ok[:, None] & d_ok[None, :]", "  # [CHUNK, BLOCK_D]")
         lines += _load_rows("v", "V", "offs_v", "row_ok[:, None] & v_ok[None, :]", "  # [CHUNK, BLOCK_DV]")
-        lines.append(f"    s = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores")
+        lines.append(f"    s = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores")
         lines += _intra_mask(spec, "s")
         lines += [
-            f"    num = {_dot(spec, f's.to({dt})', 'v')}  # [CHUNK, BLOCK_DV]",
+            f"    num = {dot(spec, f's.to({dt})', 'v')}  # [CHUNK, BLOCK_DV]",
             "    chunk_base = (bh * n_chunks + pid_c) * HEAD_DIM",
             "    h = tl.load(States + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # state into the chunk",
             "    qf = q.to(tl.float32)",
         ]
         if spec.decay:
             lines.append("    qf = qf * tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)")
-        lines.append(f"    num += {_dot(spec, 'qf', 'h')}")
+        lines.append(f"    num += {dot(spec, 'qf', 'h')}")
         if norm:
             lines += [
                 "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)",
@@ -332,7 +323,7 @@ def _out(spec: LinearSpec) -> list[str]:
         lines += [
             "    h = tl.load(States + bh * HEAD_DIM * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)",
             "    qf = q.to(tl.float32)",
-            f"    num = {_dot(spec, 'qf', 'h')}  # [CHUNK, BLOCK_DV]",
+            f"    num = {dot(spec, 'qf', 'h')}  # [CHUNK, BLOCK_DV]",
         ]
         if norm:
             lines += [
@@ -399,13 +390,13 @@ def _grad(spec: LinearSpec) -> list[str]:
             "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D]",
             "    r = tl.load(RNorms + chunk_base + offs_d, mask=d_ok, other=0.0)",
         ]
-    inter_q = f"{_dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
-    inter_k = f"{_dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
-    inter_v = _dot(spec, "k", "g")
+    inter_q = f"{dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
+    inter_k = f"{dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
+    inter_v = dot(spec, "k", "g")
     if spec.causal:
         lines += [
-            f"    a = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
-            f"    dp = {_dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
+            f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
+            f"    dp = {dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
         ]
         lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
         if spec.decay:
@@ -413,15 +404,15 @@ def _grad(spec: LinearSpec) -> list[str]:
                 "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
                 "    length = tl.minimum(seq_k - pid_c * CHUNK, CHUNK)",
                 "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
-                f"    dq = {_dot(spec, 'dp', 'k')} + wq * ({inter_q})",
-                f"    dk = {_dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
-                f"    dv = {_dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
+                f"    dq = {dot(spec, 'dp', 'k')} + wq * ({inter_q})",
+                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
+                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
             ]
         else:
             lines += [
-                f"    dq = {_dot(spec, 'dp', 'k')} + {inter_q}",
-                f"    dk = {_dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
-                f"    dv = {_dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
+                f"    dq = {dot(spec, 'dp', 'k')} + {inter_q}",
+                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
+                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
             ]
     else:
         lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]

@@ -23,19 +23,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.common import TL_DTYPES, dot, module_head, tile_constants
 from attnopt.codegen.spec import (
     CAUSAL_BOTTOM_RIGHT,
     CAUSAL_NAMES,
     CAUSAL_NONE,
     CAUSAL_TOP_LEFT,
+    DTYPES,
     GeneratedSpec,
     PaddedValueDim,
     next_pow2,
 )
+from attnopt.codegen.triton_text import TL_DTYPES, dot, module_head, tile_constants
 
 DIRECTIONS = ("fwd", "bwd_kv", "bwd_q")
-DTYPES = ("float16", "bfloat16", "float32")
 MASKS = ("none", "bool", "additive")
 MAX_HEAD_DIM = 256
 
