@@ -23,9 +23,7 @@ import math
 
 import torch
 
-CAUSAL_NONE = 0
-CAUSAL_TOP_LEFT = 1
-CAUSAL_BOTTOM_RIGHT = 2
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT  # the causal codes of every op
 
 
 def default_scale(head_dim: int) -> float:

@@ -18,7 +18,7 @@ from attnopt.codegen import cache
 from attnopt.codegen.spec import KernelSpec, default_spec
 from attnopt.kernels.exact.render import kernel_arg_names, load_kernel, render
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = dict(head_dim=64, head_dim_v=64, dtype="float16", causal=0, mask="none", block_m=64, block_n=64,
             num_warps=4, num_stages=2)

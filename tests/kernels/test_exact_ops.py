@@ -30,6 +30,18 @@ def test_matches_sdpa(hq, hkv, sq, sk, mask):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("shapes, message", [
+    (((2, 4, 7, 12), (1, 4, 7, 12), (1, 4, 7, 12)), "incompatible shapes"),  # the CPU op used to broadcast the batch
+    (((2, 4, 7, 12), (2, 0, 7, 12), (2, 0, 7, 12)), "must be a multiple"),  # used to divide by zero
+    (((2, 4, 7, 12), (2, 3, 7, 12), (2, 3, 7, 12)), "must be a multiple"),
+    (((4, 7, 12), (2, 4, 7, 12), (2, 4, 7, 12)), "must be 4-D"),
+])
+def test_refuses_a_bad_layout_by_name(shapes, message):
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for shape in shapes)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.attnopt.attention(q, k, v, None, 0.0, reference.CAUSAL_NONE, 0.5, None)
+
+
 @pytest.mark.parametrize("causal", [reference.CAUSAL_NONE, reference.CAUSAL_TOP_LEFT, reference.CAUSAL_BOTTOM_RIGHT])
 @pytest.mark.parametrize("hkv", [3, 1])
 def test_gradcheck(causal, hkv):
