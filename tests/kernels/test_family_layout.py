@@ -60,3 +60,19 @@ def test_shared_constants_are_defined_once(constant):
     homes = [name for name, tree in _modules() for node in tree.body
              if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == constant for t in node.targets)]
     assert len(homes) == 1, f"{constant} is defined in {homes}"
+
+
+# The optimized paths of each family: they share operand helpers with the oracle, never the oracle itself.
+OPTIMIZED = {
+    "sparse": ("triton_impl.py", "render.py", "blockwise.py", "plan.py", "structure.py"),
+    "linear": ("triton_impl.py", "render.py", "chunked.py", "operands.py"),
+    "sigmoid": ("triton_impl.py", "render.py"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(OPTIMIZED))
+def test_optimized_paths_never_import_a_reference(family):
+    for file in OPTIMIZED[family]:
+        tree = ast.parse((PACKAGE / "kernels" / family / file).read_text(encoding="utf-8"))
+        for node, module, names, _ in _attnopt_imports(tree):
+            assert not any("reference" in n for n in [module, *names]), f"kernels/{family}/{file} imports {module}"

@@ -243,9 +243,16 @@ def _dkdv(spec: KernelSpec) -> list[str]:
     ]
     lines = opening(spec, "Exact attention backward, dK and dV: one program per (key tile, batch * kv head), "
                       "streaming query tiles.", arg_names(spec), doc)
+    q_end = "q_end" if spec.key_padding else "seq_q"
+    lines += _dkdv_key_tile(spec) + _dkdv_query_range(spec, q_end)
+    return lines + _dkdv_query_heads(spec, q_end) + _dkdv_store(spec)
+
+
+def _dkdv_key_tile(spec: KernelSpec) -> list[str]:
+    """The program's key tile: its rows, k and v loaded, dk and dv zeroed."""
     k_mask = and_("col_in[:, None]", d_ok(spec, "[None, :]"))
     v_mask = and_("col_in[:, None]", dv_ok(spec, "[None, :]"))
-    lines += [
+    lines = [
         "    pid_n = tl.program_id(0)",
         "    pid_bhkv = tl.program_id(1)",
         "    num_kv_heads = num_heads // GROUP",
@@ -262,8 +269,7 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         lines += [
             "    q_end = tl.where(start_n < kv_end, seq_q, 0)  # a key tile wholly in the padding sees no query",
         ]
-    q_end = "q_end" if spec.key_padding else "seq_q"
-    lines += [
+    return lines + [
         "",
         "    k_base = K + off_b * stride_kb + off_hkv * stride_kh + tl.cast(start_n, tl.int64) * stride_kn",
         "    v_base = V + off_b * stride_vb + off_hkv * stride_vh + tl.cast(start_n, tl.int64) * stride_vn",
@@ -275,8 +281,11 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)  # [BLOCK_N, BLOCK_DV]",
         "",
     ]
-    lines += _dkdv_query_range(spec, q_end)
-    ind = "    "
+
+
+def _dkdv_query_heads(spec: KernelSpec, q_end: str) -> list[str]:
+    """dK and dV summed over the query heads of the key/value head, each over its query tiles."""
+    lines, ind = [], "    "
     if spec.group > 1:
         lines += [
             "",
@@ -306,7 +315,12 @@ def _dkdv(spec: KernelSpec) -> list[str]:
                         row_masks=False)
     lines += _dkdv_loop(spec, ind, f"range({last_start}, {q_end}, BLOCK_M)", "the partial last query tile",
                         causal=False, row_masks=True)
-    lines += ["", "    dk *= scale"]
+    return lines
+
+
+def _dkdv_store(spec: KernelSpec) -> list[str]:
+    """dK (times the scale) and dV stored; padded keys get zero gradients."""
+    lines = ["", "    dk *= scale"]
     if spec.key_padding:
         lines += [
             "    key_ok = cols < kv_end  # [BLOCK_N] padded keys are masked for every query: zero gradient",

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from attnopt.kernels.layout import contiguous, empty
 from attnopt.kernels.linear import chunked, triton_impl
-from attnopt.kernels.linear.reference import acc_dtype, check
+from attnopt.kernels.linear.operands import acc_dtype, check
 
 
 def _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm) -> None:

@@ -187,13 +187,13 @@ def _load_rows(var: str, tensor: str, cols: str, mask: str, rest: str) -> list[s
     ]
 
 
-def _state(spec: LinearSpec) -> list[str]:
-    rev, norm, dt = spec.reverse, spec.normalize, TL_DTYPES[spec.dtype]
+def _state_doc(spec: LinearSpec) -> tuple[str, list[str]]:
+    """The state kernel's summary and docstring lines."""
+    rev, norm = spec.reverse, spec.normalize
     what = ("backward state pass (reverse in time: the states carried out of each chunk)" if rev
             else "state pass (the states carried into each chunk)")  # fmt: skip
     if not spec.causal:
         what = "summed state" + (" of the backward" if rev else "")
-    pointers, strides, scalars = _args(spec)
     doc = [
         "X [B, H // group, seq, HEAD_DIM], Y [B, H // group, seq, HEAD_DIM_V] (any strides)"
         + (", U [B, H, seq] fp32 contiguous" if rev and norm else "") + ".",
@@ -205,6 +205,31 @@ def _state(spec: LinearSpec) -> list[str]:
         doc.append("States [B*H, n_chunks, HEAD_DIM, HEAD_DIM_V] fp32 receives, per chunk, the state "
                    + ("carried out of it." if rev else "carried into it."))  # fmt: skip
     doc.append("Grid: (cdiv(HEAD_DIM_V, BLOCK_DV), B * H); x is multiplied by x_scale.")
+    return what, doc
+
+
+def _state_decay(spec: LinearSpec) -> list[str]:
+    """The decay of one chunk in the state walk: x weighted per row, the carried state (and norm) decayed."""
+    if spec.reverse:
+        lines = ["        w = tl.exp2((offs_c + 1).to(tl.float32) * ld2)  # [CHUNK] λ^(a+1)"]
+    else:
+        lines = [
+            "        # λ^(len-1-b) for the rows of the chunk, 0 past its end (exponent clamped: it would be positive)",
+            "        length = tl.minimum(seq - start, CHUNK)",
+            "        w = tl.where(offs_c < length, tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2), 0.0)",
+        ]
+    lines += [
+        "        carry = tl.exp2(tl.minimum(seq - start, CHUNK).to(tl.float32) * ld2)  # λ^len",
+        "        x = x * w[:, None]",
+        "        h = h * carry",
+    ]
+    return lines + (["        z = z * carry"] if spec.normalize else [])
+
+
+def _state(spec: LinearSpec) -> list[str]:
+    rev, norm, dt = spec.reverse, spec.normalize, TL_DTYPES[spec.dtype]
+    what, doc = _state_doc(spec)
+    pointers, strides, scalars = _args(spec)
     lines = _header(spec, what) + _signature(spec, pointers, strides, scalars, doc) + _ids("pid_v,pid_bh")
     lines += _value_tile("pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)")
     lines += [
@@ -239,21 +264,7 @@ def _state(spec: LinearSpec) -> list[str]:
         "                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
     ]
     if spec.decay:
-        if rev:
-            lines.append("        w = tl.exp2((offs_c + 1).to(tl.float32) * ld2)  # [CHUNK] λ^(a+1)")
-        else:
-            lines += [
-                "        # λ^(len-1-b) for the rows of the chunk, 0 past its end (exponent clamped: it would be positive)",
-                "        length = tl.minimum(seq - start, CHUNK)",
-                "        w = tl.where(offs_c < length, tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2), 0.0)",
-            ]
-        lines += [
-            "        carry = tl.exp2(tl.minimum(seq - start, CHUNK).to(tl.float32) * ld2)  # λ^len",
-            "        x = x * w[:, None]",
-            "        h = h * carry",
-        ]
-        if norm:
-            lines.append("        z = z * carry")
+        lines += _state_decay(spec)
     y_cast = "y.to(tl.float32)" if rev else "y"
     x_cast = "x" if rev else f"x.to({dt})"
     lines.append(f"        h += {dot(spec, f'tl.trans({x_cast})', y_cast)}")
@@ -390,6 +401,22 @@ def _grad(spec: LinearSpec) -> list[str]:
             "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D]",
             "    r = tl.load(RNorms + chunk_base + offs_d, mask=d_ok, other=0.0)",
         ]
+    lines += _grad_products(spec)
+    lines += [
+        "    dq = dq * scale",
+        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,",
+        "             dq.to(DQ.dtype.element_ty), mask=qd_ok)",
+        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,",
+        "             dk, mask=kd_ok)",
+        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows[:, None] * stride_dvs + offs_v[None, :] * stride_dvd,",
+        "             dv, mask=k_ok[:, None] & v_ok[None, :])",
+    ]
+    return lines
+
+
+def _grad_products(spec: LinearSpec) -> list[str]:
+    """dq, dk, dv of one chunk: the intra-chunk products (causal) plus the terms of the carried states."""
+    norm, lines = spec.normalize, []
     inter_q = f"{dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
     inter_k = f"{dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
     inter_v = dot(spec, "k", "g")
@@ -416,15 +443,6 @@ def _grad(spec: LinearSpec) -> list[str]:
             ]
     else:
         lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
-    lines += [
-        "    dq = dq * scale",
-        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,",
-        "             dq.to(DQ.dtype.element_ty), mask=qd_ok)",
-        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,",
-        "             dk, mask=kd_ok)",
-        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows[:, None] * stride_dvs + offs_v[None, :] * stride_dvd,",
-        "             dv, mask=k_ok[:, None] & v_ok[None, :])",
-    ]
     return lines
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.masks import SlidingWindow, causal as causal_mask
 
 # exp(s + fill - max) underflows to exactly 0 in fp32 when fill <= -1e4 and the scores spread less
