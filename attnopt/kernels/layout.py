@@ -14,6 +14,11 @@ import torch
 from torch import Tensor
 
 
+def acc_dtype(t: Tensor) -> torch.dtype:
+    """The accumulation dtype (and the dtype of a log-sum-exp output): fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def empty(like: Tensor, shape=None, dtype: torch.dtype | None = None) -> Tensor:
     """A contiguous empty tensor on ``like``'s device (``like``'s shape and dtype unless given)."""
     return like.new_empty(tuple(like.shape) if shape is None else tuple(shape), dtype=dtype or like.dtype)

@@ -12,6 +12,7 @@ FAMILY_FILES = ("reference.py", "ops.py", "triton_impl.py", "render.py")
 # A function-level attnopt import is allowed only to defer a heavy dependency: (module, imported, what it defers).
 DEFERRED = {("kernels/exact/triton_impl.py", "attnopt.kernels.exact.dropout", "triton")}
 SHARED_CONSTANTS = ("TL_DTYPES", "LOG2E", "LN2", "MAX_BATCH_HEADS", "CAUSAL_NONE", "DTYPES")
+SHARED_FUNCTIONS = ("check_qkv", "acc_dtype", "dot", "cast", "module_head")
 
 
 def _modules():
@@ -60,6 +61,13 @@ def test_shared_constants_are_defined_once(constant):
     homes = [name for name, tree in _modules() for node in tree.body
              if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == constant for t in node.targets)]
     assert len(homes) == 1, f"{constant} is defined in {homes}"
+
+
+@pytest.mark.parametrize("function", SHARED_FUNCTIONS)
+def test_shared_helpers_are_defined_once(function):
+    homes = [name for name, tree in _modules() for node in tree.body
+             if isinstance(node, ast.FunctionDef) and node.name in (function, f"_{function}")]
+    assert len(homes) == 1, f"{function} is defined in {homes}"
 
 
 # The optimized paths of each family: they share operand helpers with the oracle, never the oracle itself.

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from attnopt.kernels.exact import dispatch, reference, triton_impl
 from attnopt.kernels.exact.padding import key_padding_lengths
-from attnopt.kernels.layout import check_qkv, contiguous, empty
+from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
 
 _NAMESPACE = "attnopt"
 
@@ -79,8 +79,7 @@ def attention_fwd(
 def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     b, hq, sq, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), lse_dtype)
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @attention_fwd.register_kernel("cuda")

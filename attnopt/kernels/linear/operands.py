@@ -1,5 +1,5 @@
-"""The operands of linear attention, shared by the reference and the chunked and Triton paths: their check,
-the accumulation dtype, GQA key/value expansion and the denominator's epsilon (the semantics are in
+"""The operands of linear attention, shared by the reference, the chunked CPU path and the ops: their check,
+GQA key/value expansion and the denominator's epsilon (the semantics are in
 :mod:`attnopt.kernels.linear.reference`)."""
 
 from __future__ import annotations
@@ -9,11 +9,6 @@ import torch
 from attnopt.kernels.layout import check_qkv
 
 EPS = 1e-6  # added to the normalizing denominator
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """The accumulation dtype: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:

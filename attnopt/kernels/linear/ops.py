@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnopt.kernels.layout import contiguous, empty
+from attnopt.kernels.layout import acc_dtype, contiguous, empty
 from attnopt.kernels.linear import chunked, triton_impl
-from attnopt.kernels.linear.operands import acc_dtype, check
+from attnopt.kernels.linear.operands import check
 
 
 def _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm) -> None:

@@ -37,7 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnopt.kernels.linear.operands import EPS, acc_dtype, check, expand_kv
+from attnopt.kernels.layout import acc_dtype
+from attnopt.kernels.linear.operands import EPS, check, expand_kv
 
 FEATURE_MAPS = ("elu", "relu", "identity")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from attnopt.kernels.layout import acc_dtype
 from attnopt.kernels.sparse.plan import Plan
 from attnopt.masks import Mask, ResidueOrder
 
@@ -43,10 +44,6 @@ BLOCK_N = 64
 # query tiles make fewer, larger fused calls (S=8192, H8, D64, stride 8, window 256: 32 chunks, not 80).
 RESIDUE_BLOCK_M = 128
 RESIDUE_BLOCK_N = 32
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _check_extra(attn_mask, b, hq, sq, sk):
@@ -327,7 +324,7 @@ def _sizes(q, k, v, scale):
     """``(B, Hq, Hkv, G, Sq, Sk, D, Dv, scale, accumulation dtype)``; the scale defaults to ``D ** -0.5``."""
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    return b, hq, hkv, hq // hkv, sq, sk, d, dv, d ** -0.5 if scale is None else scale, _acc_dtype(q)
+    return b, hq, hkv, hq // hkv, sq, sk, d, dv, d ** -0.5 if scale is None else scale, acc_dtype(q)
 
 
 def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, softcap=0.0,

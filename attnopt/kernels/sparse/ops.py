@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.layout import check_qkv, contiguous, empty
+from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
 from attnopt.kernels.sparse import blockwise, triton_impl
 from attnopt.kernels.sparse.structure import recognize
 from attnopt.masks import Blocked, Neighborhood, lookup, residue_order
@@ -40,10 +40,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, kv_valid: Optional[Tensor]) -> None:
     if kv_valid is not None and (kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (q.shape[0], k.shape[2])):
         raise ValueError(f"kv_valid must be bool [B, Sk] = {(q.shape[0], k.shape[2])}; got {kv_valid.dtype} "
                          f"{tuple(kv_valid.shape)}")  # fmt: skip
-
-
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _impl(q: Tensor, attn_mask: Optional[Tensor]):
@@ -130,7 +126,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
 def _(q, k, v, attn_mask, kv_valid, mask, scale, softcap=0.0):
     _check(q, k, v, kv_valid)
     b, hq, sq, _ = q.shape
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), _lse_dtype(q))
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @torch.library.custom_op(f"{_NS}::sparse_attention_backward", mutates_args=())
@@ -182,14 +178,14 @@ def sparse_attention_auto(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[T
     _check(q, k, v, None)
     with torch.no_grad():
         out, lse = _auto_forward(q, k, v, attn_mask, causal, scale, softcap)
-    return contiguous(out, lse.to(_lse_dtype(q)))
+    return contiguous(out, lse.to(acc_dtype(q)))
 
 
 @sparse_attention_auto.register_fake
 def _(q, k, v, attn_mask, causal, scale, softcap=0.0):
     _check(q, k, v, None)
     b, hq, sq, _ = q.shape
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), _lse_dtype(q))
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @torch.library.custom_op(f"{_NS}::sparse_attention_auto_backward", mutates_args=())
