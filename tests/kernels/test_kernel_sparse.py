@@ -12,8 +12,9 @@ import torch
 
 import attnopt  # noqa: F401  (registers the ops)
 from attnopt import masks
+from attnopt.kernels.exact import reference as exact_reference
+from attnopt.kernels.sparse import blockwise, ops, reference, triton_impl
 from attnopt.kernels.sparse.render import SparseKernelSpec, load_kernel, render
-from attnopt.kernels.sparse import blockwise, reference, triton_impl
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
 FP16 = dict(atol=3e-3, rtol=3e-3)
@@ -229,21 +230,19 @@ def _by_both(b, h, q, k):
 @pytest.mark.parametrize("impl", [triton_impl, blockwise], ids=["triton", "blockwise"])
 def test_mask_mod_depending_on_batch_row_and_head(fn, batch_dep, head_dep, impl):
     """Dependence on b and h is found from one call; each (b, h) gets its own tiles, forward and backward."""
-    from attnopt.kernels.exact import reference as exact
-    from attnopt.kernels.sparse import ops
-
     mask = masks.from_mask_mod(fn)
     assert (mask.batch_dependent(2), mask.heads_of(4) > 1) == (batch_dep, head_dep)
     q, k, v = qkv(sq=37, sk=37)
     idx = torch.arange(37)
     dense = fn(torch.arange(2).view(2, 1, 1, 1), torch.arange(4).view(1, 4, 1, 1), idx.view(37, 1), idx)  # the oracle
     out, lse = ops.forward(impl, q, k, v, mask, None, None, 0.3, 0.0)
-    want = exact.attention_forward(q, k, v, dense.expand(2, 4, 37, 37), 0.0, exact.CAUSAL_NONE, 0.3)
+    dense = dense.expand(2, 4, 37, 37)
+    want = exact_reference.attention_forward(q, k, v, dense, 0.0, exact_reference.CAUSAL_NONE, 0.3)
     _check((out, lse), want, FP32)
     dout = torch.randn_like(out)
     grads = ops.backward(impl, dout, q, k, v, out, lse, mask, None, None, 0.3, 0.0)
-    ref = exact.attention_backward(dout, q, k, v, want[0], want[1], dense.expand(2, 4, 37, 37), 0.0, exact.CAUSAL_NONE,
-                                   0.3, None, False)  # fmt: skip
+    ref = exact_reference.attention_backward(dout, q, k, v, want[0], want[1], dense, 0.0, exact_reference.CAUSAL_NONE,
+                                             0.3, None, False)  # fmt: skip
     for got, r in zip(grads, ref[:3]):
         torch.testing.assert_close(got, r, **FP32)
 
@@ -267,8 +266,6 @@ STRIDED = {  # mask, (B, Hq, Hkv, Sq, Sk), key padding, extra bool mask
 def test_strided_runs_on_keys_in_residue_order(name, impl):
     """The ops sort keys by residue (each head visits its own tiles) and match the dense reference of the mask in
     the model's order, forward and backward (GQA, odd sizes, causal and not, padding, an extra mask)."""
-    from attnopt.kernels.sparse import ops
-
     mask, (b, hq, hkv, sq, sk), padded, extra = STRIDED[name]
     assert masks.residue_order(mask) is not None
     q, k, v = qkv(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk)
@@ -326,8 +323,6 @@ def test_blockwise_runs_full_and_boundary_keys_as_two_parts(name):
     """Chunks holding both full and boundary tiles run as two fused calls (boundary keys with the element test,
     full keys without, as a strided view of k or gathered) merged by their lse; the backward reuses the merged
     out and lse. Forward and backward match the dense reference (float32: the fused CPU kernels)."""
-    from attnopt.kernels.sparse import ops
-
     mask, (b, hq, hkv, s), (bm, bn), reads = SPLIT[name]
     run = masks.residue_order(mask) or mask
     q, k, v = qkv(b=b, hq=hq, hkv=hkv, sq=s, sk=s, d=8)

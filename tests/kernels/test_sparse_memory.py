@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnopt import masks
 from attnopt.kernels.sparse import blockwise
+from attnopt.kernels.sparse.structure import recognize
 
 
 class _Largest(TorchDispatchMode):
@@ -73,8 +74,6 @@ def test_structured_and_neighborhood_block_maps_are_small_at_large_sizes():
 
 def test_recognizing_a_models_mask_reads_it_in_row_chunks():
     """Exact-sparse checks the site's [B, 1, S, S] mask without a second S x S tensor."""
-    from attnopt.kernels.sparse.structure import recognize
-
     s = 2048
     mask = masks.SlidingWindow(511, 0).dense(s, s)[None]  # [1, 1, S, S] bool, as a model would pass it
     additive = torch.zeros(1, 1, s, s).masked_fill(~mask, torch.finfo(torch.float32).min)
