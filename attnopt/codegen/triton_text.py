@@ -59,6 +59,14 @@ def module_head(spec, renderer: str, summary: list[str], constants: dict) -> lis
     ]
 
 
+def jit_def(name: str, pointers: list[str], strides: list[str], scalars: list[str]) -> list[str]:
+    """``@triton.jit`` and the ``def`` of kernel ``name`` up to ``):``: the pointers on one line, the strides four
+    to a line, then the scalars."""
+    lines = ["@triton.jit", f"def {name}(", "    " + ", ".join(pointers) + ","]
+    lines += ["    " + ", ".join(strides[i:i + 4]) + "," for i in range(0, len(strides), 4)]
+    return lines + ["    " + ", ".join(scalars) + ",", "):"]
+
+
 def dim_constants(spec) -> dict:
     """The head dims and their padded widths: ``HEAD_DIM``, ``BLOCK_D``, ``HEAD_DIM_V``, ``BLOCK_DV``."""
     return {"HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "HEAD_DIM_V": spec.head_dim_v,

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
 from attnopt.codegen.spec import DTYPES, GeneratedSpec, next_pow2
-from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dim_constants, dot, module_head
+from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dim_constants, dot, jit_def, module_head
 
 KINDS = ("state", "out", "grad")
 MAX_HEAD_DIM = 128  # the grad kernel holds two full [D, Dv] fp32 states per program
@@ -104,11 +104,8 @@ def _header(spec: LinearSpec, what: str) -> list[str]:
 
 
 def _signature(spec: LinearSpec, pointers: list[str], strides: list[str], scalars: list[str], doc: list[str]) -> list[str]:
-    lines = ["@triton.jit", f"def {spec.name}(", "    " + ", ".join(pointers) + ","]
-    for i in range(0, len(strides), 4):
-        lines.append("    " + ", ".join(strides[i:i + 4]) + ",")
-    lines += ["    " + ", ".join(scalars) + ",", "):", '    """' + doc[0]] + ["    " + d if d else "" for d in doc[1:]]
-    return lines + ['    """']
+    lines = jit_def(spec.name, pointers, strides, scalars)
+    return lines + ['    """' + doc[0]] + ["    " + d if d else "" for d in doc[1:]] + ['    """']
 
 
 def _ids(grid: str) -> list[str]:
