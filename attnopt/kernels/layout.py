@@ -1,4 +1,5 @@
-"""The layout of attnopt's custom ops: SDPA's for the inputs (:func:`check_qkv`), contiguous for the outputs.
+"""The conventions of attnopt's custom ops: SDPA's layout for the inputs (:func:`check_qkv`), contiguous outputs,
+the accumulation dtype, and the additive-mask value that hides a key (:data:`HIDDEN_BELOW`).
 
 A custom op's fake implementation tells ``torch.compile`` the shape *and strides* of each output, and
 Inductor asserts them on the real outputs (``assert_size_stride``). The inputs arrive in any layout
@@ -12,6 +13,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+# An additive mask entry at or below this hides its key: exp(s + fill - max) underflows to exactly 0 in fp32 when
+# fill <= -1e4 and the scores spread less than about 9.9e3, as (soft-capped or normalized) attention scores do.
+HIDDEN_BELOW = -1e4
 
 
 def acc_dtype(t: Tensor) -> torch.dtype:

@@ -11,7 +11,7 @@ FAMILIES = ("exact", "sparse", "linear", "sigmoid")
 FAMILY_FILES = ("reference.py", "ops.py", "triton_impl.py", "render.py")
 # A function-level attnopt import is allowed only to defer a heavy dependency: (module, imported, what it defers).
 DEFERRED = {("kernels/exact/triton_impl.py", "attnopt.kernels.exact.dropout", "triton")}
-SHARED_CONSTANTS = ("TL_DTYPES", "LOG2E", "LN2", "MAX_BATCH_HEADS", "CAUSAL_NONE", "DTYPES")
+SHARED_CONSTANTS = ("TL_DTYPES", "LOG2E", "LN2", "MAX_BATCH_HEADS", "CAUSAL_NONE", "DTYPES", "HIDDEN_BELOW")
 SHARED_FUNCTIONS = ("check_qkv", "acc_dtype", "dot", "cast", "module_head")
 
 
