@@ -8,7 +8,7 @@ Importing attnopt is light: it registers the ``torch.ops.attnopt`` custom ops an
 triton nor CUDA; kernels are generated and compiled when first needed.
 """
 
-from attnopt import ops as _ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.kernels.exact import ops as _exact_ops  # noqa: F401  (registers torch.ops.attnopt.attention*)
 from attnopt.api import (
     AttnoptError,
     CaptureError,

@@ -12,7 +12,7 @@ from attnopt.backend import Backend
 from attnopt.cost import annotate
 from attnopt.errors import AttnoptError, GraphDeviationError
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.ops import check_mask_dtype, new_seed
+from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
 from attnopt.passes import deviation
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report

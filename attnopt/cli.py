@@ -242,8 +242,9 @@ _CAUSAL_CODES = {"none": 0, "top-left": 1, "bottom-right": 2}
 def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key_padding, softcap, dropout, group,
                  write_ds, block_m, block_n, num_warps, num_stages, generation, show_path) -> None:  # fmt: skip
     """Print the Triton source rendered for a kernel spec (its header holds the spec as JSON)."""
-    from attnopt.codegen import cache, render, tuning
+    from attnopt.codegen import tuning
     from attnopt.codegen.spec import KernelSpec, default_tiles
+    from attnopt.kernels.exact.render import render, write_source
 
     dv = head_dim_v or head_dim
     spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype, causal=_CAUSAL_CODES[causal],
@@ -254,7 +255,7 @@ def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key
     chosen = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
     spec = spec.replace(**{k: v for k, v in chosen.items() if v is not None})
     if show_path:
-        click.echo(str(cache.write_source(spec)))
+        click.echo(str(write_source(spec)))
     else:
         click.echo(render(spec), nl=False)
 

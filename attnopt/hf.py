@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.ops import new_seed
+from attnopt.kernels.exact.ops import new_seed
 from attnopt.policy import Exact, Keep, Policy, as_policy
 
 try:

@@ -1,9 +1,10 @@
-"""Scaffolding shared by the exact-kernel tests (``test_kernel_exact.py``, ``test_kernel_exact_bwd.py``).
+"""Scaffolding shared by the exact-kernel tests (``tests/kernels/test_kernel_exact.py`` and
+``tests/kernels/test_kernel_exact_bwd.py``).
 
 Importing this module selects where the kernels run: Triton's CPU interpreter (``TRITON_INTERPRET=1``,
 set here before triton is imported), or with ``ATTNOPT_TEST_GPU=1`` on a CUDA machine the compiled
-kernels on the GPU (``ATTNOPT_TEST_GPU=1 pytest tests/test_kernel_exact.py tests/test_kernel_exact_bwd.py``),
-plus the ``gpu``-marked tests. Import it before anything that imports triton.
+kernels on the GPU (``ATTNOPT_TEST_GPU=1 pytest tests/kernels/test_kernel_exact.py
+tests/kernels/test_kernel_exact_bwd.py``), plus the ``gpu``-marked tests. Import it before anything that imports triton.
 """
 
 import os

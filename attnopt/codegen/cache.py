@@ -7,7 +7,7 @@ functions it compiles, so the generated modules are imported from real files. Th
 for the spec (rendering is cheap string building), so a file left by an older attnopt never runs.
 
 Loaded kernels are kept in a process-wide dict keyed by the kernel's name (the spec's hash) and the file. This module does not
-import triton: the generated module does, when :func:`load_kernel` first imports it.
+import triton: the generated module does, when :func:`load_generated` first imports it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from attnopt.codegen.render import render
 from attnopt.codegen.spec import KernelSpec
 
 _LOADED: dict[tuple[str, Path], object] = {}
@@ -79,17 +78,12 @@ def write_keyed(path: Path, record: dict) -> Path:
     return atomic_write(path, json.dumps(record, indent=1, sort_keys=True))
 
 
-def _write(name: str, source: str) -> Path:
+def write_generated(name: str, source: str) -> Path:
     """Writes ``source`` to ``name``'s cache file, atomically, unless the file already holds exactly it."""
     path = _path(name)
     if path.is_file() and path.read_text(encoding="utf-8") == source:
         return path
     return atomic_write(path, source)
-
-
-def write_source(spec: KernelSpec) -> Path:
-    """Renders ``spec`` into its cache file unless the file already holds exactly that source."""
-    return _write(spec.name, render(spec))
 
 
 def load_generated(name: str, render_source: Callable[[], str]):
@@ -102,14 +96,9 @@ def load_generated(name: str, render_source: Callable[[], str]):
     with _LOCK:
         kernel = _LOADED.get((name, path))
         if kernel is None:
-            kernel = _import_kernel(name, _write(name, render_source()))
+            kernel = _import_kernel(name, write_generated(name, render_source()))
             _LOADED[(name, path)] = kernel
     return kernel
-
-
-def load_kernel(spec: KernelSpec):
-    """The ``@triton.jit`` kernel of ``spec``, rendered into the cache and imported on first use."""
-    return load_generated(spec.name, lambda: render(spec))
 
 
 def _import_kernel(name: str, path: Path):

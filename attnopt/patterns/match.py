@@ -24,7 +24,7 @@ import torch
 from torch.fx import Graph, Node
 
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.ops import new_seed
+from attnopt.kernels.exact.ops import new_seed
 from attnopt.patterns.canonical import meta_value, tensor_meta
 
 CAUSAL_NAMES = {CAUSAL_NONE: "none", CAUSAL_TOP_LEFT: "top-left", CAUSAL_BOTTOM_RIGHT: "bottom-right"}

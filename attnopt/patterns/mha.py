@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.fx import Graph, Node
 
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.ops import new_seed
+from attnopt.kernels.exact.ops import new_seed
 from attnopt.patterns import canonical as C
 from attnopt.patterns.match import AttentionMatch, BoolMask, Term
 

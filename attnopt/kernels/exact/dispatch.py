@@ -40,6 +40,7 @@ import torch
 
 from attnopt.codegen.cache import cache_root, key_digest, read_keyed, write_keyed
 from attnopt.codegen.spec import CAUSAL_NONE, dtype_name, mask_kind
+from attnopt.codegen.tuning import bucket
 
 ATTNOPT = "attnopt"
 REFERENCE = "reference"
@@ -96,8 +97,6 @@ class Site:
 
     @classmethod
     def of(cls, q, k, v, attn_mask, causal: int, dropout_p: float, backward: bool) -> Site:
-        from attnopt.codegen.tuning import bucket
-
         b, hq, sq, _ = q.shape
         sk = k.shape[2]
         dims = "none"

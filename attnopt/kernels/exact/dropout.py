@@ -2,7 +2,7 @@
 
 Element ``(bh, i, j)`` of ``[B * Hq, Sq, Sk]`` is kept where
 ``tl.rand(seed, philox_offset + (bh * Sq + i) * Sk + j) >= dropout_p``: the same Philox draw as the
-``dropout_keep`` lines rendered by :mod:`attnopt.codegen.common`. Importing this module imports triton.
+``dropout_keep`` lines rendered by :mod:`attnopt.kernels.exact.render_common`. Importing this module imports triton.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Plain PyTorch reference for exact attention: the oracle every exact kernel is tested against.
 
-Semantics (``shared/DESIGN.md`` §1)::
+Semantics::
 
     O = dropout(softmax(softcap(scale * Q Kᵀ) + mask)) V,   softcap(s) = cap · tanh(s / cap)  (cap > 0)
     Q: [B, Hq, Sq, D]   K: [B, Hkv, Sk, D]   V: [B, Hkv, Sk, Dv]   Hq % Hkv == 0
@@ -23,9 +23,7 @@ import math
 
 import torch
 
-CAUSAL_NONE = 0
-CAUSAL_TOP_LEFT = 1
-CAUSAL_BOTTOM_RIGHT = 2
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT  # the causal codes of every op
 
 
 def default_scale(head_dim: int) -> float:

@@ -22,7 +22,7 @@ Beyond the op's surface the launchers take the score features the kernels implem
 At most one of ``bias``, ``alibi_slopes`` and ``rel_table`` per call; each combines with a mask,
 causality, key padding, softcap and dropout.
 
-Dropout uses Triton's in-kernel Philox generator (see :mod:`attnopt.codegen.common`): the keep-mask
+Dropout uses Triton's in-kernel Philox generator (see :mod:`attnopt.kernels.exact.render_common`): the keep-mask
 is a pure function of ``(seed, philox_offset)`` and the element's index, the same in the forward and
 the backward, and :func:`dropout_mask` materializes it for tests. It is *not* the reference's mask
 (``torch.Generator`` + ``torch.rand``): the CPU (reference) and CUDA (kernel) paths of the op draw
@@ -40,8 +40,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from attnopt.codegen.cache import load_kernel
-from attnopt.codegen.common import normalizes_rows
+from attnopt.codegen import tuning
 from attnopt.codegen.spec import (
     CAUSAL_MODES,
     MAX_BATCH_HEADS,
@@ -52,6 +51,9 @@ from attnopt.codegen.spec import (
     dtype_name,
     mask_kind,
 )
+from attnopt.kernels.exact.render import load_kernel
+from attnopt.kernels.layout import check_qkv
+from attnopt.kernels.exact.render_common import normalizes_rows
 
 
 class Grads(NamedTuple):
@@ -199,7 +201,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                   seq_q=sq), tune=False)
         common = dict(Q=q, K=k, V=v, DOut=dout, Lse2=lse2, Delta=delta, **call.feature_args())
         dq_spec = call.spec("bwd_dq", write_ds=write_ds)
-        if normalizes_rows(dq_spec):  # bwd_dq stores 1 / Σ_j P_ij per row, bwd_dkdv reads it (see codegen.bwd)
+        if normalizes_rows(dq_spec):  # bwd_dq stores 1 / Σ_j P_ij per row, bwd_dkdv reads it (see kernels.exact.render_bwd)
             common["RowScale"] = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
         args = dict(common, DQ=dq, **_strides(q=q, k=k, v=v, do=dout, dq=dq))
         if write_ds:
@@ -221,7 +223,7 @@ def dropout_mask(shape: tuple[int, int, int, int], dropout_p: float, seed: int |
 
     For tests and debugging: it runs the same Philox draw as the attention kernels, element by element.
     """
-    from attnopt.kernels.exact.dropout import keep_mask
+    from attnopt.kernels.exact.dropout import keep_mask  # imports triton (its module defines a @triton.jit kernel)
 
     return keep_mask(shape, float(dropout_p), _seed_int(seed), int(philox_offset), torch.device(device))
 
@@ -242,7 +244,6 @@ def _run(call: _Call, spec: KernelSpec, grid: Callable[[KernelSpec], tuple[int, 
     """
     device = call.q.device
     if device.type == "cuda":
-        from attnopt.codegen import tuning
 
         def launch(candidate: KernelSpec) -> None:
             _launch(candidate, grid(candidate), args, device)
@@ -293,19 +294,14 @@ def _seed_int(seed) -> int:
 def _prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed, philox_offset, bias, alibi_slopes,
              rel_table, rel_buckets, kv_lens) -> _Call:
     """Validates a call (ValueError for anything the kernels do not take) and views its tensors for them."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be 4-D [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    check_qkv(q, k, v, "attention")
     dtype_name(q.dtype)
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
     b, hq, sq, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or k.shape[3] != d:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     hkv, sk = k.shape[1], k.shape[2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if hq // hkv > MAX_GROUP:
         raise ValueError(f"at most {MAX_GROUP} query heads per key/value head; got {hq // hkv}")
     for name, dim in (("q/k", d), ("v", v.shape[3])):

@@ -44,7 +44,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnopt.kernels.linear.reference import EPS, acc_dtype, check, expand_kv
+from attnopt.kernels.layout import acc_dtype
+from attnopt.kernels.linear.operands import EPS, check, expand_kv
 
 CHUNK = 64
 PIECE_BYTES = 8 << 20  # the budget of one chunked temporary of a work item (see "Work items")

@@ -3,8 +3,8 @@
 Semantics are those of :mod:`attnopt.kernels.linear.reference` (q and k are features, the feature map
 already applied). The CPU implementation is the chunked PyTorch code of
 :mod:`attnopt.kernels.linear.chunked`; the CUDA implementation launches the generated Triton kernels
-(:mod:`attnopt.kernels.linear.triton_impl`, imported on the first CUDA call, so registering these ops
-imports no triton).
+(:mod:`attnopt.kernels.linear.triton_impl`, which imports triton only when it loads a kernel, so registering
+these ops imports no triton).
 
     linear_attention(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm)
         -> (out [B, Hq, Sq, Dv] q.dtype, den [B, Hq, Sq], state [B, Hq, D, Dv], norm [B, Hq, D])
@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from attnopt.kernels.layout import contiguous, empty
-from attnopt.kernels.linear import chunked
-from attnopt.kernels.linear.reference import acc_dtype, check
+from attnopt.kernels.layout import acc_dtype, contiguous, empty
+from attnopt.kernels.linear import chunked, triton_impl
+from attnopt.kernels.linear.operands import check
 
 
 def _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm) -> None:
@@ -32,8 +32,6 @@ def _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm) ->
 
 
 def _cuda_ok(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    from attnopt.kernels.linear import triton_impl
-
     return triton_impl.supported(q, k, v) is None
 
 
@@ -65,8 +63,6 @@ def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_
     if not _cuda_ok(q, k, v):
         return contiguous(*chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
                                            initial_norm))  # fmt: skip
-    from attnopt.kernels.linear import triton_impl
-
     return contiguous(*triton_impl.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
                                            initial_norm))  # fmt: skip
 
@@ -103,8 +99,6 @@ def _(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial
         grads = chunked.backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
                                  initial_norm, dstate, dnorm)  # fmt: skip
         return _fill_empty(q, grads)
-    from attnopt.kernels.linear import triton_impl
-
     grads = triton_impl.backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
                                  initial_norm, dstate, dnorm)  # fmt: skip
     return _fill_empty(q, grads)

@@ -1,6 +1,6 @@
 r"""Plain PyTorch reference for linear attention: the quadratic form (the oracle) and the recurrence.
 
-Semantics (``shared/DESIGN.md`` §2, Linear and Lightning). The operands are *features*: the feature
+Semantics (linear attention, and Lightning attention with its decay). The operands are *features*: the feature
 map φ (:func:`feature_map`) is applied to the queries and keys before they reach these functions (the
 variant writes it into the graph). With ``s = scale``, a per-query-head decay ``λ = exp(log_decay)``
 (1 without decay) and ``M_ij = λ^(i-j)`` for ``j <= i`` (0 above the diagonal) when causal, ``M = 1``
@@ -37,8 +37,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnopt.kernels.layout import acc_dtype
+from attnopt.kernels.linear.operands import EPS, check, expand_kv
+
 FEATURE_MAPS = ("elu", "relu", "identity")
-EPS = 1e-6
 
 
 def feature_map(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -68,37 +70,6 @@ def lightning_log_decay(num_heads: int, layer_idx: int, num_layers: int) -> torc
         raise ValueError(f"layer_idx must be in 0..{num_layers - 1}; got {layer_idx}")
     rate = 8.0 / num_heads * (1.0 - layer_idx / num_layers)
     return -rate * torch.arange(num_heads, dtype=torch.float32)
-
-
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """The accumulation dtype: fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def expand_kv(t: torch.Tensor, hq: int) -> torch.Tensor:
-    """[B, Hkv, ...] -> [B, Hq, ...]: query head h reads key/value head h // (Hq / Hkv)."""
-    return t.repeat_interleave(hq // t.shape[1], dim=1) if t.shape[1] != hq else t
-
-
-def check(q, k, v, log_decay, causal, initial_state, initial_norm) -> None:
-    """Raises ValueError for operands outside the semantics of the module docstring."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"linear attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
-    b, hq, sq, d = q.shape
-    if k.shape[0] != b or v.shape[0] != b or k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2] or k.shape[3] != d:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[1] == 0 or hq % k.shape[1] != 0:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({k.shape[1]})")
-    if log_decay is not None and tuple(log_decay.shape) != (hq,):
-        raise ValueError(f"log_decay must have shape [{hq}] (one per query head); got {tuple(log_decay.shape)}")
-    if causal and sq != k.shape[2]:
-        raise ValueError(f"causal linear attention needs as many queries as keys; got {sq} and {k.shape[2]}")
-    if not causal and (log_decay is not None or initial_state is not None or initial_norm is not None):
-        raise ValueError("non-causal linear attention takes no decay and no initial state")
-    if initial_state is not None and tuple(initial_state.shape) != (b, hq, d, v.shape[3]):
-        raise ValueError(f"initial_state must have shape {(b, hq, d, v.shape[3])}; got {tuple(initial_state.shape)}")
-    if initial_norm is not None and tuple(initial_norm.shape) != (b, hq, d):
-        raise ValueError(f"initial_norm must have shape {(b, hq, d)}; got {tuple(initial_norm.shape)}")
 
 
 def decay_matrix(log_decay: torch.Tensor | None, sq: int, sk: int, causal: bool, device, dtype) -> torch.Tensor:

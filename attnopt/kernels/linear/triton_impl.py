@@ -6,7 +6,7 @@ and its backward, with the results of :func:`attnopt.kernels.linear.chunked.forw
 repeated); states are fp32 and contiguous. Forward: a state pass (``state`` kernel) stores the state
 carried into every chunk, then all chunks' outputs run in parallel (``out`` kernel). Backward: the
 forward states are recomputed, a reverse state pass runs over (s·q, dO'), and the ``grad`` kernel
-produces every chunk's gradients in parallel. See :mod:`attnopt.codegen.linear_render`.
+produces every chunk's gradients in parallel. See :mod:`attnopt.kernels.linear.render`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import contextlib
 
 import torch
 
-from attnopt.codegen.linear_render import CHUNK, MAX_HEAD_DIM, default_spec, load
 from attnopt.codegen.spec import dtype_name, inputs_refusal
+from attnopt.kernels.linear.render import CHUNK, MAX_HEAD_DIM, default_spec, load
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:

@@ -6,7 +6,7 @@ Semantics are those of :mod:`attnopt.kernels.sigmoid.reference`:
 
 ``bias`` None means ``-log(Sk)``; ``causal`` takes the exact op's codes. The CPU implementation is the
 reference; the CUDA implementation launches the generated Triton kernels
-(:mod:`attnopt.kernels.sigmoid.triton_impl`, imported on the first CUDA call). Gradients flow to q, k,
+(:mod:`attnopt.kernels.sigmoid.triton_impl`, which imports triton only when it loads a kernel). Gradients flow to q, k,
 v and to a floating-point mask that requires grad (a learned bias).
 """
 
@@ -17,25 +17,18 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.layout import contiguous, empty
-from attnopt.kernels.sigmoid import reference
+from attnopt.kernels.layout import check_qkv, contiguous, empty
+from attnopt.kernels.sigmoid import reference, triton_impl
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"sigmoid attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, "sigmoid attention")
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
 
 
 def _triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]):
     """The Triton launcher when it takes these inputs, else None (the reference runs on the GPU)."""
-    from attnopt.kernels.sigmoid import triton_impl
-
     return triton_impl if triton_impl.supported(q, k, v, attn_mask) is None else None
 
 

@@ -1,6 +1,6 @@
 r"""Plain PyTorch reference for sigmoid attention: the oracle of the fused sigmoid kernels.
 
-Semantics (``shared/DESIGN.md`` §2, Sigmoid)::
+Semantics::
 
     O = σ(scale · Q Kᵀ + b + mask) V          b = -log(Sk) unless given
     Q: [B, Hq, Sq, D]   K: [B, Hkv, Sk, D]   V: [B, Hkv, Sk, Dv]   Hq % Hkv == 0

@@ -5,7 +5,7 @@ and its backward, matching :mod:`attnopt.kernels.sigmoid.reference`. q, k, v and
 through their strides (GQA without repeating k and v; broadcast mask dims read with stride 0; boolean
 masks as uint8). ``bias`` None means ``-log(Sk)``. The gradient of an additive mask is the score
 gradient ``dS``, stored by the ``bwd_q`` kernel into a ``[B, Hq, Sq, Sk]`` fp32 buffer (O(S²) memory,
-only when asked) and summed over the mask's broadcast dims. See :mod:`attnopt.codegen.sigmoid_render`.
+only when asked) and summed over the mask's broadcast dims. See :mod:`attnopt.kernels.sigmoid.render`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 
 import torch
 
-from attnopt.codegen.sigmoid_render import MAX_HEAD_DIM, default_spec, load
 from attnopt.codegen.spec import dtype_name, inputs_refusal
+from attnopt.kernels.sigmoid.render import MAX_HEAD_DIM, default_spec, load
 
 
 def supported(q, k, v, attn_mask) -> str | None:

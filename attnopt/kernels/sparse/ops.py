@@ -27,43 +27,32 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.layout import contiguous, empty
-from attnopt.kernels.sparse import blockwise
-from attnopt.masks import lookup, residue_order
-from attnopt.masks.structured import _Grid
+from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
+from attnopt.kernels.sparse import blockwise, triton_impl
+from attnopt.kernels.sparse.structure import recognize
+from attnopt.masks import Blocked, Neighborhood, lookup, residue_order
 
 _NS = "attnopt"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, kv_valid: Optional[Tensor]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"sparse attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, "sparse attention")
     if kv_valid is not None and (kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (q.shape[0], k.shape[2])):
         raise ValueError(f"kv_valid must be bool [B, Sk] = {(q.shape[0], k.shape[2])}; got {kv_valid.dtype} "
                          f"{tuple(kv_valid.shape)}")  # fmt: skip
 
 
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
 def _impl(q: Tensor, attn_mask: Optional[Tensor]):
     """The implementation module: the Triton kernels for CUDA tensors they take, else the blockwise path."""
-    if q.is_cuda:
-        from attnopt.kernels.sparse import triton_impl
-
-        if triton_impl.supports(q, attn_mask):
-            return triton_impl
+    if q.is_cuda and triton_impl.supports(q, attn_mask):
+        return triton_impl
     return blockwise
 
 
 def _tiled(mask) -> bool:
-    """Whether the mask asks for its grid tokens reordered into spatial tiles (see ``Neighborhood.tile``)."""
-    return isinstance(mask, _Grid) and mask.tile is not None and mask.order == "row-major"
+    """Whether the mask asks for its grid tokens reordered into spatial tiles (see ``Neighborhood.tile``; the
+    token-grid masks are Neighborhood and Blocked)."""
+    return isinstance(mask, (Blocked, Neighborhood)) and mask.tile is not None and mask.order == "row-major"
 
 
 def _permute(x: Optional[Tensor], perm: Tensor, dims=(2,)) -> Optional[Tensor]:
@@ -137,7 +126,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
 def _(q, k, v, attn_mask, kv_valid, mask, scale, softcap=0.0):
     _check(q, k, v, kv_valid)
     b, hq, sq, _ = q.shape
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), _lse_dtype(q))
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @torch.library.custom_op(f"{_NS}::sparse_attention_backward", mutates_args=())
@@ -174,8 +163,6 @@ sparse_attention.register_autograd(_backward, setup_context=_setup)
 
 # --- exact-sparse: the site's own mask, recognized at run time ------------------------------------------
 def _auto_forward(q, k, v, attn_mask, causal, scale, softcap):
-    from attnopt.kernels.sparse.structure import recognize
-
     found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if found is None:
         out, lse = torch.ops.attnopt.attention.default(q, k, v, attn_mask, 0.0, causal, scale, None, softcap)
@@ -191,14 +178,14 @@ def sparse_attention_auto(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[T
     _check(q, k, v, None)
     with torch.no_grad():
         out, lse = _auto_forward(q, k, v, attn_mask, causal, scale, softcap)
-    return contiguous(out, lse.to(_lse_dtype(q)))
+    return contiguous(out, lse.to(acc_dtype(q)))
 
 
 @sparse_attention_auto.register_fake
 def _(q, k, v, attn_mask, causal, scale, softcap=0.0):
     _check(q, k, v, None)
     b, hq, sq, _ = q.shape
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), _lse_dtype(q))
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @torch.library.custom_op(f"{_NS}::sparse_attention_auto_backward", mutates_args=())
@@ -206,8 +193,6 @@ def sparse_attention_auto_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
                                    attn_mask: Optional[Tensor], causal: int, scale: float,
                                    softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv): recognizes the mask again (deterministic) and takes the forward's path."""
-    from attnopt.kernels.sparse.structure import recognize
-
     found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if found is None:
         dq, dk, dv, _ = torch.ops.attnopt.attention_backward.default(

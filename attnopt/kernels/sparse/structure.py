@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.kernels.layout import HIDDEN_BELOW
 from attnopt.masks import SlidingWindow, causal as causal_mask
 
-# exp(s + fill - max) underflows to exactly 0 in fp32 when fill <= -1e4 and the scores spread less
-# than about 9.9e3, as (soft-capped or normalized) attention scores do.
-HIDDEN_BELOW = -1e4
 _CHUNK_ELEMENTS = 1 << 20  # mask elements read at once: temporaries of a few MiB
 
 

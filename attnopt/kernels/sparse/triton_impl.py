@@ -1,4 +1,4 @@
-"""Sparse attention through the generated Triton kernels (:mod:`attnopt.codegen.sparse_render`): spec choice and launch.
+"""Sparse attention through the generated Triton kernels (:mod:`attnopt.kernels.sparse.render`): spec choice and launch.
 
 ``forward`` and ``backward`` are the CUDA implementations of ``torch.ops.attnopt.sparse_attention``
 and its backward and match :mod:`attnopt.kernels.sparse.reference`. q, k, v, the extra mask and the
@@ -17,8 +17,8 @@ import weakref
 
 import torch
 
-from attnopt.codegen.sparse_render import SparseKernelSpec, arg_names, load_kernel
 from attnopt.codegen.spec import MAX_BATCH_HEADS
+from attnopt.kernels.sparse.render import SparseKernelSpec, arg_names, load_kernel
 from attnopt.masks import And, BlockSparse, Mask, Or
 from attnopt.masks.expr import Expr, TritonOps
 

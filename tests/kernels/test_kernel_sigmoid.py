@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import attnopt.kernels.sigmoid  # noqa: F401  (registers torch.ops.attnopt.sigmoid_attention)
-from attnopt.codegen import sigmoid_render
+from attnopt.kernels.sigmoid import render as sigmoid_render
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.sigmoid import reference, triton_impl
 

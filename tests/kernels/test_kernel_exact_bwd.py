@@ -21,7 +21,7 @@ from _exact_helpers import (
     randn,
 )
 
-from attnopt import ops
+from attnopt.kernels.exact import ops
 from attnopt.kernels.exact import reference, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 from attnopt.codegen import cache
-from attnopt.codegen.render import kernel_arg_names, render
 from attnopt.codegen.spec import KernelSpec, default_spec
+from attnopt.kernels.exact.render import kernel_arg_names, load_kernel, render
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 BASE = dict(head_dim=64, head_dim_v=64, dtype="float16", causal=0, mask="none", block_m=64, block_n=64,
             num_warps=4, num_stages=2)
@@ -183,7 +183,7 @@ def test_render_mask_is_compile_time(direction, mask):
     assert ("mask_ptrs" in src) == (mask != "none")
     assert ("attend != 0" in src) == (mask == "bool")
     assert ("add = tl.load(mask_ptrs" in src) == (mask == "additive")
-    # the backward renormalizes its rows with additive terms (see codegen.bwd)
+    # the backward renormalizes its rows with additive terms (see kernels.exact.render_bwd)
     assert ("RowScale" in kernel_arg_names(spec)) == (mask == "additive" and direction != "fwd")
 
 
@@ -235,16 +235,16 @@ def test_render_head_dim_padding_and_dtype():
 def test_cache_writes_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
     spec = make(head_dim=24, causal=2, mask="bool")
-    kernel = cache.load_kernel(spec)
+    kernel = load_kernel(spec)
     path = tmp_path / "kernels" / f"{spec.name}.py"
     assert cache.kernel_path(spec) == path
     assert path.read_text() == render(spec)
     assert kernel.fn.__name__ == spec.name
-    assert cache.load_kernel(spec) is kernel
+    assert load_kernel(spec) is kernel
 
     mtime = path.stat().st_mtime_ns
     cache.clear_loaded()
-    again = cache.load_kernel(spec)
+    again = load_kernel(spec)
     assert again is not kernel and again.fn.__name__ == spec.name
     assert path.stat().st_mtime_ns == mtime
     assert [p.name for p in path.parent.iterdir()] == [path.name]
@@ -256,7 +256,7 @@ def test_cache_rewrites_stale_file(tmp_path, monkeypatch):
     path = cache.kernel_path(spec)
     path.parent.mkdir(parents=True)
     path.write_text("# an older generator's output\n")
-    cache.load_kernel(spec)
+    load_kernel(spec)
     assert path.read_text() == render(spec)
 
 
@@ -267,13 +267,16 @@ def test_cache_root_default(monkeypatch):
 
 def test_imports_stay_light():
     code = ("import sys, attnopt.codegen, attnopt.codegen.tuning, attnopt.kernels.exact.triton_impl, "
-            "attnopt.kernels.exact.dispatch; assert 'triton' not in sys.modules")
+            "attnopt.kernels.exact.dispatch, attnopt.kernels.exact.ops, attnopt.kernels.sparse.ops, "
+            "attnopt.kernels.linear.ops, attnopt.kernels.sigmoid.ops; assert 'triton' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 
 def test_optimized_path_never_imports_reference():
     exact = REPO / "attnopt" / "kernels" / "exact"
-    for path in [*(exact / n for n in ("triton_impl.py", "dropout.py", "dispatch.py")),
+    optimized = ("triton_impl.py", "dropout.py", "dispatch.py", "offline.py", "render.py", "render_fwd.py",
+                 "render_bwd.py", "render_common.py")
+    for path in [*(exact / n for n in optimized),
                  *(REPO / "attnopt" / "codegen").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -334,8 +337,9 @@ def test_cli_kernels_show_rejects_bad_specs():
 
 _COMPILE_SCRIPT = """
 import json
-from attnopt.codegen import offline, tuning
+from attnopt.codegen import tuning
 from attnopt.codegen.spec import KernelSpec
+from attnopt.kernels.exact import offline
 
 features = dict(head_dim=72, head_dim_v=40, dtype="float16", causal=2, mask="bool", bias="alibi", key_padding=True,
                 softcap=True, dropout=True, group=2, num_warps=4, num_stages=2)

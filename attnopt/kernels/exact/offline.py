@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import os
 
-from attnopt.codegen.cache import load_kernel
-from attnopt.codegen.render import kernel_arg_names
 from attnopt.codegen.spec import KernelSpec
+from attnopt.kernels.exact.render import kernel_arg_names, load_kernel
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _INPUT_DTYPE = ("Q", "K", "V", "DOut", "Out", "DQ", "DK", "DV", "Bias", "RelTable")

@@ -17,7 +17,7 @@ table entries), which ``bwd_dq`` stores when asked (``write_ds``).
   ``exp2(-inf - 0) = 0``), both ``[B * H, Sq]`` fp32.
 * ``bwd_dq`` (one program per query tile and query head), launched first: recomputes ``P`` over the key
   tiles exactly as the forward does (same key ranges and element tests) and accumulates ``dQ``. With
-  additive score terms (see :func:`attnopt.codegen.common.normalizes_rows`) it also sums each row's
+  additive score terms (see :func:`attnopt.kernels.exact.render_common.normalizes_rows`) it also sums each row's
   ``P`` and divides by that sum, which is 1 up to rounding except in a row whose ``lse`` lost its
   ``log Σ`` to a huge finite fill (a fully masked row averaging V); it stores the factor in
   ``RowScale [B * H, Sq]`` for ``bwd_dkdv``.
@@ -36,27 +36,52 @@ the partial last tile ``[max(diag_end, q_full), Sq)`` with row masks only.
 
 from __future__ import annotations
 
-from attnopt.codegen import common as c
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, KernelSpec
+from attnopt.codegen.triton_text import TL_DTYPES, and_, cast, dot, mask_kw
+from attnopt.kernels.exact.render_common import (
+    KEY_TILE,
+    QUERY_TILE,
+    causal_test,
+    d_ok,
+    dropout_keep,
+    dv_ok,
+    feature_doc,
+    feature_pointers,
+    feature_scalars,
+    feature_strides,
+    head_bases,
+    head_program_ids,
+    key_loop_head,
+    kv_end_line,
+    normalizes_rows,
+    offsets,
+    opening,
+    padded_dv,
+    query_key_range,
+    query_tile_prologue,
+    scalar_setup,
+    score_lines,
+    strides,
+)
 
 
 def arg_names(spec: KernelSpec) -> tuple[str, ...]:
     if spec.direction == "bwd_pre":
-        return ("Out", "DOut", "Lse", "Delta", "Lse2", *c.strides("o"), *c.strides("do"), "num_heads", "seq_q")
+        return ("Out", "DOut", "Lse", "Delta", "Lse2", *strides("o"), *strides("do"), "num_heads", "seq_q")
     if spec.direction == "bwd_dkdv":
-        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *_row_scale(spec), *c.feature_pointers(spec), "DK", "DV"]
-        names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("do")
-        names += c.strides("dk", "bhnd") + c.strides("dv", "bhnd")
+        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *_row_scale(spec), *feature_pointers(spec), "DK", "DV"]
+        names += strides("q") + strides("k", "bhnd") + strides("v", "bhnd") + strides("do")
+        names += strides("dk", "bhnd") + strides("dv", "bhnd")
     else:
-        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *_row_scale(spec), *c.feature_pointers(spec), "DQ"]
+        names = ["Q", "K", "V", "DOut", "Lse2", "Delta", *_row_scale(spec), *feature_pointers(spec), "DQ"]
         names += ["DS"] if spec.write_ds else []
-        names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("do")
-        names += c.strides("dq")
-    return tuple(names + c.feature_strides(spec) + c.feature_scalars(spec))
+        names += strides("q") + strides("k", "bhnd") + strides("v", "bhnd") + strides("do")
+        names += strides("dq")
+    return tuple(names + feature_strides(spec) + feature_scalars(spec))
 
 
 def _row_scale(spec: KernelSpec) -> list[str]:
-    return ["RowScale"] if c.normalizes_rows(spec) else []
+    return ["RowScale"] if normalizes_rows(spec) else []
 
 
 def render_lines(spec: KernelSpec) -> list[str]:
@@ -79,16 +104,16 @@ def _preprocess(spec: KernelSpec) -> list[str]:
         "",
         "Grid: (cdiv(seq_q, BLOCK_M), B * H).",
     ]
-    io_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
-    lines = c.opening(spec, "Exact attention backward, preprocessing: delta = rowsum(dO * O) and lse in base 2.",
+    io_mask = and_("row_ok[:, None]", dv_ok(spec, "[None, :]"))
+    lines = opening(spec, "Exact attention backward, preprocessing: delta = rowsum(dO * O) and lse in base 2.",
                       arg_names(spec), doc)
     lines += [
-        *c.head_program_ids(),
+        *head_program_ids(),
         "    start_m = pid_m * BLOCK_M",
         "    offs_m = tl.arange(0, BLOCK_M)  # [BLOCK_M]",
         "    offs_dv = tl.arange(0, BLOCK_DV)  # [BLOCK_DV]",
     ]
-    if c.padded_dv(spec):
+    if padded_dv(spec):
         lines.append("    dv_ok = offs_dv < HEAD_DIM_V  # [BLOCK_DV] padded value head dim")
     lines += [
         "    rows = start_m + offs_m  # [BLOCK_M]",
@@ -122,15 +147,15 @@ def _dq(spec: KernelSpec) -> list[str]:
     ]
     if spec.write_ds:
         doc.append("Also stores dS (before the softcap chain) into DS [B, H, seq_q, seq_k] fp32, contiguous,")
-        unscaled = ", not yet scaled by RowScale (the caller applies it)" if c.normalizes_rows(spec) else ""
+        unscaled = ", not yet scaled by RowScale (the caller applies it)" if normalizes_rows(spec) else ""
         doc.append(f"zero-filled by the caller{unscaled}.")
-    if c.normalizes_rows(spec):
+    if normalizes_rows(spec):
         doc.append("RowScale [B * H, seq_q] fp32 (out): 1 / Σ_j P_ij of each row, by which dQ is scaled.")
-    doc += ["", "Grid: (cdiv(seq_q, BLOCK_M), B * H).", *c.feature_doc(spec)]
-    lines = c.opening(spec, "Exact attention backward, dQ: one program per (query tile, batch * head), "
+    doc += ["", "Grid: (cdiv(seq_q, BLOCK_M), B * H).", *feature_doc(spec)]
+    lines = opening(spec, "Exact attention backward, dQ: one program per (query tile, batch * head), "
                       "streaming key tiles.", arg_names(spec), doc)
-    do_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
-    lines += c.query_tile_prologue(spec, extra_bases=(
+    do_mask = and_("row_ok[:, None]", dv_ok(spec, "[None, :]"))
+    lines += query_tile_prologue(spec, extra_bases=(
         "    do_base = DOut + off_b * stride_dob + off_h * stride_doh + tl.cast(start_m, tl.int64) * stride_dom",
     ))
     if spec.write_ds:
@@ -143,13 +168,13 @@ def _dq(spec: KernelSpec) -> list[str]:
         "    delta = tl.load(Delta + row_offs, mask=row_ok, other=0.0)  # [BLOCK_M]",
         "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # [BLOCK_M, BLOCK_D]",
     ]
-    if c.normalizes_rows(spec):
+    if normalizes_rows(spec):
         lines.append("    p_sum = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] Σ_j P_ij as recomputed")
     lines.append("")
-    lines += c.query_key_range(spec)
+    lines += query_key_range(spec)
     lines += _dq_loop(spec, boundary=False) + _dq_loop(spec, boundary=True)
-    dq_mask = c.and_("row_ok[:, None]", c.d_ok(spec, "[None, :]"))
-    if c.normalizes_rows(spec):
+    dq_mask = and_("row_ok[:, None]", d_ok(spec, "[None, :]"))
+    if normalizes_rows(spec):
         lines += [
             "",
             "    # dQ is linear in P: renormalizing the rows by their sum (1 up to rounding, or the key count of a",
@@ -162,44 +187,44 @@ def _dq(spec: KernelSpec) -> list[str]:
         "",
         "    dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + tl.cast(start_m, tl.int64) * stride_dqm",
         "               + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)  # [BLOCK_M, BLOCK_D]",
-        f"    tl.store(dq_ptrs, (dq * scale).to({c.TL_DTYPES[spec.dtype]}), mask={dq_mask})",
+        f"    tl.store(dq_ptrs, (dq * scale).to({TL_DTYPES[spec.dtype]}), mask={dq_mask})",
     ]
     return lines
 
 
 def _dq_loop(spec: KernelSpec, boundary: bool) -> list[str]:
-    tile, ind = c.QUERY_TILE, "        "
+    tile, ind = QUERY_TILE, "        "
     col_ok = "col_ok[:, None]" if boundary else ""
-    k_mask = c.and_(col_ok, c.d_ok(spec, "[None, :]"))
-    v_mask = c.and_(col_ok, c.dv_ok(spec, "[None, :]"))
-    lines, keep_terms = c.key_loop_head(spec, boundary)
+    k_mask = and_(col_ok, d_ok(spec, "[None, :]"))
+    v_mask = and_(col_ok, dv_ok(spec, "[None, :]"))
+    lines, keep_terms = key_loop_head(spec, boundary)
     lines += [
         f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
         f"{ind}k = tl.load(k_tile + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd"
-        f"{c.mask_kw(k_mask)})  # [BLOCK_N, BLOCK_D]",
+        f"{mask_kw(k_mask)})  # [BLOCK_N, BLOCK_D]",
         f"{ind}v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn",
         f"{ind}v = tl.load(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
-        f"{c.mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
-        f"{ind}qk = {c.dot(spec, 'q', 'tl.trans(k)')}  # [BLOCK_M, BLOCK_N]",
+        f"{mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
+        f"{ind}qk = {dot(spec, 'q', 'tl.trans(k)')}  # [BLOCK_M, BLOCK_N]",
     ]
-    ld_ok = c.and_("row_ok[:, None]", "col_ok[None, :]" if boundary else "")
-    lines += c.score_lines(spec, tile, ind, ld_ok, keep_terms)
+    ld_ok = and_("row_ok[:, None]", "col_ok[None, :]" if boundary else "")
+    lines += score_lines(spec, tile, ind, ld_ok, keep_terms)
     lines += [
         f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] the forward's probabilities",
-        f"{ind}dp = {c.dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
+        f"{ind}dp = {dot(spec, 'do', 'tl.trans(v)')}  # [BLOCK_M, BLOCK_N]",
     ]
-    if c.normalizes_rows(spec):
+    if normalizes_rows(spec):
         lines.append(f"{ind}p_sum += tl.sum(p, 1)")
     if spec.dropout:
-        lines += c.dropout_keep(tile, ind)
+        lines += dropout_keep(tile, ind)
         lines.append(f"{ind}dp = tl.where(kept, dp * drop_scale, 0.0)")
     lines.append(f"{ind}ds = p * (dp - delta[:, None])  # [BLOCK_M, BLOCK_N] gradient of the scores")
     if spec.write_ds:
-        ds_mask = c.and_("row_ok[:, None]", "col_ok[None, :]" if boundary else "")
+        ds_mask = and_("row_ok[:, None]", "col_ok[None, :]" if boundary else "")
         lines.append(f"{ind}tl.store(ds_row[:, None] + cols[None, :], ds, mask={ds_mask})")
     if spec.softcap:
         lines.append(f"{ind}ds = ds * (1.0 - t * t)  # through the softcap's tanh")
-    lines.append(f"{ind}dq += {c.dot(spec, c.cast(spec, 'ds'), 'k')}  # [BLOCK_M, BLOCK_D]")
+    lines.append(f"{ind}dq += {dot(spec, cast(spec, 'ds'), 'k')}  # [BLOCK_M, BLOCK_D]")
     return lines
 
 
@@ -214,31 +239,37 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         "summed over the GROUP query heads of each key/value head.",
         "",
         "Grid: (cdiv(seq_k, BLOCK_N), B * H // GROUP).",
-        *c.feature_doc(spec),
+        *feature_doc(spec),
     ]
-    lines = c.opening(spec, "Exact attention backward, dK and dV: one program per (key tile, batch * kv head), "
+    lines = opening(spec, "Exact attention backward, dK and dV: one program per (key tile, batch * kv head), "
                       "streaming query tiles.", arg_names(spec), doc)
-    k_mask = c.and_("col_in[:, None]", c.d_ok(spec, "[None, :]"))
-    v_mask = c.and_("col_in[:, None]", c.dv_ok(spec, "[None, :]"))
-    lines += [
+    q_end = "q_end" if spec.key_padding else "seq_q"
+    lines += _dkdv_key_tile(spec) + _dkdv_query_range(spec, q_end)
+    return lines + _dkdv_query_heads(spec, q_end) + _dkdv_store(spec)
+
+
+def _dkdv_key_tile(spec: KernelSpec) -> list[str]:
+    """The program's key tile: its rows, k and v loaded, dk and dv zeroed."""
+    k_mask = and_("col_in[:, None]", d_ok(spec, "[None, :]"))
+    v_mask = and_("col_in[:, None]", dv_ok(spec, "[None, :]"))
+    lines = [
         "    pid_n = tl.program_id(0)",
         "    pid_bhkv = tl.program_id(1)",
         "    num_kv_heads = num_heads // GROUP",
         "    off_b = (pid_bhkv // num_kv_heads).to(tl.int64)",
         "    off_hkv = (pid_bhkv % num_kv_heads).to(tl.int64)",
         "    start_n = pid_n * BLOCK_N",
-        *c.offsets(spec),
+        *offsets(spec),
         "    cols = start_n + offs_n  # [BLOCK_N] key rows of this program",
         "    col_in = cols < seq_k  # [BLOCK_N]",
-        *c.scalar_setup(spec),
-        *c.kv_end_line(spec),
+        *scalar_setup(spec),
+        *kv_end_line(spec),
     ]
     if spec.key_padding:
         lines += [
             "    q_end = tl.where(start_n < kv_end, seq_q, 0)  # a key tile wholly in the padding sees no query",
         ]
-    q_end = "q_end" if spec.key_padding else "seq_q"
-    lines += [
+    return lines + [
         "",
         "    k_base = K + off_b * stride_kb + off_hkv * stride_kh + tl.cast(start_n, tl.int64) * stride_kn",
         "    v_base = V + off_b * stride_vb + off_hkv * stride_vh + tl.cast(start_n, tl.int64) * stride_vn",
@@ -250,8 +281,11 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)  # [BLOCK_N, BLOCK_DV]",
         "",
     ]
-    lines += _dkdv_query_range(spec, q_end)
-    ind = "    "
+
+
+def _dkdv_query_heads(spec: KernelSpec, q_end: str) -> list[str]:
+    """dK and dV summed over the query heads of the key/value head, each over its query tiles."""
+    lines, ind = [], "    "
     if spec.group > 1:
         lines += [
             "",
@@ -267,8 +301,8 @@ def _dkdv(spec: KernelSpec) -> list[str]:
         f"{ind}do_base = DOut + off_b * stride_dob + off_h * stride_doh",
         f"{ind}lse2_base = Lse2 + bh * seq_q",
         f"{ind}delta_base = Delta + bh * seq_q",
-        *([f"{ind}row_scale_base = RowScale + bh * seq_q"] if c.normalizes_rows(spec) else []),
-        *c.head_bases(spec, ind, "bh"),
+        *([f"{ind}row_scale_base = RowScale + bh * seq_q"] if normalizes_rows(spec) else []),
+        *head_bases(spec, ind, "bh"),
     ]
     if spec.causal != CAUSAL_NONE:
         lines += _dkdv_loop(spec, ind, f"range(m_lo, tl.minimum(diag_end, {q_end}), BLOCK_M)",
@@ -281,16 +315,21 @@ def _dkdv(spec: KernelSpec) -> list[str]:
                         row_masks=False)
     lines += _dkdv_loop(spec, ind, f"range({last_start}, {q_end}, BLOCK_M)", "the partial last query tile",
                         causal=False, row_masks=True)
-    lines += ["", "    dk *= scale"]
+    return lines
+
+
+def _dkdv_store(spec: KernelSpec) -> list[str]:
+    """dK (times the scale) and dV stored; padded keys get zero gradients."""
+    lines = ["", "    dk *= scale"]
     if spec.key_padding:
         lines += [
             "    key_ok = cols < kv_end  # [BLOCK_N] padded keys are masked for every query: zero gradient",
             "    dk = tl.where(key_ok[:, None], dk, 0.0)",
             "    dv = tl.where(key_ok[:, None], dv, 0.0)",
         ]
-    dk_mask = c.and_("col_in[:, None]", c.d_ok(spec, "[None, :]"))
-    dv_mask = c.and_("col_in[:, None]", c.dv_ok(spec, "[None, :]"))
-    dtype = c.TL_DTYPES[spec.dtype]
+    dk_mask = and_("col_in[:, None]", d_ok(spec, "[None, :]"))
+    dv_mask = and_("col_in[:, None]", dv_ok(spec, "[None, :]"))
+    dtype = TL_DTYPES[spec.dtype]
     lines += [
         "    dk_ptrs = (DK + off_b * stride_dkb + off_hkv * stride_dkh + tl.cast(start_n, tl.int64) * stride_dkn",
         "               + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd)  # [BLOCK_N, BLOCK_D]",
@@ -315,10 +354,10 @@ def _dkdv_query_range(spec: KernelSpec, q_end: str) -> list[str]:
 
 
 def _dkdv_loop(spec: KernelSpec, ind: str, loop_range: str, what: str, causal: bool, row_masks: bool) -> list[str]:
-    tile = c.KEY_TILE
+    tile = KEY_TILE
     body = ind + "    "
-    q_mask = c.and_("row_ok[:, None]" if row_masks else "", c.d_ok(spec, "[None, :]"))
-    do_mask = c.and_("row_ok[:, None]" if row_masks else "", c.dv_ok(spec, "[None, :]"))
+    q_mask = and_("row_ok[:, None]" if row_masks else "", d_ok(spec, "[None, :]"))
+    do_mask = and_("row_ok[:, None]" if row_masks else "", dv_ok(spec, "[None, :]"))
     lines = [
         "",
         f"{ind}for start_m in {loop_range}:  # {what}",
@@ -331,38 +370,38 @@ def _dkdv_loop(spec: KernelSpec, ind: str, loop_range: str, what: str, causal: b
     lines += [
         f"{body}q_tile = q_base + tl.cast(start_m, tl.int64) * stride_qm",
         f"{body}q = tl.load(q_tile + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd"
-        f"{c.mask_kw(q_mask)})  # [BLOCK_M, BLOCK_D]",
+        f"{mask_kw(q_mask)})  # [BLOCK_M, BLOCK_D]",
         f"{body}do_tile = do_base + tl.cast(start_m, tl.int64) * stride_dom",
         f"{body}do = tl.load(do_tile + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod"
-        f"{c.mask_kw(do_mask)})  # [BLOCK_M, BLOCK_DV]",
+        f"{mask_kw(do_mask)})  # [BLOCK_M, BLOCK_DV]",
         f"{body}lse2 = tl.load(lse2_base + rows{lse2_kw})  # [BLOCK_M] (+inf past seq_q: P = 0)",
         f"{body}delta = tl.load(delta_base + rows{delta_kw})  # [BLOCK_M]",
         *([f"{body}row_scale = tl.load(row_scale_base + rows{delta_kw})  # [BLOCK_M] from bwd_dq"]
-          if c.normalizes_rows(spec) else []),
-        f"{body}qk = {c.dot(spec, 'k', 'tl.trans(q)')}  # [BLOCK_N, BLOCK_M] (K Qᵀ)",
+          if normalizes_rows(spec) else []),
+        f"{body}qk = {dot(spec, 'k', 'tl.trans(q)')}  # [BLOCK_N, BLOCK_M] (K Qᵀ)",
     ]
-    ld_ok = c.and_("col_in[:, None]", "row_ok[None, :]" if row_masks else "")
-    keep_terms = [c.causal_test(spec, tile)] if causal else []
+    ld_ok = and_("col_in[:, None]", "row_ok[None, :]" if row_masks else "")
+    keep_terms = [causal_test(spec, tile)] if causal else []
     if spec.dropout:
         lines.append(f"{body}drop_row = drop_base + rows.to(tl.int64) * seq_k  # [BLOCK_M] Philox counter of (row, 0)")
-    lines += c.score_lines(spec, tile, body, ld_ok, keep_terms)
-    if c.normalizes_rows(spec):
+    lines += score_lines(spec, tile, body, ld_ok, keep_terms)
+    if normalizes_rows(spec):
         lines.append(f"{body}p = tl.exp2(s - lse2[None, :]) * row_scale[None, :]  # [BLOCK_N, BLOCK_M] Pᵀ")
     else:
         lines.append(f"{body}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ")
     p_drop = "p"
     if spec.dropout:
-        lines += c.dropout_keep(tile, body)
+        lines += dropout_keep(tile, body)
         lines.append(f"{body}p_drop = tl.where(kept, p * drop_scale, 0.0)  # [BLOCK_N, BLOCK_M] P̃ᵀ")
         p_drop = "p_drop"
     lines += [
-        f"{body}dv += {c.dot(spec, c.cast(spec, p_drop), 'do')}  # [BLOCK_N, BLOCK_DV]",
-        f"{body}dp = {c.dot(spec, 'v', 'tl.trans(do)')}  # [BLOCK_N, BLOCK_M] dP̃ᵀ",
+        f"{body}dv += {dot(spec, cast(spec, p_drop), 'do')}  # [BLOCK_N, BLOCK_DV]",
+        f"{body}dp = {dot(spec, 'v', 'tl.trans(do)')}  # [BLOCK_N, BLOCK_M] dP̃ᵀ",
     ]
     if spec.dropout:
         lines.append(f"{body}dp = tl.where(kept, dp * drop_scale, 0.0)  # dPᵀ")
     lines.append(f"{body}ds = p * (dp - delta[None, :])  # [BLOCK_N, BLOCK_M] dSᵀ")
     if spec.softcap:
         lines.append(f"{body}ds = ds * (1.0 - t * t)  # through the softcap's tanh")
-    lines.append(f"{body}dk += {c.dot(spec, c.cast(spec, 'ds'), 'q')}  # [BLOCK_N, BLOCK_D]")
+    lines.append(f"{body}dk += {dot(spec, cast(spec, 'ds'), 'q')}  # [BLOCK_N, BLOCK_D]")
     return lines

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.kernels.exact import reference as R
+from attnopt.kernels.exact import reference
 
 
 def _qkv(b=2, hq=4, hkv=4, sq=7, sk=7, d=12, dv=None, dtype=torch.float64, grad=False):
@@ -30,7 +30,19 @@ def test_matches_sdpa(hq, hkv, sq, sk, mask):
     torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("causal", [R.CAUSAL_NONE, R.CAUSAL_TOP_LEFT, R.CAUSAL_BOTTOM_RIGHT])
+@pytest.mark.parametrize("shapes, message", [
+    (((2, 4, 7, 12), (1, 4, 7, 12), (1, 4, 7, 12)), "incompatible shapes"),  # the CPU op used to broadcast the batch
+    (((2, 4, 7, 12), (2, 0, 7, 12), (2, 0, 7, 12)), "must be a multiple"),  # used to divide by zero
+    (((2, 4, 7, 12), (2, 3, 7, 12), (2, 3, 7, 12)), "must be a multiple"),
+    (((4, 7, 12), (2, 4, 7, 12), (2, 4, 7, 12)), "must be 4-D"),
+])
+def test_refuses_a_bad_layout_by_name(shapes, message):
+    q, k, v = (torch.randn(shape, dtype=torch.float64) for shape in shapes)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.attnopt.attention(q, k, v, None, 0.0, reference.CAUSAL_NONE, 0.5, None)
+
+
+@pytest.mark.parametrize("causal", [reference.CAUSAL_NONE, reference.CAUSAL_TOP_LEFT, reference.CAUSAL_BOTTOM_RIGHT])
 @pytest.mark.parametrize("hkv", [3, 1])
 def test_gradcheck(causal, hkv):
     q, k, v = _qkv(b=1, hq=3, hkv=hkv, sq=5, sk=6, d=4, dv=3, grad=True)
@@ -49,9 +61,9 @@ def test_gradcheck_softcap_and_dropout_replay():
 
 def test_causal_alignments_differ_when_sq_ne_sk():
     q, k, v = _qkv(sq=3, sk=6)
-    top = torch.ops.attnopt.attention(q, k, v, None, 0.0, R.CAUSAL_TOP_LEFT, 0.5, None)[0]
-    bottom = torch.ops.attnopt.attention(q, k, v, None, 0.0, R.CAUSAL_BOTTOM_RIGHT, 0.5, None)[0]
-    full = torch.ops.attnopt.attention(q, k, v, None, 0.0, R.CAUSAL_NONE, 0.5, None)[0]
+    top = torch.ops.attnopt.attention(q, k, v, None, 0.0, reference.CAUSAL_TOP_LEFT, 0.5, None)[0]
+    bottom = torch.ops.attnopt.attention(q, k, v, None, 0.0, reference.CAUSAL_BOTTOM_RIGHT, 0.5, None)[0]
+    full = torch.ops.attnopt.attention(q, k, v, None, 0.0, reference.CAUSAL_NONE, 0.5, None)[0]
     torch.testing.assert_close(bottom[:, :, -1], full[:, :, -1])  # last query sees every key
     assert not torch.allclose(top[:, :, -1], full[:, :, -1])
 

@@ -13,7 +13,7 @@ import attnopt  # noqa: F401  (registers the ops)
 import attnopt.kernels.linear  # noqa: F401
 import attnopt.kernels.sigmoid  # noqa: F401
 import attnopt.kernels.sparse  # noqa: F401
-from attnopt import masks as M
+from attnopt import masks
 
 B, HQ, HKV, S, D = 2, 4, 2, 6, 4
 LAYOUTS = ["contiguous", "bshd", "sliced"]
@@ -82,7 +82,7 @@ def test_sigmoid_attention(layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_sparse_attention(layout):
     q, k, v = _qkv(layout)
-    key = M.SlidingWindow(2, 0).key()
+    key = masks.SlidingWindow(2, 0).key()
     _check(ops.sparse_attention.default, (q, k, v, None, None, key, 0.35, 0.0))
     with torch.no_grad():
         out, lse = ops.sparse_attention(q, k, v, None, None, key, 0.35, 0.0)

@@ -30,15 +30,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.common import dim_constants, module_head
-from attnopt.codegen.spec import GeneratedSpec, next_pow2
+from attnopt.codegen.spec import DTYPES, GeneratedSpec, next_pow2
+from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dim_constants, dot, jit_def, module_head
 
 KINDS = ("state", "out", "grad")
-DTYPES = ("float16", "bfloat16", "float32")
-TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
 MAX_HEAD_DIM = 128  # the grad kernel holds two full [D, Dv] fp32 states per program
 CHUNK = 64
-LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,12 +92,6 @@ def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: 
 
 # --------------------------------------------------------------------------------------------------- render
 
-def _dot(spec: LinearSpec, a: str, b: str) -> str:
-    """``tl.dot``; exact fp32 products for fp32 specs (Triton's default for fp32 operands is tf32)."""
-    ieee = ', input_precision="ieee"' if spec.dtype == "float32" else ""
-    return f"tl.dot({a}, {b}{ieee})"
-
-
 def _header(spec: LinearSpec, what: str) -> list[str]:
     summary = [
         f"Chunked linear attention, {what}.",
@@ -113,11 +104,8 @@ def _header(spec: LinearSpec, what: str) -> list[str]:
 
 
 def _signature(spec: LinearSpec, pointers: list[str], strides: list[str], scalars: list[str], doc: list[str]) -> list[str]:
-    lines = ["@triton.jit", f"def {spec.name}(", "    " + ", ".join(pointers) + ","]
-    for i in range(0, len(strides), 4):
-        lines.append("    " + ", ".join(strides[i:i + 4]) + ",")
-    lines += ["    " + ", ".join(scalars) + ",", "):", '    """' + doc[0]] + ["    " + d if d else "" for d in doc[1:]]
-    return lines + ['    """']
+    lines = jit_def(spec.name, pointers, strides, scalars)
+    return lines + ['    """' + doc[0]] + ["    " + d if d else "" for d in doc[1:]] + ['    """']
 
 
 def _ids(grid: str) -> list[str]:
@@ -196,13 +184,13 @@ def _load_rows(var: str, tensor: str, cols: str, mask: str, rest: str) -> list[s
     ]
 
 
-def _state(spec: LinearSpec) -> list[str]:
-    rev, norm, dt = spec.reverse, spec.normalize, TL_DTYPES[spec.dtype]
+def _state_doc(spec: LinearSpec) -> tuple[str, list[str]]:
+    """The state kernel's summary and docstring lines."""
+    rev, norm = spec.reverse, spec.normalize
     what = ("backward state pass (reverse in time: the states carried out of each chunk)" if rev
             else "state pass (the states carried into each chunk)")  # fmt: skip
     if not spec.causal:
         what = "summed state" + (" of the backward" if rev else "")
-    pointers, strides, scalars = _args(spec)
     doc = [
         "X [B, H // group, seq, HEAD_DIM], Y [B, H // group, seq, HEAD_DIM_V] (any strides)"
         + (", U [B, H, seq] fp32 contiguous" if rev and norm else "") + ".",
@@ -214,6 +202,31 @@ def _state(spec: LinearSpec) -> list[str]:
         doc.append("States [B*H, n_chunks, HEAD_DIM, HEAD_DIM_V] fp32 receives, per chunk, the state "
                    + ("carried out of it." if rev else "carried into it."))  # fmt: skip
     doc.append("Grid: (cdiv(HEAD_DIM_V, BLOCK_DV), B * H); x is multiplied by x_scale.")
+    return what, doc
+
+
+def _state_decay(spec: LinearSpec) -> list[str]:
+    """The decay of one chunk in the state walk: x weighted per row, the carried state (and norm) decayed."""
+    if spec.reverse:
+        lines = ["        w = tl.exp2((offs_c + 1).to(tl.float32) * ld2)  # [CHUNK] λ^(a+1)"]
+    else:
+        lines = [
+            "        # λ^(len-1-b) for the rows of the chunk, 0 past its end (exponent clamped: it would be positive)",
+            "        length = tl.minimum(seq - start, CHUNK)",
+            "        w = tl.where(offs_c < length, tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2), 0.0)",
+        ]
+    lines += [
+        "        carry = tl.exp2(tl.minimum(seq - start, CHUNK).to(tl.float32) * ld2)  # λ^len",
+        "        x = x * w[:, None]",
+        "        h = h * carry",
+    ]
+    return lines + (["        z = z * carry"] if spec.normalize else [])
+
+
+def _state(spec: LinearSpec) -> list[str]:
+    rev, norm, dt = spec.reverse, spec.normalize, TL_DTYPES[spec.dtype]
+    what, doc = _state_doc(spec)
+    pointers, strides, scalars = _args(spec)
     lines = _header(spec, what) + _signature(spec, pointers, strides, scalars, doc) + _ids("pid_v,pid_bh")
     lines += _value_tile("pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)")
     lines += [
@@ -248,24 +261,10 @@ def _state(spec: LinearSpec) -> list[str]:
         "                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
     ]
     if spec.decay:
-        if rev:
-            lines.append("        w = tl.exp2((offs_c + 1).to(tl.float32) * ld2)  # [CHUNK] λ^(a+1)")
-        else:
-            lines += [
-                "        # λ^(len-1-b) for the rows of the chunk, 0 past its end (exponent clamped: it would be positive)",
-                "        length = tl.minimum(seq - start, CHUNK)",
-                "        w = tl.where(offs_c < length, tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2), 0.0)",
-            ]
-        lines += [
-            "        carry = tl.exp2(tl.minimum(seq - start, CHUNK).to(tl.float32) * ld2)  # λ^len",
-            "        x = x * w[:, None]",
-            "        h = h * carry",
-        ]
-        if norm:
-            lines.append("        z = z * carry")
+        lines += _state_decay(spec)
     y_cast = "y.to(tl.float32)" if rev else "y"
     x_cast = "x" if rev else f"x.to({dt})"
-    lines.append(f"        h += {_dot(spec, f'tl.trans({x_cast})', y_cast)}")
+    lines.append(f"        h += {dot(spec, f'tl.trans({x_cast})', y_cast)}")
     if norm:
         if rev:
             lines += [
@@ -312,17 +311,17 @@ def _out(spec: LinearSpec) -> list[str]:
     if spec.causal:
         lines += _load_rows("k", "K", "offs_d", "row_ok[:, None] & d_ok[None, :]", "  # [CHUNK, BLOCK_D]")
         lines += _load_rows("v", "V", "offs_v", "row_ok[:, None] & v_ok[None, :]", "  # [CHUNK, BLOCK_DV]")
-        lines.append(f"    s = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores")
+        lines.append(f"    s = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK] intra-chunk scores")
         lines += _intra_mask(spec, "s")
         lines += [
-            f"    num = {_dot(spec, f's.to({dt})', 'v')}  # [CHUNK, BLOCK_DV]",
+            f"    num = {dot(spec, f's.to({dt})', 'v')}  # [CHUNK, BLOCK_DV]",
             "    chunk_base = (bh * n_chunks + pid_c) * HEAD_DIM",
             "    h = tl.load(States + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # state into the chunk",
             "    qf = q.to(tl.float32)",
         ]
         if spec.decay:
             lines.append("    qf = qf * tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)")
-        lines.append(f"    num += {_dot(spec, 'qf', 'h')}")
+        lines.append(f"    num += {dot(spec, 'qf', 'h')}")
         if norm:
             lines += [
                 "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)",
@@ -332,7 +331,7 @@ def _out(spec: LinearSpec) -> list[str]:
         lines += [
             "    h = tl.load(States + bh * HEAD_DIM * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)",
             "    qf = q.to(tl.float32)",
-            f"    num = {_dot(spec, 'qf', 'h')}  # [CHUNK, BLOCK_DV]",
+            f"    num = {dot(spec, 'qf', 'h')}  # [CHUNK, BLOCK_DV]",
         ]
         if norm:
             lines += [
@@ -399,32 +398,7 @@ def _grad(spec: LinearSpec) -> list[str]:
             "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D]",
             "    r = tl.load(RNorms + chunk_base + offs_d, mask=d_ok, other=0.0)",
         ]
-    inter_q = f"{_dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
-    inter_k = f"{_dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
-    inter_v = _dot(spec, "k", "g")
-    if spec.causal:
-        lines += [
-            f"    a = {_dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
-            f"    dp = {_dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
-        ]
-        lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
-        if spec.decay:
-            lines += [
-                "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
-                "    length = tl.minimum(seq_k - pid_c * CHUNK, CHUNK)",
-                "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
-                f"    dq = {_dot(spec, 'dp', 'k')} + wq * ({inter_q})",
-                f"    dk = {_dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
-                f"    dv = {_dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
-            ]
-        else:
-            lines += [
-                f"    dq = {_dot(spec, 'dp', 'k')} + {inter_q}",
-                f"    dk = {_dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
-                f"    dv = {_dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
-            ]
-    else:
-        lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
+    lines += _grad_products(spec)
     lines += [
         "    dq = dq * scale",
         "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,",
@@ -434,6 +408,38 @@ def _grad(spec: LinearSpec) -> list[str]:
         "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows[:, None] * stride_dvs + offs_v[None, :] * stride_dvd,",
         "             dv, mask=k_ok[:, None] & v_ok[None, :])",
     ]
+    return lines
+
+
+def _grad_products(spec: LinearSpec) -> list[str]:
+    """dq, dk, dv of one chunk: the intra-chunk products (causal) plus the terms of the carried states."""
+    norm, lines = spec.normalize, []
+    inter_q = f"{dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
+    inter_k = f"{dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
+    inter_v = dot(spec, "k", "g")
+    if spec.causal:
+        lines += [
+            f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
+            f"    dp = {dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
+        ]
+        lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
+        if spec.decay:
+            lines += [
+                "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
+                "    length = tl.minimum(seq_k - pid_c * CHUNK, CHUNK)",
+                "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
+                f"    dq = {dot(spec, 'dp', 'k')} + wq * ({inter_q})",
+                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
+                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
+            ]
+        else:
+            lines += [
+                f"    dq = {dot(spec, 'dp', 'k')} + {inter_q}",
+                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
+                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
+            ]
+    else:
+        lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
     return lines
 
 

@@ -8,7 +8,7 @@ without materializing the ``[Sq, Sk]`` score matrix: key/value tiles of ``BLOCK_
 through while each row keeps a running maximum ``m``, a running denominator ``l`` and an
 unnormalized output ``acc``.
 
-Online softmax, in base 2 (``s_j = log2(e) * score_j``, see :mod:`attnopt.codegen.common`). After
+Online softmax, in base 2 (``s_j = log2(e) * score_j``, see :mod:`attnopt.kernels.exact.render_common`). After
 the tiles ``1..t``::
 
     m_t   = max_{j <= t} s_j
@@ -41,14 +41,30 @@ never loaded either.
 
 from __future__ import annotations
 
-from attnopt.codegen import common as c
 from attnopt.codegen.spec import KernelSpec
+from attnopt.codegen.triton_text import TL_DTYPES, and_, cast, dot, mask_kw
+from attnopt.kernels.exact.render_common import (
+    QUERY_TILE,
+    d_ok,
+    dropout_keep,
+    dv_ok,
+    feature_doc,
+    feature_pointers,
+    feature_scalars,
+    feature_strides,
+    key_loop_head,
+    opening,
+    query_key_range,
+    query_tile_prologue,
+    score_lines,
+    strides,
+)
 
 
 def arg_names(spec: KernelSpec) -> tuple[str, ...]:
-    names = ["Q", "K", "V", *c.feature_pointers(spec), "Out", "Lse"]
-    names += c.strides("q") + c.strides("k", "bhnd") + c.strides("v", "bhnd") + c.strides("o")
-    names += c.feature_strides(spec) + c.feature_scalars(spec)
+    names = ["Q", "K", "V", *feature_pointers(spec), "Out", "Lse"]
+    names += strides("q") + strides("k", "bhnd") + strides("v", "bhnd") + strides("o")
+    names += feature_strides(spec) + feature_scalars(spec)
     return tuple(names)
 
 
@@ -58,17 +74,17 @@ def render_lines(spec: KernelSpec) -> list[str]:
         "-> Out [B, H, seq_q, HEAD_DIM_V], Lse [B, H, seq_q] (contiguous, fp32, natural log).",
         "",
         "Any strides. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
-        *c.feature_doc(spec),
+        *feature_doc(spec),
     ]
-    lines = c.opening(spec, "Exact attention forward, FlashAttention-2 online softmax; "
+    lines = opening(spec, "Exact attention forward, FlashAttention-2 online softmax; "
                       "one program per (query tile, batch * head).", arg_names(spec), doc)
-    lines += _prologue(spec) + c.query_key_range(spec)
+    lines += _prologue(spec) + query_key_range(spec)
     lines += _loop(spec, boundary=False) + _loop(spec, boundary=True) + _epilogue(spec)
     return lines
 
 
 def _prologue(spec: KernelSpec) -> list[str]:
-    return c.query_tile_prologue(spec) + [
+    return query_tile_prologue(spec) + [
         "",
         '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M] running max of the base-2 scores',
         "    l_i = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] running sum of exp2(s - m_i)",
@@ -79,19 +95,19 @@ def _prologue(spec: KernelSpec) -> list[str]:
 
 def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
     """One pass of the online softmax over key tiles; ``boundary`` adds the per-element key tests."""
-    tile, ind = c.QUERY_TILE, "        "
+    tile, ind = QUERY_TILE, "        "
     col_ok = "col_ok[None, :]" if boundary else ""
-    k_mask = c.and_(c.d_ok(spec, "[:, None]"), col_ok)
-    v_mask = c.and_("col_ok[:, None]" if boundary else "", c.dv_ok(spec, "[None, :]"))
-    lines, keep_terms = c.key_loop_head(spec, boundary)
+    k_mask = and_(d_ok(spec, "[:, None]"), col_ok)
+    v_mask = and_("col_ok[:, None]" if boundary else "", dv_ok(spec, "[None, :]"))
+    lines, keep_terms = key_loop_head(spec, boundary)
     lines += [
         f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
         f"{ind}k = tl.load(k_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
-        f"{c.mask_kw(k_mask)})  # [BLOCK_D, BLOCK_N], Kᵀ",
-        f"{ind}qk = {c.dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]",
+        f"{mask_kw(k_mask)})  # [BLOCK_D, BLOCK_N], Kᵀ",
+        f"{ind}qk = {dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]",
     ]
-    ld_ok = c.and_("row_ok[:, None]", col_ok)
-    lines += c.score_lines(spec, tile, ind, ld_ok, keep_terms)
+    ld_ok = and_("row_ok[:, None]", col_ok)
+    lines += score_lines(spec, tile, ind, ld_ok, keep_terms)
     lines += [
         f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
         f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
@@ -101,21 +117,21 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
     ]
     p = "p"
     if spec.dropout:
-        lines += c.dropout_keep(tile, ind)
+        lines += dropout_keep(tile, ind)
         lines.append(f"{ind}p_kept = tl.where(kept, p, 0.0)  # [BLOCK_M, BLOCK_N] (rescaled in the epilogue)")
         p = "p_kept"
     lines += [
         f"{ind}v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn",
         f"{ind}v = tl.load(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
-        f"{c.mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
-        f"{ind}acc = acc * alpha[:, None] + {c.dot(spec, c.cast(spec, p), 'v')}  # [BLOCK_M, BLOCK_DV]",
+        f"{mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
+        f"{ind}acc = acc * alpha[:, None] + {dot(spec, cast(spec, p), 'v')}  # [BLOCK_M, BLOCK_DV]",
         f"{ind}m_i = m_new",
     ]
     return lines
 
 
 def _epilogue(spec: KernelSpec) -> list[str]:
-    out_mask = c.and_("row_ok[:, None]", c.dv_ok(spec, "[None, :]"))
+    out_mask = and_("row_ok[:, None]", dv_ok(spec, "[None, :]"))
     norm = "acc * (drop_scale / l_safe)[:, None]" if spec.dropout else "acc / l_safe[:, None]"
     return [
         "",
@@ -127,6 +143,6 @@ def _epilogue(spec: KernelSpec) -> list[str]:
         '    lse = tl.where(l_i == 0.0, float("-inf"), lse)',
         "    out_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + tl.cast(start_m, tl.int64) * stride_om",
         "                + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od)  # [BLOCK_M, BLOCK_DV]",
-        f"    tl.store(out_ptrs, out.to({c.TL_DTYPES[spec.dtype]}), mask={out_mask})",
+        f"    tl.store(out_ptrs, out.to({TL_DTYPES[spec.dtype]}), mask={out_mask})",
         "    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + rows, lse, mask=row_ok)",
     ]

@@ -1,7 +1,7 @@
 """attnopt's torch custom ops: ``torch.ops.attnopt.attention`` and its backward.
 
 Both ops have a fake implementation (so ``torch.compile`` and ``torch.export`` trace them without
-running them), a CPU implementation (the plain PyTorch reference in ``kernels/exact``) and a CUDA
+running them), a CPU implementation (the plain PyTorch reference, :mod:`attnopt.kernels.exact.reference`) and a CUDA
 implementation that launches the Triton kernel generated for the call's spec.
 
 The CUDA forward first asks :mod:`attnopt.kernels.exact.dispatch` whether an SDPA backend runs the
@@ -23,21 +23,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.exact import dispatch, reference
-from attnopt.kernels.layout import contiguous, empty
+from attnopt.kernels.exact import dispatch, reference, triton_impl
+from attnopt.kernels.exact.padding import key_padding_lengths
+from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
 
 _NAMESPACE = "attnopt"
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]) -> None:
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attnopt::attention takes 4-D q, k, v [B, H, S, D]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
-    if q.shape[1] % k.shape[1] != 0 or k.shape[1] != v.shape[1]:
-        raise ValueError(
-            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})"
-        )
-    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, "attnopt::attention")
     if attn_mask is not None and attn_mask.dim() > 4:
         raise ValueError(f"attn_mask must broadcast to [B, H, Sq, Sk]; got shape {tuple(attn_mask.shape)}")
     check_mask_dtype(attn_mask)
@@ -57,8 +51,6 @@ def check_mask_dtype(attn_mask: Optional[Tensor]) -> None:
 def _key_padding(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """``(attn_mask, kv_lens)`` for the kernels: ``(None, lengths)`` when the mask is pure right key-padding
     and needs no gradient (exactly equivalent, no [Sq, Sk] reads), else the mask unchanged and None."""
-    from attnopt.kernels.exact.padding import key_padding_lengths
-
     if attn_mask is None or attn_mask.requires_grad or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return attn_mask, None  # the check syncs with the host, which CUDA graph capture forbids
     kv_lens = key_padding_lengths(attn_mask, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
@@ -87,8 +79,7 @@ def attention_fwd(
 def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     b, hq, sq, _ = q.shape
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), lse_dtype)
+    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @attention_fwd.register_kernel("cuda")
@@ -97,8 +88,6 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     if q.dtype == torch.float64:
         # The generated kernels take fp16, bf16 and fp32; fp64 runs the reference on the GPU.
         return contiguous(*reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
-    from attnopt.kernels.exact import triton_impl
-
     decision = dispatch.choose(q, k, v, attn_mask, causal, scale, dropout_p, softcap)
     if decision.backend in dispatch.SDPA_BACKENDS:
         try:
@@ -142,8 +131,6 @@ def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_g
             dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
         )
         return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
-    from attnopt.kernels.exact import triton_impl
-
     kv_lens = None
     if not mask_grad:
         attn_mask, kv_lens = _key_padding(q, k, attn_mask)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import attnopt
-from attnopt import ops
+from attnopt.kernels.exact import ops
 from attnopt.kernels.exact import dispatch, reference, triton_impl
 from attnopt.kernels.exact.padding import key_padding_lengths
 

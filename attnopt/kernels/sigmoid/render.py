@@ -23,19 +23,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.common import TL_DTYPES, dot, module_head, tile_constants
 from attnopt.codegen.spec import (
     CAUSAL_BOTTOM_RIGHT,
     CAUSAL_NAMES,
     CAUSAL_NONE,
     CAUSAL_TOP_LEFT,
+    DTYPES,
     GeneratedSpec,
     PaddedValueDim,
     next_pow2,
 )
+from attnopt.codegen.triton_text import TL_DTYPES, dot, jit_def, module_head, tile_constants
 
 DIRECTIONS = ("fwd", "bwd_kv", "bwd_q")
-DTYPES = ("float16", "bfloat16", "float32")
 MASKS = ("none", "bool", "additive")
 MAX_HEAD_DIM = 256
 
@@ -126,17 +126,15 @@ def _header(spec: SigmoidSpec) -> list[str]:
 
 def _signature(spec: SigmoidSpec) -> list[str]:
     pointers, strides, scalars = _args(spec)
-    lines = ["@triton.jit", f"def {spec.name}(", "    " + ", ".join(pointers) + ","]
-    for i in range(0, len(strides), 4):
-        lines.append("    " + ", ".join(strides[i:i + 4]) + ",")
     doc = {
         "fwd": "Out [B, H, seq_q, HEAD_DIM_V] = σ(scale·QKᵀ + bias + mask) V. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
         "bwd_kv": "DK [B, H, seq_k, HEAD_DIM], DV [B, H, seq_k, HEAD_DIM_V] fp32 per query head. "
                   "Grid: (cdiv(seq_k, BLOCK_N), B * H).",
         "bwd_q": "DQ [B, H, seq_q, HEAD_DIM]. Grid: (cdiv(seq_q, BLOCK_M), B * H).",
     }[spec.direction]
-    lines += ["    " + ", ".join(scalars) + ",", "):", '    """Q [B, H, seq_q, HEAD_DIM], K [B, H // group, seq_k, '
-              'HEAD_DIM], V [B, H // group, seq_k, HEAD_DIM_V], any strides.', "", f"    {doc}"]  # fmt: skip
+    lines = jit_def(spec.name, pointers, strides, scalars)
+    lines += ['    """Q [B, H, seq_q, HEAD_DIM], K [B, H // group, seq_k, HEAD_DIM], V [B, H // group, seq_k, '
+              'HEAD_DIM_V], any strides.', "", f"    {doc}"]  # fmt: skip
     if spec.mask != "none":
         meaning = "True = attend (read as uint8)" if spec.mask == "bool" else "added to the scores"
         lines.append(f"    Mask is read as [B, H, seq_q, seq_k] through its strides (0 on broadcast dims); {meaning}.")

@@ -33,11 +33,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NAMES, CAUSAL_NONE, CAUSAL_TOP_LEFT, KernelSpec
+from attnopt.codegen.triton_text import LN2, LOG2E, and_, dot, paren
 
-TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
-
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 FLT_MAX = 3.4028234663852886e38  # the largest finite fp32
 SATURATED = 2.0**30  # base-2 score terms below -SATURATED count as a finite "masked" fill, see _add_scores
 
@@ -123,7 +120,7 @@ def header(spec: KernelSpec, summary: str) -> list[str]:
     extras = [f"bias {spec.bias}"]
     extras += [name for name in ("key_padding", "softcap", "dropout", "write_ds") if getattr(spec, name)]
     return [
-        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.codegen.render.",
+        "# attnopt generated kernel: do not edit, it is rewritten from its spec by attnopt.kernels.exact.render.",
         f"# spec: {spec.to_json()}",
         "#",
         f"# {summary}",
@@ -458,61 +455,3 @@ def query_key_range(spec: KernelSpec) -> list[str]:
         f"    full_end = tl.minimum({kend} // BLOCK_N * BLOCK_N, tl.maximum({first_diag}, 0) // BLOCK_N * BLOCK_N)",
         f"    end = tl.minimum({kend}, tl.maximum({last_diag}, 0))",
     ]
-
-
-def and_(*terms: str) -> str:
-    return " & ".join(t for t in terms if t)
-
-
-def paren(term: str) -> str:
-    """``term`` parenthesized when it is a comparison (``&`` binds tighter than ``<=``, ``<``, ``!=``)."""
-    return f"({term})" if any(op in term for op in ("<", "!=")) else term
-
-
-def mask_kw(mask: str) -> str:
-    return f", mask={mask}, other=0.0" if mask else ""
-
-
-def dot(spec: KernelSpec, a: str, b: str) -> str:
-    """``tl.dot(a, b)``, in IEEE fp32 for fp32 inputs (no TF32)."""
-    ieee = ', input_precision="ieee"' if spec.dtype == "float32" else ""
-    return f"tl.dot({a}, {b}{ieee})"
-
-
-def cast(spec: KernelSpec, name: str) -> str:
-    """``name`` cast to the input dtype for a ``tl.dot`` operand (no cast for fp32)."""
-    return name if spec.dtype == "float32" else f"{name}.to({TL_DTYPES[spec.dtype]})"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Module text of the other generated kernels (sigmoid, block-sparse, linear: specs built on GeneratedSpec)
-
-
-def module_head(spec, renderer: str, summary: list[str], constants: dict) -> list[str]:
-    """The opening of a generated kernel module: the do-not-edit banner naming the ``renderer`` module
-    that writes it, the spec's JSON, the ``summary`` comment lines, the triton imports, and one
-    ``NAME = tl.constexpr(value)`` line per ``constants`` item (ints and floats, written by ``repr``)."""
-    return [
-        f"# attnopt generated kernel: do not edit, it is rewritten from its spec by {renderer}.",
-        f"# spec: {spec.to_json()}",
-        "#",
-        *(f"# {line}" for line in summary),
-        "",
-        "import triton",
-        "import triton.language as tl",
-        "",
-        *(f"{name} = tl.constexpr({value!r})" for name, value in constants.items()),
-        "",
-        "",
-    ]
-
-
-def dim_constants(spec) -> dict:
-    """The head dims and their padded widths: ``HEAD_DIM``, ``BLOCK_D``, ``HEAD_DIM_V``, ``BLOCK_DV``."""
-    return {"HEAD_DIM": spec.head_dim, "BLOCK_D": spec.block_d, "HEAD_DIM_V": spec.head_dim_v,
-            "BLOCK_DV": spec.block_dv}  # fmt: skip
-
-
-def tile_constants(spec) -> dict:
-    """``BLOCK_M`` and ``BLOCK_N`` (the query and key tile) and :func:`dim_constants`."""
-    return {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, **dim_constants(spec)}

@@ -4,8 +4,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from attnopt import masks as M
+from attnopt import masks
 from attnopt.kernels.sparse import blockwise
+from attnopt.kernels.sparse.structure import recognize
 
 
 class _Largest(TorchDispatchMode):
@@ -45,7 +46,7 @@ def _sparse_step(s, mask, heads=2, dim=32):
 
 
 def test_sparse_allocations_stay_far_below_dense_and_grow_linearly():
-    mask = M.SlidingWindow(127, 0)
+    mask = masks.SlidingWindow(127, 0)
     s = 4096
     sparse = _largest(_sparse_step(s, mask))
     sparse_2s = _largest(_sparse_step(2 * s, mask))
@@ -66,20 +67,18 @@ def test_sparse_allocations_stay_far_below_dense_and_grow_linearly():
 def test_structured_and_neighborhood_block_maps_are_small_at_large_sizes():
     """Metadata only (no attention run): S = 64k tokens, causal, a window, a 2-D neighborhood (S² would be 4 Gi)."""
     s = 1 << 16
-    for mask in (M.causal(), M.SlidingWindow(2047, 0), M.Neighborhood(13, grid=(256, 256))):
+    for mask in (masks.causal(), masks.SlidingWindow(2047, 0), masks.Neighborhood(13, grid=(256, 256))):
         largest = _largest(lambda: mask.block_map(s, s, 128, 128))
         assert largest < 16 << 20, (str(mask), largest)
 
 
 def test_recognizing_a_models_mask_reads_it_in_row_chunks():
     """Exact-sparse checks the site's [B, 1, S, S] mask without a second S x S tensor."""
-    from attnopt.kernels.sparse.structure import recognize
-
     s = 2048
-    mask = M.SlidingWindow(511, 0).dense(s, s)[None]  # [1, 1, S, S] bool, as a model would pass it
+    mask = masks.SlidingWindow(511, 0).dense(s, s)[None]  # [1, 1, S, S] bool, as a model would pass it
     additive = torch.zeros(1, 1, s, s).masked_fill(~mask, torch.finfo(torch.float32).min)
     for m in (mask, additive):
         found = []
         largest = _largest(lambda: found.append(recognize(m, 0, 1, 8, s, s)))
-        assert found[0][0] == M.SlidingWindow(511, 0) and found[0][1] is None
+        assert found[0][0] == masks.SlidingWindow(511, 0) and found[0][1] is None
         assert largest * 2 < s * s, largest

@@ -1,7 +1,7 @@
 r"""Generated block-sparse attention kernels: :class:`SparseKernelSpec`, its Triton source, and its disk cache.
 
 Three kernels per mask descriptor and tile shape, FlashAttention-2 style (see
-:mod:`attnopt.codegen.render` for the online softmax in base 2 and its invariants):
+:mod:`attnopt.kernels.exact.render` for the online softmax in base 2 and its invariants):
 
 * ``fwd``: one program per (query tile, batch x query head). It walks the query tile's *runs* of key
   tiles from the block map (:mod:`attnopt.masks.blockmap`): ``KIND_FULL`` runs take no element test,
@@ -29,15 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attnopt.codegen.cache import cache_root, load_generated
-from attnopt.codegen.common import module_head, tile_constants
-from attnopt.codegen.spec import GeneratedSpec, PaddedValueDim
+from attnopt.codegen.spec import DTYPES, GeneratedSpec, PaddedValueDim
+from attnopt.codegen.triton_text import LN2, LOG2E, cast, module_head, tile_constants
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 KIND_FULL = 1
 KIND_BITS = 2
 DIRECTIONS = ("fwd", "dq", "dkdv")
-DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
 EXTRAS = ("none", "bool", "additive")
 
 
@@ -126,10 +123,6 @@ def render(spec: SparseKernelSpec) -> str:
 
 def _ieee(spec) -> str:
     return ', input_precision="ieee"' if spec.dtype == "float32" else ""
-
-
-def _cast(spec, x: str) -> str:
-    return x if spec.dtype == "float32" else f"{x}.to({DTYPES[spec.dtype]})"
 
 
 def _d_mask(spec, expr: str, v: bool = False) -> str:
@@ -256,7 +249,7 @@ def _fwd(spec) -> list[str]:
             f"{ind}alpha = tl.exp2(m_i - m_safe)",
             f"{ind}p = tl.exp2(s - m_safe[:, None])",
             f"{ind}l_i = l_i * alpha + tl.sum(p, 1)",
-            f"{ind}acc = acc * alpha[:, None] + tl.dot({_cast(spec, 'p')}, v{_ieee(spec)})",
+            f"{ind}acc = acc * alpha[:, None] + tl.dot({cast(spec, 'p')}, v{_ieee(spec)})",
             f"{ind}m_i = m_new",
         ]
         return out
@@ -268,7 +261,7 @@ def _fwd(spec) -> list[str]:
         "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
         '    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)',
         "    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om"
-        f" + offs_dv[None, :] * stride_od, {_cast(spec, '(acc / l_safe[:, None])')}, mask={out_mask})",
+        f" + offs_dv[None, :] * stride_od, {cast(spec, '(acc / l_safe[:, None])')}, mask={out_mask})",
         "    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)",
     ]
     return lines
@@ -315,14 +308,14 @@ def _dq(spec) -> list[str]:
         out += _scores(spec, f"tl.dot(q, k{_ieee(spec)})", ind)
         out += _keep(spec, full, ind)
         out += _p_and_ds(spec, ind)
-        out += [f"{ind}dq += tl.dot({_cast(spec, 'ds')}, tl.trans({_cast(spec, 'k')}){_ieee(spec)})"]
+        out += [f"{ind}dq += tl.dot({cast(spec, 'ds')}, tl.trans({cast(spec, 'k')}){_ieee(spec)})"]
         return out
 
     lines += _runs_loop(spec, body)
     dq_mask = _and("row_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
     lines += [
         "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm"
-        f" + offs_d[None, :] * stride_dqd, {_cast(spec, '(dq * scale)')}, mask={dq_mask})",
+        f" + offs_d[None, :] * stride_dqd, {cast(spec, '(dq * scale)')}, mask={dq_mask})",
     ]
     return lines
 
@@ -375,9 +368,9 @@ def _dkdv(spec) -> list[str]:
     dv_mask = _and("col_ok[:, None]", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     lines += [
         "    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + cols[:, None] * stride_dkn"
-        f" + offs_d[None, :] * stride_dkd, {_cast(spec, '(dk * scale)')}, mask={dk_mask})",
+        f" + offs_d[None, :] * stride_dkd, {cast(spec, '(dk * scale)')}, mask={dk_mask})",
         "    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + cols[:, None] * stride_dvn"
-        f" + offs_dv[None, :] * stride_dvd, {_cast(spec, 'dv')}, mask={dv_mask})",
+        f" + offs_dv[None, :] * stride_dvd, {cast(spec, 'dv')}, mask={dv_mask})",
     ]
     return lines
 
@@ -399,8 +392,8 @@ def _dkdv_body(spec, full: bool, ind: str) -> list[str]:
     lines += _keep(spec, full, ind)
     lines += _p_and_ds(spec, ind)
     lines += [
-        f"{ind}dv += tl.dot(tl.trans({_cast(spec, 'p')}), {_cast(spec, 'do')}{_ieee(spec)})",
-        f"{ind}dk += tl.dot(tl.trans({_cast(spec, 'ds')}), {_cast(spec, 'q')}{_ieee(spec)})",
+        f"{ind}dv += tl.dot(tl.trans({cast(spec, 'p')}), {cast(spec, 'do')}{_ieee(spec)})",
+        f"{ind}dk += tl.dot(tl.trans({cast(spec, 'ds')}), {cast(spec, 'q')}{_ieee(spec)})",
     ]
     return lines
 

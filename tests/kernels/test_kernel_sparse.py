@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import attnopt  # noqa: F401  (registers the ops)
-from attnopt import masks as M
-from attnopt.codegen.sparse_render import SparseKernelSpec, load_kernel, render
-from attnopt.kernels.sparse import blockwise, reference, triton_impl
+from attnopt import masks
+from attnopt.kernels.exact import reference as exact_reference
+from attnopt.kernels.sparse import blockwise, ops, reference, triton_impl
+from attnopt.kernels.sparse.render import SparseKernelSpec, load_kernel, render
 
 FP32 = dict(atol=2e-5, rtol=2e-5)
 FP16 = dict(atol=3e-3, rtol=3e-3)
@@ -53,18 +54,18 @@ def _layout(h, nq, nk, seed=0):
 
 
 MASKS = {
-    "causal": M.causal(),
-    "window": M.SlidingWindow(5, 2),
-    "window_dilated": M.SlidingWindow(3, 1, dilation=2) & M.causal(),
-    "nbhd_1d": M.Neighborhood(5, dilation=2, stride=2),
-    "nbhd_2d_cls": M.Neighborhood((3, 5), grid=(6, 6), global_tokens=1),
-    "nbhd_3d_causal": M.Neighborhood(3, causal=(True, False, False), grid=(3, 4, 3), global_tokens=1),
-    "nbhd_2d_tiled": M.Neighborhood((3, 5), grid=(4, 9), tile=(2, 3), global_tokens=1).tiled(),
-    "blocked": M.Blocked(6) | M.SlidingWindow(1, 1),
-    "global_local": M.GlobalLocal(3, M.SlidingWindow(4, 0)) & M.causal(),
-    "strided": M.Strided(3, 1) & M.causal(),
-    "block_sparse": M.BlockSparse(_layout(4, 3, 3), block=16),
-    "mask_mod": M.from_mask_mod(_doc),
+    "causal": masks.causal(),
+    "window": masks.SlidingWindow(5, 2),
+    "window_dilated": masks.SlidingWindow(3, 1, dilation=2) & masks.causal(),
+    "nbhd_1d": masks.Neighborhood(5, dilation=2, stride=2),
+    "nbhd_2d_cls": masks.Neighborhood((3, 5), grid=(6, 6), global_tokens=1),
+    "nbhd_3d_causal": masks.Neighborhood(3, causal=(True, False, False), grid=(3, 4, 3), global_tokens=1),
+    "nbhd_2d_tiled": masks.Neighborhood((3, 5), grid=(4, 9), tile=(2, 3), global_tokens=1).tiled(),
+    "blocked": masks.Blocked(6) | masks.SlidingWindow(1, 1),
+    "global_local": masks.GlobalLocal(3, masks.SlidingWindow(4, 0)) & masks.causal(),
+    "strided": masks.Strided(3, 1) & masks.causal(),
+    "block_sparse": masks.BlockSparse(_layout(4, 3, 3), block=16),
+    "mask_mod": masks.from_mask_mod(_doc),
 }
 
 
@@ -92,7 +93,7 @@ def test_triton_forward_and_backward_match_the_reference(name):
 @pytest.mark.parametrize("sq, sk, d, dv, extra", [(19, 45, 24, 16, "bool"), (45, 19, 16, 40, "additive"),
                                                    (1, 33, 16, 16, None)])  # fmt: skip
 def test_triton_odd_shapes_extra_masks_and_softcap(sq, sk, d, dv, extra):
-    mask = M.SlidingWindow(7, 3)
+    mask = masks.SlidingWindow(7, 3)
     q, k, v = qkv(b=1, hq=3, hkv=1, sq=sq, sk=sk, d=d, dv=dv)
     g = torch.Generator().manual_seed(1)
     attn_mask = None
@@ -112,7 +113,7 @@ def test_triton_odd_shapes_extra_masks_and_softcap(sq, sk, d, dv, extra):
 
 def test_triton_half_precision_and_default_tiles():
     q, k, v = qkv(b=1, hq=2, hkv=2, sq=70, sk=70, d=32, dtype=torch.float16)
-    mask = M.SlidingWindow(20, 0)
+    mask = masks.SlidingWindow(20, 0)
     out, lse = triton_impl.forward(q, k, v, mask)
     ref = reference.attention_forward(q.float(), k.float(), v.float(), mask)
     torch.testing.assert_close(out.float(), ref[0], **FP16)
@@ -155,7 +156,7 @@ def test_blockwise_matches_the_reference_in_float64(name, softcap):
 
 def test_blockwise_float32_fused_path_with_additive_mask():
     q, k, v = qkv(sq=45, sk=45)
-    mask = M.SlidingWindow(9, 0)
+    mask = masks.SlidingWindow(9, 0)
     extra = torch.randn(2, 4, 45, 45)
     out, lse = blockwise.forward(q, k, v, mask, None, extra, 0.3, block_m=16, block_n=8)
     ref = reference.attention_forward(q, k, v, mask, None, extra, 0.3)
@@ -164,7 +165,7 @@ def test_blockwise_float32_fused_path_with_additive_mask():
 
 def test_sparse_op_autograd_and_fake():
     q, k, v = (t.double().requires_grad_() for t in qkv(b=1, hq=2, hkv=1, sq=7, sk=7, d=4))
-    key = M.SlidingWindow(3, 0).key()
+    key = masks.SlidingWindow(3, 0).key()
 
     def f(q, k, v):
         return torch.ops.attnopt.sparse_attention(q, k, v, None, None, key, 0.35, 0.0)[0]
@@ -182,18 +183,18 @@ def test_sparse_op_autograd_and_fake():
 
 def test_sparse_op_rejects_bad_inputs():
     q, k, v = qkv()
-    key = M.causal().key()
+    key = masks.causal().key()
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         torch.ops.attnopt.sparse_attention(q[:, :3], k, v, None, None, key, 0.3, 0.0)
     with pytest.raises(ValueError, match="kv_valid"):
         torch.ops.attnopt.sparse_attention(q, k, v, None, torch.ones(2, 5, dtype=torch.bool), key, 0.3, 0.0)
     with pytest.raises(ValueError, match="Sq must equal Sk"):
         torch.ops.attnopt.sparse_attention(q, k[:, :, :30], v[:, :, :30], None, None,
-                                           M.Neighborhood(3).key(), 0.3, 0.0)  # fmt: skip
+                                           masks.Neighborhood(3).key(), 0.3, 0.0)  # fmt: skip
 
 
-@pytest.mark.parametrize("mask", [M.Neighborhood(3, grid=(4, 6), tile=(2, 3), global_tokens=1),
-                                  M.Neighborhood((3, 3), dilation=(1, 2), grid=(4, 8), tile=(2, 4), global_tokens=1)])  # fmt: skip
+@pytest.mark.parametrize("mask", [masks.Neighborhood(3, grid=(4, 6), tile=(2, 3), global_tokens=1),
+                                  masks.Neighborhood((3, 3), dilation=(1, 2), grid=(4, 8), tile=(2, 4), global_tokens=1)])  # fmt: skip
 def test_op_reorders_tokens_into_spatial_tiles_and_back(mask):
     """A mask with a tile shape runs on tile-major tokens; outputs and gradients come back in the model's order."""
     s = 1 + mask.grid[0] * mask.grid[1]
@@ -229,21 +230,19 @@ def _by_both(b, h, q, k):
 @pytest.mark.parametrize("impl", [triton_impl, blockwise], ids=["triton", "blockwise"])
 def test_mask_mod_depending_on_batch_row_and_head(fn, batch_dep, head_dep, impl):
     """Dependence on b and h is found from one call; each (b, h) gets its own tiles, forward and backward."""
-    from attnopt.kernels.exact import reference as exact
-    from attnopt.kernels.sparse import ops
-
-    mask = M.from_mask_mod(fn)
+    mask = masks.from_mask_mod(fn)
     assert (mask.batch_dependent(2), mask.heads_of(4) > 1) == (batch_dep, head_dep)
     q, k, v = qkv(sq=37, sk=37)
     idx = torch.arange(37)
     dense = fn(torch.arange(2).view(2, 1, 1, 1), torch.arange(4).view(1, 4, 1, 1), idx.view(37, 1), idx)  # the oracle
     out, lse = ops.forward(impl, q, k, v, mask, None, None, 0.3, 0.0)
-    want = exact.attention_forward(q, k, v, dense.expand(2, 4, 37, 37), 0.0, exact.CAUSAL_NONE, 0.3)
+    dense = dense.expand(2, 4, 37, 37)
+    want = exact_reference.attention_forward(q, k, v, dense, 0.0, exact_reference.CAUSAL_NONE, 0.3)
     _check((out, lse), want, FP32)
     dout = torch.randn_like(out)
     grads = ops.backward(impl, dout, q, k, v, out, lse, mask, None, None, 0.3, 0.0)
-    ref = exact.attention_backward(dout, q, k, v, want[0], want[1], dense.expand(2, 4, 37, 37), 0.0, exact.CAUSAL_NONE,
-                                   0.3, None, False)  # fmt: skip
+    ref = exact_reference.attention_backward(dout, q, k, v, want[0], want[1], dense, 0.0, exact_reference.CAUSAL_NONE,
+                                             0.3, None, False)  # fmt: skip
     for got, r in zip(grads, ref[:3]):
         torch.testing.assert_close(got, r, **FP32)
 
@@ -255,10 +254,10 @@ def _tiles(impl, bm, bn):
 
 
 STRIDED = {  # mask, (B, Hq, Hkv, Sq, Sk), key padding, extra bool mask
-    "r2_window": (M.Strided(2, M.SlidingWindow(3, 1)), (1, 4, 2, 37, 37), False, False),
-    "r3_causal_gqa3": (M.Strided(3, 1) & M.causal(), (1, 6, 2, 45, 45), True, False),
-    "r4_causal_sq_lt_sk": (M.Strided(4, M.SlidingWindow(5, 0)) & M.causal(), (1, 4, 1, 29, 41), False, True),
-    "r5_or_blocked": (M.Strided(5, 0) | M.Blocked(8), (1, 5, 5, 43, 43), True, False),
+    "r2_window": (masks.Strided(2, masks.SlidingWindow(3, 1)), (1, 4, 2, 37, 37), False, False),
+    "r3_causal_gqa3": (masks.Strided(3, 1) & masks.causal(), (1, 6, 2, 45, 45), True, False),
+    "r4_causal_sq_lt_sk": (masks.Strided(4, masks.SlidingWindow(5, 0)) & masks.causal(), (1, 4, 1, 29, 41), False, True),
+    "r5_or_blocked": (masks.Strided(5, 0) | masks.Blocked(8), (1, 5, 5, 43, 43), True, False),
 }
 
 
@@ -267,10 +266,8 @@ STRIDED = {  # mask, (B, Hq, Hkv, Sq, Sk), key padding, extra bool mask
 def test_strided_runs_on_keys_in_residue_order(name, impl):
     """The ops sort keys by residue (each head visits its own tiles) and match the dense reference of the mask in
     the model's order, forward and backward (GQA, odd sizes, causal and not, padding, an extra mask)."""
-    from attnopt.kernels.sparse import ops
-
     mask, (b, hq, hkv, sq, sk), padded, extra = STRIDED[name]
-    assert M.residue_order(mask) is not None
+    assert masks.residue_order(mask) is not None
     q, k, v = qkv(b=b, hq=hq, hkv=hkv, sq=sq, sk=sk)
     kv = _padding(b, sk) if padded else None
     attn_mask = torch.rand(b, 1, sq, sk, generator=torch.Generator().manual_seed(3)) > 0.2 if extra else None
@@ -286,7 +283,7 @@ def test_strided_runs_on_keys_in_residue_order(name, impl):
 
 def test_strided_op_with_autograd():
     """Through the custom op (CPU: the blockwise path, one plan per head on its own tiles), in float64."""
-    mask = M.Strided(4, M.SlidingWindow(9, 0)) & M.causal()
+    mask = masks.Strided(4, masks.SlidingWindow(9, 0)) & masks.causal()
     q, k, v = (t.double().requires_grad_() for t in qkv(b=1, hq=4, hkv=2, sq=150, sk=150, d=8))
     out = torch.ops.attnopt.sparse_attention(q, k, v, None, None, mask.key(), 0.3, 0.0)[0]
     ref_out, ref_lse = reference.attention_forward(q.detach(), k.detach(), v.detach(), mask, None, None, 0.3)
@@ -300,7 +297,7 @@ def test_strided_op_with_autograd():
 
 def test_blockwise_plans_each_head_on_its_own_tiles():
     """A head-dependent mask on CPU: one plan per query head, over that head's tiles only (not their union)."""
-    mask = M.residue_order(M.Strided(8, 0))
+    mask = masks.residue_order(masks.Strided(8, 0))
     s, hq = 4096, 8
     q, k = torch.zeros(1, hq, s, 4), torch.zeros(1, 2, s, 4)
     groups = list(blockwise._head_groups(mask, hq, 2))
@@ -313,11 +310,11 @@ def test_blockwise_plans_each_head_on_its_own_tiles():
         assert max(keys) * 3 < s
 
 
-SPLIT = {  # mask, (B, Hq, Hkv, S), tile shape, how the chunks' full keys are read (see blockwise._Plan.split)
-    "strided_causal_gather": (M.Strided(2, M.SlidingWindow(20, 0)) & M.causal(), (1, 2, 1, 77), (8, 4),
+SPLIT = {  # mask, (B, Hq, Hkv, S), tile shape, how the chunks' full keys are read (see plan.Plan.split)
+    "strided_causal_gather": (masks.Strided(2, masks.SlidingWindow(20, 0)) & masks.causal(), (1, 2, 1, 77), (8, 4),
                               {"gather", "view 0"}),
-    "strided_gqa3": (M.Strided(3, M.SlidingWindow(30, 4)), (2, 3, 1, 101), (16, 8), {"gather", "view 0"}),
-    "global_local_stepped_view": (M.GlobalLocal(5, 16), (2, 4, 2, 99), (16, 8), {"view 0", "view 16"}),
+    "strided_gqa3": (masks.Strided(3, masks.SlidingWindow(30, 4)), (2, 3, 1, 101), (16, 8), {"gather", "view 0"}),
+    "global_local_stepped_view": (masks.GlobalLocal(5, 16), (2, 4, 2, 99), (16, 8), {"view 0", "view 16"}),
 }
 
 
@@ -326,10 +323,8 @@ def test_blockwise_runs_full_and_boundary_keys_as_two_parts(name):
     """Chunks holding both full and boundary tiles run as two fused calls (boundary keys with the element test,
     full keys without, as a strided view of k or gathered) merged by their lse; the backward reuses the merged
     out and lse. Forward and backward match the dense reference (float32: the fused CPU kernels)."""
-    from attnopt.kernels.sparse import ops
-
     mask, (b, hq, hkv, s), (bm, bn), reads = SPLIT[name]
-    run = M.residue_order(mask) or mask
+    run = masks.residue_order(mask) or mask
     q, k, v = qkv(b=b, hq=hq, hkv=hkv, sq=s, sk=s, d=8)
     seen = set()
     for heads, kv_heads, head in blockwise._head_groups(run, hq, hkv):
