@@ -9,7 +9,6 @@ and ``x.type(torch.float32)``. :func:`classify` maps a node to one :class:`Op` o
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -468,25 +467,6 @@ def scalar_value(x: Any) -> float | None:
     if isinstance(x, (int, float)):
         return float(x)
     return None
-
-
-_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
-_METADATA_METHODS = {"size", "dim", "numel", "stride", "get_device"}
-_METADATA_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
-
-
-def value_users(x: Node) -> list[Node]:
-    """The users of ``x`` that read its values: a shape or dtype read (``x.shape``, ``x.size(1)``,
-    ``sym_size``, as tracers record them) does not count, so a scaling whose result is also measured
-    still counts as used once."""
-    def metadata(u: Node) -> bool:
-        if u.op == "call_function" and u.target is getattr:
-            return len(u.args) > 1 and u.args[1] in _METADATA_ATTRS
-        if u.op == "call_method":
-            return u.target in _METADATA_METHODS
-        return u.op == "call_function" and u.target in _METADATA_OPS
-
-    return [u for u in x.users if not metadata(u)]
 
 
 def shape(x: Any) -> tuple | None:
