@@ -84,39 +84,37 @@ def _read(softmax: Node, op: Op) -> _Read:
     """The ``@ V`` product, the score expression and the operands of both products."""
     pv, probs, dropout_p = find_pv(softmax)
     st = walk_scores(op.inputs[0])
-    ops = Operands(None, None, None)
-    qk_operands(st.product, ops)
-    pv_operands(pv, probs, ops)
-    ops.q, ops.q_ops = compose_permutes(ops.q, ops.q_ops)
-    if not ops.k_transposed:
-        ops.k, ops.k_ops = compose_permutes(ops.k, ops.k_ops)
-    ops.v, ops.v_ops = compose_permutes(ops.v, ops.v_ops)
+    ops = Operands(**qk_operands(st.product), **pv_operands(pv, probs))
+    q, q_ops = compose_permutes(ops.q, ops.q_ops)
+    k, k_ops = (ops.k, ops.k_ops) if ops.k_transposed else compose_permutes(ops.k, ops.k_ops)
+    v, v_ops = compose_permutes(ops.v, ops.v_ops)
     # Single-use scalings of q and k by constants fold into the scale (before layouts and repeats are
     # read through, and again after: ``reshape(q * c)`` and ``reshape(q) * c`` alike).
-    ops.q, folded = fold_scalar(ops.q, 1.0)
-    ops.k, folded = fold_scalar(ops.k, folded)
+    q, folded = fold_scalar(q, 1.0)
+    k, folded = fold_scalar(k, folded)
+    ops = replace(ops, q=q, q_ops=q_ops, k=k, k_ops=k_ops, v=v, v_ops=v_ops)
     return _Read(ops, st, pv, dropout_p, folded)
 
 
-def _lead(ops: Operands) -> _Lead:
+def _lead(ops: Operands) -> tuple[Operands, _Lead]:
     """Canonical lead: [B, H]; a merged [B*H] product of tensors reshaped from [B, H, S, D] keeps B and H
-    (``ops`` then reads those tensors)."""
+    (the operands returned then read those tensors)."""
     sl = ops.score_lead
     lead = _Lead(canonical_lead(sl), sl, sl, ops.out_lead)
     if len(sl) != 1 or ops.q_ops:
-        return lead
+        return ops, lead
     seen = see_through_merge(ops.q, None)
     if seen is None:
-        return lead
-    ops.q, cb = seen
+        return ops, lead
+    ops, cb = replace(ops, q=seen[0]), seen[1]
     lead = _Lead(cb, cb, sl, ops.out_lead)
     k_seen = see_through_merge(ops.k, cb) if not (ops.k_ops or ops.k_transposed) else None
     if k_seen is not None:
-        ops.k, lead = k_seen[0], lead._replace(k_ctx=cb)
+        ops, lead = replace(ops, k=k_seen[0]), lead._replace(k_ctx=cb)
     v_seen = see_through_merge(ops.v, cb) if not ops.v_ops else None
     if v_seen is not None:
-        ops.v, lead = v_seen[0], lead._replace(v_ctx=cb)
-    return lead
+        ops, lead = replace(ops, v=v_seen[0]), lead._replace(v_ctx=cb)
+    return ops, lead
 
 
 def _views(ops: Operands, lead: _Lead, refs: tuple | None) -> _Views:
@@ -209,9 +207,10 @@ def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch:
     r = _read(softmax, _softmax_over_keys(softmax))
     ops, st = r.ops, r.scores
     sq, sk = shape_of(st.product)[-2:]
-    lead = _lead(ops)
-    ops.q, folded = fold_scalar(ops.q, r.folded)
-    ops.k, folded = fold_scalar(ops.k, folded)
+    ops, lead = _lead(ops)
+    q, folded = fold_scalar(ops.q, r.folded)
+    k, folded = fold_scalar(ops.k, folded)
+    ops = replace(ops, q=q, k=k)
     # Run-time sizes for views that need a dynamic B or H: read off q when it is [B, H, S, D] as written.
     qs = shape(ops.q)
     refs = None

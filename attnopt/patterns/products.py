@@ -8,11 +8,11 @@ product's batch dims followed by ``[S, D]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch.fx import Node
 
-from attnopt.patterns.canonical import (BADDBMM, CAST, DROPOUT, EINSUM, MATMUL, PERMUTE, RESHAPE, TRANSPOSE,
+from attnopt.patterns.canonical import (BADDBMM, CAST, DROPOUT, EINSUM, MATMUL, PERMUTE, RESHAPE, TRANSPOSE, Op,
                                         classify, shape, tensor_meta)  # fmt: skip
 from attnopt.patterns.layout import permutation_ops
 from attnopt.patterns.match import Miss
@@ -65,7 +65,7 @@ def letter_ops(src: str, batch: str, tail: str) -> tuple:
     return ops
 
 
-@dataclass
+@dataclass(frozen=True)
 class Operands:
     """q, k and v of a site as written, with the view programs to the products' layouts."""
 
@@ -82,48 +82,53 @@ class Operands:
     layout: str = ""
 
 
-def qk_operands(product: Node, ops: Operands) -> None:
-    """Reads q and k (and the scores' lead) off the scores product into ``ops``."""
+def _qk_einsum(product: Node, op: Op) -> dict:
+    if len(op.inputs) != 2:
+        raise Miss(f"{describe(product)} is an einsum of {len(op.inputs)} operands")
+    a, b = op.inputs
+    parsed = einsum_letters(op.attrs["equation"], [len(shape_of(a)), len(shape_of(b))])
+    if parsed is None:
+        raise Miss(f"einsum equation {op.attrs['equation']!r} is not understood")
+    (la, lb), lc = parsed
+    if len(lc) < 2:
+        raise Miss(f"einsum {op.attrs['equation']!r} does not produce [.., q, k] scores")
+    ql, kl = lc[-2], lc[-1]
+    if kl in la and ql in lb:
+        a, b, la, lb = b, a, lb, la
+    contracted = [c for c in la if c in lb and c not in lc]
+    batch = lc[:-2]
+    if (ql not in la or ql in lb or kl not in lb or kl in la or len(contracted) != 1
+            or any(c not in la for c in batch)
+            or any(c not in lc and c not in contracted for c in la + lb)):  # fmt: skip
+        raise Miss(f"einsum {op.attrs['equation']!r} is not a q·k product over one head dim")
+    d = contracted[0]
+    return {"q": a, "q_ops": letter_ops(la, batch, ql + d), "k": b, "k_ops": letter_ops(lb, batch, kl + d),
+            "layout": "einsum " + op.attrs["equation"]}  # fmt: skip
+
+
+def _qk_matmul(product: Node, op: Op) -> dict:
+    q, kt = (op.inputs[1], op.inputs[2]) if op.kind == BADDBMM else op.inputs
+    if tensor_meta(q) is None or tensor_meta(kt) is None:
+        raise Miss(f"the operands of {describe(product)} have no recorded shape")
+    if len(shape_of(q)) < 2 or len(shape_of(kt)) < 2:
+        raise Miss(f"{describe(product)} multiplies vectors")
+    t = classify(kt)
+    if t is not None and t.kind == TRANSPOSE:
+        return {"q": q, "k": t.inputs[0]}
+    if t is not None and t.kind == PERMUTE:
+        dims = list(t.attrs["dims"])
+        return {"q": q, "k": t.inputs[0], "k_ops": permutation_ops(dims[:-2] + [dims[-1], dims[-2]])}
+    return {"q": q, "k": kt, "k_transposed": True}
+
+
+# How q and k are read off each kind of scores product (the kinds of attnopt.patterns.scores.PRODUCTS).
+QK_READERS: dict[str, Callable[[Node, Op], dict]] = {EINSUM: _qk_einsum, MATMUL: _qk_matmul, BADDBMM: _qk_matmul}
+
+
+def qk_operands(product: Node) -> dict:
+    """The :class:`Operands` fields read off the scores product: q, k and the scores' lead."""
     op = classify(product)
-    if op.kind == EINSUM:
-        if len(op.inputs) != 2:
-            raise Miss(f"{describe(product)} is an einsum of {len(op.inputs)} operands")
-        a, b = op.inputs
-        parsed = einsum_letters(op.attrs["equation"], [len(shape_of(a)), len(shape_of(b))])
-        if parsed is None:
-            raise Miss(f"einsum equation {op.attrs['equation']!r} is not understood")
-        (la, lb), lc = parsed
-        if len(lc) < 2:
-            raise Miss(f"einsum {op.attrs['equation']!r} does not produce [.., q, k] scores")
-        ql, kl = lc[-2], lc[-1]
-        if kl in la and ql in lb:
-            a, b, la, lb = b, a, lb, la
-        contracted = [c for c in la if c in lb and c not in lc]
-        batch = lc[:-2]
-        if (ql not in la or ql in lb or kl not in lb or kl in la or len(contracted) != 1
-                or any(c not in la for c in batch)
-                or any(c not in lc and c not in contracted for c in la + lb)):  # fmt: skip
-            raise Miss(f"einsum {op.attrs['equation']!r} is not a q·k product over one head dim")
-        d = contracted[0]
-        ops.q, ops.q_ops = a, letter_ops(la, batch, ql + d)
-        ops.k, ops.k_ops = b, letter_ops(lb, batch, kl + d)
-        ops.layout = "einsum " + op.attrs["equation"]
-    else:
-        q, kt = (op.inputs[1], op.inputs[2]) if op.kind == BADDBMM else op.inputs
-        if tensor_meta(q) is None or tensor_meta(kt) is None:
-            raise Miss(f"the operands of {describe(product)} have no recorded shape")
-        if len(shape_of(q)) < 2 or len(shape_of(kt)) < 2:
-            raise Miss(f"{describe(product)} multiplies vectors")
-        ops.q = q
-        t = classify(kt)
-        if t is not None and t.kind == TRANSPOSE:
-            ops.k = t.inputs[0]
-        elif t is not None and t.kind == PERMUTE:
-            dims = list(t.attrs["dims"])
-            ops.k, ops.k_ops = t.inputs[0], permutation_ops(dims[:-2] + [dims[-1], dims[-2]])
-        else:
-            ops.k, ops.k_transposed = kt, True
-    ops.score_lead = shape_of(product)[:-2]
+    return {**QK_READERS[op.kind](product, op), "score_lead": shape_of(product)[:-2]}
 
 
 def find_pv(softmax: Node) -> tuple[Node, Node, float]:
@@ -158,33 +163,39 @@ def find_pv(softmax: Node) -> tuple[Node, Node, float]:
     raise Miss(f"the probabilities are not multiplied by V (softmax feeds {users})")
 
 
-def pv_operands(pv: Node, probs: Node, ops: Operands) -> None:
-    """Reads v (and the output's lead and permutation) off the ``probs @ v`` product into ``ops``."""
-    op = classify(pv)
-    ps = shape_of(probs)
-    ops.out_lead = ps[:-2]
-    if op.kind == EINSUM:
-        i = op.inputs.index(probs)
-        v = op.inputs[1 - i]
-        ranks = [len(shape_of(x)) for x in op.inputs]
-        parsed = einsum_letters(op.attrs["equation"], ranks)
-        if parsed is None:
-            raise Miss(f"einsum equation {op.attrs['equation']!r} is not understood")
-        ins, lo = parsed
-        lp, lv = ins[i], ins[1 - i]
-        ql, kl, batch = lp[-2], lp[-1], lp[:-2]
-        ds = [c for c in lv if c in lo and c not in lp]
-        if (kl not in lv or kl in lo or len(ds) != 1 or ql not in lo or any(c not in lo for c in batch)
-                or any(c not in batch + kl + ds[0] for c in lv) or len(lo) != len(batch) + 2):  # fmt: skip
-            raise Miss(f"einsum {op.attrs['equation']!r} is not probabilities times V")
-        canon = batch + ql + ds[0]
-        ops.v, ops.v_ops = v, letter_ops(lv, batch, kl + ds[0])
-        ops.out_ops = permutation_ops([canon.index(c) for c in lo])
-    else:
-        v = op.inputs[1]
-        vs = shape_of(v)
-        if len(vs) < 2 or len(vs) > len(ps):
-            raise Miss(f"V of shape {vs} does not fit probabilities of shape {ps}")
-        if not same_shape(shape_of(pv)[:-2], ps[:-2]):
-            raise Miss(f"V of shape {vs} broadcasts the probabilities of shape {ps}")
-        ops.v = v
+def _pv_einsum(pv: Node, op: Op, probs: Node, ps: tuple) -> dict:
+    i = op.inputs.index(probs)
+    v = op.inputs[1 - i]
+    parsed = einsum_letters(op.attrs["equation"], [len(shape_of(x)) for x in op.inputs])
+    if parsed is None:
+        raise Miss(f"einsum equation {op.attrs['equation']!r} is not understood")
+    ins, lo = parsed
+    lp, lv = ins[i], ins[1 - i]
+    ql, kl, batch = lp[-2], lp[-1], lp[:-2]
+    ds = [c for c in lv if c in lo and c not in lp]
+    if (kl not in lv or kl in lo or len(ds) != 1 or ql not in lo or any(c not in lo for c in batch)
+            or any(c not in batch + kl + ds[0] for c in lv) or len(lo) != len(batch) + 2):  # fmt: skip
+        raise Miss(f"einsum {op.attrs['equation']!r} is not probabilities times V")
+    canon = batch + ql + ds[0]
+    return {"v": v, "v_ops": letter_ops(lv, batch, kl + ds[0]),
+            "out_ops": permutation_ops([canon.index(c) for c in lo])}  # fmt: skip
+
+
+def _pv_matmul(pv: Node, op: Op, probs: Node, ps: tuple) -> dict:
+    v = op.inputs[1]
+    vs = shape_of(v)
+    if len(vs) < 2 or len(vs) > len(ps):
+        raise Miss(f"V of shape {vs} does not fit probabilities of shape {ps}")
+    if not same_shape(shape_of(pv)[:-2], ps[:-2]):
+        raise Miss(f"V of shape {vs} broadcasts the probabilities of shape {ps}")
+    return {"v": v}
+
+
+# How v is read off each kind of ``probs @ v`` product (the kinds find_pv stops at).
+PV_READERS: dict[str, Callable[[Node, Op, Node, tuple], dict]] = {EINSUM: _pv_einsum, MATMUL: _pv_matmul}
+
+
+def pv_operands(pv: Node, probs: Node) -> dict:
+    """The :class:`Operands` fields read off the ``probs @ v`` product: v, the output's lead and permutation."""
+    op, ps = classify(pv), shape_of(probs)
+    return {"out_lead": ps[:-2], **PV_READERS[op.kind](pv, op, probs, ps)}
