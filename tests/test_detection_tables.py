@@ -11,8 +11,10 @@ from torch import nn
 
 import attnopt
 from attnopt import patterns
-from attnopt.patterns.canonical import MATMUL, SPELLINGS, Op, Spelling, register_spelling, unregister_spelling
-from attnopt.patterns.scores import PRODUCTS, SCORE_STEPS
+from attnopt.patterns.canonical import (DROPOUT, MATMUL, SPELLINGS, Op, Spelling, register_spelling,
+                                        unregister_spelling)  # fmt: skip
+from attnopt.patterns.match import Miss
+from attnopt.patterns.scores import PRODUCTS, SCORE_STEPS, ScoreStep
 
 from conftest import rel_err
 
@@ -77,6 +79,42 @@ def test_a_registered_row_does_not_take_a_built_in_name():
         assert "linalg_matmul" in rep.misses[0].reason
     finally:
         unregister_spelling(taken)
+
+
+class DroppedScores(nn.Module):
+    """Dropout on the scores (before the softmax): the identity in eval mode."""
+
+    def forward(self, q, k, v):
+        s = nn.functional.dropout(q @ k.transpose(-1, -2) * 0.25, p=0.1, training=self.training)
+        return torch.softmax(s, dim=-1) @ v
+
+
+def _eval_dropout(op, x, xs, st):
+    """The one small step of the new row: dropout that is off is the identity on the scores."""
+    if op.attrs["p"]:
+        raise Miss("dropout on the scores is on")
+    return op.inputs[0]
+
+
+@pytest.fixture
+def dropout_step(monkeypatch):
+    monkeypatch.setitem(SCORE_STEPS, DROPOUT, ScoreStep(_eval_dropout, slice(0, 1)))
+
+
+def test_a_new_score_step_is_one_row_and_one_function(dropout_step):
+    q, k, v = _qkv()
+    rep = attnopt.inspect(DroppedScores().eval(), (q, k, v))
+    assert not rep.misses
+    (site,) = rep.sites
+    assert site.kind == "manual" and site.scale == pytest.approx(0.25)
+
+
+def test_without_the_step_the_scores_pass_through_an_unknown_op():
+    assert DROPOUT not in SCORE_STEPS
+    q, k, v = _qkv()
+    rep = attnopt.inspect(DroppedScores().eval(), (q, k, v))
+    (miss,) = rep.misses
+    assert "scores pass through" in miss.reason and "dropout" in miss.reason
 
 
 def test_the_score_walk_is_a_table_over_the_vocabulary():
