@@ -4,6 +4,10 @@ Dynamo graphs spell one operation many ways: ``torch.matmul(a, b)``, ``a @ b`` a
 ``x.transpose(-1, -2)``, ``x.mT`` and ``x.permute(0, 1, 3, 2)``; ``x.float()``, ``x.to(torch.float32)``
 and ``x.type(torch.float32)``. :func:`classify` maps a node to one :class:`Op` of a small vocabulary
 (without changing the graph), so a pattern is written once against that vocabulary.
+
+The spellings are a table, :data:`SPELLINGS`: each :class:`Spelling` row names the methods and functions
+that spell an op and the small builder that reads one call into an :class:`Op`. A new spelling is one
+row and one builder (:func:`register_spelling` adds a row from outside the module).
 """
 
 from __future__ import annotations
