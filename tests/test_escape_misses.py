@@ -142,12 +142,13 @@ def test_a_model_made_of_attention_has_no_misses():
 
 def test_a_matcher_failure_is_reported_not_raised(monkeypatch):
     """A bug in a matcher must not take the model down: the softmax is reported with the error."""
-    from attnopt.patterns import manual
+    from attnopt import patterns
+    from attnopt.patterns.canonical import SOFTMAX
 
     def broken(node, dag):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(manual, "match", broken)
+    monkeypatch.setitem(patterns.MATCHERS, SOFTMAX, broken)
     q, k, v = _qkv()
     opt = attnopt.optimize(Attention(), "exact", (q, k, v))
     (miss,) = attnopt.report(opt).misses

@@ -2,21 +2,24 @@
 
 :func:`detect` walks a graph once and returns a :class:`Detection` for every candidate: a match that can
 be rewritten, a match that must be kept (an intermediate escapes), or a softmax that is not attention
-as far as the matchers can tell (a *miss*, with the reason).
+as far as the matchers can tell (a *miss*, with the reason). The candidates are the nodes whose op
+kind has a matcher in :data:`MATCHERS`; every matcher returns an
+:class:`~attnopt.patterns.match.AttentionMatch` or raises :class:`~attnopt.patterns.match.Miss`.
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 import networkx as nx
 from torch.fx import GraphModule, Node
 
-from attnopt.patterns import canonical as C
 from attnopt.patterns import manual, mha, sdpa
-from attnopt.patterns.match import AttentionMatch
+from attnopt.patterns.canonical import ENCODER_LAYER, MHA, NATIVE_MHA, SDPA, SOFTMAX, classify
+from attnopt.patterns.match import AttentionMatch, Miss
 
 
 @dataclass
@@ -62,38 +65,50 @@ def dataflow(gm: GraphModule) -> nx.DiGraph:
     return dag
 
 
+# A matcher: (the anchor node, the graph's data flow) -> the match; raises Miss with the reason otherwise.
+Matcher = Callable[[Node, nx.DiGraph], AttentionMatch]
+# The matchers by the op kind of the node they start from (see attnopt.patterns.canonical).
+MATCHERS: dict[str, Matcher] = {
+    SDPA: sdpa.match,
+    MHA: mha.match,
+    ENCODER_LAYER: mha.match_encoder_layer,
+    NATIVE_MHA: mha.refuse_native,
+    SOFTMAX: manual.match,
+}
+
+
+def _detection(node: Node, matcher: Matcher, dag: nx.DiGraph, name: str) -> Detection:
+    try:
+        m = matcher(node, dag)
+    except Miss as miss:
+        return Detection(name, node, None, str(miss))
+    except Exception as exc:  # a matcher bug must not take the model down: the site is reported
+        reason = f"attnopt could not analyze this site ({type(exc).__name__}: {exc}); please report it"
+        return Detection(name, node, None, reason)
+    return Detection(name, node, m, m.escape)
+
+
+def _numbered(names: list[str]) -> list[str]:
+    """Names that repeat get ``#1``, ``#2``, ... in order."""
+    counts = Counter(names)
+    seen: dict[str, int] = {}
+    out = []
+    for n in names:
+        seen[n] = seen.get(n, 0) + 1
+        out.append(f"{n}#{seen[n]}" if counts[n] > 1 else n)
+    return out
+
+
 def detect(gm: GraphModule, name_of: Callable[[Node], str] = module_path) -> list[Detection]:
     """Every candidate of ``gm``, named by ``name_of(anchor)`` ("" is ``<top>``; repeats get ``#1``, ``#2``)."""
     dag = dataflow(gm)
-    found: list[Detection] = []
+    anchors = []
     for node in gm.graph.nodes:
-        op = C.classify(node)
-        if op is None or op.kind not in (C.SDPA, C.MHA, C.ENCODER_LAYER, C.NATIVE_MHA, C.SOFTMAX):
-            continue
-        try:
-            if op.kind == C.SOFTMAX:
-                m, reason = manual.match(node, dag), None
-            elif op.kind == C.NATIVE_MHA:
-                m, reason = None, "torch._native_multi_head_attention (a MultiheadAttention fast path) is not rewritten"
-            else:
-                res = (sdpa if op.kind == C.SDPA else mha).match(node)
-                m, reason = (res, None) if isinstance(res, AttentionMatch) else (None, res)
-        except manual.Miss as miss:
-            m, reason = None, str(miss)
-        except Exception as exc:  # a matcher bug must not take the model down: the site is reported
-            m, reason = None, f"attnopt could not analyze this site ({type(exc).__name__}: {exc}); please report it"
-        if m is not None and m.escape:
-            reason = m.escape
-        found.append(Detection(name_of(node) or "<top>", node, m, reason))
-    counts: dict[str, int] = {}
-    for d in found:
-        counts[d.name] = counts.get(d.name, 0) + 1
-    seen: dict[str, int] = {}
-    for d in found:
-        if counts[d.name] > 1:
-            seen[d.name] = seen.get(d.name, 0) + 1
-            d.name = f"{d.name}#{seen[d.name]}"
-    return found
+        op = classify(node)
+        if op is not None and op.kind in MATCHERS:
+            anchors.append((node, MATCHERS[op.kind]))
+    names = _numbered([name_of(node) or "<top>" for node, _ in anchors])
+    return [_detection(node, matcher, dag, name) for (node, matcher), name in zip(anchors, names)]
 
 
-__all__ = ["Detection", "detect", "module_path", "normalize_source"]
+__all__ = ["MATCHERS", "Detection", "Matcher", "Miss", "detect", "module_path", "normalize_source"]

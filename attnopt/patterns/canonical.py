@@ -4,15 +4,18 @@ Dynamo graphs spell one operation many ways: ``torch.matmul(a, b)``, ``a @ b`` a
 ``x.transpose(-1, -2)``, ``x.mT`` and ``x.permute(0, 1, 3, 2)``; ``x.float()``, ``x.to(torch.float32)``
 and ``x.type(torch.float32)``. :func:`classify` maps a node to one :class:`Op` of a small vocabulary
 (without changing the graph), so a pattern is written once against that vocabulary.
+
+The spellings are a table, :data:`SPELLINGS`: each :class:`Spelling` row names the methods and functions
+that spell an op and the small builder that reads one call into an :class:`Op`. A new spelling is one
+row and one builder (:func:`register_spelling` adds a row from outside the module).
 """
 
 from __future__ import annotations
 
 import inspect
-import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,35 +65,15 @@ def _fn_targets(*names: str) -> set:
     return out
 
 
-_MATMUL_FNS = _fn_targets("matmul", "bmm") | {operator.matmul}
-_EINSUM_FNS = {torch.einsum, torch.functional.einsum}
-_BADDBMM_FNS = _fn_targets("baddbmm")
-_RESHAPE_FNS = _fn_targets("reshape", "flatten", "unflatten", "unsqueeze", "squeeze")
-_RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as"}
-_EXPAND_METHODS = {"expand", "expand_as", "broadcast_to"}
-_REPEAT_INTERLEAVE_FNS = _fn_targets("repeat_interleave")
-_TANH_FNS = _fn_targets("tanh")
-_SUB_FNS = _fn_targets("sub", "subtract") | {operator.sub}
-_NEG_FNS = _fn_targets("neg", "negative") | {operator.neg}
-_ENCODER_LAYER_FNS = {f for f in (getattr(torch, "_transformer_encoder_layer_fwd", None),) if f is not None}
-_NATIVE_MHA_FNS = {f for f in (getattr(torch, "_native_multi_head_attention", None),) if f is not None}
+def _optional_fns(name: str) -> set:
+    """``torch.<name>`` when this PyTorch has it (private fast paths come and go)."""
+    fn = getattr(torch, name, None)
+    return {fn} if fn is not None else set()
+
+
 _INPLACE_OPERATORS = {operator.itruediv: "div", operator.imul: "mul", operator.iadd: "add", operator.isub: "sub"}
-_MAX_FNS = {torch.max, torch.maximum, torch.Tensor.max, torch.Tensor.maximum}
-_CLAMP_FNS = _fn_targets("clamp", "clip", "clamp_min")
 _INPLACE = {"mul_": "mul", "div_": "div", "add_": "add", "sub_": "sub", "masked_fill_": "masked_fill",
             "tanh_": "tanh"}  # fmt: skip
-_MUL_FNS = _fn_targets("mul", "multiply") | {operator.mul}
-_DIV_FNS = _fn_targets("div", "divide", "true_divide") | {operator.truediv}
-_ADD_FNS = _fn_targets("add") | {operator.add}
-_SOFTMAX_FNS = _fn_targets("softmax", "_safe_softmax") | {torch.special.softmax}
-_DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
-_TRANSPOSE_FNS = _fn_targets("transpose", "swapaxes", "swapdims")
-_PERMUTE_FNS = _fn_targets("permute")
-_MASKED_FILL_FNS = _fn_targets("masked_fill")
-_WHERE_FNS = _fn_targets("where")
-_SDPA_FNS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_MHA_FNS = {F.multi_head_attention_forward}
-_IDENTITY_METHODS = {"contiguous", "clone"}
 _CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}
 
 
@@ -231,124 +214,254 @@ def bind_call(node: Any, kind: str, signature: inspect.Signature, what: str) -> 
     return bound.arguments
 
 
-def _classify(node: Node, method: str | None, fn: Any) -> Op | None:
+def _other(node: Node) -> Any:
+    """The second operand of a binary op, positional or ``other=``."""
+    return node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+
+
+def _matmul(node: Node, method: str | None, fn: Any) -> Op:
     args = node.args
-    if method == "matmul" or method == "bmm" or fn in _MATMUL_FNS:
-        return Op(MATMUL, (args[0], args[1] if len(args) > 1 else node.kwargs.get("other", node.kwargs.get("mat2"))))
-    if fn in _EINSUM_FNS:
-        operands = args[1:]
-        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-            operands = tuple(operands[0])
-        if not isinstance(args[0], str):
-            return None
-        return Op(EINSUM, tuple(operands), {"equation": args[0].replace(" ", "")})
-    if method == "baddbmm" or fn in _BADDBMM_FNS:
-        bias = _arg(node, 0, "input")
-        b1 = _arg(node, 1, "batch1")
-        b2 = _arg(node, 2, "batch2")
-        return Op(BADDBMM, (bias, b1, b2), {"beta": node.kwargs.get("beta", 1), "alpha": node.kwargs.get("alpha", 1)})
-    if method in ("mul", "multiply") or fn in _MUL_FNS:
-        return Op(MUL, (args[0], args[1] if len(args) > 1 else node.kwargs.get("other")))
-    if method in ("div", "divide", "true_divide") or fn in _DIV_FNS:
-        if node.kwargs.get("rounding_mode") is not None:
-            return None
-        a, b = args[0], args[1] if len(args) > 1 else node.kwargs.get("other")
-        written = _written_softmax(a, b)
-        if written is not None:
-            return written
-        return Op(DIV, (a, b))
-    if method == "add" or fn in _ADD_FNS:
-        alpha = node.kwargs.get("alpha", 1)
-        if alpha != 1:
-            return None
-        return Op(ADD, (args[0], args[1] if len(args) > 1 else node.kwargs.get("other")))
-    if method in ("sub", "subtract") or fn in _SUB_FNS:
+    return Op(MATMUL, (args[0], args[1] if len(args) > 1 else node.kwargs.get("other", node.kwargs.get("mat2"))))
+
+
+def _einsum(node: Node, method: str | None, fn: Any) -> Op | None:
+    args = node.args
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = tuple(operands[0])
+    if not isinstance(args[0], str):
+        return None
+    return Op(EINSUM, tuple(operands), {"equation": args[0].replace(" ", "")})
+
+
+def _baddbmm(node: Node, method: str | None, fn: Any) -> Op:
+    bias, b1, b2 = _arg(node, 0, "input"), _arg(node, 1, "batch1"), _arg(node, 2, "batch2")
+    return Op(BADDBMM, (bias, b1, b2), {"beta": node.kwargs.get("beta", 1), "alpha": node.kwargs.get("alpha", 1)})
+
+
+def _mul(node: Node, method: str | None, fn: Any) -> Op:
+    return Op(MUL, (node.args[0], _other(node)))
+
+
+def _div(node: Node, method: str | None, fn: Any) -> Op | None:
+    if node.kwargs.get("rounding_mode") is not None:
+        return None
+    a, b = node.args[0], _other(node)
+    written = _written_softmax(a, b)
+    return written if written is not None else Op(DIV, (a, b))
+
+
+def _add_or_sub(kind: str):
+    def build(node: Node, method: str | None, fn: Any) -> Op | None:
         if node.kwargs.get("alpha", 1) != 1:
             return None
-        return Op(SUB, (args[0], args[1] if len(args) > 1 else node.kwargs.get("other")))
-    if method in ("neg", "negative") or fn in _NEG_FNS:
-        return Op(NEG, (args[0],))
-    if (method in ("max", "maximum") or fn in _MAX_FNS) and len(args) == 2 and not isinstance(args[1], int):
+        return Op(kind, (node.args[0], _other(node)))
+
+    return build
+
+
+def _max(node: Node, method: str | None, fn: Any) -> Op | None:
+    args = node.args
+    if len(args) == 2 and not isinstance(args[1], int):
         return Op(CLAMP_MIN, (args[0], args[1]))
-    if method in ("clamp", "clip", "clamp_min") or fn in _CLAMP_FNS:
-        lo = _arg(node, 1, "min")
-        hi = node.kwargs.get("max", args[2] if len(args) > 2 and (method or fn.__name__) != "clamp_min" else None)
-        if lo is not None and hi is None:
-            return Op(CLAMP_MIN, (args[0], lo))
-        return None
-    if method in ("softmax", "_safe_softmax") or fn in _SOFTMAX_FNS:
-        dim = _arg(node, 1, "dim")
-        dtype = _arg(node, 2, "dtype") if fn is not F.softmax else node.kwargs.get("dtype", _arg(node, 3, "dtype"))
-        return Op(SOFTMAX, (args[0],), {"dim": _norm_dim(dim, ndim(args[0])), "rank": ndim(args[0]), "dtype": dtype})
-    if fn in _DROPOUT_FNS:
-        p = _arg(node, 1, "p", 0.5)
-        training = _arg(node, 2, "training" if fn is not torch.dropout else "train", True)
-        return Op(DROPOUT, (args[0],), {"p": p if training else 0.0})
-    if method == "transpose" or method in ("swapaxes", "swapdims") or fn in _TRANSPOSE_FNS:
-        rank = ndim(args[0])
-        d0, d1 = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
-        if _is_last_two_swap(node, args[0], d0, d1):
-            return Op(TRANSPOSE, (args[0],))
-        if rank is not None and isinstance(d0, int) and isinstance(d1, int):
-            perm = list(range(rank))
-            a, b = _norm_dim(d0, rank), _norm_dim(d1, rank)
-            perm[a], perm[b] = perm[b], perm[a]
-            return Op(PERMUTE, (args[0],), {"dims": tuple(perm)})
-        return None
-    if method == "permute" or fn in _PERMUTE_FNS:
-        dims = _arg(node, 1, "dims")
-        if method == "permute" and not isinstance(dims, (list, tuple)):
-            dims = args[1:]
-        rank = ndim(args[0])
-        if rank is not None and dims is not None and len(dims) == rank and all(isinstance(d, int) for d in dims):
-            perm = [_norm_dim(d, rank) for d in dims]
-            if perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
-                return Op(TRANSPOSE, (args[0],))
-            return Op(PERMUTE, (args[0],), {"dims": tuple(perm)})
-        return None
-    if node.op == "call_function" and fn is getattr and len(args) == 2:
-        if args[1] == "mT" or (args[1] == "T" and ndim(args[0]) == 2):
-            return Op(TRANSPOSE, (args[0],))
-        return None
-    if method in _IDENTITY_METHODS:
-        return Op(CAST, (args[0],), {"dtype": None})
-    if method in _CAST_METHODS:
-        return Op(CAST, (args[0],), {"dtype": _CAST_METHODS[method]})
-    if method in ("to", "type"):
-        targets = [a for a in list(args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
-        if len(targets) == 1 or (method == "to" and not targets and "dtype" not in node.kwargs):
-            return Op(CAST, (args[0],), {"dtype": targets[0] if targets else None})
-        return None
-    if method == "type_as":
-        return Op(CAST, (args[0],), {"dtype": tensor_meta(args[1]).dtype if tensor_meta(args[1]) is not None else None})
-    if method == "masked_fill" or fn in _MASKED_FILL_FNS:
-        return Op(MASKED_FILL, (args[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
-    if fn in _WHERE_FNS and len(args) == 3:
-        return Op(WHERE, tuple(args))
-    if method in ("tanh",) or fn in _TANH_FNS:
-        return Op(TANH, (args[0],))
-    if method in _RESHAPE_METHODS or fn in _RESHAPE_FNS:
-        return Op(RESHAPE, (args[0] if args else node.kwargs.get("input"),))
-    if fn is operator.getitem and len(args) == 2 and isinstance(tensor_meta(args[0]), torch.Tensor):
-        if _is_unsqueeze_index(args[1]):
-            return Op(RESHAPE, (args[0],))
-        return None
-    if method in _EXPAND_METHODS or fn is torch.broadcast_to:
-        return Op(EXPAND, (args[0],))
-    if method == "repeat_interleave" or fn in _REPEAT_INTERLEAVE_FNS:
-        repeats, dim = _arg(node, 1, "repeats"), _arg(node, 2, "dim")
-        if isinstance(repeats, int) and isinstance(dim, int) and ndim(args[0]) is not None:
-            return Op(REPEAT_INTERLEAVE, (args[0],), {"repeats": repeats, "dim": _norm_dim(dim, ndim(args[0]))})
-        return None
-    if fn in _SDPA_FNS:
-        return Op(SDPA, tuple(args), dict(node.kwargs))
-    if fn in _MHA_FNS:
-        return Op(MHA, tuple(args), dict(node.kwargs))
-    if fn in _ENCODER_LAYER_FNS:
-        return Op(ENCODER_LAYER, tuple(args), dict(node.kwargs))
-    if fn in _NATIVE_MHA_FNS:
-        return Op(NATIVE_MHA, tuple(args), dict(node.kwargs))
     return None
+
+
+def _clamp(node: Node, method: str | None, fn: Any) -> Op | None:
+    args = node.args
+    lo = _arg(node, 1, "min")
+    hi = node.kwargs.get("max", args[2] if len(args) > 2 and (method or fn.__name__) != "clamp_min" else None)
+    return Op(CLAMP_MIN, (args[0], lo)) if lo is not None and hi is None else None
+
+
+def _softmax(node: Node, method: str | None, fn: Any) -> Op:
+    x, dim = node.args[0], _arg(node, 1, "dim")
+    dtype = _arg(node, 2, "dtype") if fn is not F.softmax else node.kwargs.get("dtype", _arg(node, 3, "dtype"))
+    return Op(SOFTMAX, (x,), {"dim": _norm_dim(dim, ndim(x)), "rank": ndim(x), "dtype": dtype})
+
+
+def _dropout(node: Node, method: str | None, fn: Any) -> Op:
+    p = _arg(node, 1, "p", 0.5)
+    training = _arg(node, 2, "training" if fn is not torch.dropout else "train", True)
+    return Op(DROPOUT, (node.args[0],), {"p": p if training else 0.0})
+
+
+def _transpose(node: Node, method: str | None, fn: Any) -> Op | None:
+    x = node.args[0]
+    rank = ndim(x)
+    d0, d1 = _arg(node, 1, "dim0"), _arg(node, 2, "dim1")
+    if _is_last_two_swap(node, x, d0, d1):
+        return Op(TRANSPOSE, (x,))
+    if rank is not None and isinstance(d0, int) and isinstance(d1, int):
+        perm = list(range(rank))
+        a, b = _norm_dim(d0, rank), _norm_dim(d1, rank)
+        perm[a], perm[b] = perm[b], perm[a]
+        return Op(PERMUTE, (x,), {"dims": tuple(perm)})
+    return None
+
+
+def _permute(node: Node, method: str | None, fn: Any) -> Op | None:
+    x, dims = node.args[0], _arg(node, 1, "dims")
+    if method == "permute" and not isinstance(dims, (list, tuple)):
+        dims = node.args[1:]
+    rank = ndim(x)
+    if rank is None or dims is None or len(dims) != rank or not all(isinstance(d, int) for d in dims):
+        return None
+    perm = [_norm_dim(d, rank) for d in dims]
+    if perm == list(range(rank - 2)) + [rank - 1, rank - 2]:
+        return Op(TRANSPOSE, (x,))
+    return Op(PERMUTE, (x,), {"dims": tuple(perm)})
+
+
+def _getattr(node: Node, method: str | None, fn: Any) -> Op | None:
+    args = node.args
+    if len(args) == 2 and (args[1] == "mT" or (args[1] == "T" and ndim(args[0]) == 2)):
+        return Op(TRANSPOSE, (args[0],))
+    return None
+
+
+def _cast_method(node: Node, method: str | None, fn: Any) -> Op:
+    return Op(CAST, (node.args[0],), {"dtype": _CAST_METHODS[method]})
+
+
+def _to(node: Node, method: str | None, fn: Any) -> Op | None:
+    args = node.args
+    targets = [a for a in list(args[1:]) + list(node.kwargs.values()) if isinstance(a, torch.dtype)]
+    if len(targets) == 1 or (method == "to" and not targets and "dtype" not in node.kwargs):
+        return Op(CAST, (args[0],), {"dtype": targets[0] if targets else None})
+    return None
+
+
+def _type_as(node: Node, method: str | None, fn: Any) -> Op:
+    other = tensor_meta(node.args[1])
+    return Op(CAST, (node.args[0],), {"dtype": other.dtype if other is not None else None})
+
+
+def _masked_fill(node: Node, method: str | None, fn: Any) -> Op:
+    return Op(MASKED_FILL, (node.args[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
+
+
+def _where(node: Node, method: str | None, fn: Any) -> Op | None:
+    return Op(WHERE, tuple(node.args)) if len(node.args) == 3 else None
+
+
+def _reshape(node: Node, method: str | None, fn: Any) -> Op:
+    return Op(RESHAPE, (node.args[0] if node.args else node.kwargs.get("input"),))
+
+
+def _getitem(node: Node, method: str | None, fn: Any) -> Op | None:
+    args = node.args
+    if len(args) == 2 and isinstance(tensor_meta(args[0]), torch.Tensor) and _is_unsqueeze_index(args[1]):
+        return Op(RESHAPE, (args[0],))
+    return None
+
+
+def _repeat_interleave(node: Node, method: str | None, fn: Any) -> Op | None:
+    x, repeats, dim = node.args[0], _arg(node, 1, "repeats"), _arg(node, 2, "dim")
+    if isinstance(repeats, int) and isinstance(dim, int) and ndim(x) is not None:
+        return Op(REPEAT_INTERLEAVE, (x,), {"repeats": repeats, "dim": _norm_dim(dim, ndim(x))})
+    return None
+
+
+def _unary(kind: str, **attrs: Any):
+    """A row builder for ``kind(x)``: the first argument is the only operand."""
+
+    def build(node: Node, method: str | None, fn: Any) -> Op:
+        return Op(kind, (node.args[0],), dict(attrs))
+
+    return build
+
+
+def _whole_call(kind: str):
+    def build(node: Node, method: str | None, fn: Any) -> Op:
+        return Op(kind, tuple(node.args), dict(node.kwargs))
+
+    return build
+
+
+@dataclass(frozen=True)
+class Spelling:
+    """One row of the spelling table: the methods and functions that spell an op, and how to read one.
+
+    ``build(node, method, fn)`` (``method``: the method name of a ``call_method`` node, else None;
+    ``fn``: the target of a ``call_function`` node, else None) returns the :class:`Op`, or None when
+    this call is not in the vocabulary after all (e.g. ``div`` with a rounding mode).
+    """
+
+    build: Callable[[Node, str | None, Any], Op | None]
+    methods: frozenset = frozenset()
+    fns: frozenset = frozenset()
+
+
+def _row(build, methods=(), fns=()) -> Spelling:
+    return Spelling(build, frozenset(methods), frozenset(fns))
+
+
+# The op spellings, first row first (a name in two rows is read by the first).
+SPELLINGS: tuple[Spelling, ...] = (
+    _row(_matmul, {"matmul", "bmm"}, _fn_targets("matmul", "bmm") | {operator.matmul}),
+    _row(_einsum, (), {torch.einsum, torch.functional.einsum}),
+    _row(_baddbmm, {"baddbmm"}, _fn_targets("baddbmm")),
+    _row(_mul, {"mul", "multiply"}, _fn_targets("mul", "multiply") | {operator.mul}),
+    _row(_div, {"div", "divide", "true_divide"}, _fn_targets("div", "divide", "true_divide") | {operator.truediv}),
+    _row(_add_or_sub(ADD), {"add"}, _fn_targets("add") | {operator.add}),
+    _row(_add_or_sub(SUB), {"sub", "subtract"}, _fn_targets("sub", "subtract") | {operator.sub}),
+    _row(_unary(NEG), {"neg", "negative"}, _fn_targets("neg", "negative") | {operator.neg}),
+    _row(_max, {"max", "maximum"}, {torch.max, torch.maximum, torch.Tensor.max, torch.Tensor.maximum}),
+    _row(_clamp, {"clamp", "clip", "clamp_min"}, _fn_targets("clamp", "clip", "clamp_min")),
+    _row(_softmax, {"softmax", "_safe_softmax"}, _fn_targets("softmax", "_safe_softmax") | {torch.special.softmax}),
+    _row(_dropout, (), {F.dropout, torch.dropout, torch.nn.functional.dropout}),
+    _row(_transpose, {"transpose", "swapaxes", "swapdims"}, _fn_targets("transpose", "swapaxes", "swapdims")),
+    _row(_permute, {"permute"}, _fn_targets("permute")),
+    _row(_getattr, (), {getattr}),
+    _row(_unary(CAST, dtype=None), {"contiguous", "clone"}),
+    _row(_cast_method, _CAST_METHODS),
+    _row(_to, {"to", "type"}),
+    _row(_type_as, {"type_as"}),
+    _row(_masked_fill, {"masked_fill"}, _fn_targets("masked_fill")),
+    _row(_where, (), _fn_targets("where")),
+    _row(_unary(TANH), {"tanh"}, _fn_targets("tanh")),
+    _row(_reshape, {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "view_as", "reshape_as"},
+         _fn_targets("reshape", "flatten", "unflatten", "unsqueeze", "squeeze")),
+    _row(_getitem, (), {operator.getitem}),
+    _row(_unary(EXPAND), {"expand", "expand_as", "broadcast_to"}, {torch.broadcast_to}),
+    _row(_repeat_interleave, {"repeat_interleave"}, _fn_targets("repeat_interleave")),
+    _row(_whole_call(SDPA), (), {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}),
+    _row(_whole_call(MHA), (), {F.multi_head_attention_forward}),
+    _row(_whole_call(ENCODER_LAYER), (), _optional_fns("_transformer_encoder_layer_fwd")),
+    _row(_whole_call(NATIVE_MHA), (), _optional_fns("_native_multi_head_attention")),
+)  # fmt: skip
+_registered: list[Spelling] = list(SPELLINGS)
+_index: dict[tuple[str, Any], Spelling] = {}
+
+
+def _reindex() -> None:
+    _index.clear()
+    for row in _registered:
+        for name in row.methods:
+            _index.setdefault(("method", name), row)
+        for fn in row.fns:
+            _index.setdefault(("fn", fn), row)
+
+
+def register_spelling(row: Spelling) -> None:
+    """Adds ``row`` to the spelling table (after the built-in rows: a name they spell stays theirs)."""
+    _registered.append(row)
+    _reindex()
+
+
+def unregister_spelling(row: Spelling) -> None:
+    """Removes a row :func:`register_spelling` added."""
+    _registered.remove(row)
+    _reindex()
+
+
+_reindex()
+
+
+def _classify(node: Node, method: str | None, fn: Any) -> Op | None:
+    row = _index.get(("method", method)) if method is not None else _index.get(("fn", fn))
+    return row.build(node, method, fn) if row is not None else None
 
 
 def scalar_value(x: Any) -> float | None:
@@ -358,31 +471,6 @@ def scalar_value(x: Any) -> float | None:
     if isinstance(x, (int, float)):
         return float(x)
     return None
-
-
-_METADATA_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad"}
-_METADATA_METHODS = {"size", "dim", "numel", "stride", "get_device"}
-_METADATA_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
-
-
-def value_users(x: Node) -> list[Node]:
-    """The users of ``x`` that read its values: a shape or dtype read (``x.shape``, ``x.size(1)``,
-    ``sym_size``, as tracers record them) does not count, so a scaling whose result is also measured
-    still counts as used once."""
-    def metadata(u: Node) -> bool:
-        if u.op == "call_function" and u.target is getattr:
-            return len(u.args) > 1 and u.args[1] in _METADATA_ATTRS
-        if u.op == "call_method":
-            return u.target in _METADATA_METHODS
-        return u.op == "call_function" and u.target in _METADATA_OPS
-
-    return [u for u in x.users if not metadata(u)]
-
-
-def is_large_negative(x: Any) -> bool:
-    """True for -inf and for the 'finfo.min'-style fill values models use as 'masked out'."""
-    v = scalar_value(x)
-    return v is not None and (v == -math.inf or v <= -1e4)
 
 
 def shape(x: Any) -> tuple | None:
@@ -396,7 +484,3 @@ def is_symbolic_scalar(x: Any) -> bool:
         return False
     val = meta_value(x)
     return isinstance(val, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(val, bool)
-
-
-def is_static_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -9,6 +9,7 @@ arrive as graph inputs, the mask is not static, and it stays a mask tensor (stil
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch.fx import Node
 from torch.utils._pytree import tree_map
 
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT, causal_keep
-from attnopt.patterns import canonical as C
+from attnopt.patterns.canonical import CAST, EXPAND, WHERE, classify, scalar_value, tensor_meta
 
 _MAX_NODES = 400
 _MAX_NUMEL = 1 << 24
@@ -119,16 +120,16 @@ def static_value(node: Any) -> Any:
 
 def scalar_fill(x: Any) -> float | None:
     """A fill value: a Python number, or a static 0-d (or constant-filled) tensor, as a float."""
-    v = C.scalar_value(x)
+    v = scalar_value(x)
     if v is not None:
         return v
     if not isinstance(x, Node):
         return None
-    op = C.classify(x)
-    if op is not None and op.kind == C.CAST:
+    op = classify(x)
+    if op is not None and op.kind == CAST:
         return scalar_fill(op.inputs[0])
     if x.op == "call_function" and x.target in (torch.full_like,) and len(x.args) >= 2:
-        return C.scalar_value(x.args[1])
+        return scalar_value(x.args[1])
     val = static_value(x)
     if isinstance(val, torch.Tensor) and val.numel() >= 1 and val.is_floating_point():
         flat = val.flatten()
@@ -156,15 +157,15 @@ _LOGIC_OPS = (("and", _AND_FNS, _AND_METHODS, 2), ("or", _OR_FNS, _OR_METHODS, 2
 
 
 def _logic(n: Any) -> tuple[str, tuple] | None:
-    if not isinstance(n, Node) or C.tensor_meta(n) is None or C.tensor_meta(n).dtype != torch.bool:
+    if not isinstance(n, Node) or tensor_meta(n) is None or tensor_meta(n).dtype != torch.bool:
         return None
     for name, fns, methods, arity in _LOGIC_OPS:
         targets = fns if n.op == "call_function" else methods if n.op == "call_method" else ()
         if n.target in targets and len(n.args) == arity:
             return name, tuple(n.args)
-    op = C.classify(n)
-    if op is not None and op.kind in (C.EXPAND, C.CAST) and C.tensor_meta(op.inputs[0]) is not None:
-        if C.tensor_meta(op.inputs[0]).dtype == torch.bool:
+    op = classify(n)
+    if op is not None and op.kind in (EXPAND, CAST) and tensor_meta(op.inputs[0]) is not None:
+        if tensor_meta(op.inputs[0]).dtype == torch.bool:
             return "same", (op.inputs[0],)
     return None
 
@@ -205,3 +206,65 @@ def has_empty_rows(code: int, sq: int, sk: int) -> bool:
         return False
     keep = causal_keep(sq, sk, code, torch.device("cpu"))
     return not bool(keep.any(-1).all())
+
+
+def mask_fill(x) -> float | None:
+    """The fill of a mask: -inf or a large negative constant (``finfo.min``, -1e4, ...), else None."""
+    v = scalar_fill(x)
+    return v if v is not None and (v == -math.inf or v <= -1e4) else None
+
+
+class Static:
+    """A static mask value that has no node of its own (read off a constant additive term)."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def split_causal(masks: list, terms: list, sq, sk) -> tuple[int, list, list]:
+    """Finds a static causal component among the masks; returns (causal code, masks, terms) without it.
+
+    A mask whose fill is -inf loses its causal part freely (the kernel masks the same keys). With a
+    finite fill the split is exact only when nothing else masks (no row of the original is left with
+    every key at the fill value), so it is done only when the causal part is the site's only mask.
+    """
+    if not (isinstance(sq, int) and isinstance(sk, int)):
+        return CAUSAL_NONE, masks, terms
+    comps = []  # (index kind, index, fill, ctx, leaves)
+    for i, (node, attend, fill, ctx) in enumerate(masks):
+        comps.append(("mask", i, fill, ctx, conjuncts(node, attend)))
+    for i, (node, factor, scalars, ctx) in enumerate(terms):
+        op = classify(node)
+        if scalars or factor <= 0:
+            continue
+        if op is None or op.kind != WHERE:
+            val = static_value(node) if isinstance(node, Node) and not scalars and factor > 0 else None
+            if isinstance(val, torch.Tensor) and val.is_floating_point() and val.numel():
+                neg = val[val != 0]
+                fill = mask_fill(float(neg[0])) if neg.numel() and bool((neg == neg[0]).all()) else None
+                if fill is not None:  # a constant 0 / fill additive mask
+                    comps.append(("term", i, fill * factor, ctx, [(Static(val == 0), True)]))
+            continue
+        cond, a, b = op.inputs
+        if is_zero(a) and mask_fill(b) is not None:
+            comps.append(("term", i, mask_fill(b) * factor, ctx, conjuncts(cond, True)))
+        elif is_zero(b) and mask_fill(a) is not None:
+            comps.append(("term", i, mask_fill(a) * factor, ctx, conjuncts(cond, False)))
+    for kind, i, fill, ctx, leaves in comps:
+        for j, (leaf, attend) in enumerate(leaves):
+            val = leaf.value if isinstance(leaf, Static) else static_value(leaf) if isinstance(leaf, Node) else None
+            if not isinstance(val, torch.Tensor) or val.dtype != torch.bool:
+                continue
+            code = causal_kind(val if attend else ~val, sq, sk)
+            if code == CAUSAL_NONE:
+                continue
+            rest = leaves[:j] + leaves[j + 1:]
+            if math.isfinite(fill):
+                alone = not rest and len(masks) + len(terms) == 1
+                if not alone or has_empty_rows(code, sq, sk):
+                    continue
+            new_masks = [m for k, m in enumerate(masks) if not (kind == "mask" and k == i)]
+            new_terms = [t for k, t in enumerate(terms) if not (kind == "term" and k == i)]
+            new_masks += [(leaf_, attend_, fill, ctx) for leaf_, attend_ in rest]
+            return code, new_masks, new_terms
+    return CAUSAL_NONE, masks, terms

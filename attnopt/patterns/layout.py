@@ -162,6 +162,13 @@ def convert(x_lead: tuple, ctx: tuple, dst: tuple, kind: str, refs: tuple | None
         out_lead[b0:b1] = list(new)
     if must_expand:
         ops.append(("expand", tuple(expand) + (-1, -1)))
+    return tuple(ops) + _regroup_ops(plan, refs), tuple(out_lead)
+
+
+def _regroup_ops(plan: list, refs: tuple) -> tuple:
+    """The views regrouping each ``((a0, a1), (b0, b1), new sizes)`` of ``plan``, last group first (so the
+    earlier groups' dim indices stay valid)."""
+    ops: list = []
     for (a0, a1), (b0, b1), new in reversed(plan):
         if a1 - a0 == 1 and b1 - b0 == 1:
             continue
@@ -176,7 +183,7 @@ def convert(x_lead: tuple, ctx: tuple, dst: tuple, kind: str, refs: tuple | None
         if b1 - b0 > 1:
             group_refs = refs[b0:b1] if len(new) == b1 - b0 else (None,) * len(new)
             ops.append(("unflatten", (a0, _sizes(tuple(new), group_refs))))
-    return tuple(ops), tuple(out_lead)
+    return tuple(ops)
 
 
 def permutation_ops(perm: list[int]) -> tuple:

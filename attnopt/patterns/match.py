@@ -30,6 +30,10 @@ from attnopt.patterns.canonical import meta_value, tensor_meta
 CAUSAL_NAMES = {CAUSAL_NONE: "none", CAUSAL_TOP_LEFT: "top-left", CAUSAL_BOTTOM_RIGHT: "bottom-right"}
 
 
+class Miss(Exception):
+    """Raised by a matcher: the candidate is not an attention site it can rewrite; the message is the reason."""
+
+
 class SizeOf(NamedTuple):
     """``node.size(dim)`` evaluated when the replacement runs (a dynamic size in a view program)."""
 
@@ -91,7 +95,7 @@ class BoolMask:
     ops: Ops = ()  # brings the mask to the canonical score layout
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttentionMatch:
     """``dropout(softmax(softcap(scale * q @ kᵀ) + Σ additive + bool masks)) @ v`` in a graph.
 
@@ -102,7 +106,8 @@ class AttentionMatch:
     ``softcap`` likewise (``softcap_expr``).
     ``output`` is the node whose value the replacement provides (reached from the op's
     [B, Hq, Sq, Dv] through ``out_ops``); ``interior`` are the nodes the replacement makes dead (for
-    escape analysis); ``escape`` says why it cannot be rewritten.
+    escape analysis); ``escape`` says why it cannot be rewritten. A matcher builds it once (frozen;
+    ``dataclasses.replace`` gives a changed copy).
     """
 
     kind: str
@@ -300,12 +305,6 @@ def emit_output(graph: Graph, m: AttentionMatch, out: Node) -> Node:
     if want is not None and want != _dtype(m.q):
         out = graph.call_method("to", (out, want))
     return out
-
-
-def op_supports_softcap() -> bool:
-    """Whether ``torch.ops.attnopt.attention`` takes a ``softcap`` argument (applied before the mask)."""
-    schema = torch.ops.attnopt.attention.default._schema
-    return any(a.name == "softcap" for a in schema.arguments)
 
 
 def emit(graph: Graph, m: AttentionMatch, lookup: Callable[[Any], Any]) -> Node:

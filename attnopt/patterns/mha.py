@@ -17,6 +17,7 @@ import inspect
 import math
 import operator
 
+import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -24,8 +25,9 @@ from torch.fx import Graph, Node
 
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.ops import new_seed
-from attnopt.patterns import canonical as C
-from attnopt.patterns.match import AttentionMatch, BoolMask, Term
+from attnopt.patterns.canonical import ENCODER_LAYER, MHA, bind_call, tensor_meta
+from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, Term
+from attnopt.patterns.operands import as_int, describe
 
 _SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
@@ -37,6 +39,39 @@ def _additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
     return mask.to(dtype)
+
+
+def _in_projection(query: Tensor, key: Tensor, value: Tensor, weights: Tensor | tuple,
+                   bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """q, k, v projected by the packed in_proj weight, or by separate (q, k, v) weights."""
+    if not isinstance(weights, tuple):
+        return F._in_projection_packed(query, key, value, weights, bias)
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+    return F._in_projection(query, key, value, *weights, b_q, b_k, b_v)
+
+
+def _pad_keys(masks: tuple) -> tuple:
+    """The masks with one more key (attended): after a key is appended (bias_k, add_zero_attn)."""
+    return tuple(F.pad(m, (0, 1)) if m is not None else None for m in masks)
+
+
+def _heads(x: Tensor, static: Tensor | None, bsz: int, num_heads: int, head_dim: int) -> Tensor:
+    """A projected [S, B, E] key or value (or its static [B*H, S, hd] replacement) as [B, H, S, hd]."""
+    if static is not None:
+        return static.reshape(bsz, num_heads, static.shape[1], head_dim)
+    return x.reshape(x.shape[0], bsz, num_heads, head_dim).permute(1, 2, 0, 3)
+
+
+def _merged_mask(mask: Tensor | None, kpm: Tensor | None, bsz: int, num_heads: int, tgt_len: int,
+                 src_len: int) -> Tensor | None:  # fmt: skip
+    """The additive attn_mask (2-D or 3-D) and key padding mask as one mask broadcasting to [B, H, L, S]."""
+    if mask is not None:
+        shape = (1, 1, tgt_len, src_len) if mask.dim() == 2 else (bsz, num_heads, tgt_len, src_len)
+        mask = mask.reshape(shape)
+    if kpm is not None:
+        kpm = kpm.reshape(bsz, 1, 1, src_len)
+        mask = kpm if mask is None else mask + kpm
+    return mask
 
 
 def multi_head_attention_forward(
@@ -72,39 +107,25 @@ def multi_head_attention_forward(
     """
     tgt_len, bsz, embed_dim = query.shape
     head_dim = embed_dim // num_heads
-    if use_separate_proj_weight:
-        b_q, b_k, b_v = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
-        q, k, v = F._in_projection(query, key, value, q_proj_weight, k_proj_weight, v_proj_weight, b_q, b_k, b_v)
-    else:
-        q, k, v = F._in_projection_packed(query, key, value, in_proj_weight, in_proj_bias)
+    weights = (q_proj_weight, k_proj_weight, v_proj_weight) if use_separate_proj_weight else in_proj_weight
+    q, k, v = _in_projection(query, key, value, weights, in_proj_bias)
     causal = CAUSAL_NONE
     if is_causal and key_padding_mask is None and not need_weights:
         attn_mask, causal = None, CAUSAL_TOP_LEFT  # PyTorch trusts the hint and runs SDPA with is_causal
-    mask = _additive(attn_mask, q.dtype)
-    kpm = _additive(key_padding_mask, q.dtype)
+    masks = (_additive(attn_mask, q.dtype), _additive(key_padding_mask, q.dtype))
     if bias_k is not None and bias_v is not None:
         k = torch.cat([k, bias_k.repeat(1, bsz, 1)])
         v = torch.cat([v, bias_v.repeat(1, bsz, 1)])
-        mask = F.pad(mask, (0, 1)) if mask is not None else None
-        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+        masks = _pad_keys(masks)
     # [L, B, E] -> [B, H, L, hd] (static_k/static_v arrive as [B*H, S, hd])
     q = q.reshape(tgt_len, bsz, num_heads, head_dim).permute(1, 2, 0, 3)
-    k = k.reshape(k.shape[0], bsz, num_heads, head_dim).permute(1, 2, 0, 3) if static_k is None else \
-        static_k.reshape(bsz, num_heads, static_k.shape[1], head_dim)
-    v = v.reshape(v.shape[0], bsz, num_heads, head_dim).permute(1, 2, 0, 3) if static_v is None else \
-        static_v.reshape(bsz, num_heads, static_v.shape[1], head_dim)
+    k = _heads(k, static_k, bsz, num_heads, head_dim)
+    v = _heads(v, static_v, bsz, num_heads, head_dim)
     if add_zero_attn:
         k = torch.cat([k, k.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
         v = torch.cat([v, v.new_zeros(bsz, num_heads, 1, head_dim)], dim=2)
-        mask = F.pad(mask, (0, 1)) if mask is not None else None
-        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
-    src_len = k.shape[2]
-    if mask is not None:
-        shape = (1, 1, tgt_len, src_len) if mask.dim() == 2 else (bsz, num_heads, tgt_len, src_len)
-        mask = mask.reshape(shape)
-    if kpm is not None:
-        kpm = kpm.reshape(bsz, 1, 1, src_len)
-        mask = kpm if mask is None else mask + kpm
+        masks = _pad_keys(masks)
+    mask = _merged_mask(*masks, bsz, num_heads, tgt_len, k.shape[2])
     p = dropout_p if training else 0.0
     seed = new_seed() if p > 0.0 else None
     out, _ = torch.ops.attnopt.attention(q, k, v, mask, p, causal, 1.0 / math.sqrt(head_dim), seed)
@@ -177,96 +198,96 @@ def transformer_encoder_layer_forward(
 _ENCODER_SIGNATURE = inspect.signature(transformer_encoder_layer_forward)
 
 
-def match_encoder_layer(node: Node) -> AttentionMatch | str | None:
-    """A match for the fast path of ``nn.TransformerEncoderLayer`` (the whole layer is replaced)."""
-    a = C.bind_call(node, C.ENCODER_LAYER, _ENCODER_SIGNATURE, "_transformer_encoder_layer_fwd")
+def match_encoder_layer(node: Node, dag: nx.DiGraph | None = None) -> AttentionMatch:
+    """The match of the fast path of ``nn.TransformerEncoderLayer`` (the whole layer is replaced)."""
+    a = bind_call(node, ENCODER_LAYER, _ENCODER_SIGNATURE, "_transformer_encoder_layer_fwd")
     if not isinstance(a, dict):
-        return a
-    src = C.tensor_meta(a["src"])
+        raise Miss(a or f"{describe(node)} is not a _transformer_encoder_layer_fwd call")
+    src = tensor_meta(a["src"])
     if src is None or src.dim() != 3 or getattr(src, "is_nested", False):
-        return "the fast path's input is not a dense batch-first [B, S, E] tensor"
+        raise Miss("the fast path's input is not a dense batch-first [B, S, E] tensor")
     if not isinstance(a["embed_dim"], int) or not isinstance(a["num_heads"], int):
-        return "embed_dim/num_heads are not constants in the graph"
+        raise Miss("embed_dim/num_heads are not constants in the graph")
     args = list(a.values())
 
     def custom_emit(graph: Graph, lookup) -> Node:
         return graph.call_function(transformer_encoder_layer_forward, tuple(lookup(x) for x in args))
 
     heads, hd = a["num_heads"], a["embed_dim"] // a["num_heads"]
-    m = AttentionMatch(kind="mha", output=node, q=a["src"], k=a["src"], v=a["src"], scale=1.0 / math.sqrt(hd),
-                       custom_emit=custom_emit)  # fmt: skip
-    m.info = {"heads": (heads, heads), "head_dims": (hd, hd), "layout": "BSE (encoder layer fast path)",
-              "seq": (_dim(src.shape[1]), _dim(src.shape[1])), "batch": _dim(src.shape[0])}  # fmt: skip
-    m.extra_operands = [x for x in args if isinstance(x, Node)]
-    if a["mask"] is not None:
-        m.additive.append(Term(a["mask"]))
-    return m
+    info = {"heads": (heads, heads), "head_dims": (hd, hd), "layout": "BSE (encoder layer fast path)",
+            "seq": (as_int(src.shape[1]), as_int(src.shape[1])), "batch": as_int(src.shape[0])}  # fmt: skip
+    return AttentionMatch(kind="mha", output=node, q=a["src"], k=a["src"], v=a["src"], scale=1.0 / math.sqrt(hd),
+                          custom_emit=custom_emit, info=info, extra_operands=[x for x in args if isinstance(x, Node)],
+                          additive=[Term(a["mask"])] if a["mask"] is not None else [])  # fmt: skip
 
 
-def _dim(x):
-    if isinstance(x, torch.SymInt):  # its hint, read without adding a guard
-        return int(x.node.hint) if x.node.has_hint() else str(x)
-    return int(x) if isinstance(x, int) else str(x)
+def refuse_native(node: Node, dag: nx.DiGraph | None = None) -> AttentionMatch:
+    """``torch._native_multi_head_attention`` is never taken: a :class:`Miss` saying so."""
+    raise Miss("torch._native_multi_head_attention (a MultiheadAttention fast path) is not rewritten")
 
 
-def match(node: Node) -> AttentionMatch | str | None:
-    """An :class:`AttentionMatch` for an MHA call, a reason string when it cannot be taken, else None."""
-    op = C.classify(node)
-    if op is not None and op.kind == C.ENCODER_LAYER:
-        return match_encoder_layer(node)
-    a = C.bind_call(node, C.MHA, _SIGNATURE, "multi_head_attention_forward")
+_KEYS = [
+    "query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "dropout_p", "out_proj_weight",
+    "out_proj_bias", "training", "key_padding_mask", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+    "k_proj_weight", "v_proj_weight", "bias_k", "bias_v", "add_zero_attn", "static_k", "static_v",
+    "need_weights", "is_causal",
+]  # fmt: skip
+
+
+def _arguments(node: Node) -> dict:
+    """The call's arguments by name; a :class:`Miss` when they are not ones the rewrite takes."""
+    a = bind_call(node, MHA, _SIGNATURE, "multi_head_attention_forward")
     if not isinstance(a, dict):
-        return a
+        raise Miss(a or f"{describe(node)} is not a multi_head_attention_forward call")
     if not isinstance(a["add_zero_attn"], bool) or not isinstance(a["is_causal"], bool):
-        return "add_zero_attn/is_causal are not constants in the graph"
+        raise Miss("add_zero_attn/is_causal are not constants in the graph")
     if not isinstance(a["need_weights"], bool) or not isinstance(a["training"], bool):
-        return "need_weights/training are not constants in the graph"
-    qm = C.tensor_meta(a["query"])
+        raise Miss("need_weights/training are not constants in the graph")
+    qm = tensor_meta(a["query"])
     if qm is None or qm.dim() != 3:
-        return "unbatched nn.MultiheadAttention input is not rewritten"
+        raise Miss("unbatched nn.MultiheadAttention input is not rewritten")
+    return a
+
+
+def _info(a: dict) -> dict:
+    qm, km, vm = tensor_meta(a["query"]), tensor_meta(a["key"]), tensor_meta(a["value"])
+    heads, embed = a["num_heads"], as_int(qm.shape[-1])
+    dv = vm.shape[-1] if vm is not None else embed
+    if a["use_separate_proj_weight"] and tensor_meta(a["v_proj_weight"]) is not None:
+        dv = tensor_meta(a["v_proj_weight"]).shape[0]
+    dv = as_int(dv)
+    return {"heads": (heads, heads), "head_dims": (embed // heads, dv // heads if isinstance(dv, int) else dv),
+            "layout": "LBE", "seq": (as_int(qm.shape[0]), as_int(km.shape[0]) if km is not None else "?"),
+            "batch": as_int(qm.shape[1])}  # fmt: skip
+
+
+def _masks(a: dict) -> dict:
+    """The causal flag (when PyTorch drops the mask for it), the attn_mask and the key padding mask."""
+    fields: dict = {"additive": [], "bool_masks": []}
+    if a["is_causal"] and a["key_padding_mask"] is None and not a["need_weights"]:
+        fields["causal"] = CAUSAL_TOP_LEFT  # the mask is dropped for the causal flag, as PyTorch does
+    elif a["attn_mask"] is not None:
+        fields["additive"].append(Term(a["attn_mask"]))
+    if a["key_padding_mask"] is not None:
+        fields["bool_masks"].append(BoolMask(a["key_padding_mask"], attend_when=False))
+    return fields
+
+
+def match(node: Node, dag: nx.DiGraph | None = None) -> AttentionMatch:
+    """The :class:`AttentionMatch` of an MHA call; a :class:`Miss` with the reason when it cannot be taken."""
+    a = _arguments(node)
     weights_used = [u for u in node.users if not (u.target is operator.getitem and u.args[1] == 0)]
+    escape = None
     if a["need_weights"] and weights_used:
         escape = "nn.MultiheadAttention returns its attention weights and they are used (need_weights=True)"
-    else:
-        escape = None
-    keys = [
-        "query", "key", "value", "num_heads", "in_proj_weight", "in_proj_bias", "dropout_p", "out_proj_weight",
-        "out_proj_bias", "training", "key_padding_mask", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-        "k_proj_weight", "v_proj_weight", "bias_k", "bias_v", "add_zero_attn", "static_k", "static_v",
-        "need_weights", "is_causal",
-    ]  # fmt: skip
-    args = [a[k] for k in keys]
+    args = [a[k] for k in _KEYS]
 
     def custom_emit(graph: Graph, lookup) -> Node:
         return graph.call_function(multi_head_attention_forward, tuple(lookup(x) for x in args))
 
-    heads = a["num_heads"]
-    embed = _dim(qm.shape[-1])
-    m = AttentionMatch(
-        kind="mha",
-        output=node,
-        q=a["query"],
-        k=a["key"],
-        v=a["value"],
-        scale=1.0 / math.sqrt(embed // heads),
-        dropout_p=float(a["dropout_p"]) if a["training"] else 0.0,
-        escape=escape,
-        custom_emit=custom_emit,
-    )
-    vm = C.tensor_meta(a["value"])
-    dv = vm.shape[-1] if vm is not None else embed
-    if a["use_separate_proj_weight"] and C.tensor_meta(a["v_proj_weight"]) is not None:
-        dv = C.tensor_meta(a["v_proj_weight"]).shape[0]
-    km = C.tensor_meta(a["key"])
-    dv = _dim(dv)
-    m.info = {"heads": (heads, heads), "head_dims": (embed // heads, dv // heads if isinstance(dv, int) else dv),
-              "layout": "LBE", "seq": (_dim(qm.shape[0]), _dim(km.shape[0]) if km is not None else "?"),
-              "batch": _dim(qm.shape[1])}  # fmt: skip
-    if a["is_causal"] and a["key_padding_mask"] is None and not a["need_weights"]:
-        m.causal = CAUSAL_TOP_LEFT  # the mask is dropped for the causal flag, as PyTorch does
-    elif a["attn_mask"] is not None:
-        m.additive.append(Term(a["attn_mask"]))
-    if a["key_padding_mask"] is not None:
-        m.bool_masks.append(BoolMask(a["key_padding_mask"], attend_when=False))
-    m.extra_operands = [x for x in args if isinstance(x, Node)]
-    return m
+    embed = as_int(tensor_meta(a["query"]).shape[-1])
+    operands = [x for x in args if isinstance(x, Node)]
+    return AttentionMatch(kind="mha", output=node, q=a["query"], k=a["key"], v=a["value"],
+                          scale=1.0 / math.sqrt(embed // a["num_heads"]),
+                          dropout_p=float(a["dropout_p"]) if a["training"] else 0.0, escape=escape,
+                          custom_emit=custom_emit, info=_info(a), extra_operands=operands, **_masks(a))  # fmt: skip

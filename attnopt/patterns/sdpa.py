@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import inspect
 
+import networkx as nx
+import torch
 from torch.fx import Node
 
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.patterns import canonical as C
+from attnopt.patterns.canonical import SDPA, bind_call, is_symbolic_scalar, tensor_meta
+from attnopt.patterns.causal import split_causal
 from attnopt.patterns.layout import LayoutError, eq, hint
-from attnopt.patterns.match import AttentionMatch, BoolMask, ScalarExpr, Term
+from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, ScalarExpr, Term
+from attnopt.patterns.operands import as_int, describe, seq_major, term_ops, unrepeat
 
 _SIGNATURE = inspect.Signature(
     [
@@ -33,76 +37,87 @@ _SIGNATURE = inspect.Signature(
 )
 
 
-def match(node: Node) -> AttentionMatch | str | None:
-    """An :class:`AttentionMatch` for an SDPA call, a reason string when it cannot be taken, else None."""
-    from attnopt.patterns import manual  # the shared canonicalization helpers
-
-    a = C.bind_call(node, C.SDPA, _SIGNATURE, "scaled_dot_product_attention")
+def _arguments(node: Node) -> dict:
+    """The call's arguments by name; a :class:`Miss` when they are not ones the rewrite takes."""
+    a = bind_call(node, SDPA, _SIGNATURE, "scaled_dot_product_attention")
     if not isinstance(a, dict):
-        return a
-    q, k, v, attn_mask = a["query"], a["key"], a["value"], a["attn_mask"]
-    qm, km, vm = C.tensor_meta(q), C.tensor_meta(k), C.tensor_meta(v)
+        raise Miss(a or f"{describe(node)} is not a scaled_dot_product_attention call")
+    qm, km, vm = tensor_meta(a["query"]), tensor_meta(a["key"]), tensor_meta(a["value"])
     if qm is None or km is None or vm is None:
-        return "q/k/v have no recorded shape"
+        raise Miss("q/k/v have no recorded shape")
     if qm.dim() not in (3, 4) or km.dim() != qm.dim() or vm.dim() != qm.dim():
-        return f"q/k of rank {qm.dim()}/{km.dim()}; only 3-D and 4-D layouts are rewritten"
+        raise Miss(f"q/k of rank {qm.dim()}/{km.dim()}; only 3-D and 4-D layouts are rewritten")
     if qm.dim() == 4 and (not eq(qm.shape[0], km.shape[0]) or hint(qm.shape[1]) % hint(km.shape[1]) != 0):
-        return f"q batch/heads {tuple(qm.shape[:2])} incompatible with k {tuple(km.shape[:2])}"
+        raise Miss(f"q batch/heads {tuple(qm.shape[:2])} incompatible with k {tuple(km.shape[:2])}")
     if qm.dim() == 3 and not eq(qm.shape[0], km.shape[0]):
-        return f"q batch {qm.shape[0]} differs from k batch {km.shape[0]}"
+        raise Miss(f"q batch {qm.shape[0]} differs from k batch {km.shape[0]}")
     if not isinstance(a["is_causal"], bool) or not isinstance(a["dropout_p"], (int, float)):
-        return "is_causal/dropout_p are not constants in the graph"
-    scale_expr = None
-    if C.is_symbolic_scalar(a["scale"]):  # a float dynamo made a graph input
-        scale_expr = ScalarExpr(1.0, ((a["scale"], 1),))
-    elif a["scale"] is not None and not isinstance(a["scale"], (int, float)):
-        return "scale is not a number in the graph"
-    m = AttentionMatch(
-        kind="sdpa",
-        output=node,
-        q=q,
-        k=k,
-        v=v,
-        scale=scale_expr.value if scale_expr is not None else a["scale"],
-        scale_expr=scale_expr,
-        causal=CAUSAL_TOP_LEFT if a["is_causal"] else CAUSAL_NONE,
-        dropout_p=float(a["dropout_p"]),
-    )
+        raise Miss("is_causal/dropout_p are not constants in the graph")
+    if not is_symbolic_scalar(a["scale"]) and a["scale"] is not None and not isinstance(a["scale"], (int, float)):
+        raise Miss("scale is not a number in the graph")
+    return a
+
+
+def _scale(a: dict) -> dict:
+    if is_symbolic_scalar(a["scale"]):  # a float dynamo made a graph input
+        expr = ScalarExpr(1.0, ((a["scale"], 1),))
+        return {"scale": expr.value, "scale_expr": expr}
+    return {"scale": a["scale"]}
+
+
+def _operands(a: dict, qm: torch.Tensor, km: torch.Tensor) -> dict:
+    """q, k and v with their views to [B, H, S, D] (a 3-D call is a batch of one), repeats read through."""
     hq, hkv = (qm.shape[1], km.shape[1]) if qm.dim() == 4 else (qm.shape[0], km.shape[0])
+    fields = {"q": a["query"], "k": a["key"], "v": a["value"]}
     if qm.dim() == 3:  # [N, S, D]: a batch of one with N heads
-        m.q_ops = m.k_ops = m.v_ops = (("unsqueeze", (0,)),)
-        m.out_ops = (("squeeze", (0,)),)
-    else:
-        rk, rv = manual.unrepeat(k), manual.unrepeat(v)
-        if rk is not None and rv is not None and eq(rk[1], rv[1]):
-            (m.k, hkv), (m.v, _) = rk, rv
-    sq, sk = qm.shape[-2], km.shape[-2]
-    lead = tuple(qm.shape[:-2])
-    masks, terms = [], []
+        unsqueeze = (("unsqueeze", (0,)),)
+        return {**fields, "q_ops": unsqueeze, "k_ops": unsqueeze, "v_ops": unsqueeze,
+                "out_ops": (("squeeze", (0,)),), "heads": (hq, hkv)}  # fmt: skip
+    rk, rv = unrepeat(a["key"]), unrepeat(a["value"])
+    if rk is not None and rv is not None and eq(rk[1], rv[1]):
+        (fields["k"], hkv), (fields["v"], _) = rk, rv
+    return {**fields, "heads": (hq, hkv)}
+
+
+def _masks(a: dict, qm: torch.Tensor, km: torch.Tensor) -> dict:
+    """The attn_mask as an additive term or a boolean mask, its causal part (if static) as the flag."""
+    sq, sk, lead = qm.shape[-2], km.shape[-2], tuple(qm.shape[:-2])
+    masks, terms, attn_mask = [], [], a["attn_mask"]
     if attn_mask is not None:
-        mm = C.tensor_meta(attn_mask)
+        mm = tensor_meta(attn_mask)
         if mm is None:
-            return "attn_mask has no recorded dtype"
+            raise Miss("attn_mask has no recorded dtype")
         if mm.dim() > qm.dim():
-            return f"attn_mask of rank {mm.dim()} does not broadcast to q's rank {qm.dim()}"
+            raise Miss(f"attn_mask of rank {mm.dim()} does not broadcast to q's rank {qm.dim()}")
         if mm.dtype.is_floating_point:
             terms.append((attn_mask, 1.0, (), lead))
         else:
             masks.append((attn_mask, True, float("-inf"), lead))
+    causal = CAUSAL_TOP_LEFT if a["is_causal"] else CAUSAL_NONE
     if not a["is_causal"]:
-        m.causal, masks, terms = manual.split_causal(masks, terms, sq, sk)
+        causal, masks, terms = split_causal(masks, terms, sq, sk)
     cb = lead if qm.dim() == 4 else (1, lead[0])
     try:
-        m.additive = [Term(n, f, s, manual.term_ops(n, ctx, cb)) for n, f, s, ctx in terms]
-        m.bool_masks = [BoolMask(n, at, fill, manual.term_ops(n, ctx, cb)) for n, at, fill, ctx in masks]
+        additive = [Term(n, f, s, term_ops(n, ctx, cb)) for n, f, s, ctx in terms]
+        bool_masks = [BoolMask(n, at, fill, term_ops(n, ctx, cb)) for n, at, fill, ctx in masks]
     except LayoutError as exc:
-        return f"attn_mask layout not understood: {exc}"
-    stored_seq_major = manual.seq_major(qm)
-    m.info = {
-        "heads": (manual.as_int(hq), manual.as_int(hkv)),
-        "head_dims": (manual.as_int(qm.shape[-1]), manual.as_int(vm.shape[-1])),
-        "seq": (manual.as_int(sq), manual.as_int(sk)),
-        "batch": manual.as_int(qm.shape[0]) if qm.dim() == 4 else None,
-        "layout": "(B*H)SD" if qm.dim() == 3 else ("BSHD" if stored_seq_major else "BHSD"),
+        raise Miss(f"attn_mask layout not understood: {exc}") from None
+    return {"causal": causal, "additive": additive, "bool_masks": bool_masks}
+
+
+def match(node: Node, dag: nx.DiGraph | None = None) -> AttentionMatch:
+    """The :class:`AttentionMatch` of an SDPA call; a :class:`Miss` with the reason when it cannot be taken."""
+    a = _arguments(node)
+    qm, km, vm = tensor_meta(a["query"]), tensor_meta(a["key"]), tensor_meta(a["value"])
+    operands = _operands(a, qm, km)
+    hq, hkv = operands.pop("heads")
+    masks = _masks(a, qm, km)
+    info = {
+        "heads": (as_int(hq), as_int(hkv)),
+        "head_dims": (as_int(qm.shape[-1]), as_int(vm.shape[-1])),
+        "seq": (as_int(qm.shape[-2]), as_int(km.shape[-2])),
+        "batch": as_int(qm.shape[0]) if qm.dim() == 4 else None,
+        "layout": "(B*H)SD" if qm.dim() == 3 else ("BSHD" if seq_major(qm) else "BHSD"),
     }
-    return m
+    return AttentionMatch(kind="sdpa", output=node, dropout_p=float(a["dropout_p"]), info=info, **operands,
+                          **_scale(a), **masks)  # fmt: skip
