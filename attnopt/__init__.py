@@ -24,8 +24,8 @@ from attnopt.api import (
 from attnopt.backend import Backend, make_backend
 from attnopt.policy import Exact, Keep, Linear, Policy, Sigmoid, Sparse
 from attnopt.report import Report, Site
+from attnopt.version import __version__  # noqa: F401
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AttnoptError",

@@ -17,6 +17,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from attnopt.kernels.linear.decode import RecurrentSession
+from attnopt.report import Report
 
 
 class RecurrentCache(RecurrentSession, Cache):
@@ -215,9 +216,7 @@ def generate(model, input_ids: torch.Tensor | None = None, **generate_kwargs: An
     ``return_dict_in_generate=True``: ``out.cache``, ``out.past_key_values`` before transformers 5.24) is
     the :class:`RecurrentCache`.
     """
-    from attnopt.api import OptimizedModule
-
-    if not isinstance(model, OptimizedModule):
+    if not isinstance(getattr(model, "attnopt_report", None), Report):  # (attnopt.generate checks the type itself)
         raise TypeError(f"attnopt.generate takes the module attnopt.optimize returned, got {type(model).__name__}")
     inner = model.module
     if not (callable(getattr(inner, "generate", None)) and getattr(inner, "config", None) is not None):

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from attnopt.variants import linear as linear_rules
+from attnopt.variants import sparse as sparse_rules
+
 
 
 class ApproximateVariant:
@@ -77,28 +80,20 @@ class Sparse(ApproximateVariant):
     exact = property(lambda self: self.mask == "auto")  # same function: validated at the dtype's tolerance
 
     def __post_init__(self):
-        from attnopt.variants.sparse import check_mask
-
-        object.__setattr__(self, "mask", check_mask(self.mask))
+        object.__setattr__(self, "mask", sparse_rules.check_mask(self.mask))
 
     @classmethod
     def from_string(cls, text: str) -> "Sparse":
         """``sparse``, ``sparse:auto``, ``sparse:causal``, ``sparse:blocked:B``, ``sparse:<mask JSON>``,
         ``sliding_window:W`` (a causal window of W tokens) or ``sliding_window:L,R``."""
-        from attnopt.variants.sparse import parse
-
-        return cls(parse(text))
+        return cls(sparse_rules.parse(text))
 
     def to_string(self) -> str:
         """The string form ``parse_variant`` reads back, e.g. ``sliding_window:4`` or ``sparse:causal``."""
-        from attnopt.variants.sparse import to_string
-
-        return to_string(self.mask)
+        return sparse_rules.to_string(self.mask)
 
     def to_dict(self) -> dict:
-        from attnopt.variants.sparse import to_dict
-
-        return to_dict(self.mask)
+        return sparse_rules.to_dict(self.mask)
 
     @classmethod
     def from_dict(cls, body: dict) -> "Sparse":
@@ -109,25 +104,17 @@ class Sparse(ApproximateVariant):
 
     @classmethod
     def candidates(cls, site, match) -> list:
-        from attnopt.variants.sparse import candidates
-
-        return candidates(cls, site, match)
+        return sparse_rules.candidates(cls, site, match)
 
     def unsupported(self, match) -> str | None:
-        from attnopt.variants.sparse import unsupported
-
-        return unsupported(self.mask, match)
+        return sparse_rules.unsupported(self.mask, match)
 
     def describe(self, match=None) -> str:
         """The report's reason; given the site's match, it names the token grid a grid mask runs on and its source."""
-        from attnopt.variants.sparse import describe
-
-        return describe(self.mask, match)
+        return sparse_rules.describe(self.mask, match)
 
     def emit(self, graph, match, lookup):
-        from attnopt.variants.sparse import emit
-
-        return emit(self.mask, graph, match, lookup)
+        return sparse_rules.emit(self.mask, graph, match, lookup)
 
 
 @dataclass(frozen=True)
@@ -154,61 +141,43 @@ class Linear(ApproximateVariant):
     name = "linear"
 
     def __post_init__(self):
-        from attnopt.variants.linear import check_linear
-
-        for key, value in check_linear(self).items():
+        for key, value in linear_rules.check_linear(self).items():
             object.__setattr__(self, key, value)
 
     @classmethod
     def from_string(cls, text: str) -> "Linear":
         """``linear`` or ``linear:<feature map>`` or ``linear:key=value,...`` (e.g. ``linear:relu,causal=true``)."""
-        from attnopt.variants.linear import parse_options
-
-        return cls(**parse_options(text, cls))
+        return cls(**linear_rules.parse_options(text, cls))
 
     def to_string(self) -> str:
         """The string form (``parse_variant`` inverts it), e.g. ``linear:relu,causal=true,decay=0.9/0.8``."""
-        from attnopt.variants.linear import linear_string
-
-        return linear_string(self)
+        return linear_rules.linear_string(self)
 
     @classmethod
     def candidates(cls, site, match) -> list:
-        from attnopt.variants.linear import candidates
-
-        return candidates(cls, site, match)
+        return linear_rules.candidates(cls, site, match)
 
     def needs_site_mask(self, match) -> bool:
         """``causal=None`` at a site with a mask tensor: whether the mask is causal is read from its values
         on the example inputs (:meth:`bind`)."""
-        from attnopt.variants.linear import masked
-
-        return self.causal is None and masked(match)
+        return self.causal is None and linear_rules.masked(match)
 
     def bind(self, match, mask) -> "Linear":
         """This variant with ``causal`` read from the site's ``mask`` (causal plus padding, or padding alone);
         unchanged when the mask is neither (the site is then refused, naming the choice to make)."""
-        from attnopt.variants.linear import mask_causality
-
-        causal = mask_causality(mask)
+        causal = linear_rules.mask_causality(mask)
         if causal is None or (causal is False and self.decay is not None):
             return self
         return replace(self, causal=causal)
 
     def unsupported(self, match) -> str | None:
-        from attnopt.variants.linear import linear_unsupported
-
-        return linear_unsupported(self, match)
+        return linear_rules.linear_unsupported(self, match)
 
     def describe(self, match=None) -> str:
-        from attnopt.variants.linear import describe_linear
-
-        return describe_linear(self)
+        return linear_rules.describe_linear(self)
 
     def emit(self, graph, match, lookup):
-        from attnopt.variants.linear import emit_linear
-
-        return emit_linear(self, graph, match, lookup)
+        return linear_rules.emit_linear(self, graph, match, lookup)
 
 
 @dataclass(frozen=True)
@@ -222,31 +191,23 @@ class Sigmoid(ApproximateVariant):
     name = "sigmoid"
 
     def __post_init__(self):
-        from attnopt.variants.linear import check_sigmoid
-
-        for key, value in check_sigmoid(self).items():
+        for key, value in linear_rules.check_sigmoid(self).items():
             object.__setattr__(self, key, value)
 
     @classmethod
     def from_string(cls, text: str) -> "Sigmoid":
         """``sigmoid``, ``sigmoid:<bias>`` or ``sigmoid:bias=<bias>``."""
-        from attnopt.variants.linear import parse_options
-
-        return cls(**parse_options(text, cls))
+        return cls(**linear_rules.parse_options(text, cls))
 
     def unsupported(self, match) -> str | None:
-        from attnopt.variants.linear import sigmoid_unsupported
-
-        return sigmoid_unsupported(self, match)
+        return linear_rules.sigmoid_unsupported(self, match)
 
     def describe(self, match=None) -> str:
         bias = "-log(Sk)" if self.bias is None else f"{self.bias:g}"
         return f"sigmoid attention, bias {bias} (changes the function)"
 
     def emit(self, graph, match, lookup):
-        from attnopt.variants.linear import emit_sigmoid
-
-        return emit_sigmoid(self, graph, match, lookup)
+        return linear_rules.emit_sigmoid(self, graph, match, lookup)
 
 
 @dataclass(frozen=True)

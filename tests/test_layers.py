@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "attnopt"
 # prefix listed (the package itself, ``attnopt``, is the front door: layer 4).
 LAYERS = {
     # 0, primitives: tensors in, tensors out; nothing here knows a graph, a policy or a model.
-    "attnopt.errors": 0, "attnopt.kernels": 0, "attnopt.codegen": 0, "attnopt.masks": 0, "attnopt.ops": 0,
+    "attnopt.errors": 0, "attnopt.version": 0, "attnopt.kernels": 0, "attnopt.codegen": 0, "attnopt.masks": 0, "attnopt.ops": 0,
     # 1, detection: an FX graph in, an AttentionMatch (what the attention computes) out; knows no variant.
     "attnopt.patterns": 1,
     # 2, variants: what to run instead (the variant configs and handlers, the policy that maps sites to them,
@@ -51,89 +51,26 @@ DEFERS = {
 
 # What still breaks a rule (see the module docstring: these lists only shrink).
 KNOWN_FUNCTION_LEVEL = [
-    ("attnopt.api", "attnopt.auto"),
-    ("attnopt.artifact", "attnopt"),
-    ("attnopt.artifact", "attnopt.convert"),
-    ("attnopt.artifact", "attnopt.inputs"),
-    ("attnopt.artifact", "attnopt.targets"),
-    ("attnopt.auto", "attnopt.kernels.sparse.structure"),
-    ("attnopt.cli", "attnopt"),
-    ("attnopt.cli", "attnopt.codegen.cache"),
-    ("attnopt.cli", "attnopt.codegen.render"),
-    ("attnopt.cli", "attnopt.codegen.spec"),
-    ("attnopt.cli", "attnopt.codegen.tuning"),
-    ("attnopt.cli", "attnopt.convert"),
-    ("attnopt.cli", "attnopt.report"),
-    ("attnopt.cli_errors", "attnopt.api"),
-    ("attnopt.cli_errors", "attnopt.targets"),
-    ("attnopt.convert", "attnopt"),
-    ("attnopt.convert", "attnopt.auto"),
-    ("attnopt.convert", "attnopt.codegen.spec"),
-    ("attnopt.convert", "attnopt.export"),
-    ("attnopt.convert", "attnopt.kernels.exact.reference"),
-    ("attnopt.convert", "attnopt.passes"),
-    ("attnopt.convert", "attnopt.targets"),
-    ("attnopt.export", "attnopt.inputs"),
-    ("attnopt.export", "attnopt.kernels.sparse.ops"),
-    ("attnopt.export", "attnopt.masks"),
-    ("attnopt.generation", "attnopt.api"),
-    ("attnopt.inputs", "attnopt.zoo"),
     ("attnopt.kernels.exact.dispatch", "attnopt.codegen.tuning"),
     ("attnopt.kernels.exact.triton_impl", "attnopt.codegen.tuning"),
     ("attnopt.kernels.linear.ops", "attnopt.kernels.linear.triton_impl"),
     ("attnopt.kernels.sigmoid.ops", "attnopt.kernels.sigmoid.triton_impl"),
     ("attnopt.kernels.sparse.ops", "attnopt.kernels.sparse.structure"),
     ("attnopt.kernels.sparse.ops", "attnopt.kernels.sparse.triton_impl"),
-    ("attnopt.masks.base", "attnopt.masks.blockmap"),
-    ("attnopt.masks.base", "attnopt.masks.draw"),
-    ("attnopt.masks.base", "attnopt.masks.structured"),
     ("attnopt.ops", "attnopt.kernels.exact.padding"),
     ("attnopt.ops", "attnopt.kernels.exact.triton_impl"),
     ("attnopt.patterns.sdpa", "attnopt.patterns.manual"),
-    ("attnopt.policy", "attnopt.variants.linear"),
-    ("attnopt.policy", "attnopt.variants.sparse"),
-    ("attnopt.targets", "attnopt.zoo"),
     ("attnopt.variants.linear", "attnopt.kernels.linear.decode"),
     ("attnopt.variants.linear", "attnopt.kernels.sigmoid"),
     ("attnopt.variants.linear", "attnopt.patterns.match"),
     ("attnopt.variants.sparse", "attnopt.patterns.match"),
 ]
-KNOWN_CYCLES = [
-    ("attnopt", "attnopt.artifact", "attnopt.convert"),
-    ("attnopt.api", "attnopt.auto", "attnopt.generation"),
-    ("attnopt.masks.base", "attnopt.masks.blockmap", "attnopt.masks.draw", "attnopt.masks.structured"),
-]
-KNOWN_UPWARD = [
-    ("attnopt.auto", "attnopt.api"),
-]
-KNOWN_PRIVATE = [
-    ("attnopt.artifact", "attnopt.convert", "_quiet_transformers"),
-    ("attnopt.artifact", "attnopt.targets", "_from_factory"),
-    ("attnopt.auto", "attnopt.api", "_check_model"),
-    ("attnopt.auto", "attnopt.api", "_dynamo_limits"),
-    ("attnopt.auto", "attnopt.api", "_leaves"),
-    ("attnopt.auto", "attnopt.api", "_normalize"),
-    ("attnopt.auto", "attnopt.api", "_output_deviation"),
-    ("attnopt.auto", "attnopt.api", "_run_captured"),
-    ("attnopt.auto", "attnopt.api", "_run_eager"),
-    ("attnopt.auto", "attnopt.passes", "_Recorder"),
-    ("attnopt.auto", "attnopt.passes", "_concrete"),
-    ("attnopt.auto", "attnopt.passes", "_validation_skip"),
-    ("attnopt.convert", "attnopt.targets", "_from_factory"),
-    ("attnopt.export", "attnopt.api", "_dynamo_limits"),
-    ("attnopt.kernels.sparse.ops", "attnopt.masks.structured", "_Grid"),
-    ("attnopt.variants.sparse", "attnopt.masks.structured", "_Grid"),
-]
+KNOWN_CYCLES = []
+KNOWN_UPWARD = []
+KNOWN_PRIVATE = []
 KNOWN_LIGHT_DEFERRED = [
     ("attnopt", "importlib"),
-    ("attnopt.cli", "json"),
-    ("attnopt.cli", "textwrap"),
     ("attnopt.codegen.tuning", "torch"),
-    ("attnopt.convert", "hashlib"),
-    ("attnopt.convert", "json"),
-    ("attnopt.convert", "pickle"),
-    ("attnopt.convert", "statistics"),
-    ("attnopt.masks.base", "hashlib"),
 ]
 
 
@@ -169,6 +106,8 @@ def _imports(module: str):
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
             nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue  # an import for annotations only: never run, so no edge
             if isinstance(child, ast.Import):
                 found.extend((alias.name, None, in_function) for alias in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -213,7 +152,7 @@ def test_no_module_imports_a_higher_layer():
 
 
 def test_no_private_name_crosses_a_module_boundary():
-    private = sorted({(a, b, attr) for a, b, attr, _ in _edges() if attr and attr.startswith("_") and a != b})
+    private = sorted({(a, b, attr) for a, b, attr, _ in _edges() if attr and attr.startswith("_") and not attr.endswith("__") and a != b})
     assert private == KNOWN_PRIVATE
 
 

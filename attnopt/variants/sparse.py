@@ -28,7 +28,7 @@ import torch
 from torch.fx import Node
 
 from attnopt import masks
-from attnopt.masks.structured import _Grid
+from attnopt.masks.structured import Grid
 from attnopt.patterns.canonical import tensor_meta
 
 AUTO = "auto"
@@ -195,7 +195,7 @@ def resolve(mask, match):
         parts = [resolve(p, match) for p in mask.parts]
         sources = list(dict.fromkeys(s for _, s in parts if s))
         return type(mask)(tuple(p for p, _ in parts)), "; ".join(sources)
-    if not isinstance(mask, _Grid) or mask.grid is not None:
+    if not isinstance(mask, Grid) or mask.grid is not None:
         return mask, ""
     found = patch_grid(match.q)
     if found is None:

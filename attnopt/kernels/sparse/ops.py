@@ -30,7 +30,7 @@ from torch import Tensor
 from attnopt.kernels.layout import contiguous, empty
 from attnopt.kernels.sparse import blockwise
 from attnopt.masks import lookup, residue_order
-from attnopt.masks.structured import _Grid
+from attnopt.masks.structured import Grid as _Grid
 
 _NS = "attnopt"
 
