@@ -9,8 +9,8 @@ chunk of chunked linear attention. A :class:`Cost` is the kernels a variant laun
 
 seconds on a :class:`Hardware`. Counting pairs (query, key) visited: a fused kernel does ``2(D + D_v)``
 FLOPs per pair on tensor cores plus online-softmax bookkeeping (max, exp, sum, rescale) per score,
-which runs beside the matmuls at its own rate. :data:`H100` is calibrated to the anchors of DESIGN.md §3
-(see its comment); predictions are for a half-precision run on that GPU, whatever the example's dtype.
+which runs beside the matmuls at its own rate. :data:`H100` is calibrated to measured anchors
+(listed in its comment); predictions are for a half-precision run on that GPU, whatever the example's dtype.
 
 A speedup is relative to the site as the model wrote it: unfused eager (two GEMMs and a pointwise
 kernel per score op, each reading and writing the S_q x S_k scores) for a manual site, SDPA's flash
@@ -26,6 +26,7 @@ import sympy
 
 from attnopt import masks
 from attnopt.policy import Auto, Exact, Keep, Linear, Sigmoid, Sparse
+from attnopt.variants.registry import handler_for
 
 B, H, H_KV, SQ, SK, D, DV = sympy.symbols("B H H_kv S_q S_k D D_v", positive=True)
 E, BN, T, C = sympy.symbols("E B_N T C", positive=True)
@@ -240,8 +241,7 @@ def variant_cost(variant: Any, shape: Shape) -> Cost | None:
         return sparse(sympy.Float(mask_tiles(mask, shape.sq, shape.sk, shape.heads)), shape.masked)
     if isinstance(variant, Auto):
         return None
-    cost = getattr(variant, "cost", None)
-    return cost(shape) if cost is not None else None
+    return handler_for(variant).cost(variant, shape)
 
 
 def seconds(cost: Cost, shape: Shape, hw: Hardware = H100) -> float:

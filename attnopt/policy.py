@@ -20,6 +20,8 @@ from typing import Any, Mapping, Union
 
 from attnopt.variants import linear as linear_rules
 from attnopt.variants import sparse as sparse_rules
+from attnopt.variants.registry import (is_variant, register_variant, string_heads, variant_class,
+                                       variant_names)  # fmt: skip
 
 
 
@@ -139,6 +141,7 @@ class Linear(ApproximateVariant):
     normalize: bool | str = True
     num_layers: int | None = None
     name = "linear"
+    generation = "recurrent"  # attnopt.generate runs its sites through their recurrent states, no KV cache
 
     def __post_init__(self):
         for key, value in linear_rules.check_linear(self).items():
@@ -241,9 +244,14 @@ class Auto:
 
 
 Variant = Union[Exact, Keep, Auto, Sparse, Linear, Sigmoid]
-_VARIANTS = (Exact, Keep, Auto, Sparse, Linear, Sigmoid)
-_BY_NAME = {cls.name: cls for cls in _VARIANTS}  # the names of the dict form
-_STRING_HEADS = {**_BY_NAME, "sliding_window": Sparse}  # "head[:argument]" string forms
+# The built-in variants; a new one registers its config class and handler the same way
+# (attnopt.variants.registry: the policy forms, the pipeline and the cost model ask the registry).
+register_variant(Exact)
+register_variant(Keep)
+register_variant(Auto)
+register_variant(Sparse, heads=("sliding_window",))
+register_variant(Linear)
+register_variant(Sigmoid)
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _POLICY_KEYS = ("default", "overrides", "max_error", "seq_len", "on_deviation")
 ON_DEVIATION = ("fallback", "raise")  # what a whole-graph deviation does (Policy.on_deviation)
@@ -257,9 +265,9 @@ def parse_variant(text: str) -> Variant:
         raise TypeError(f"a policy string was expected, got {type(text).__name__}")
     key = text.strip()
     head, sep, arg = key.partition(":")
-    cls = _STRING_HEADS.get(head.strip().lower())
+    cls = string_heads().get(head.strip().lower())
     if cls is None:
-        raise ValueError(f"unknown policy {text!r}: use one of {sorted(_STRING_HEADS)} (or attnopt.Policy(...))")
+        raise ValueError(f"unknown policy {text!r}: use one of {sorted(string_heads())} (or attnopt.Policy(...))")
     from_string = getattr(cls, "from_string", None)
     if from_string is not None:
         return from_string(key)
@@ -276,7 +284,7 @@ def variant_to_dict(v: Variant) -> dict:
     to_dict = getattr(v, "to_dict", None)
     if to_dict is not None:
         body = to_dict()
-    elif is_dataclass(v) and isinstance(v, _VARIANTS):
+    elif is_dataclass(v) and is_variant(v):
         body = {f.name: _plain(getattr(v, f.name), f"{type(v).name}.{f.name}") for f in fields(v)}
     else:
         raise TypeError(f"variant {v!r} has no dict form (give its class to_dict() and from_dict())")
@@ -288,7 +296,7 @@ def _plain(x: Any, where: str) -> Any:
         return x
     if isinstance(x, (tuple, list)):
         return [_plain(y, f"{where}[{i}]") for i, y in enumerate(x)]
-    if isinstance(x, (ApproximateVariant, *_VARIANTS)):
+    if isinstance(x, ApproximateVariant) or is_variant(x):
         return variant_to_dict(x)
     raise TypeError(f"{where}: {x!r} has no dict form")
 
@@ -298,11 +306,11 @@ def variant_from_dict(d: Any, where: str = "variant") -> Variant:
     if not isinstance(d, Mapping):
         raise TypeError(f"{where}: expected a variant (a string, or a mapping with key 'variant'), got {d!r}")
     if "variant" not in d:
-        raise ValueError(f"{where}: missing key 'variant' (one of {sorted(_BY_NAME)})")
+        raise ValueError(f"{where}: missing key 'variant' (one of {variant_names()})")
     name = d["variant"]
-    cls = _BY_NAME.get(name) if isinstance(name, str) else None
+    cls = variant_class(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"{where}.variant: unknown variant {name!r}; known: {sorted(_BY_NAME)}")
+        raise ValueError(f"{where}.variant: unknown variant {name!r}; known: {variant_names()}")
     body = {k: x for k, x in d.items() if k != "variant"}
     from_dict = getattr(cls, "from_dict", None)
     known = {f.name for f in fields(cls)}
@@ -320,7 +328,7 @@ def _as_variant(v: Any, where: str) -> Variant:
         return parse_variant(v)
     if isinstance(v, Mapping):
         return variant_from_dict(v, where)
-    if isinstance(v, (*_VARIANTS, ApproximateVariant)):
+    if isinstance(v, ApproximateVariant) or is_variant(v):
         return v
     raise TypeError(f"{where}: expected a variant (attnopt.Exact(), attnopt.Keep(), ...) or a string, got {v!r}")
 

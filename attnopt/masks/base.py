@@ -1,6 +1,6 @@
 """The mask descriptor protocol, its combinators, and its serialization.
 
-A mask says which keys each query of one attention head may see (``shared/DESIGN.md`` §2). Every
+A mask says which keys each query of one attention head may see (docs/architecture.md, Masks). Every
 descriptor provides, for query positions ``q``, key positions ``k`` and query head ``h``:
 
 * ``predicate(q, k, h, sq, sk, ops)``: the element test, written once and evaluated on tensors

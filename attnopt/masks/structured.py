@@ -1,7 +1,7 @@
 """Structured masks: sliding windows, neighborhoods, blocks, global+local, strided heads.
 
-Positions are 0-based; ``q`` indexes queries (``Sq`` of them) and ``k`` keys (``Sk``). Semantics are
-those of ``shared/DESIGN.md`` §2; each class docstring states its predicate. Tile statuses come from
+Positions are 0-based; ``q`` indexes queries (``Sq`` of them) and ``k`` keys (``Sk``). Each class
+docstring states its predicate (docs/architecture.md, Masks). Tile statuses come from
 interval arithmetic on the descriptor, key spans from closed forms, so a block map costs O(1) per
 tile pair it looks at and never builds an ``[Sq, Sk]`` tensor.
 """

@@ -16,6 +16,7 @@ raises :class:`GraphDeviationError`, as ``Policy.on_deviation`` says.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -28,6 +29,7 @@ from attnopt.passes.purity import is_impure
 from attnopt.patterns.match import AttentionMatch, copy_graph, emit, emit_mask, replacement_graph
 from attnopt.policy import Exact, Keep, Policy
 from attnopt.report import Miss, Site
+from attnopt.variants.registry import handler_for
 
 # Largest relative deviation (max |new - old| / max |old|) a rewritten site may show, per dtype.
 TOLERANCE = {
@@ -95,11 +97,12 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
         else:
             if id(d.match) in masks:  # the variant reads the site's mask (bind)
                 variant = variant.bind(d.match, masks[id(d.match)])
-            unsupported = variant.unsupported(d.match)
+            handler = handler_for(variant)
+            unsupported = handler.unsupported(variant, d.match)
             if unsupported:
                 site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
                 continue
-            site.decision, site.reason = variant.name, variant.describe(d.match)
+            site.decision, site.reason = variant.name, handler.describe(variant, d.match)
             ctx.chosen[site.name] = d.match
             ctx.variants[site.name] = variant
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
@@ -128,7 +131,7 @@ def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
 def _emitter(ctx: Context, name: str) -> Callable:
     """How site ``name`` is written: its variant's emitter, or the exact op call."""
     variant = ctx.variants.get(name)
-    return variant.emit if variant is not None else emit
+    return partial(handler_for(variant).emit, variant) if variant is not None else emit
 
 
 def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
@@ -220,7 +223,7 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
                 continue
             want = _first_tensor(recorder.values[m.output])
             variant = ctx.variants.get(site.name)
-            approximate = variant is not None and not getattr(variant, "exact", False)
+            approximate = variant is not None and not handler_for(variant).exact(variant)
             tol = ctx.policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
             sub, operands = replacement_graph(m, _emitter(ctx, site.name))
             try:
@@ -303,7 +306,7 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
             if site.name in ctx.chosen:
                 site.reason += f" (whole-graph check skipped: {skip})"
         return PassResult(gm, False, f"skipped: {skip}")
-    approximate = any(not getattr(v, "exact", False) for v in ctx.variants.values())
+    approximate = any(not handler_for(v).exact(v) for v in ctx.variants.values())
     if approximate and ctx.policy.max_error is None:
         return PassResult(gm, False, "approximate without max_error: nothing to hold the graph to")
     want = _run_whole(ctx.original, ctx.example_inputs)
