@@ -60,10 +60,6 @@ KNOWN_FUNCTION_LEVEL = [
     ("attnopt.ops", "attnopt.kernels.exact.padding"),
     ("attnopt.ops", "attnopt.kernels.exact.triton_impl"),
     ("attnopt.patterns.sdpa", "attnopt.patterns.manual"),
-    ("attnopt.variants.linear", "attnopt.kernels.linear.decode"),
-    ("attnopt.variants.linear", "attnopt.kernels.sigmoid"),
-    ("attnopt.variants.linear", "attnopt.patterns.match"),
-    ("attnopt.variants.sparse", "attnopt.patterns.match"),
 ]
 KNOWN_CYCLES = []
 KNOWN_UPWARD = []

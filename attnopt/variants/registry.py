@@ -62,6 +62,27 @@ class VariantHandler:
         return "kv-cache"
 
 
+class ApproximateVariant:
+    """Protocol of a variant that replaces attention by a different function (sparse, linear, sigmoid).
+
+    ``unsupported(match)`` returns a reason when the site cannot take the variant (else None);
+    ``emit(graph, match, lookup)`` writes the replacement into ``graph`` (see
+    :func:`attnopt.patterns.match.emit` for the exact one); ``describe(match)`` is the report's reason
+    (``match`` is the site's, or None outside a site).
+    """
+
+    name = "approximate"
+
+    def unsupported(self, match) -> str | None:
+        return None
+
+    def describe(self, match=None) -> str:
+        return f"{self.name} attention (changes the function)"
+
+    def emit(self, graph, match, lookup):
+        raise NotImplementedError(f"{type(self).__name__}.emit")
+
+
 class MethodHandler(VariantHandler):
     """The handler of a config class that answers for itself: each question goes to the config's method of
     the same name (``unsupported(match)``, ``describe(match)``, ``emit(graph, match, lookup)``,
