@@ -8,6 +8,8 @@ Importing attnopt is light: it registers the ``torch.ops.attnopt`` custom ops an
 triton nor CUDA; kernels are generated and compiled when first needed.
 """
 
+import importlib
+
 from attnopt import ops as _ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.api import (
     AttnoptError,
@@ -59,8 +61,6 @@ __all__ += ["ArtifactError", "load"]
 def __getattr__(name: str):
     """``attnopt.hf`` (the Hugging Face integration) is imported on first use: it imports transformers."""
     if name == "hf":
-        import importlib
-
         return importlib.import_module("attnopt.hf")
     raise AttributeError(f"module 'attnopt' has no attribute {name!r}")
 
