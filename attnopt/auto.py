@@ -41,6 +41,7 @@ from attnopt.passes import PASSES, TOLERANCE, Context, Recorder, concrete, run_p
 from attnopt.patterns.match import emit_operands, replacement_graph
 from attnopt.policy import Auto, Exact, Linear, Policy, Sparse, Variant, as_policy
 from attnopt.report import Report, Site, Trial
+from attnopt.variants.registry import handler_for, handler_of
 
 _DETECT = [p for p in PASSES if p[0] in ("dead-code", "detect")]
 _REWRITE = [p for p in PASSES if p[0] in ("decide", "rewrite")]
@@ -177,9 +178,7 @@ def _candidates(auto: Auto, site: Site, match: Any) -> list[Variant]:
         return [c for c in auto.candidates if not isinstance(c, Exact)]
     found: list[Variant] = []
     for cls in (Sparse, Linear) if auto.allow_linear else (Sparse,):
-        generate = getattr(cls, "candidates", None)
-        if generate is not None:
-            found += generate(site, match)
+        found += handler_of(cls).candidates(cls, site, match)
     return found
 
 
@@ -195,7 +194,7 @@ def _rank(candidates: list[Variant], match: Any, shape: Shape | None) -> tuple[l
     skipped, ranked = [], []
     exact = predict_seconds(Exact(), shape) if shape is not None else None
     for v in candidates:
-        reason = v.unsupported(match)
+        reason = handler_for(v).unsupported(v, match)
         t = predict_seconds(v, shape) if shape is not None and not reason else None
         speedup = predict_speedup(shape, v) if t is not None else None
         if reason:
@@ -204,7 +203,7 @@ def _rank(candidates: list[Variant], match: Any, shape: Shape | None) -> tuple[l
             skipped.append(Trial(label(v), None, None, "skipped: the site's sizes are unknown (set Policy.seq_len)"))
         elif t is None:
             skipped.append(Trial(label(v), None, None, "skipped: no cost model (give the variant cost(shape))"))
-        elif t > exact * (1 + 1e-9) or (t >= exact * (1 - 1e-9) and not getattr(v, "exact", False)):
+        elif t > exact * (1 + 1e-9) or (t >= exact * (1 - 1e-9) and not handler_for(v).exact(v)):
             skipped.append(Trial(label(v), None, speedup, "skipped: not predicted faster than exact"))
         else:
             ranked.append((t, len(ranked), v, speedup))

@@ -44,8 +44,8 @@ class DampedHandler(VariantHandler):
     def emit(self, variant, graph, match, lookup):
         return graph.call_function(torch.mul, (emit(graph, match, lookup), variant.factor))
 
-    def cost(self, variant, shape):
-        return cost.exact(shape.causal, shape.masked)
+    def cost(self, variant, shape):  # priced as a causal site: half the tiles, so auto finds it worth trying
+        return cost.exact(True, shape.masked)
 
 
 @pytest.fixture
@@ -105,12 +105,21 @@ def test_string_and_dict_forms_round_trip(damped):
 
 
 def test_cost_and_predicted_speedup_come_from_the_handler(damped):
-    optimized = attnopt.optimize(Attention(), Policy(default=Damped(), max_error=0.5), _qkv())
+    optimized = attnopt.optimize(Attention(), Policy(default=Damped(), max_error=0.5, seq_len=4096), _qkv())
     (site,) = attnopt.report(optimized).sites
-    shape = cost.Shape.from_site(site)
-    assert cost.variant_cost(Damped(), shape) == cost.exact(shape.causal, shape.masked)
-    assert site.predicted_speedup == pytest.approx(cost.predict_speedup(site, Exact()))
-    assert math.isfinite(site.predicted_speedup)
+    shape = cost.Shape.from_site(site, 4096)  # long enough to be compute-bound (at 8 tokens launches dominate)
+    assert cost.variant_cost(Damped(), shape) == cost.exact(True, shape.masked)
+    want = cost.seconds(cost.original(shape), shape) / cost.seconds(cost.exact(True, shape.masked), shape)
+    assert site.predicted_speedup == pytest.approx(want)
+    assert math.isfinite(want) and want > cost.predict_speedup(site, Exact(), 4096)
+
+
+def test_auto_calibrates_with_the_registered_variant_as_a_candidate(damped):
+    qkv = _qkv()
+    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096, candidates=[Damped(0.95)]), qkv)
+    (site,) = attnopt.report(optimized).sites
+    assert site.decision == "damped" and site.deviation == pytest.approx(0.05, rel=1e-3)
+    torch.testing.assert_close(optimized(*qkv), 0.95 * Attention()(*qkv))
 
 
 def test_unregistered_the_name_is_unknown_again(damped):

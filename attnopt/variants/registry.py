@@ -185,7 +185,13 @@ def is_variant(x: Any) -> bool:
 def handler_for(variant: Any) -> VariantHandler:
     """The handler of ``variant``'s class (or of the nearest registered base class); a variant of no
     registered class answers for itself (:class:`MethodHandler`)."""
-    for cls in type(variant).__mro__:
+    return handler_of(type(variant))
+
+
+def handler_of(config: type) -> VariantHandler:
+    """The handler of the config class ``config`` (or of its nearest registered base class), else
+    :class:`MethodHandler`."""
+    for cls in config.__mro__:
         for entry in _BY_NAME.values():
             if entry.config is cls:
                 return entry.handler
