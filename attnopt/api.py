@@ -18,7 +18,7 @@ from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.ops import check_mask_dtype, new_seed
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
-from attnopt.variants.registry import handler_for
+from attnopt.variants.registry import site_generation
 
 
 class OptimizedModule(nn.Module):
@@ -73,7 +73,8 @@ class OptimizedModule(nn.Module):
         inner = self.module
         if not callable(getattr(inner, "generate", None)):
             raise AttributeError(f"{type(inner).__name__} has no generate(); call the optimized module instead")
-        if any(_generates_recurrently(self.policy, site) for site in self.attnopt_report.sites):
+        if any(site_generation(self.policy.for_site(s.name), s.decision) == "recurrent"
+               for s in self.attnopt_report.sites):  # fmt: skip
             return generate(self, *args, **kwargs)
         return _forward_view(self).generate(*args, **kwargs)
 
@@ -82,12 +83,6 @@ class OptimizedModule(nn.Module):
 
     def load_state_dict(self, *args, **kwargs):
         return self.module.load_state_dict(*args, **kwargs)
-
-
-def _generates_recurrently(policy: Policy, site: Any) -> bool:
-    """Whether ``site`` was rewritten with a variant that generates through recurrent states (linear)."""
-    variant = policy.for_site(site.name)
-    return site.decision == variant.name and handler_for(variant).generation(variant) == "recurrent"
 
 
 def _forward_view(optimized: OptimizedModule) -> nn.Module:

@@ -188,6 +188,14 @@ def handler_for(variant: Any) -> VariantHandler:
     return handler_of(type(variant))
 
 
+def site_generation(variant: Any, decision: str) -> str:
+    """How a site generates whose policy variant is ``variant`` and whose report decision is ``decision``: the
+    handler's answer when the site runs the variant (the decision is its name), else ``"kv-cache"``."""
+    if decision != getattr(variant, "name", None):
+        return "kv-cache"
+    return handler_for(variant).generation(variant)
+
+
 def handler_of(config: type) -> VariantHandler:
     """The handler of the config class ``config`` (or of its nearest registered base class), else
     :class:`MethodHandler`."""
