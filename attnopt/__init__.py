@@ -8,6 +8,8 @@ Importing attnopt is light: it registers the ``torch.ops.attnopt`` custom ops an
 triton nor CUDA; kernels are generated and compiled when first needed.
 """
 
+import importlib
+
 from attnopt.kernels.exact import ops as _exact_ops  # noqa: F401  (registers torch.ops.attnopt.attention*)
 from attnopt.api import (
     AttnoptError,
@@ -24,8 +26,8 @@ from attnopt.api import (
 from attnopt.backend import Backend, make_backend
 from attnopt.policy import Exact, Keep, Linear, Policy, Sigmoid, Sparse
 from attnopt.report import Report, Site
+from attnopt.version import __version__  # noqa: F401
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AttnoptError",
@@ -59,8 +61,6 @@ __all__ += ["ArtifactError", "load"]
 def __getattr__(name: str):
     """``attnopt.hf`` (the Hugging Face integration) is imported on first use: it imports transformers."""
     if name == "hf":
-        import importlib
-
         return importlib.import_module("attnopt.hf")
     raise AttributeError(f"module 'attnopt' has no attribute {name!r}")
 

@@ -8,34 +8,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from attnopt.auto import calibrate
 from attnopt.backend import Backend
+from attnopt.capture import (RECOMPILE_LIMIT, CaptureError, InputError, check_model, compile_error, dynamo_limits,  # noqa: F401
+                             normalize, output_deviation, run_captured, run_eager)  # fmt: skip
 from attnopt.cost import annotate
-from attnopt.errors import AttnoptError, GraphDeviationError
+from attnopt.errors import AttnoptError, GraphDeviationError  # noqa: F401  (attnopt.api.AttnoptError, re-exported)
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
-from attnopt.passes import deviation
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
-
-
-class CaptureError(AttnoptError):
-    """The model could not be captured as FX graphs, or attnopt failed on a captured graph."""
-
-
-class InputError(AttnoptError, ValueError):
-    """The example inputs do not fit the model."""
-
-
-# Hugging Face models all run through one shared wrapper function, so each optimized model adds compiled
-# entries to the same code object; dynamo's default limit of 8 would silently fall back to eager after
-# a handful of models. attnopt's own calls run with this higher limit (scoped, never set globally).
-RECOMPILE_LIMIT = 256
-
-
-def _dynamo_limits():
-    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch._dynamo.config.patch(recompile_limit=limit, accumulated_recompile_limit=max(
-        torch._dynamo.config.accumulated_recompile_limit, 4 * limit))
+from attnopt.variants.registry import site_generation
 
 
 class OptimizedModule(nn.Module):
@@ -65,10 +48,10 @@ class OptimizedModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         try:
-            with _dynamo_limits():
+            with dynamo_limits():
                 out = self._attnopt_compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
-            raise _compile_error(exc, self.module, args, kwargs) from exc.inner_exception
+            raise compile_error(exc, self.module, args, kwargs) from exc.inner_exception
         if self._attnopt_globs_pending and self._attnopt_backend.contexts:
             object.__setattr__(self, "_attnopt_globs_pending", False)
             _check_globs(self.policy, self.attnopt_report)
@@ -90,7 +73,8 @@ class OptimizedModule(nn.Module):
         inner = self.module
         if not callable(getattr(inner, "generate", None)):
             raise AttributeError(f"{type(inner).__name__} has no generate(); call the optimized module instead")
-        if any(site.decision == "linear" for site in self.attnopt_report.sites):
+        if any(site_generation(self.policy.for_site(s.name), s.decision) == "recurrent"
+               for s in self.attnopt_report.sites):  # fmt: skip
             return generate(self, *args, **kwargs)
         return _forward_view(self).generate(*args, **kwargs)
 
@@ -112,101 +96,12 @@ def _forward_view(optimized: OptimizedModule) -> nn.Module:
     return view
 
 
-def _check_model(model: Any) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"attnopt works on torch.nn.Module instances, got {type(model).__name__}")
-
-
-def _normalize(args: Any, kwargs: Any) -> tuple[tuple, dict]:
-    if isinstance(args, torch.Tensor):
-        args = (args,)
-    if not isinstance(args, (tuple, list)):
-        raise TypeError(f"args must be a tuple of example inputs, got {type(args).__name__}")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise TypeError(f"kwargs must be a dict, got {type(kwargs).__name__}")
-    return tuple(args), dict(kwargs or {})
-
-
-def _leaves(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict) or hasattr(out, "to_tuple"):
-        out = out.to_tuple() if hasattr(out, "to_tuple") else tuple(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for x in out for t in _leaves(x)]
-    return []
-
-
-def _run_eager(model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return model(*args, **kwargs)
-    except Exception as exc:
-        raise InputError(
-            f"the example inputs do not fit {type(model).__name__}: calling it raised {type(exc).__name__}: {exc}. "
-            "Pass args/kwargs that the model's forward accepts."
-        ) from exc
-
-
-def _compile_error(exc: torch._dynamo.exc.BackendCompilerFailed, model: nn.Module, args: tuple,
-                  kwargs: dict) -> AttnoptError:  # fmt: skip
-    """The attnopt error behind dynamo's wrapper: attnopt's own as raised; an input the original model also
-    refuses (a wrong dtype, shape or device) as an :class:`InputError`; anything else as a :class:`CaptureError`."""
-    inner = exc.inner_exception
-    if isinstance(inner, AttnoptError):
-        return inner
-    name = type(model).__name__
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            model(*args, **kwargs)
-    except Exception as original:
-        return InputError(f"the inputs do not fit {name}: the original model raises {_first_line(original)}. Pass "
-                          "inputs with the dtype, device and shapes the model takes.")  # fmt: skip
-    return CaptureError(f"attnopt failed on a graph captured from {name} ({_first_line(inner)}), although the original "
-                        "model runs on these inputs: a bug in attnopt; please report it with the traceback.")
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
-def _run_captured(fn, model: nn.Module, backend: Backend, args: tuple, kwargs: dict) -> Any:
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            out = fn(*args, **kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as exc:
-        raise _compile_error(exc, model, args, kwargs) from exc.inner_exception
-    except AttnoptError:
-        raise
-    except Exception as exc:
-        raise CaptureError(f"dynamo could not capture {type(model).__name__}: {type(exc).__name__}: {exc}") from exc
-    lost = ""
-    if isinstance(backend, Backend):  # (auto's calibrating backend keeps no report)
-        backend.note_breaks()  # a break after the last graph ended no graph: the backend has not seen it yet
-        lost = "".join(f"; attention {n.name} was not captured: {n.reason.rstrip('.')}"
-                       for n in backend.report.not_captured)  # fmt: skip
-    if not backend.contexts:
-        raise CaptureError(
-            f"no graph of {type(model).__name__} could be captured: its forward ran entirely outside dynamo "
-            f"(e.g. under torch._dynamo.disable, or with a graph break on every operation){lost}."
-        )
-    return out
-
-
-def _output_deviation(want: Any, got: Any) -> float | None:
-    pairs = [(g, w) for g, w in zip(_leaves(got), _leaves(want)) if w.is_floating_point()]
-    return max((deviation(g, w) for g, w in pairs), default=None)
-
-
 def _capture(model: nn.Module, policy: Policy, args: tuple, kwargs: dict, rewrite: bool) -> tuple[Backend, Any, Any]:
-    want = _run_eager(model, args, kwargs)
+    want = run_eager(model, args, kwargs)
     backend = Backend(policy, then="eager", rewrite=rewrite, model=model, check_globs=False)
     compiled = torch.compile(model, backend=backend)
-    with _dynamo_limits():
-        got = _run_captured(compiled, model, backend, args, kwargs)
+    with dynamo_limits():
+        got = run_captured(compiled, model, backend, args, kwargs)
     return backend, want, got
 
 
@@ -224,8 +119,8 @@ def inspect(model: nn.Module, args: Any = (), kwargs: dict | None = None, policy
     """Captures ``model`` on the example inputs and reports every attention site and what ``policy`` would do
     (an auto policy is calibrated first)."""
     policy = as_policy(policy)
-    _check_model(model)
-    args, kwargs = _normalize(args, kwargs)
+    check_model(model)
+    args, kwargs = normalize(args, kwargs)
     if not args and not kwargs:
         raise ValueError("attnopt.inspect needs example inputs: inspect(model, args=(...,), kwargs={...})")
     policy, calibration = _resolve_auto(model, policy, args, kwargs)
@@ -241,8 +136,6 @@ def _resolve_auto(model: nn.Module, policy: Policy, args: tuple, kwargs: dict) -
     """An auto policy calibrated into a concrete one (with the calibration), any other as it is."""
     if not policy.is_auto:
         return policy, None
-    from attnopt.auto import calibrate
-
     calibration = calibrate(model, policy, args, kwargs)
     return calibration.policy, calibration
 
@@ -256,16 +149,16 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
     is calibrated on the example inputs first (:mod:`attnopt.auto`).
     """
     policy = as_policy(policy)
-    _check_model(model)
-    args, kwargs = _normalize(args, kwargs)
+    check_model(model)
+    args, kwargs = normalize(args, kwargs)
     policy, calibration = _resolve_auto(model, policy, args, kwargs)
     report = Report()
     optimized = OptimizedModule(model, policy, report)
     if args or kwargs:
         object.__setattr__(optimized, "_attnopt_globs_pending", False)
-        want = _run_eager(model, args, kwargs)
-        got = _run_captured(optimized, model, optimized._attnopt_backend, args, kwargs)
-        report.output_deviation = _output_deviation(want, got)
+        want = run_eager(model, args, kwargs)
+        got = run_captured(optimized, model, optimized._attnopt_backend, args, kwargs)
+        report.output_deviation = output_deviation(want, got)
         if model.training:
             report.notes.append("the model is in training mode: dropout makes outputs random (call .eval() to compare)")
         _check_globs(policy, report)
@@ -281,6 +174,8 @@ def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **ge
     (:func:`attnopt.generation.generate`; a site that would need a KV cache is refused by name)."""
     from attnopt import generation
 
+    if not isinstance(model, OptimizedModule):
+        raise TypeError(f"attnopt.generate takes the module attnopt.optimize returned, got {type(model).__name__}")
     return generation.generate(model, input_ids, **generate_kwargs)
 
 

@@ -37,9 +37,12 @@ from typing import Any
 
 import torch
 
-from attnopt.api import AttnoptError
+from attnopt import inputs
+from attnopt.api import AttnoptError, optimize
 from attnopt import policy as policy_module
 from attnopt.policy import Policy
+from attnopt.targets import TargetError, from_factory, quiet_transformers
+from attnopt.version import __version__
 
 FORMAT = "attnopt-artifact"
 FORMAT_VERSION = 1
@@ -71,15 +74,13 @@ def fingerprint(root: Path, files: list[str]) -> dict:
 
 
 def versions() -> dict:
-    import attnopt
-
     def dist(name: str) -> str | None:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"attnopt": attnopt.__version__, "torch": torch.__version__, "triton": dist("triton"),
+    return {"attnopt": __version__, "torch": torch.__version__, "triton": dist("triton"),
             "transformers": dist("transformers"), "onnx": dist("onnx"), "onnxruntime": dist("onnxruntime")}  # fmt: skip
 
 
@@ -214,8 +215,6 @@ class Artifact:
         return decisions_policy(self.sites)
 
     def sample_inputs(self) -> tuple[tuple, dict]:
-        from attnopt import inputs
-
         entry = self.manifest.get("inputs") or {}
         file = self.path / entry.get("file", INPUTS)
         if not file.is_file():
@@ -257,21 +256,18 @@ def _build_hf(path: Path, info: dict) -> torch.nn.Module:
     kw = {"attn_implementation": info["attn_implementation"]} if info.get("attn_implementation") else {}
     if info.get("attn_implementation") == "attnopt":
         import attnopt.hf  # noqa: F401  (registers the implementation)
-    from attnopt.convert import _quiet_transformers
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return cls.from_pretrained(str(path), local_files_only=True, weights_only=True, **kw)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise ArtifactError(f"could not load {info['class']} from {path}: {exc}") from exc
 
 
 def _build_factory(path: Path, manifest: dict) -> torch.nn.Module:
-    from attnopt.targets import TargetError, _from_factory
-
     spec = manifest["source"].get("factory")
     try:
-        model = _from_factory(spec).model
+        model = from_factory(spec).model
     except TargetError as exc:
         raise ArtifactError(f"{path} was converted from {spec}, which cannot be rebuilt now ({exc}); "
                             "pass the model: attnopt.load(path, model=...)") from exc  # fmt: skip
@@ -314,8 +310,6 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, check: b
     Refuses (``ArtifactError``) a directory without a manifest, a manifest from a newer format, and files
     whose fingerprint no longer matches the manifest.
     """
-    import attnopt
-
     art = open_artifact(path)
     if model is None:
         model = art.build_model()
@@ -324,11 +318,11 @@ def load(path: str | os.PathLike, model: torch.nn.Module | None = None, check: b
         model.eval()
     policy = art.policy()
     if not check:
-        optimized = attnopt.optimize(model, policy)
+        optimized = optimize(model, policy)
     else:
         args, kwargs = art.sample_inputs()
         try:
-            optimized = attnopt.optimize(model, policy, args, kwargs)
+            optimized = optimize(model, policy, args, kwargs)
         except ValueError as exc:  # a recorded site glob that matches no site
             raise ArtifactError(f"{art.path}: the recorded attention sites are not all in the model: {exc}") from exc
         got = {s.name: s.decision for s in optimized.attnopt_report.sites}

@@ -32,14 +32,16 @@ import torch
 from torch.fx import GraphModule
 
 from attnopt import masks
-from attnopt.api import (CaptureError, _check_model, _dynamo_limits, _leaves, _normalize, _output_deviation,
-                         _run_captured, _run_eager)  # fmt: skip
+from attnopt.capture import (CaptureError, check_model, dynamo_limits, leaves, normalize, output_deviation,
+                             run_captured, run_eager)  # fmt: skip
 from attnopt.cost import Shape, predict_seconds, predict_speedup
+from attnopt.kernels.sparse.structure import recognize
 from attnopt.naming import SiteNamer
-from attnopt.passes import PASSES, TOLERANCE, Context, _concrete, _Recorder, _validation_skip, run_pipeline
+from attnopt.passes import PASSES, TOLERANCE, Context, Recorder, concrete, run_pipeline, validation_skip
 from attnopt.patterns.match import emit_operands, replacement_graph
 from attnopt.policy import Auto, Exact, Linear, Policy, Sparse, Variant, as_policy
 from attnopt.report import Report, Site, Trial
+from attnopt.variants.registry import handler_for, handler_of
 
 _DETECT = [p for p in PASSES if p[0] in ("dead-code", "detect")]
 _REWRITE = [p for p in PASSES if p[0] in ("decide", "rewrite")]
@@ -108,17 +110,15 @@ class _Calibrator:
     def own_masks(self, names: set[str]) -> dict[str, masks.Mask]:
         """The masks of sites ``names`` on the example inputs, where they are structured (what exact-sparse
         runs): one run of each graph, recording the canonical mask operands."""
-        from attnopt.kernels.sparse.structure import recognize
-
         found: dict[str, masks.Mask] = {}
         for ctx in self.contexts:
             wanted = [(s, m) for c, s, m in self._matched() if c is ctx and s.name in names and not m.custom_emit]
-            if not wanted or _validation_skip(ctx.example_inputs):
+            if not wanted or validation_skip(ctx.example_inputs):
                 continue
             subs = [(site, m, *replacement_graph(m, _canonical_mask)) for site, m in wanted]
-            recorder = _Recorder(ctx.original, {o for *_, operands in subs for o in operands})
+            recorder = Recorder(ctx.original, {o for *_, operands in subs for o in operands})
             with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+                recorder.run(*[concrete(x) for x in ctx.example_inputs])
                 for site, m, sub, operands in subs:
                     mask, q, k = sub(*[recorder.values[o] for o in operands])
                     structure = recognize(mask, m.causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
@@ -169,7 +169,7 @@ class Calibration:
 
 
 def _tolerance(outputs: Any) -> float:
-    return max((TOLERANCE.get(t.dtype, 1e-4) for t in _leaves(outputs) if t.is_floating_point()), default=0.0)
+    return max((TOLERANCE.get(t.dtype, 1e-4) for t in leaves(outputs) if t.is_floating_point()), default=0.0)
 
 
 def _candidates(auto: Auto, site: Site, match: Any) -> list[Variant]:
@@ -178,9 +178,7 @@ def _candidates(auto: Auto, site: Site, match: Any) -> list[Variant]:
         return [c for c in auto.candidates if not isinstance(c, Exact)]
     found: list[Variant] = []
     for cls in (Sparse, Linear) if auto.allow_linear else (Sparse,):
-        generate = getattr(cls, "candidates", None)
-        if generate is not None:
-            found += generate(site, match)
+        found += handler_of(cls).candidates(cls, site, match)
     return found
 
 
@@ -196,7 +194,7 @@ def _rank(candidates: list[Variant], match: Any, shape: Shape | None) -> tuple[l
     skipped, ranked = [], []
     exact = predict_seconds(Exact(), shape) if shape is not None else None
     for v in candidates:
-        reason = v.unsupported(match)
+        reason = handler_for(v).unsupported(v, match)
         t = predict_seconds(v, shape) if shape is not None and not reason else None
         speedup = predict_speedup(shape, v) if t is not None else None
         if reason:
@@ -205,7 +203,7 @@ def _rank(candidates: list[Variant], match: Any, shape: Shape | None) -> tuple[l
             skipped.append(Trial(label(v), None, None, "skipped: the site's sizes are unknown (set Policy.seq_len)"))
         elif t is None:
             skipped.append(Trial(label(v), None, None, "skipped: no cost model (give the variant cost(shape))"))
-        elif t > exact * (1 + 1e-9) or (t >= exact * (1 - 1e-9) and not getattr(v, "exact", False)):
+        elif t > exact * (1 + 1e-9) or (t >= exact * (1 - 1e-9) and not handler_for(v).exact(v)):
             skipped.append(Trial(label(v), None, speedup, "skipped: not predicted faster than exact"))
         else:
             ranked.append((t, len(ranked), v, speedup))
@@ -219,8 +217,8 @@ def calibrate(model: torch.nn.Module, policy: Any, args: Any = (), kwargs: dict 
     policy = as_policy(policy)
     if not policy.is_auto:
         raise ValueError(f"calibrate takes an auto policy (Policy.auto(max_error=...) or 'auto:1e-2'), got {policy}")
-    _check_model(model)
-    args, kwargs = _normalize(args, kwargs)
+    check_model(model)
+    args, kwargs = normalize(args, kwargs)
     if not args and not kwargs:
         raise ValueError("the auto policy calibrates on example inputs: pass args (and kwargs) with it")
     with _eval_mode(model):
@@ -244,7 +242,7 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
     from rich.progress import Progress
 
     start = time.perf_counter()
-    want = _run_eager(model, args, kwargs)
+    want = run_eager(model, args, kwargs)
 
     def base(name: str) -> Variant:
         v = policy.for_site(name)
@@ -260,9 +258,9 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
             nonlocal runs
             runs += 1
             bar.update(task, description=f"auto: {what}", total=max(bar.tasks[0].total, runs), completed=runs - 1)
-            with _dynamo_limits():
-                got = _run_captured(compiled, model, calibrator, args, kwargs)
-            dev = _output_deviation(want, got)
+            with dynamo_limits():
+                got = run_captured(compiled, model, calibrator, args, kwargs)
+            dev = output_deviation(want, got)
             if dev is None:
                 raise ValueError(f"auto compares outputs, but {type(model).__name__} returns no floating-point tensor")
             return dev

@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import sys
+import textwrap
 
 import click
 
+import attnopt
+from attnopt.codegen import tuning
+from attnopt.codegen.spec import KernelSpec, default_tiles
+from attnopt.kernels.exact.render import render, write_source
+from attnopt import convert as conversion  # (the module: `convert` is the command below)
+
 from attnopt.cli_errors import ErrorHandlingGroup, set_debug
+from attnopt.report import terminal_width
 from attnopt.targets import load_target
 
 ATTN_CHOICES = click.Choice(["eager", "sdpa"])
@@ -65,11 +74,6 @@ def inspect(target: str, attn_implementation: str | None, policy: str, model_cla
             verbose: bool) -> None:  # fmt: skip
     """List the attention sites of TARGET: a Hugging Face model directory (config.json, weights optional:
     random init when absent) or path/to/file.py:factory (a callable returning model, args[, kwargs])."""
-    import textwrap
-
-    import attnopt
-    from attnopt.report import terminal_width
-
     chosen = attnopt.Policy.from_string(policy)  # a misspelt policy fails before the model is built
     t = load_target(target, attn_implementation, model_class)
     report = attnopt.inspect(t.model, t.args, t.kwargs, policy=chosen)
@@ -133,17 +137,12 @@ def convert(src, policy, out, weights, inputs, formats, onnx_attention, dynamic,
 
     A model in which no attention is found still converts (exit 0: the artifact is the original model),
     with a warning on stderr."""
-    import json
-
-    from attnopt.convert import convert as run_convert
-    from attnopt.convert import no_attention_warning
-
     with _sigterm_as_interrupt():
-        manifest = run_convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
+        manifest = conversion.convert(src, policy, out, weights=weights, inputs=list(inputs), formats=formats,
                                validate=validate, samples=samples, max_error=max_error, force=force,
                                attn_implementation=attn_implementation, onnx_attention=onnx_attention,
                                dynamic=dynamic, progress=not quiet, model_class=model_class)  # fmt: skip
-    warning = no_attention_warning(manifest)
+    warning = conversion.no_attention_warning(manifest)
     if warning:
         click.secho(f"warning: {warning}", err=True, fg="yellow", bold=True)
     if as_json:
@@ -188,15 +187,10 @@ def _fmt(x) -> str:
 def bench(artifact, runs, warmup, device, as_json) -> None:
     """Time the original model against the converted one in artifact DIR on the local device (the policy
     was chosen at conversion: see attnopt convert --help for every policy form)."""
-    import json
-
     from rich.console import Console
     from rich.table import Table
 
-    from attnopt.convert import bench as run_bench
-    from attnopt.report import terminal_width
-
-    result = run_bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
+    result = conversion.bench(artifact, runs=runs, warmup=warmup, device=device, progress=not as_json)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -242,10 +236,6 @@ _CAUSAL_CODES = {"none": 0, "top-left": 1, "bottom-right": 2}
 def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key_padding, softcap, dropout, group,
                  write_ds, block_m, block_n, num_warps, num_stages, generation, show_path) -> None:  # fmt: skip
     """Print the Triton source rendered for a kernel spec (its header holds the spec as JSON)."""
-    from attnopt.codegen import tuning
-    from attnopt.codegen.spec import KernelSpec, default_tiles
-    from attnopt.kernels.exact.render import render, write_source
-
     dv = head_dim_v or head_dim
     spec = KernelSpec(direction=direction, head_dim=head_dim, head_dim_v=dv, dtype=dtype, causal=_CAUSAL_CODES[causal],
                       mask=mask, bias=bias, key_padding=key_padding, softcap=softcap, dropout=dropout, group=group,

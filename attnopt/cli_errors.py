@@ -12,6 +12,9 @@ import re
 
 import click
 
+from attnopt.api import AttnoptError
+from attnopt.targets import TargetError
+
 INTERRUPTED = 130  # the shell's code for a process ended by SIGINT (128 + 2)
 _MAX_CHARS = 600
 
@@ -32,9 +35,6 @@ def _unwrap(exc: BaseException) -> BaseException:
 def explain(exc: BaseException) -> str:
     """One paragraph for the user: attnopt's own errors as they are (they name the fix), known library
     failures translated, anything else named with where to look next."""
-    from attnopt.api import AttnoptError
-    from attnopt.targets import TargetError
-
     exc = _unwrap(exc)
     if isinstance(exc, (AttnoptError, TargetError)):
         return first_paragraph(str(exc))

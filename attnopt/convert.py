@@ -19,10 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
+import json
 import math
 import os
+import pickle
 import re
 import shutil
+import statistics
 import tempfile
 import time
 import warnings
@@ -33,10 +37,15 @@ from typing import Any, Callable
 import torch
 
 from attnopt import artifact as A
+from attnopt import export as E
 from attnopt import inputs as I
-from attnopt.api import AttnoptError
+from attnopt.api import AttnoptError, optimize
+from attnopt.auto import calibrate
+from attnopt.codegen.spec import default_spec
+from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.passes import TOLERANCE, deviation
 from attnopt.policy import Keep, Policy, as_policy
-from attnopt.targets import TargetError, build_from_config, hf_model_class
+from attnopt.targets import TargetError, build_from_config, from_factory, hf_model_class, quiet_transformers
 
 FORMATS = ("pt2", "onnx")
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -80,25 +89,6 @@ class Source:
     notes: list[str] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers prints loading reports and progress bars; attnopt reports problems itself."""
-    try:
-        from transformers.utils import logging as hf_logging
-    except ImportError:
-        yield
-        return
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -117,8 +107,6 @@ def read_safetensors_shapes(path: Path) -> dict[str, tuple]:
 
 def load_pickle_checkpoint(path: Path) -> Any:
     """``torch.load(path, weights_only=True)``; a pickle with anything but tensors and containers is refused."""
-    import pickle
-
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -145,8 +133,6 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _hf_weight_files(path: Path) -> list[Path]:
-    import json
-
     files = []
     for name in _HF_WEIGHTS:
         f = path / name
@@ -216,7 +202,7 @@ def _load_hf(path: Path, attn_implementation: str | None, model_class: str | Non
     except TargetError as exc:
         raise ConvertError(str(exc)) from exc
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with _quiet_transformers():
+    with quiet_transformers():
         try:
             with torch.device("meta"):
                 skeleton = build_from_config(cls, config, **kw)
@@ -248,11 +234,9 @@ def _load_hf(path: Path, attn_implementation: str | None, model_class: str | Non
 
 
 def _load_factory(spec: str, weights: str | None) -> Source:
-    from attnopt.targets import _from_factory
-
     file = Path(spec.rpartition(":")[0]).resolve()
     try:
-        target = _from_factory(f"{file}:{spec.rpartition(':')[2]}")
+        target = from_factory(f"{file}:{spec.rpartition(':')[2]}")
     except TargetError as exc:
         raise ConvertError(str(exc)) from exc
     except Exception as exc:  # noqa: BLE001 - the factory is user code
@@ -289,8 +273,6 @@ def _load_factory(spec: str, weights: str | None) -> Source:
 
 
 def _multi_fingerprint(files: list[tuple[Path, str]]) -> dict:
-    import hashlib
-
     h = hashlib.sha256()
     parts = []
     for root, name in files:
@@ -324,9 +306,6 @@ def kernel_entry(site: Any) -> dict | None:
         return None
     if site.decision != "exact":
         return {"spec": None, "note": f"runs the {site.decision} variant's kernels (their specs are chosen per call)"}
-    from attnopt.codegen.spec import default_spec
-    from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
-
     causal = {"none": CAUSAL_NONE, "top-left": CAUSAL_TOP_LEFT, "bottom-right": CAUSAL_BOTTOM_RIGHT}.get(site.causal, 0)
     dtype = getattr(torch, site.dtype, None) if site.dtype else None
     dims = site.head_dims if len(site.head_dims) == 2 and all(isinstance(d, int) for d in site.head_dims) else None
@@ -509,15 +488,11 @@ def _budget(policy: Policy, max_error: float | None, outputs: tuple) -> float:
         return float(max_error)
     if policy.max_error is not None:
         return float(policy.max_error)
-    from attnopt.passes import TOLERANCE
-
     dtypes = [t.dtype for t in outputs if t.is_floating_point()]
     return max((TOLERANCE.get(d, 1e-4) for d in dtypes), default=1e-4)
 
 
 def _max_dev(got: tuple, want: tuple) -> float:
-    from attnopt.passes import deviation
-
     if len(got) != len(want):
         return float("inf")
     pairs = [(g, w) for g, w in zip(got, want) if w.is_floating_point()]
@@ -528,8 +503,6 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
     """Runs the original model and every converted form in ``path`` on ``samples`` inputs; the deviations.
 
     Exports with dynamic dims also run on inputs grown along them (:func:`_reshaped_draws`)."""
-    from attnopt import export as E
-
     art = A.open_artifact(path)
     args, kwargs = art.sample_inputs()
     draws = [(args, kwargs, None)] + [(*I.resample(args, kwargs, seed=i, config=source.config), None)
@@ -574,8 +547,6 @@ def validate_dir(path: Path, source: Source, samples: int, budget: float, steps:
 def _reshaped_draws(manifest: dict, args: tuple, kwargs: dict, config: Any) -> list[tuple[tuple, dict, set]]:
     """Per distinct set of dynamic dims among the exports: inputs with each of those dims grown (batch + 1,
     sequence + 3; masks pad the last row's end), to be run by the module and the exports that take them."""
-    import json
-
     groups: dict[str, set] = {}
     for fmt, entry in (manifest.get("exports") or {}).items():
         if entry.get("dynamic"):
@@ -600,8 +571,6 @@ def _export_onnx(exported: Any, export_args: tuple, decisions: dict, path: Path,
     """ONNX of ``exported``. A dynamic program whose ONNX translation needs static sizes (a sparse site needs
     its sequence lengths) is exported again with a dynamic batch only, then at the example shapes; the
     reasons go to the entry's ``shape_notes``."""
-    from attnopt import export as E
-
     notes = []
     while True:
         try:
@@ -631,8 +600,6 @@ def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | Non
     Raises :class:`ConvertError` (with a message fit for the command line) on any problem, leaving ``out``
     untouched and nothing behind.
     """
-    from attnopt import export as E
-
     try:
         return _convert(src, policy, out, weights=weights, inputs=inputs, formats=formats, validate=validate,
                         samples=samples, max_error=max_error, force=force, attn_implementation=attn_implementation,
@@ -644,9 +611,6 @@ def convert(src: str, policy: Any, out: str | os.PathLike, *, weights: str | Non
 
 def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, formats, validate, samples,
              max_error, force, attn_implementation, onnx_attention, dynamic, progress, model_class) -> dict:  # fmt: skip
-    import attnopt
-    from attnopt import export as E
-
     pol = parse_policy(policy)
     formats = tuple(dict.fromkeys(formats or ()))
     bad = [f for f in formats if f not in FORMATS]
@@ -689,13 +653,11 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                 calibration, applied = None, pol
                 try:
                     if pol.is_auto:  # calibrated here, with its own progress bar, into a concrete policy
-                        from attnopt.auto import calibrate
-
                         with steps.paused():
                             calibration = calibrate(source.model, pol, args, kwargs, progress=progress)
                         applied = calibration.policy
-                    optimized = attnopt.optimize(source.model, applied, args, kwargs)
-                except (attnopt.AttnoptError, ValueError, TypeError, NotImplementedError) as exc:
+                    optimized = optimize(source.model, applied, args, kwargs)
+                except (AttnoptError, ValueError, TypeError, NotImplementedError) as exc:
                     raise ConvertError(f"optimizing {source.description} failed: {exc}") from exc
                 report = optimized.attnopt_report
                 if calibration is not None:
@@ -703,7 +665,7 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                 steps.done()
 
                 steps.step("write weights")
-                with _quiet_transformers():
+                with quiet_transformers():
                     if source.kind == "hf":
                         source.model.save_pretrained(str(st.staging), safe_serialization=True)
                     else:
@@ -834,10 +796,6 @@ def bench(path: str | os.PathLike, runs: int = 10, warmup: int = 3, device: str 
     Each row: median and min milliseconds over ``runs`` calls after ``warmup`` calls, speedup of the
     median over the original's, and the largest relative output deviation from the original.
     """
-    import statistics
-
-    from attnopt import export as E
-
     if runs < 1 or warmup < 0:
         raise ConvertError("--runs must be >= 1 and --warmup >= 0")
     art = A.open_artifact(path)

@@ -9,8 +9,8 @@ chunk of chunked linear attention. A :class:`Cost` is the kernels a variant laun
 
 seconds on a :class:`Hardware`. Counting pairs (query, key) visited: a fused kernel does ``2(D + D_v)``
 FLOPs per pair on tensor cores plus online-softmax bookkeeping (max, exp, sum, rescale) per score,
-which runs beside the matmuls at its own rate. :data:`H100` is calibrated to the anchors of DESIGN.md §3
-(see its comment); predictions are for a half-precision run on that GPU, whatever the example's dtype.
+which runs beside the matmuls at its own rate. :data:`H100` is calibrated to measured anchors
+(listed in its comment); predictions are for a half-precision run on that GPU, whatever the example's dtype.
 
 A speedup is relative to the site as the model wrote it: unfused eager (two GEMMs and a pointwise
 kernel per score op, each reading and writing the S_q x S_k scores) for a manual site, SDPA's flash
@@ -25,7 +25,7 @@ from typing import Any
 import sympy
 
 from attnopt import masks
-from attnopt.policy import Auto, Exact, Keep, Linear, Sigmoid, Sparse
+from attnopt.variants.registry import handler_for
 
 B, H, H_KV, SQ, SK, D, DV = sympy.symbols("B H H_kv S_q S_k D D_v", positive=True)
 E, BN, T, C = sympy.symbols("E B_N T C", positive=True)
@@ -216,32 +216,9 @@ def original(shape: Shape) -> Cost:
 
 
 def variant_cost(variant: Any, shape: Shape) -> Cost | None:
-    """The cost of ``variant`` at a site of ``shape``; None when it has no cost model.
-
-    ``Sparse(mask)`` visits the tiles of ``mask`` (and causal for a causal site) and reads the site's mask
-    tensor there; exact-sparse visits those of ``shape.own_mask`` and is the exact kernel when the site's
-    mask is not structured (or not known). Other variants may define ``cost(shape) -> Cost``.
-    """
-    if isinstance(variant, Keep):
-        return original(shape)
-    if isinstance(variant, Exact):
-        return exact(shape.causal, shape.masked)
-    if isinstance(variant, Sigmoid):
-        return sigmoid(shape.causal, shape.masked)
-    if isinstance(variant, Linear):
-        causal = shape.causal if variant.causal is None else variant.causal
-        return linear(causal, variant.normalize)
-    if isinstance(variant, Sparse) and variant.exact:
-        if shape.own_mask is None:
-            return exact(shape.causal, shape.masked)
-        return sparse(sympy.Float(mask_tiles(shape.own_mask, shape.sq, shape.sk, shape.heads)))
-    if isinstance(variant, Sparse):
-        mask = variant.mask & masks.causal() if shape.causal else variant.mask
-        return sparse(sympy.Float(mask_tiles(mask, shape.sq, shape.sk, shape.heads)), shape.masked)
-    if isinstance(variant, Auto):
-        return None
-    cost = getattr(variant, "cost", None)
-    return cost(shape) if cost is not None else None
+    """The cost of ``variant`` at a site of ``shape``, from its handler (:mod:`attnopt.variants.registry`); None
+    when it has no cost model."""
+    return handler_for(variant).cost(variant, shape)
 
 
 def seconds(cost: Cost, shape: Shape, hw: Hardware = H100) -> float:
@@ -265,8 +242,10 @@ def predict_speedup(site: Any, variant: Any, seq_len: int | None = None, hw: Har
 def annotate(report: Any, policy: Any) -> None:
     """Sets every site's ``predicted_speedup`` for what was decided, at the policy's ``seq_len``."""
     for site in report.sites:
-        variant = Keep() if site.decision == "keep" else policy.for_site(site.name)
-        site.predicted_speedup = predict_speedup(site, variant, policy.seq_len)
+        if site.decision == "keep":  # the site as written: its own time over itself
+            site.predicted_speedup = None if Shape.from_site(site, policy.seq_len) is None else 1.0
+        else:
+            site.predicted_speedup = predict_speedup(site, policy.for_site(site.name), policy.seq_len)
 
 
 def crossover(a: Any, b: Any, shape: Shape, hw: Hardware = H100) -> list[float]:

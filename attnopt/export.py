@@ -49,8 +49,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from attnopt.api import AttnoptError, _dynamo_limits
+from attnopt.capture import dynamo_limits
+from attnopt.errors import AttnoptError
+from attnopt.inputs import split_constants
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.kernels.sparse import ops as sparse_ops  # noqa: F401  (registers torch.ops.attnopt.sparse_*)
+from attnopt.masks import lookup
 from attnopt.naming import SiteNamer
 from attnopt.passes import PASSES, Context, run_pipeline
 from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, flat_module, infer_dims,
@@ -86,7 +90,7 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict, validate: 
     ``dynamic_shapes`` (torch.export's form) captures those dims symbolically."""
     policy = as_policy(policy)
     try:
-        with _dynamo_limits(), torch.no_grad(), _quiet_guards():
+        with dynamo_limits(), torch.no_grad(), _quiet_guards():
             gm, _ = torch._dynamo.export(model, aten_graph=False, dynamic_shapes=dynamic_shapes)(*args, **kwargs)
     except Exception as exc:
         if dynamic_shapes is not None:
@@ -166,8 +170,6 @@ def export_program(model: nn.Module, policy: Any, args: tuple, kwargs: dict, exp
     ``False`` exports at the example shapes. A model whose code fixes a requested dim is exported with a
     dynamic batch only, else at the example shapes, with the reasons in ``Exported.notes``.
     """
-    from attnopt.inputs import split_constants
-
     args, tensors, constants = split_constants(args, kwargs)
     notes: list[str] = []
     dims = dynamic if isinstance(dynamic, dict) else {}
@@ -347,7 +349,6 @@ def _sparse_translation(mode: str) -> Callable:
     def sparse(q, k, v, attn_mask=None, kv_valid=None, mask: str = "", scale: float = 1.0, softcap: float = 0.0):
         import onnx_ir as ir
 
-        from attnopt.masks import lookup
         from attnopt.onnx_functions import OPSET, set_output_types
 
         op = opset18
@@ -377,19 +378,12 @@ def _exact_sparse_translation(mode: str) -> Callable:
 
 
 register_onnx_translation(torch.ops.attnopt.attention.default, _exact_translation)
+register_onnx_translation(torch.ops.attnopt.sparse_attention.default, _sparse_translation)
+register_onnx_translation(torch.ops.attnopt.sparse_attention_auto.default, _exact_sparse_translation)
 
 
 def _translation_table(mode: str) -> dict:
     """The translation of every attnopt op that is registered in this process."""
-    try:  # the sparse ops register when their variant is used (attnopt.kernels.sparse.ops)
-        from attnopt.kernels.sparse import ops as _sparse_ops  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        for name, factory in (("sparse_attention", _sparse_translation),
-                              ("sparse_attention_auto", _exact_sparse_translation)):  # fmt: skip
-            if hasattr(torch.ops.attnopt, name) and getattr(torch.ops.attnopt, name).default not in ONNX_TRANSLATIONS:
-                register_onnx_translation(getattr(torch.ops.attnopt, name).default, factory)
     return {op: factory(mode) for op, factory in ONNX_TRANSLATIONS.items()}
 
 
@@ -477,8 +471,6 @@ def onnx_session(path: Any):
 
 def onnx_feed(session: Any, args: tuple, kwargs: dict) -> dict:
     """ONNX Runtime inputs for a call ``(args, tensor kwargs)``: by name, positional ones in order."""
-    from attnopt.inputs import split_constants
-
     args, tensors, _ = split_constants(args, kwargs)
     values = {**{f"args_{i}": a for i, a in enumerate(args)}, **tensors}
     flat = [*args, *tensors.values()]

@@ -17,6 +17,8 @@ import torch
 from transformers.cache_utils import Cache
 
 from attnopt.kernels.linear.decode import RecurrentSession
+from attnopt.report import Report
+from attnopt.variants.registry import site_generation
 
 
 class RecurrentCache(RecurrentSession, Cache):
@@ -151,12 +153,14 @@ def _check_options(inner: torch.nn.Module, kwargs: dict) -> None:
                              "cache, one token is fed per step")  # fmt: skip
 
 
-def linear_sites(report) -> list[str]:
-    """The names of the report's sites, all rewritten by ``attnopt.Linear``; a ValueError naming any other."""
+def recurrent_sites(report, policy) -> list[str]:
+    """The names of the report's sites, all rewritten by a variant that generates through recurrent states
+    (``attnopt.Linear``); a ValueError naming any other."""
     if not report.sites:
         raise ValueError("attnopt.generate: the model has no attention site yet; optimize it with example inputs "
                          "(attnopt.optimize(model, attnopt.Linear(causal=True), kwargs={'input_ids': ...}))")  # fmt: skip
-    others = [f"{s.name} ({s.decision}: {s.reason})" for s in report.sites if s.decision != "linear"]
+    others = [f"{s.name} ({s.decision}: {s.reason})" for s in report.sites
+              if site_generation(policy.for_site(s.name), s.decision) != "recurrent"]
     if others:
         raise ValueError(
             f"attnopt.generate feeds one token per step with no KV cache, so every attention site must be causal "
@@ -215,9 +219,7 @@ def generate(model, input_ids: torch.Tensor | None = None, **generate_kwargs: An
     ``return_dict_in_generate=True``: ``out.cache``, ``out.past_key_values`` before transformers 5.24) is
     the :class:`RecurrentCache`.
     """
-    from attnopt.api import OptimizedModule
-
-    if not isinstance(model, OptimizedModule):
+    if not isinstance(getattr(model, "attnopt_report", None), Report):  # (attnopt.generate checks the type itself)
         raise TypeError(f"attnopt.generate takes the module attnopt.optimize returned, got {type(model).__name__}")
     inner = model.module
     if not (callable(getattr(inner, "generate", None)) and getattr(inner, "config", None) is not None):
@@ -226,6 +228,6 @@ def generate(model, input_ids: torch.Tensor | None = None, **generate_kwargs: An
     if getattr(inner.config, "is_encoder_decoder", False):
         raise NotImplementedError("attnopt.generate runs decoder-only models; encoder-decoders are not supported")
     _check_options(inner, generate_kwargs)
-    cache = RecurrentCache(linear_sites(model.attnopt_report))
+    cache = RecurrentCache(recurrent_sites(model.attnopt_report, model.policy))
     view = _recurrent_view(model, cache)
     return view.generate(input_ids, use_cache=True, **{cache_keyword(inner): cache}, **generate_kwargs)

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from attnopt.zoo import example_inputs
+
 DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32, "float16": torch.float16,
     "half": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -121,8 +123,6 @@ def make_inputs(specs: list[InputSpec], config: Any = None, seed: int = 0) -> tu
 def from_config(config: Any, seed: int = 0) -> tuple[tuple, dict]:
     """Inputs derived from a Hugging Face config (:func:`attnopt.zoo.example_inputs`), with ``use_cache=False``
     for models that have a cache (an artifact computes outputs, it does not return caches)."""
-    from attnopt.zoo import example_inputs
-
     args, kwargs = example_inputs(config, generator=torch.Generator().manual_seed(seed))
     if getattr(config, "use_cache", None) is not None:
         kwargs["use_cache"] = False

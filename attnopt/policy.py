@@ -14,239 +14,17 @@ import json
 import math
 import os
 import re
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
+from attnopt.variants.exact import Exact, Keep
+from attnopt.variants.linear import Linear
+from attnopt.variants.registry import (ApproximateVariant, is_variant, register_variant, string_heads,  # noqa: F401
+                                       variant_class, variant_names)  # fmt: skip
+from attnopt.variants.sigmoid import Sigmoid
+from attnopt.variants.sparse import Sparse
 
-
-class ApproximateVariant:
-    """Protocol of a variant that replaces attention by a different function (sparse, linear, sigmoid).
-
-    ``unsupported(match)`` returns a reason when the site cannot take the variant (else None);
-    ``emit(graph, match, lookup)`` writes the replacement into ``graph`` (see
-    :func:`attnopt.patterns.match.emit` for the exact one); ``describe(match)`` is the report's reason
-    (``match`` is the site's, or None outside a site).
-    """
-
-    name = "approximate"
-
-    def unsupported(self, match) -> str | None:
-        return None
-
-    def describe(self, match=None) -> str:
-        return f"{self.name} attention (changes the function)"
-
-    def emit(self, graph, match, lookup):
-        raise NotImplementedError(f"{type(self).__name__}.emit")
-
-
-@dataclass(frozen=True)
-class Exact:
-    """Same function, through attnopt's fused kernel."""
-
-    name = "exact"
-
-
-@dataclass(frozen=True)
-class Keep:
-    """Leave the site as the model wrote it."""
-
-    name = "keep"
-
-
-class _SparseName:
-    """``Sparse.name``: "sparse" on the class and for a given mask, "exact-sparse" for ``Sparse("auto")``."""
-
-    def __get__(self, obj, cls=None) -> str:
-        return "exact-sparse" if obj is not None and obj.mask == "auto" else "sparse"
-
-
-@dataclass(frozen=True)
-class Sparse(ApproximateVariant):
-    """Attention restricted to a mask descriptor (:mod:`attnopt.masks`); see :mod:`attnopt.variants.sparse`.
-
-    ``Sparse(mask)`` applies a new mask on top of the site's own (an approximation for a model trained
-    dense, reported with its measured deviation). ``Sparse("auto")`` (the default) is exact-sparse: the
-    site's own mask, recognized at run time as causal, a sliding window or padding, runs the sparse kernel,
-    with the same results.
-    """
-
-    mask: Any = "auto"
-    name = _SparseName()
-    exact = property(lambda self: self.mask == "auto")  # same function: validated at the dtype's tolerance
-
-    def __post_init__(self):
-        from attnopt.variants.sparse import check_mask
-
-        object.__setattr__(self, "mask", check_mask(self.mask))
-
-    @classmethod
-    def from_string(cls, text: str) -> "Sparse":
-        """``sparse``, ``sparse:auto``, ``sparse:causal``, ``sparse:blocked:B``, ``sparse:<mask JSON>``,
-        ``sliding_window:W`` (a causal window of W tokens) or ``sliding_window:L,R``."""
-        from attnopt.variants.sparse import parse
-
-        return cls(parse(text))
-
-    def to_string(self) -> str:
-        """The string form ``parse_variant`` reads back, e.g. ``sliding_window:4`` or ``sparse:causal``."""
-        from attnopt.variants.sparse import to_string
-
-        return to_string(self.mask)
-
-    def to_dict(self) -> dict:
-        from attnopt.variants.sparse import to_dict
-
-        return to_dict(self.mask)
-
-    @classmethod
-    def from_dict(cls, body: dict) -> "Sparse":
-        unknown = sorted(set(body) - {"mask"})
-        if unknown:
-            raise ValueError(f"unknown key {unknown[0]!r} for variant 'sparse'; known keys: ['mask']")
-        return cls(body.get("mask", "auto"))
-
-    @classmethod
-    def candidates(cls, site, match) -> list:
-        from attnopt.variants.sparse import candidates
-
-        return candidates(cls, site, match)
-
-    def unsupported(self, match) -> str | None:
-        from attnopt.variants.sparse import unsupported
-
-        return unsupported(self.mask, match)
-
-    def describe(self, match=None) -> str:
-        """The report's reason; given the site's match, it names the token grid a grid mask runs on and its source."""
-        from attnopt.variants.sparse import describe
-
-        return describe(self.mask, match)
-
-    def emit(self, graph, match, lookup):
-        from attnopt.variants.sparse import emit
-
-        return emit(self.mask, graph, match, lookup)
-
-
-@dataclass(frozen=True)
-class Linear(ApproximateVariant):
-    """Linear attention ``φ(Q)(φ(K)ᵀV)`` (changes the function; :mod:`attnopt.kernels.linear.reference`).
-
-    ``feature_map``: ``"elu"`` (elu + 1), ``"relu"`` or ``"identity"``, applied to the site's queries and keys.
-    ``causal``: None follows the site (its causal flag; a site with a mask tensor then needs an explicit
-    choice); True treats the site's mask as causal plus key padding, False as key padding alone (keys no
-    query may see are dropped, which is exact for padding masks).
-    ``decay``: None; λ in (0, 1] for every head; one λ per query head; or ``"lightning"``, Lightning
-    Attention's schedule ``λ_h = exp(-(8h/H)(1 - l/L))`` with the layer l read from the site's module
-    path and L = ``num_layers``. Causal only: query i weighs key j by ``λ^(i-j)``.
-    ``normalize``: True or ``"sum"`` divides by ``φ(Q)(φ(K)ᵀ1) + eps``; ``"rms"`` applies TransNormer's
-    parameter-free RMS norm to the unnormalized output instead; False leaves it unnormalized.
-    Attention dropout is not applied (there is no probability matrix to drop from).
-    """
-
-    feature_map: str = "elu"
-    causal: bool | None = None
-    decay: Any = None
-    normalize: bool | str = True
-    num_layers: int | None = None
-    name = "linear"
-
-    def __post_init__(self):
-        from attnopt.variants.linear import check_linear
-
-        for key, value in check_linear(self).items():
-            object.__setattr__(self, key, value)
-
-    @classmethod
-    def from_string(cls, text: str) -> "Linear":
-        """``linear`` or ``linear:<feature map>`` or ``linear:key=value,...`` (e.g. ``linear:relu,causal=true``)."""
-        from attnopt.variants.linear import parse_options
-
-        return cls(**parse_options(text, cls))
-
-    def to_string(self) -> str:
-        """The string form (``parse_variant`` inverts it), e.g. ``linear:relu,causal=true,decay=0.9/0.8``."""
-        from attnopt.variants.linear import linear_string
-
-        return linear_string(self)
-
-    @classmethod
-    def candidates(cls, site, match) -> list:
-        from attnopt.variants.linear import candidates
-
-        return candidates(cls, site, match)
-
-    def needs_site_mask(self, match) -> bool:
-        """``causal=None`` at a site with a mask tensor: whether the mask is causal is read from its values
-        on the example inputs (:meth:`bind`)."""
-        from attnopt.variants.linear import masked
-
-        return self.causal is None and masked(match)
-
-    def bind(self, match, mask) -> "Linear":
-        """This variant with ``causal`` read from the site's ``mask`` (causal plus padding, or padding alone);
-        unchanged when the mask is neither (the site is then refused, naming the choice to make)."""
-        from attnopt.variants.linear import mask_causality
-
-        causal = mask_causality(mask)
-        if causal is None or (causal is False and self.decay is not None):
-            return self
-        return replace(self, causal=causal)
-
-    def unsupported(self, match) -> str | None:
-        from attnopt.variants.linear import linear_unsupported
-
-        return linear_unsupported(self, match)
-
-    def describe(self, match=None) -> str:
-        from attnopt.variants.linear import describe_linear
-
-        return describe_linear(self)
-
-    def emit(self, graph, match, lookup):
-        from attnopt.variants.linear import emit_linear
-
-        return emit_linear(self, graph, match, lookup)
-
-
-@dataclass(frozen=True)
-class Sigmoid(ApproximateVariant):
-    """Sigmoid attention ``σ(scale·QKᵀ + bias + mask) V`` (changes the function; fused kernels, causal and masked).
-
-    ``bias`` None means ``-log(Sk)`` per call. Attention dropout is not applied.
-    """
-
-    bias: float | None = None
-    name = "sigmoid"
-
-    def __post_init__(self):
-        from attnopt.variants.linear import check_sigmoid
-
-        for key, value in check_sigmoid(self).items():
-            object.__setattr__(self, key, value)
-
-    @classmethod
-    def from_string(cls, text: str) -> "Sigmoid":
-        """``sigmoid``, ``sigmoid:<bias>`` or ``sigmoid:bias=<bias>``."""
-        from attnopt.variants.linear import parse_options
-
-        return cls(**parse_options(text, cls))
-
-    def unsupported(self, match) -> str | None:
-        from attnopt.variants.linear import sigmoid_unsupported
-
-        return sigmoid_unsupported(self, match)
-
-    def describe(self, match=None) -> str:
-        bias = "-log(Sk)" if self.bias is None else f"{self.bias:g}"
-        return f"sigmoid attention, bias {bias} (changes the function)"
-
-    def emit(self, graph, match, lookup):
-        from attnopt.variants.linear import emit_sigmoid
-
-        return emit_sigmoid(self, graph, match, lookup)
 
 
 @dataclass(frozen=True)
@@ -280,9 +58,9 @@ class Auto:
 
 
 Variant = Union[Exact, Keep, Auto, Sparse, Linear, Sigmoid]
-_VARIANTS = (Exact, Keep, Auto, Sparse, Linear, Sigmoid)
-_BY_NAME = {cls.name: cls for cls in _VARIANTS}  # the names of the dict form
-_STRING_HEADS = {**_BY_NAME, "sliding_window": Sparse}  # "head[:argument]" string forms
+# Each variant registers its config class and handler in its own module (attnopt.variants.*); the policy forms,
+# the pipeline and the cost model ask the registry. Auto is the policy's own: calibration picks the variant.
+register_variant(Auto)
 _FILE_SUFFIXES = (".yaml", ".yml", ".json")
 _POLICY_KEYS = ("default", "overrides", "max_error", "seq_len", "on_deviation")
 ON_DEVIATION = ("fallback", "raise")  # what a whole-graph deviation does (Policy.on_deviation)
@@ -296,9 +74,9 @@ def parse_variant(text: str) -> Variant:
         raise TypeError(f"a policy string was expected, got {type(text).__name__}")
     key = text.strip()
     head, sep, arg = key.partition(":")
-    cls = _STRING_HEADS.get(head.strip().lower())
+    cls = string_heads().get(head.strip().lower())
     if cls is None:
-        raise ValueError(f"unknown policy {text!r}: use one of {sorted(_STRING_HEADS)} (or attnopt.Policy(...))")
+        raise ValueError(f"unknown policy {text!r}: use one of {sorted(string_heads())} (or attnopt.Policy(...))")
     from_string = getattr(cls, "from_string", None)
     if from_string is not None:
         return from_string(key)
@@ -315,7 +93,7 @@ def variant_to_dict(v: Variant) -> dict:
     to_dict = getattr(v, "to_dict", None)
     if to_dict is not None:
         body = to_dict()
-    elif is_dataclass(v) and isinstance(v, _VARIANTS):
+    elif is_dataclass(v) and is_variant(v):
         body = {f.name: _plain(getattr(v, f.name), f"{type(v).name}.{f.name}") for f in fields(v)}
     else:
         raise TypeError(f"variant {v!r} has no dict form (give its class to_dict() and from_dict())")
@@ -327,7 +105,7 @@ def _plain(x: Any, where: str) -> Any:
         return x
     if isinstance(x, (tuple, list)):
         return [_plain(y, f"{where}[{i}]") for i, y in enumerate(x)]
-    if isinstance(x, (ApproximateVariant, *_VARIANTS)):
+    if isinstance(x, ApproximateVariant) or is_variant(x):
         return variant_to_dict(x)
     raise TypeError(f"{where}: {x!r} has no dict form")
 
@@ -337,11 +115,11 @@ def variant_from_dict(d: Any, where: str = "variant") -> Variant:
     if not isinstance(d, Mapping):
         raise TypeError(f"{where}: expected a variant (a string, or a mapping with key 'variant'), got {d!r}")
     if "variant" not in d:
-        raise ValueError(f"{where}: missing key 'variant' (one of {sorted(_BY_NAME)})")
+        raise ValueError(f"{where}: missing key 'variant' (one of {variant_names()})")
     name = d["variant"]
-    cls = _BY_NAME.get(name) if isinstance(name, str) else None
+    cls = variant_class(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"{where}.variant: unknown variant {name!r}; known: {sorted(_BY_NAME)}")
+        raise ValueError(f"{where}.variant: unknown variant {name!r}; known: {variant_names()}")
     body = {k: x for k, x in d.items() if k != "variant"}
     from_dict = getattr(cls, "from_dict", None)
     known = {f.name for f in fields(cls)}
@@ -359,7 +137,7 @@ def _as_variant(v: Any, where: str) -> Variant:
         return parse_variant(v)
     if isinstance(v, Mapping):
         return variant_from_dict(v, where)
-    if isinstance(v, (*_VARIANTS, ApproximateVariant)):
+    if isinstance(v, ApproximateVariant) or is_variant(v):
         return v
     raise TypeError(f"{where}: expected a variant (attnopt.Exact(), attnopt.Keep(), ...) or a string, got {v!r}")
 

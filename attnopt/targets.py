@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from attnopt.zoo import example_inputs
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
@@ -62,8 +65,6 @@ def _from_hf_dir(path: Path, attn_implementation: str | None, model_class: str |
         import transformers
     except ImportError as exc:
         raise TargetError("loading a Hugging Face directory needs transformers: pip install 'attnopt[hf]'") from exc
-    from attnopt.zoo import example_inputs
-
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -83,7 +84,27 @@ def _from_hf_dir(path: Path, attn_implementation: str | None, model_class: str |
                   "--model-class to choose)", config)  # fmt: skip
 
 
-def _from_factory(spec: str) -> Target:
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers prints loading reports and progress bars; attnopt reports problems itself."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def from_factory(spec: str) -> Target:
+    """The model and example inputs returned by the factory ``spec`` names (``path/to/file.py:name``)."""
     file, _, name = spec.rpartition(":")
     path = Path(file)
     if not path.is_file():
@@ -112,7 +133,7 @@ def load_target(target: str, attn_implementation: str | None = None, model_class
     if path.is_dir():
         return _from_hf_dir(path, attn_implementation, model_class)
     if ":" in target and target.rpartition(":")[0].endswith(".py"):
-        return _from_factory(target)
+        return from_factory(target)
     if path.exists():
         raise TargetError(f"{target} is a file; TARGET is a Hugging Face model directory or path/to/file.py:factory")
     raise TargetError(f"{target} does not exist (TARGET is a Hugging Face model directory or path/to/file.py:factory)")

@@ -1,4 +1,4 @@
-"""Mask descriptors for sparse attention (``shared/DESIGN.md`` §2).
+"""Mask descriptors for sparse attention (docs/architecture.md, Masks).
 
     from attnopt import masks
     m = masks.SlidingWindow(255, 0) & masks.causal()

@@ -1,6 +1,6 @@
 """The mask descriptor protocol, its combinators, and its serialization.
 
-A mask says which keys each query of one attention head may see (``shared/DESIGN.md`` §2). Every
+A mask says which keys each query of one attention head may see (docs/architecture.md, Masks). Every
 descriptor provides, for query positions ``q``, key positions ``k`` and query head ``h``:
 
 * ``predicate(q, k, h, sq, sk, ops)``: the element test, written once and evaluated on tensors
@@ -23,6 +23,7 @@ masks that hold a tensor or a callable are registered in a process-wide table an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -31,10 +32,10 @@ from typing import Any
 
 import torch
 
+from attnopt.masks.blockmap import build
+from attnopt.masks.draw import draw_png, draw_text
 from attnopt.masks.expr import TORCH
-
-EMPTY, PARTIAL, FULL = 0, 1, 2
-STATUS_DTYPE = torch.int8
+from attnopt.masks.status import EMPTY, FULL, PARTIAL, STATUS_DTYPE, ceil_div  # noqa: F401  (re-exported)
 
 _REGISTRY: dict[str, "Mask"] = {}
 _REGISTRY_LOCK = threading.Lock()
@@ -42,6 +43,18 @@ _TYPES: dict[str, type] = {}
 
 # dense() and draw() build [Sq, Sk] tensors: only for small test and display sizes.
 MAX_DENSE_ELEMENTS = 1 << 26
+
+
+# Functions giving a mask on reordered keys (the order its kernels run it in), or None: tile counts are taken
+# in the first order that applies. attnopt.masks.structured registers the residue order of strided masks.
+_KEY_ORDERS: list = []
+
+
+def register_key_order(reorder):
+    """Makes ``reorder(mask) -> Mask | None`` (the mask on keys in the order its kernels run it) known to
+    :meth:`Mask.tiles_per_query_tile`."""
+    _KEY_ORDERS.append(reorder)
+    return reorder
 
 
 def register_type(cls):
@@ -175,30 +188,23 @@ class Mask:
         is counted in the residue order its kernels run it in."""
         import sympy as sp
 
-        from attnopt.masks.structured import residue_order
-
-        ordered = residue_order(self)
-        if ordered is not None:
-            return ordered.tiles_per_query_tile(sq, sk, block)
+        for reorder in _KEY_ORDERS:
+            ordered = reorder(self)
+            if ordered is not None:
+                return ordered.tiles_per_query_tile(sq, sk, block)
         bmap = self.block_map(sq, sk, block, block, self.heads_of(1) if not self.head_dependent else _heads_hint(self))
         return sp.Rational(int(bmap.visited().sum()), max(bmap.runs.shape[0] * bmap.runs.shape[1], 1))
 
     def block_map(self, sq: int, sk: int, block_m: int, block_n: int, heads: int = 1, **kw):
         """The tile runs of this mask; see :func:`attnopt.masks.blockmap.build`."""
-        from attnopt.masks.blockmap import build
-
         return build(self, sq, sk, block_m, block_n, heads, **kw)
 
     def draw(self, sq: int, sk: int, head: int = 0, block: tuple[int, int] | None = None) -> str:
         """Text picture: ``#`` visible, ``.`` hidden; with ``block``, the tile map (F full, p partial)."""
-        from attnopt.masks.draw import draw_text
-
         return draw_text(self, sq, sk, head, block)
 
     def png(self, path, sq: int, sk: int, head: int = 0, block: tuple[int, int] | None = None) -> None:
         """Writes a PNG of the mask (matplotlib, imported here), tile boundaries drawn when ``block``."""
-        from attnopt.masks.draw import draw_png
-
         draw_png(self, path, sq, sk, head, block)
 
     def __and__(self, other: "Mask") -> "Mask":
@@ -289,8 +295,6 @@ class _Combination(Mask):
         return None if any(d is None for d in ds) else {"type": type(self).__name__, "parts": ds}
 
     def digest(self):
-        import hashlib
-
         parts = [p.key() for p in self.parts]
         return hashlib.sha256((type(self).__name__ + "\0" + "\0".join(parts)).encode()).hexdigest()[:16]
 
@@ -394,10 +398,6 @@ def _from_json(key: str) -> Mask:
         mask = from_dict(json.loads(key))
         _JSON_CACHE[key] = mask
     return mask
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def is_int(x) -> bool:

@@ -17,10 +17,14 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from attnopt.masks.base import EMPTY, FULL, PARTIAL, Mask, ceil_div
+from attnopt.masks.status import EMPTY, FULL, PARTIAL, ceil_div
+
+if TYPE_CHECKING:  # (a type only: the mask classes use this module)
+    from attnopt.masks.base import Mask
 
 KIND_PARTIAL = 0
 KIND_FULL = 1

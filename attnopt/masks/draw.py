@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from attnopt.masks.base import Mask
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (a type only: the mask classes use this module)
+    from attnopt.masks.base import Mask
 
 MAX_TEXT = 256  # the largest side drawn as text
 

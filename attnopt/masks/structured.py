@@ -1,7 +1,7 @@
 """Structured masks: sliding windows, neighborhoods, blocks, global+local, strided heads.
 
-Positions are 0-based; ``q`` indexes queries (``Sq`` of them) and ``k`` keys (``Sk``). Semantics are
-those of ``shared/DESIGN.md`` §2; each class docstring states its predicate. Tile statuses come from
+Positions are 0-based; ``q`` indexes queries (``Sq`` of them) and ``k`` keys (``Sk``). Each class
+docstring states its predicate (docs/architecture.md, Masks). Tile statuses come from
 interval arithmetic on the descriptor, key spans from closed forms, so a block map costs O(1) per
 tile pair it looks at and never builds an ``[Sq, Sk]`` tensor.
 """
@@ -15,7 +15,8 @@ from functools import lru_cache
 
 import torch
 
-from attnopt.masks.base import EMPTY, FULL, PARTIAL, STATUS_DTYPE, Mask, check_int, is_int, prod, register_type
+from attnopt.masks.base import (EMPTY, FULL, PARTIAL, STATUS_DTYPE, Mask, check_int, is_int, prod, register_key_order,
+                                register_type)  # fmt: skip
 
 
 def _status(full, nonempty) -> torch.Tensor:
@@ -133,7 +134,7 @@ def causal() -> SlidingWindow:
     return SlidingWindow(None, 0)
 
 
-class _Grid(Mask):
+class Grid(Mask):
     """Masks on a token grid (row-major), after ``global_tokens`` leading tokens that see and are seen by all.
 
     ``grid=None`` is a 1-D grid of ``Sk - global_tokens`` tokens. Self-attention only (``Sq == Sk``).
@@ -189,14 +190,14 @@ class _Grid(Mask):
     # Per-axis fields (a tuple of one value per grid axis after construction).
     _axis_fields = ()
 
-    def on_grid(self, grid: tuple, global_tokens: int) -> "_Grid":
+    def on_grid(self, grid: tuple, global_tokens: int) -> "Grid":
         """This mask on ``grid`` after ``global_tokens`` leading tokens (a grid inferred from a model): per-axis
         fields given once (an int, or a 1-tuple) apply to every axis of the grid."""
         per_axis = {f: getattr(self, f) for f in self._axis_fields}
         per_axis = {f: v[0] if isinstance(v, tuple) and len(v) == 1 else v for f, v in per_axis.items()}
         return dataclasses.replace(self, grid=tuple(grid), global_tokens=global_tokens, **per_axis)
 
-    def tiled(self) -> "_Grid":
+    def tiled(self) -> "Grid":
         """The same mask on tile-major positions (what the sparse kernels run when ``tile`` is set)."""
         return dataclasses.replace(self, order="tiled")
 
@@ -367,7 +368,7 @@ def _per_axis_bool(name: str, field: str, value, ndim: int) -> tuple:
 
 @register_type
 @dataclass(frozen=True)
-class Neighborhood(_Grid):
+class Neighborhood(Grid):
     """Neighborhood attention (NATTEN semantics) on a 1-D, 2-D or 3-D token grid, per axis:
 
     * dilation d: positions split into d groups ``c mod d``; a query sees keys of its own group only,
@@ -489,7 +490,7 @@ def _short(vals: tuple):
 
 @register_type
 @dataclass(frozen=True)
-class Blocked(_Grid):
+class Blocked(Grid):
     """Query and key see each other when they fall in the same block of ``block`` tokens, per grid axis."""
 
     block: int | tuple = 64
@@ -773,6 +774,7 @@ def _strides(mask: Mask) -> set:
     return set().union(*(_strides(p) for p in parts)) if parts else set()
 
 
+@register_key_order
 def residue_order(mask: Mask) -> ResidueOrder | None:
     """``mask`` on keys in residue order when it has :class:`Strided` parts, all of one stride > 1 (what the
     sparse ops run, so each head visits only its own key tiles), else None."""

@@ -16,6 +16,7 @@ raises :class:`GraphDeviationError`, as ``Policy.on_deviation`` says.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -28,6 +29,7 @@ from attnopt.passes.purity import is_impure
 from attnopt.patterns.match import AttentionMatch, copy_graph, emit, emit_mask, replacement_graph
 from attnopt.policy import Exact, Keep, Policy
 from attnopt.report import Miss, Site
+from attnopt.variants.registry import handler_for
 
 # Largest relative deviation (max |new - old| / max |old|) a rewritten site may show, per dtype.
 TOLERANCE = {
@@ -95,11 +97,12 @@ def decide(gm: GraphModule, ctx: Context) -> PassResult:
         else:
             if id(d.match) in masks:  # the variant reads the site's mask (bind)
                 variant = variant.bind(d.match, masks[id(d.match)])
-            unsupported = variant.unsupported(d.match)
+            handler = handler_for(variant)
+            unsupported = handler.unsupported(variant, d.match)
             if unsupported:
                 site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
                 continue
-            site.decision, site.reason = variant.name, variant.describe(d.match)
+            site.decision, site.reason = variant.name, handler.describe(variant, d.match)
             ctx.chosen[site.name] = d.match
             ctx.variants[site.name] = variant
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
@@ -110,13 +113,13 @@ def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
     causal=None), computed on the example inputs in one run of the graph; keyed by ``id(match)``."""
     wanted = [d.match for d, site in zip(matched, ctx.sites)
               if getattr(ctx.policy.for_site(site.name), "needs_site_mask", lambda m: False)(d.match)]  # fmt: skip
-    if not wanted or _validation_skip(ctx.example_inputs) or ctx.original is None:
+    if not wanted or validation_skip(ctx.example_inputs) or ctx.original is None:
         return {}
-    recorder = _Recorder(ctx.original, {o for m in wanted for o in m.operands()})
+    recorder = Recorder(ctx.original, {o for m in wanted for o in m.operands()})
     out = {}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            recorder.run(*[_concrete(x) for x in ctx.example_inputs])
+            recorder.run(*[concrete(x) for x in ctx.example_inputs])
             for m in wanted:
                 sub, operands = replacement_graph(m, emit_mask)
                 out[id(m)] = sub(*[recorder.values[o] for o in operands])
@@ -128,7 +131,7 @@ def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
 def _emitter(ctx: Context, name: str) -> Callable:
     """How site ``name`` is written: its variant's emitter, or the exact op call."""
     variant = ctx.variants.get(name)
-    return variant.emit if variant is not None else emit
+    return partial(handler_for(variant).emit, variant) if variant is not None else emit
 
 
 def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
@@ -149,7 +152,9 @@ def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
     return PassResult(out, True, f"{len(ctx.chosen)} site(s) rewritten")
 
 
-class _Recorder(Interpreter):
+class Recorder(Interpreter):
+    """Runs a graph and keeps the values of the ``wanted`` nodes (the original sites' outputs and operands)."""
+
     def __init__(self, gm: GraphModule, wanted: set):
         super().__init__(gm)
         self.wanted, self.values = wanted, {}
@@ -174,14 +179,15 @@ def _first_tensor(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _concrete(x: Any) -> Any:
+def concrete(x: Any) -> Any:
     """A dynamic-shape graph's size inputs arrive as SymInts; validation runs on their hints."""
     if isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)) and x.node.has_hint():
         return x.node.hint
     return x
 
 
-def _validation_skip(example_inputs: list | None) -> str | None:
+def validation_skip(example_inputs: list | None) -> str | None:
+    """Why a graph's rewrites cannot be checked on its example inputs, or None when they can."""
     if example_inputs is None:
         return "no example inputs"
     if any(isinstance(x, torch._subclasses.FakeTensor) for x in example_inputs):
@@ -193,7 +199,7 @@ def _validation_skip(example_inputs: list | None) -> str | None:
 
 def validate(gm: GraphModule, ctx: Context) -> PassResult:
     """Checks every rewritten site against the original on the example inputs; rolls back deviants."""
-    skip = _validation_skip(ctx.example_inputs)
+    skip = validation_skip(ctx.example_inputs)
     if not ctx.chosen or skip:
         if skip and ctx.chosen:
             for site in ctx.sites:
@@ -204,7 +210,7 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
     for m in ctx.chosen.values():
         wanted.update(m.operands())
         wanted.add(m.output)
-    recorder = _Recorder(ctx.original, wanted)
+    recorder = Recorder(ctx.original, wanted)
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         recorder.run(*_copies(ctx.example_inputs))
         rolled_back = []
@@ -217,7 +223,7 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
                 continue
             want = _first_tensor(recorder.values[m.output])
             variant = ctx.variants.get(site.name)
-            approximate = variant is not None and not getattr(variant, "exact", False)
+            approximate = variant is not None and not handler_for(variant).exact(variant)
             tol = ctx.policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
             sub, operands = replacement_graph(m, _emitter(ctx, site.name))
             try:
@@ -250,7 +256,7 @@ def _copies(example_inputs: list) -> list:
     """The example inputs for one validation run: tensors cloned (a graph may write into its inputs, and a
     run must neither see the previous run's writes nor change the caller's tensors), sizes concrete.
     Parameters are shared: a forward does not write into its weights, and a model's weights can be large."""
-    return [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else _concrete(x)
+    return [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else concrete(x)
             for x in example_inputs]  # fmt: skip
 
 
@@ -279,7 +285,7 @@ def _graph_deviation(want: list[torch.Tensor], got: list[torch.Tensor], budget: 
 
 
 def _check_skip(ctx: Context) -> str | None:
-    skip = _validation_skip(ctx.example_inputs)
+    skip = validation_skip(ctx.example_inputs)
     if skip is None and any(m.dropout_p > 0.0 for m in ctx.chosen.values()):
         skip = "a site uses dropout, which is random"
     return skip
@@ -300,7 +306,7 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
             if site.name in ctx.chosen:
                 site.reason += f" (whole-graph check skipped: {skip})"
         return PassResult(gm, False, f"skipped: {skip}")
-    approximate = any(not getattr(v, "exact", False) for v in ctx.variants.values())
+    approximate = any(not handler_for(v).exact(v) for v in ctx.variants.values())
     if approximate and ctx.policy.max_error is None:
         return PassResult(gm, False, "approximate without max_error: nothing to hold the graph to")
     want = _run_whole(ctx.original, ctx.example_inputs)

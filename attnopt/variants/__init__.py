@@ -1,5 +1,7 @@
-"""How approximate variants plug into the pipeline: applicability, validation and the code they emit.
+"""The variants: what a site runs instead of the attention it was written as.
 
-The variant classes live in :mod:`attnopt.policy`; each delegates here (imported on first use, so that
-``import attnopt`` stays light): :mod:`attnopt.variants.linear` for ``Linear`` and ``Sigmoid``.
+Each variant is a frozen config class and a handler registered in :mod:`attnopt.variants.registry`, in a module
+of its own: :mod:`~attnopt.variants.exact` (exact and keep), :mod:`~attnopt.variants.sparse` (sparse and
+exact-sparse), :mod:`~attnopt.variants.linear`, :mod:`~attnopt.variants.sigmoid`. (``auto`` is the policy's:
+:mod:`attnopt.policy`.)
 """

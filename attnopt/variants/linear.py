@@ -1,7 +1,4 @@
-"""The linear and sigmoid variants in the pipeline: validation, applicability, and what they write into a graph.
-
-:class:`attnopt.Linear` and :class:`attnopt.Sigmoid` (in :mod:`attnopt.policy`) delegate here, so that
-importing attnopt stays light: the custom ops register when a variant first emits.
+"""The linear variant: its config (:class:`Linear`), validation, applicability, and what it writes into a graph.
 
 Linear, per site (``emit_linear``)::
 
@@ -15,9 +12,6 @@ and v; the Triton kernels index them). A site mask is reduced to key padding: a 
 attend to is dropped by zeroing its features (exact for padding masks; a causal mask's triangle is the
 ``causal`` flag's business). ``site_attention`` (:mod:`attnopt.kernels.linear.decode`) runs the op, or,
 inside a recurrent session, carries the site's state from call to call.
-
-Sigmoid (``emit_sigmoid``) is one ``torch.ops.attnopt.sigmoid_attention`` call on the canonical
-operands, the site's masks and causal flag included.
 """
 
 from __future__ import annotations
@@ -25,15 +19,20 @@ from __future__ import annotations
 import math
 import operator
 import re
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from attnopt import cost
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from attnopt.kernels.linear import decode
 from attnopt.kernels.linear.reference import EPS, FEATURE_MAPS, feature_map, lightning_log_decay
 from attnopt.patterns import module_path
 from attnopt.patterns.canonical import tensor_meta
+from attnopt.patterns.match import emit_operands, emit_output
+from attnopt.variants.registry import ApproximateVariant, MethodHandler, register_variant
 
 NORMALIZE = (True, False, "sum", "rms")
 RMS_EPS = 1e-6
@@ -42,12 +41,12 @@ MASKED = -1e4  # an additive mask entry at or below this hides its key (the conv
 
 # ------------------------------------------------------------------------------------------------ validation
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _check_lambda(x: Any, where: str) -> float:
-    if not (_is_number(x) and 0.0 < x <= 1.0):
+    if not (is_number(x) and 0.0 < x <= 1.0):
         raise ValueError(f"{where} must be a decay λ in (0, 1]; got {x!r}")
     return float(x)
 
@@ -56,7 +55,7 @@ def check_linear(v) -> dict:
     """Validates a ``Linear``'s fields; returns the normalized values to store (e.g. a decay list as a tuple)."""
     if v.feature_map not in FEATURE_MAPS:
         raise ValueError(f"Linear.feature_map must be one of {FEATURE_MAPS}; got {v.feature_map!r}")
-    if v.causal not in (None, True, False) or _is_number(v.causal) and not isinstance(v.causal, bool):
+    if v.causal not in (None, True, False) or is_number(v.causal) and not isinstance(v.causal, bool):
         raise ValueError(f"Linear.causal must be None (follow the site), True or False; got {v.causal!r}")
     if not any(v.normalize is n or (isinstance(n, str) and v.normalize == n) for n in NORMALIZE):
         raise ValueError(f"Linear.normalize must be one of {NORMALIZE}; got {v.normalize!r}")
@@ -85,10 +84,6 @@ def check_linear(v) -> dict:
     return {"normalize": normalize, "decay": decay}
 
 
-def check_sigmoid(v) -> dict:
-    if v.bias is not None and not (_is_number(v.bias) and math.isfinite(v.bias)):
-        raise ValueError(f"Sigmoid.bias must be None (-log Sk) or a finite number; got {v.bias!r}")
-    return {"bias": None if v.bias is None else float(v.bias)}
 
 
 def _parse_value(text: str) -> Any:
@@ -169,7 +164,7 @@ def mask_causality(mask: torch.Tensor) -> bool | None:
     return None
 
 
-def _softcapped(m) -> bool:
+def softcapped(m) -> bool:
     return bool(getattr(m, "softcap", None)) or getattr(m, "softcap_expr", None) is not None
 
 
@@ -206,7 +201,7 @@ def resolve_causal(v, m) -> bool | str:
 def linear_unsupported(v, m) -> str | None:
     if m.custom_emit is not None:
         return f"linear attention needs the site's q, k and v; this {m.kind} site is rewritten as a whole"
-    if _softcapped(m):
+    if softcapped(m):
         return "the site soft-caps its scores (Gemma 2 style); linear attention has no scores to cap"
     causal = resolve_causal(v, m)
     if isinstance(causal, str):
@@ -249,12 +244,6 @@ def describe_linear(v) -> str:
     return f"linear attention, {', '.join(parts)} (changes the function)"
 
 
-def sigmoid_unsupported(v, m) -> str | None:
-    if m.custom_emit is not None:
-        return f"sigmoid attention needs the site's q, k and v; this {m.kind} site is rewritten as a whole"
-    if _softcapped(m):
-        return "the site soft-caps its scores (Gemma 2 style); the sigmoid kernels do not"
-    return None
 
 
 # ------------------------------------------------------------------------------------------- graph helpers
@@ -298,9 +287,6 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------- emitters
 
 def emit_linear(v, graph, m, lookup):
-    from attnopt.kernels.linear import decode
-    from attnopt.patterns.match import emit_operands, emit_output
-
     causal = resolve_causal(v, m)
     if isinstance(causal, str):
         raise ValueError(causal)
@@ -322,11 +308,76 @@ def emit_linear(v, graph, m, lookup):
     return emit_output(graph, m, out)
 
 
-def emit_sigmoid(v, graph, m, lookup):
-    import attnopt.kernels.sigmoid  # noqa: F401  (registers torch.ops.attnopt.sigmoid_attention)
-    from attnopt.patterns.match import emit_operands, emit_output
+# ------------------------------------------------------------------------------------------- the variant
 
-    c = emit_operands(graph, m, lookup)
-    out = graph.call_function(torch.ops.attnopt.sigmoid_attention.default,
-                              (c.q, c.k, c.v, c.mask, c.causal, c.scale, v.bias))  # fmt: skip
-    return emit_output(graph, m, out)
+@dataclass(frozen=True)
+class Linear(ApproximateVariant):
+    """Linear attention ``φ(Q)(φ(K)ᵀV)`` (changes the function; :mod:`attnopt.kernels.linear.reference`).
+
+    ``feature_map``: ``"elu"`` (elu + 1), ``"relu"`` or ``"identity"``, applied to the site's queries and keys.
+    ``causal``: None follows the site (its causal flag; a site with a mask tensor then needs an explicit
+    choice); True treats the site's mask as causal plus key padding, False as key padding alone (keys no
+    query may see are dropped, which is exact for padding masks).
+    ``decay``: None; λ in (0, 1] for every head; one λ per query head; or ``"lightning"``, Lightning
+    Attention's schedule ``λ_h = exp(-(8h/H)(1 - l/L))`` with the layer l read from the site's module
+    path and L = ``num_layers``. Causal only: query i weighs key j by ``λ^(i-j)``.
+    ``normalize``: True or ``"sum"`` divides by ``φ(Q)(φ(K)ᵀ1) + eps``; ``"rms"`` applies TransNormer's
+    parameter-free RMS norm to the unnormalized output instead; False leaves it unnormalized.
+    Attention dropout is not applied (there is no probability matrix to drop from).
+    """
+
+    feature_map: str = "elu"
+    causal: bool | None = None
+    decay: Any = None
+    normalize: bool | str = True
+    num_layers: int | None = None
+    name = "linear"
+    generation = "recurrent"  # attnopt.generate runs its sites through their recurrent states, no KV cache
+
+    def __post_init__(self):
+        for key, value in check_linear(self).items():
+            object.__setattr__(self, key, value)
+
+    @classmethod
+    def from_string(cls, text: str) -> "Linear":
+        """``linear`` or ``linear:<feature map>`` or ``linear:key=value,...`` (e.g. ``linear:relu,causal=true``)."""
+        return cls(**parse_options(text, cls))
+
+    def to_string(self) -> str:
+        """The string form (``parse_variant`` inverts it), e.g. ``linear:relu,causal=true,decay=0.9/0.8``."""
+        return linear_string(self)
+
+    @classmethod
+    def candidates(cls, site, match) -> list:
+        return candidates(cls, site, match)
+
+    def needs_site_mask(self, match) -> bool:
+        """``causal=None`` at a site with a mask tensor: whether the mask is causal is read from its values
+        on the example inputs (:meth:`bind`)."""
+        return self.causal is None and masked(match)
+
+    def bind(self, match, mask) -> "Linear":
+        """This variant with ``causal`` read from the site's ``mask`` (causal plus padding, or padding alone);
+        unchanged when the mask is neither (the site is then refused, naming the choice to make)."""
+        causal = mask_causality(mask)
+        if causal is None or (causal is False and self.decay is not None):
+            return self
+        return replace(self, causal=causal)
+
+    def unsupported(self, match) -> str | None:
+        return linear_unsupported(self, match)
+
+    def describe(self, match=None) -> str:
+        return describe_linear(self)
+
+    def emit(self, graph, match, lookup):
+        return emit_linear(self, graph, match, lookup)
+
+
+class LinearHandler(MethodHandler):
+    def cost(self, variant, shape):
+        causal = shape.causal if variant.causal is None else variant.causal
+        return cost.linear(causal, variant.normalize)
+
+
+register_variant(Linear, LinearHandler())

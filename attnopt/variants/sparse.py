@@ -22,14 +22,18 @@ from __future__ import annotations
 import json
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any
 
+import sympy
 import torch
 from torch.fx import Node
 
-from attnopt import masks
-from attnopt.masks.structured import _Grid
+from attnopt import cost, masks
+from attnopt.masks.structured import Grid
 from attnopt.patterns.canonical import tensor_meta
+from attnopt.patterns.match import emit_operands, emit_output
+from attnopt.variants.registry import ApproximateVariant, MethodHandler, register_variant
 
 AUTO = "auto"
 
@@ -195,7 +199,7 @@ def resolve(mask, match):
         parts = [resolve(p, match) for p in mask.parts]
         sources = list(dict.fromkeys(s for _, s in parts if s))
         return type(mask)(tuple(p for p, _ in parts)), "; ".join(sources)
-    if not isinstance(mask, _Grid) or mask.grid is not None:
+    if not isinstance(mask, Grid) or mask.grid is not None:
         return mask, ""
     found = patch_grid(match.q)
     if found is None:
@@ -223,8 +227,6 @@ def resolve(mask, match):
 
 
 def emit(mask, graph, match, lookup):
-    from attnopt.patterns.match import emit_operands, emit_output
-
     c = emit_operands(graph, match, lookup)
     if mask == AUTO:
         call = graph.call_function(torch.ops.attnopt.sparse_attention_auto.default,
@@ -253,3 +255,80 @@ def candidates(cls, site, match) -> list:
         if w >= 16:
             out.append(cls(masks.SlidingWindow(w - 1, 0) if site.causal != "none" else masks.SlidingWindow(w // 2, w // 2)))
     return out
+
+
+# ------------------------------------------------------------------------------------------- the variant
+
+class _SparseName:
+    """``Sparse.name``: "sparse" on the class and for a given mask, "exact-sparse" for ``Sparse("auto")``."""
+
+    def __get__(self, obj, cls=None) -> str:
+        return "exact-sparse" if obj is not None and obj.mask == "auto" else "sparse"
+
+
+@dataclass(frozen=True)
+class Sparse(ApproximateVariant):
+    """Attention restricted to a mask descriptor (:mod:`attnopt.masks`); see :mod:`attnopt.variants.sparse`.
+
+    ``Sparse(mask)`` applies a new mask on top of the site's own (an approximation for a model trained
+    dense, reported with its measured deviation). ``Sparse("auto")`` (the default) is exact-sparse: the
+    site's own mask, recognized at run time as causal, a sliding window or padding, runs the sparse kernel,
+    with the same results.
+    """
+
+    mask: Any = "auto"
+    name = _SparseName()
+    exact = property(lambda self: self.mask == "auto")  # same function: validated at the dtype's tolerance
+
+    def __post_init__(self):
+        object.__setattr__(self, "mask", check_mask(self.mask))
+
+    @classmethod
+    def from_string(cls, text: str) -> "Sparse":
+        """``sparse``, ``sparse:auto``, ``sparse:causal``, ``sparse:blocked:B``, ``sparse:<mask JSON>``,
+        ``sliding_window:W`` (a causal window of W tokens) or ``sliding_window:L,R``."""
+        return cls(parse(text))
+
+    def to_string(self) -> str:
+        """The string form ``parse_variant`` reads back, e.g. ``sliding_window:4`` or ``sparse:causal``."""
+        return to_string(self.mask)
+
+    def to_dict(self) -> dict:
+        return to_dict(self.mask)
+
+    @classmethod
+    def from_dict(cls, body: dict) -> "Sparse":
+        unknown = sorted(set(body) - {"mask"})
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} for variant 'sparse'; known keys: ['mask']")
+        return cls(body.get("mask", "auto"))
+
+    @classmethod
+    def candidates(cls, site, match) -> list:
+        return candidates(cls, site, match)
+
+    def unsupported(self, match) -> str | None:
+        return unsupported(self.mask, match)
+
+    def describe(self, match=None) -> str:
+        """The report's reason; given the site's match, it names the token grid a grid mask runs on and its source."""
+        return describe(self.mask, match)
+
+    def emit(self, graph, match, lookup):
+        return emit(self.mask, graph, match, lookup)
+
+
+class SparseHandler(MethodHandler):
+    def cost(self, variant, shape):
+        """``Sparse(mask)`` visits the tiles of ``mask`` (and causal for a causal site) and reads the site's mask
+        tensor there; exact-sparse visits those of ``shape.own_mask`` and is the exact kernel when the site's
+        mask is not structured (or not known)."""
+        if variant.exact:
+            if shape.own_mask is None:
+                return cost.exact(shape.causal, shape.masked)
+            return cost.sparse(sympy.Float(cost.mask_tiles(shape.own_mask, shape.sq, shape.sk, shape.heads)))
+        mask = variant.mask & masks.causal() if shape.causal else variant.mask
+        return cost.sparse(sympy.Float(cost.mask_tiles(mask, shape.sq, shape.sk, shape.heads)), shape.masked)
+
+
+register_variant(Sparse, SparseHandler(), heads=("sliding_window",))
