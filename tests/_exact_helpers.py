@@ -1,21 +1,17 @@
 """Scaffolding shared by the exact-kernel tests (``tests/kernels/test_kernel_exact.py`` and
 ``tests/kernels/test_kernel_exact_bwd.py``).
 
-Importing this module selects where the kernels run: Triton's CPU interpreter (``TRITON_INTERPRET=1``,
-set here before triton is imported), or with ``ATTNOPT_TEST_GPU=1`` on a CUDA machine the compiled
-kernels on the GPU (``ATTNOPT_TEST_GPU=1 pytest tests/kernels/test_kernel_exact.py
-tests/kernels/test_kernel_exact_bwd.py``), plus the ``gpu``-marked tests. Import it before anything that imports triton.
+The kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py``), or with
+``ATTNOPT_TEST_GPU=1`` on a CUDA machine compiled on the GPU (``ATTNOPT_TEST_GPU=1 pytest
+tests/kernels/test_kernel_exact.py tests/kernels/test_kernel_exact_bwd.py``), plus the ``gpu``-marked tests.
 """
 
 import os
 
+import pytest
+import torch
+
 GPU = os.environ.get("ATTNOPT_TEST_GPU") == "1"
-if not GPU:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
 DEVICE = "cuda" if GPU else "cpu"
 gpu_only = pytest.mark.skipif(not GPU, reason="set ATTNOPT_TEST_GPU=1 on a CUDA machine")
 # The softcap's exp(2x) overflows to inf for large scores (tanh = 1 exactly); numpy warns in the interpreter.

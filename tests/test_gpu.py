@@ -1,4 +1,7 @@
-"""CUDA: the op's generated-kernel path against the reference, and a whole model. Skipped without a GPU."""
+"""CUDA: the op's generated-kernel path against the reference, and a whole model. Skipped without a GPU.
+
+Run with ``ATTNOPT_TEST_GPU=1`` for the compiled kernels (else tests/conftest.py selects Triton's interpreter).
+"""
 
 import pytest
 import torch

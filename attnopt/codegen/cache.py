@@ -107,10 +107,33 @@ def _import_kernel(name: str, path: Path):
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
+        kernel = getattr(module, name)
+        _check_triton_mode(name, kernel, module.tl)
     except BaseException:
         del sys.modules[name]
         raise
-    return getattr(module, name)
+    return kernel
+
+
+def _check_triton_mode(name: str, kernel, tl) -> None:
+    """Refuses a kernel made in another triton mode than triton.language's own ``@triton.jit`` helpers.
+
+    ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates: the helpers the kernels call (``tl.zeros``)
+    got the mode in force at triton's first import, the kernel the mode in force now. Mixed, the launch fails
+    inside the kernel ("Cannot call @triton.jit'd outside of the scope of a kernel" for an interpreted kernel).
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted = isinstance(kernel, InterpretedFunction)
+    helpers_interpreted = isinstance(tl.zeros, InterpretedFunction)
+    if interpreted != helpers_interpreted:
+        mode = {True: "interpreted (TRITON_INTERPRET=1)", False: "compiled"}
+        raise RuntimeError(
+            f"kernel {name} would run {mode[interpreted]} but triton.language's own functions are "
+            f"{mode[helpers_interpreted]}: TRITON_INTERPRET changed after triton was first imported (torch._dynamo, "
+            "and so transformers, import it). Set it (1 for the CPU interpreter, unset for a GPU) before anything "
+            "imports triton, e.g. first thing in the program or in conftest.py."
+        )
 
 
 def clear_loaded() -> None:

@@ -1,12 +1,9 @@
 """Kernel specs, the rendered Triton source and the on-disk kernel cache."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: loaded kernels run on CPU
-
 import ast
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -258,6 +255,41 @@ def test_cache_rewrites_stale_file(tmp_path, monkeypatch):
     path.write_text("# an older generator's output\n")
     load_kernel(spec)
     assert path.read_text() == render(spec)
+
+
+def _compiled_helpers(monkeypatch):
+    """triton.language as if first imported without TRITON_INTERPRET: its ``@triton.jit`` helpers compiled."""
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    monkeypatch.setattr(tl, "zeros", JITFunction(tl.zeros.fn))
+
+
+def _compiled_kernel(monkeypatch):
+    """TRITON_INTERPRET unset after triton's first import: the next ``@triton.jit`` compiles."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.mark.parametrize("mix", [_compiled_helpers, _compiled_kernel])
+def test_cache_refuses_a_kernel_in_another_mode_than_triton_language(tmp_path, monkeypatch, mix):
+    """TRITON_INTERPRET set (or unset) after triton was first imported gives a kernel and triton.language's
+    helpers in different modes; the load says so instead of the launch failing inside the kernel."""
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    mix(monkeypatch)
+    spec = make(head_dim=40, dtype="float32")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET changed after triton was first imported"):
+        load_kernel(spec)
+    assert spec.name not in sys.modules
+
+
+@pytest.mark.skipif(os.environ.get("ATTNOPT_TEST_GPU") == "1", reason="the GPU run compiles the kernels")
+def test_tests_choose_the_interpreter_before_triton_is_imported():
+    """tests/conftest.py sets TRITON_INTERPRET before any test module imports triton (attnopt.hf does, through
+    transformers and torch._dynamo), so triton.language's helpers are interpreted whichever test file runs first."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(tl.zeros, InterpretedFunction)
 
 
 def test_cache_root_default(monkeypatch):

@@ -5,10 +5,6 @@ the interpreter; the SDPA side runs through ``aten._scaled_dot_product_flash_att
 follows the CUDA backends' log-sum-exp convention.
 """
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
-
 import pytest
 import torch
 import torch.nn.functional as F

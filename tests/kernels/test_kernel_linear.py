@@ -1,10 +1,6 @@
 """Linear attention: the quadratic oracle, the recurrence, the chunked CPU path, the custom op and the
 generated Triton kernels (in Triton's CPU interpreter), forward and backward, on odd sizes."""
 
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
-
 import pytest
 import torch
 

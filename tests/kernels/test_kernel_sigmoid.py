@@ -2,9 +2,6 @@
 interpreter), forward and backward, causal and masked, on odd sizes."""
 
 import math
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 
 import pytest
 import torch

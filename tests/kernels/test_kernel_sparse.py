@@ -2,10 +2,7 @@
 interpreter), the blockwise CPU path and the custom ops, forward and backward, on small odd shapes."""
 
 import functools
-import os
 from types import SimpleNamespace
-
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: kernels run on CPU tensors
 
 import pytest
 import torch
