@@ -272,27 +272,10 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
             raise ValueError(f"policy override glob(s) {unmatched} match no attention site; "
                              f"sites are {[s.name for s, _ in sites]}")  # fmt: skip
         budget = max(policy.max_error, _tolerance(want))
-        auto = [(s, m) for s, m in sites if m.escape is None and isinstance(policy.for_site(s.name), Auto)]
-        candidates = {s.name: _candidates(policy.for_site(s.name), s, m) for s, m in auto}
-        exact_sparse = {n for n, cs in candidates.items() if any(isinstance(c, Sparse) and c.exact for c in cs)}
-        own_masks = calibrator.own_masks(exact_sparse)
-        shapes = {s.name: _shape(s, policy.seq_len, own_masks.get(s.name)) for s, _ in auto}
-        plans = {s.name: _rank(candidates[s.name], m, shapes[s.name]) for s, m in auto}
+        plans = _plans(policy, sites, calibrator)
         bar.update(task, total=1 + sum(len(ranked) for ranked, _ in plans.values()))
         choices = {name: _search(name, *plan, calibrator, measure, budget) for name, plan in plans.items()}
-        calibrator.assignment.update({name: c.variant for name, c in choices.items()})
-        approximate = {name: c.tried[-1].deviation for name, c in choices.items() if not isinstance(c.variant, Exact)}
-        if approximate:
-            deviation = measure("the combination")
-        while deviation > budget and approximate:  # back off the worst site, then measure again
-            worst = max(approximate, key=approximate.get)
-            del approximate[worst]
-            choice = choices[worst]
-            trial = choice.tried[-1]
-            trial.verdict = f"backed off: the combination deviated {deviation:.1e}"
-            choice.variant, choice.why = Exact(), f"{trial.variant} backed off: the combination exceeded the budget"
-            calibrator.assignment[worst] = Exact()
-            deviation = measure(f"the combination without {worst}")
+        deviation = _combine(choices, calibrator, measure, budget, deviation)
     default = Exact() if isinstance(policy.default, Auto) else policy.default
     final = {s.name: calibrator.assignment.get(s.name) or base(s.name) for s, _ in sites}
     return Calibration(
@@ -300,6 +283,37 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
         max_error=policy.max_error, budget=budget, deviation=deviation, sites=choices, runs=runs,
         seconds=time.perf_counter() - start,
     )  # fmt: skip
+
+
+def _plans(policy: Policy, sites: list, calibrator: _Calibrator) -> dict[str, tuple[list, list[Trial]]]:
+    """Per site left to auto (and not escaped): its candidates ranked by predicted time, and those skipped."""
+    auto = [(s, m) for s, m in sites if m.escape is None and isinstance(policy.for_site(s.name), Auto)]
+    candidates = {s.name: _candidates(policy.for_site(s.name), s, m) for s, m in auto}
+    exact_sparse = {n for n, cs in candidates.items() if any(isinstance(c, Sparse) and c.exact for c in cs)}
+    own_masks = calibrator.own_masks(exact_sparse)
+    shapes = {s.name: _shape(s, policy.seq_len, own_masks.get(s.name)) for s, _ in auto}
+    return {s.name: _rank(candidates[s.name], m, shapes[s.name]) for s, m in auto}
+
+
+def _combine(choices: dict[str, SiteChoice], calibrator: _Calibrator, measure: Callable[[str], float],
+             budget: float, deviation: float) -> float:  # fmt: skip
+    """Runs the sites' choices together; while they exceed the budget, the chosen site with the largest deviation
+    of its own goes back to exact. The combination's deviation (``deviation``, the reference's, if every site
+    stayed exact)."""
+    calibrator.assignment.update({name: c.variant for name, c in choices.items()})
+    approximate = {name: c.tried[-1].deviation for name, c in choices.items() if not isinstance(c.variant, Exact)}
+    if approximate:
+        deviation = measure("the combination")
+    while deviation > budget and approximate:  # back off the worst site, then measure again
+        worst = max(approximate, key=approximate.get)
+        del approximate[worst]
+        choice = choices[worst]
+        trial = choice.tried[-1]
+        trial.verdict = f"backed off: the combination deviated {deviation:.1e}"
+        choice.variant, choice.why = Exact(), f"{trial.variant} backed off: the combination exceeded the budget"
+        calibrator.assignment[worst] = Exact()
+        deviation = measure(f"the combination without {worst}")
+    return deviation
 
 
 def _search(name: str, ranked: list, skipped: list[Trial], calibrator: _Calibrator, measure: Callable[[str], float],
