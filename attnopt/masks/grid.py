@@ -231,7 +231,7 @@ def _cached_windows(mask, axis, n):
 
 
 def per_axis(name: str, field: str, value, ndim: int) -> tuple:
-    """``value`` (an int, or a tuple of one int per axis) as a tuple of ``ndim`` ints; ValueError naming ``name.field``."""
+    """``value`` (an int, or a tuple of one int per axis) as a tuple of ``ndim`` ints (ValueError otherwise)."""
     vals = (value,) * ndim if is_int(value) else value
     if not (isinstance(vals, tuple) and len(vals) == ndim):
         raise ValueError(f"{name}.{field} must be an int or a tuple of {ndim} (one per grid axis); got {value!r}")
@@ -239,7 +239,7 @@ def per_axis(name: str, field: str, value, ndim: int) -> tuple:
 
 
 def per_axis_bool(name: str, field: str, value, ndim: int) -> tuple:
-    """``value`` (a bool, or a tuple of one bool per axis) as a tuple of ``ndim`` bools; ValueError naming ``name.field``."""
+    """``value`` (a bool, or a tuple of one bool per axis) as a tuple of ``ndim`` bools (ValueError otherwise)."""
     vals = (value,) * ndim if isinstance(value, bool) else value
     if not (isinstance(vals, tuple) and len(vals) == ndim and all(isinstance(v, bool) for v in vals)):
         raise ValueError(f"{name}.{field} must be a bool or a tuple of {ndim} bools; got {value!r}")
