@@ -14,8 +14,12 @@ Importing this package needs torch only (sympy and matplotlib are imported when 
 from attnopt.masks.base import EMPTY, FULL, PARTIAL, And, Mask, Or, from_dict, lookup
 from attnopt.masks.blockmap import KIND_BITS, KIND_FULL, KIND_PARTIAL, BlockMap, build
 from attnopt.masks.general import BlockSparse, MaskMod, from_mask_mod
-from attnopt.masks.structured import (Blocked, GlobalLocal, Neighborhood, ResidueOrder, SlidingWindow, Strided, causal,
-                                     residue_order)
+from attnopt.masks.sliding_window import SlidingWindow, causal
+from attnopt.masks.neighborhood import Neighborhood
+from attnopt.masks.blocked import Blocked
+from attnopt.masks.global_local import GlobalLocal
+from attnopt.masks.strided import Strided
+from attnopt.masks.residue import ResidueOrder, residue_order
 
 __all__ = [
     "EMPTY", "FULL", "KIND_BITS", "KIND_FULL", "KIND_PARTIAL", "PARTIAL", "And", "BlockMap", "BlockSparse",

@@ -46,7 +46,7 @@ MAX_DENSE_ELEMENTS = 1 << 26
 
 
 # Functions giving a mask on reordered keys (the order its kernels run it in), or None: tile counts are taken
-# in the first order that applies. attnopt.masks.structured registers the residue order of strided masks.
+# in the first order that applies. attnopt.masks.residue registers the residue order of strided masks.
 _KEY_ORDERS: list = []
 
 
@@ -84,7 +84,7 @@ class Mask:
     def residue_status(self, qs, qe, ks, ke, stride: int, residue, sq: int, sk: int, heads: int) -> torch.Tensor:
         """:meth:`tile_status` restricted to the keys ``j`` of ``[ks, ke)`` with ``j ≡ residue (mod stride)``
         (``residue`` broadcasts like ``ks``; ``ks`` and ``ke - 1`` are such keys): what a key tile holds after
-        :class:`~attnopt.masks.structured.ResidueOrder` sorts keys by residue. The status of the whole range is a
+        :class:`~attnopt.masks.residue.ResidueOrder` sorts keys by residue. The status of the whole range is a
         valid answer (FULL there is FULL on the subset, EMPTY there EMPTY); Strided and SlidingWindow refine it."""
         return self.tile_status(qs, qe, ks, ke, sq, sk, heads)
 

@@ -229,6 +229,13 @@ def _build(mask, sq, sk, block_m, block_n, heads, merge_heads, bits) -> BlockMap
         runs, num = runs_from_pairs(hm, c, h, ci, col, kind)
         pieces.append(runs)
         counts.append(num)
+    tile_bits = torch.cat(all_bits) if all_bits else None
+    return BlockMap(block_m, block_n, sq, sk, _cat_runs(pieces), torch.cat(counts, 1), tile_bits)
+
+
+def _cat_runs(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The runs of consecutive query-tile chunks ([H, C, R_i, 3] each) as one [H, nq, max R_i, 3] tensor; the
+    padding runs (past each row's count) are empty FULL runs."""
     r = max(p.shape[2] for p in pieces)
     padded = []
     for p in pieces:
@@ -237,8 +244,7 @@ def _build(mask, sq, sk, block_m, block_n, heads, merge_heads, bits) -> BlockMap
             pad[..., 2] = KIND_FULL
             p = torch.cat([p, pad], dim=2)
         padded.append(p)
-    tile_bits = torch.cat(all_bits) if all_bits else None
-    return BlockMap(block_m, block_n, sq, sk, torch.cat(padded, 1), torch.cat(counts, 1), tile_bits)
+    return torch.cat(padded, 1)
 
 
 def _tile_bits(mask, h, qt, kt, block_m, block_n, sq, sk) -> torch.Tensor:
