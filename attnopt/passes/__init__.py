@@ -119,7 +119,7 @@ def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
     out = {}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            recorder.run(*[concrete(x) for x in ctx.example_inputs])
+            recorder.run(*_copies(ctx.example_inputs))
             for m in wanted:
                 sub, operands = replacement_graph(m, emit_mask)
                 out[id(m)] = sub(*[recorder.values[o] for o in operands])
@@ -202,9 +202,8 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
     skip = validation_skip(ctx.example_inputs)
     if not ctx.chosen or skip:
         if skip and ctx.chosen:
-            for site in ctx.sites:
-                if site.name in ctx.chosen:
-                    site.reason += f" (not validated: {skip})"
+            for site in _chosen_sites(ctx):
+                site.reason += f" (not validated: {skip})"
         return PassResult(gm, False, skip or "")
     wanted = set()
     for m in ctx.chosen.values():
@@ -250,6 +249,11 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
     for name in rolled_back:
         del ctx.chosen[name]
     return PassResult(rewrite(gm, ctx).gm, True, f"rolled back {rolled_back}")
+
+
+def _chosen_sites(ctx: Context) -> list[Site]:
+    """The report entries of the sites chosen for rewriting."""
+    return [site for site in ctx.sites if site.name in ctx.chosen]
 
 
 def _copies(example_inputs: list) -> list:
@@ -302,9 +306,8 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
         return PassResult(gm, False, "nothing rewritten")
     skip = _check_skip(ctx)
     if skip is not None:
-        for site in ctx.sites:
-            if site.name in ctx.chosen:
-                site.reason += f" (whole-graph check skipped: {skip})"
+        for site in _chosen_sites(ctx):
+            site.reason += f" (whole-graph check skipped: {skip})"
         return PassResult(gm, False, f"skipped: {skip}")
     approximate = any(not handler_for(v).exact(v) for v in ctx.variants.values())
     if approximate and ctx.policy.max_error is None:
@@ -324,9 +327,8 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
             f"whole-graph check of graph {ctx.graph_index}: {why} (sites {sorted(ctx.chosen)}); "
             "use Policy(on_deviation='fallback') to keep the graph as written instead"
         )
-    for site in ctx.sites:
-        if site.name in ctx.chosen:
-            site.decision, site.reason = "keep", f"whole-graph check: {why}; graph kept as written"
+    for site in _chosen_sites(ctx):
+        site.decision, site.reason = "keep", f"whole-graph check: {why}; graph kept as written"
     ctx.chosen.clear()
     ctx.variants.clear()
     return PassResult(ctx.original, True, f"fell back to the original graph: {why}")

@@ -100,14 +100,17 @@ def test_writes_survive_convert(tmp_path, write, attention):
 
 
 class ScalesItsInput(torch.nn.Module):
-    def forward(self, x):
+    def forward(self, x, mask):
         x.mul_(2.0)  # writes into the caller's tensor: once per call, whatever validation runs
-        return torch.softmax(x @ x.transpose(-2, -1), dim=-1) @ x
+        return F.scaled_dot_product_attention(x, x, x, attn_mask=mask)
 
 
-def test_validation_runs_do_not_write_into_the_callers_inputs():
+# bare linear also reads each masked site's mask in a run of the graph before rewriting
+@pytest.mark.parametrize("policy", ["exact", "linear"])
+def test_validation_runs_do_not_write_into_the_callers_inputs(policy):
     x = torch.randn(2, 5, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
     want = x * 2.0
     with torch.no_grad():
-        torch.compile(ScalesItsInput(), backend=Backend("exact", then="eager"))(x)
+        torch.compile(ScalesItsInput(), backend=Backend(policy, then="eager"))(x, mask)
     assert torch.equal(x, want)
