@@ -52,7 +52,7 @@ __all__ = [
     "report",
 ]
 
-# Artifacts (issue 8): attnopt.load(DIR) returns the optimized module an `attnopt convert` wrote.
+# Artifacts: attnopt.load(DIR) returns the optimized module an `attnopt convert` wrote.
 from attnopt.artifact import ArtifactError, load  # noqa: E402
 
 __all__ += ["ArtifactError", "load"]
@@ -64,7 +64,7 @@ def __getattr__(name: str):
         return importlib.import_module("attnopt.hf")
     raise AttributeError(f"module 'attnopt' has no attribute {name!r}")
 
-# Sparse attention (issue 5): mask descriptors and the torch.ops.attnopt.sparse_attention* ops (torch only).
+# Sparse attention: mask descriptors and the torch.ops.attnopt.sparse_attention* ops (torch only).
 from attnopt import masks  # noqa: E402
 from attnopt.kernels.sparse import ops as _sparse_ops  # noqa: E402,F401  (registers torch.ops.attnopt.sparse_*)
 

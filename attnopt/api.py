@@ -18,7 +18,7 @@ from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
-from attnopt.variants.registry import site_generation
+from attnopt.variants.registry import generation_mode
 
 
 class OptimizedModule(nn.Module):
@@ -73,7 +73,7 @@ class OptimizedModule(nn.Module):
         inner = self.module
         if not callable(getattr(inner, "generate", None)):
             raise AttributeError(f"{type(inner).__name__} has no generate(); call the optimized module instead")
-        if any(site_generation(self.policy.for_site(s.name), s.decision) == "recurrent"
+        if any(generation_mode(s.variant) == "recurrent"
                for s in self.attnopt_report.sites):  # fmt: skip
             return generate(self, *args, **kwargs)
         return _forward_view(self).generate(*args, **kwargs)

@@ -22,7 +22,6 @@ report's ``output_deviation``): ``max(max_error, the output dtype's rounding tol
 from __future__ import annotations
 
 import contextlib
-import copy
 import glob
 import time
 from dataclasses import dataclass, field, is_dataclass, replace
@@ -37,14 +36,12 @@ from attnopt.capture import (CaptureError, check_model, dynamo_limits, leaves, n
 from attnopt.cost import Shape, predict_seconds, predict_speedup
 from attnopt.kernels.sparse.structure import recognize
 from attnopt.naming import SiteNamer
-from attnopt.passes import PASSES, TOLERANCE, Context, Recorder, concrete, run_pipeline, validation_skip
+from attnopt.passes import DETECT, REWRITE, TOLERANCE, Context, Recorder, concrete, run_pipeline, validation_skip
 from attnopt.patterns.match import emit_operands, replacement_graph
 from attnopt.policy import Auto, Exact, Linear, Policy, Sparse, Variant, as_policy
 from attnopt.report import Report, Site, Trial
-from attnopt.variants.registry import handler_for, handler_of
+from attnopt.variants.registry import handler_for, handler_of, variant_classes
 
-_DETECT = [p for p in PASSES if p[0] in ("dead-code", "detect")]
-_REWRITE = [p for p in PASSES if p[0] in ("decide", "rewrite")]
 
 
 def label(variant: Any) -> str:
@@ -80,25 +77,24 @@ class _Calibrator:
         ctx = Context(Policy(), graph_index=len(self.contexts), example_inputs=list(example_inputs),
                       name_of=self.namer.for_graph(gm, list(example_inputs)))  # fmt: skip
         self.contexts.append(ctx)
-        run_pipeline(gm, ctx, _DETECT)
+        run_pipeline(gm, ctx, DETECT)
         rewrites: dict[tuple, GraphModule] = {}
 
         def run(*args):
-            variants = {s.name: self.assignment.get(s.name) or self.base(s.name) for s in ctx.sites}
+            variants = {r.name: self.assignment.get(r.name) or self.base(r.name) for r in ctx.records}
             key = tuple(variants.values())
             if key not in rewrites:
-                pin = Context(pinned(variants, Exact()), graph_index=ctx.graph_index, detections=ctx.detections,
-                              sites=[copy.copy(s) for s in ctx.sites], original=ctx.original)  # fmt: skip
-                rewrites[key] = run_pipeline(ctx.original, pin, _REWRITE)
+                pin = Context(pinned(variants, Exact()), graph_index=ctx.graph_index,
+                              records=[r.fresh() for r in ctx.records], original=ctx.original)  # fmt: skip
+                rewrites[key] = run_pipeline(ctx.original, pin, REWRITE)
             return rewrites[key](*args)
 
         return run
 
     def _matched(self):
         for ctx in self.contexts:
-            matched = [d for d in ctx.detections if d.match is not None]
-            for d, site in zip(matched, ctx.sites):
-                yield ctx, site, d.match
+            for r in ctx.records:
+                yield ctx, r.site, r.match
 
     def sites(self) -> list[tuple[Site, Any]]:
         """The sites captured, first occurrence of each name, with their matches."""
@@ -177,8 +173,11 @@ def _candidates(auto: Auto, site: Site, match: Any) -> list[Variant]:
     if auto.candidates:
         return [c for c in auto.candidates if not isinstance(c, Exact)]
     found: list[Variant] = []
-    for cls in (Sparse, Linear) if auto.allow_linear else (Sparse,):
-        found += handler_of(cls).candidates(cls, site, match)
+    for cls in variant_classes():  # in registration order (attnopt.variants)
+        handler = handler_of(cls)
+        option = handler.auto_option(cls)
+        if option is None or getattr(auto, option):
+            found += handler.candidates(cls, site, match)
     return found
 
 

@@ -22,11 +22,9 @@ from torch.fx import GraphModule
 
 from attnopt.breaks import BreakWatch
 from attnopt.naming import FrameInputs, GraphNamer, SiteNamer, compiled_root
-from attnopt.passes import PASSES, Context, run_pipeline
+from attnopt.passes import FULL, INSPECT, Context, run_pipeline
 from attnopt.policy import Policy, as_policy
 from attnopt.report import Report
-
-_DETECT_ONLY = [p for p in PASSES if p[0] in ("dead-code", "detect", "decide")]
 
 
 def _inductor(gm: GraphModule, example_inputs: list) -> Callable:
@@ -49,7 +47,7 @@ class Backend:
         self.policy: Policy = as_policy(policy)
         self.report = report if report is not None else Report()
         self.then = _inductor if then == "inductor" else _eager
-        self.passes = PASSES if rewrite else _DETECT_ONLY
+        self.passes = FULL if rewrite else INSPECT
         self.contexts: list[Context] = []
         self.breaks = BreakWatch(model)  # ``model`` (optional) names the attention a graph break ran eagerly
         self.model = model

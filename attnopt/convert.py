@@ -111,7 +111,7 @@ def _convert(src: str, policy: Any, out: str | os.PathLike, *, weights, inputs, 
                 steps.step("write manifest")
                 report = optimized.attnopt_report
                 manifest = build_manifest(source, st.staging, written, inputs_entry, report,
-                                          site_entries(report, optimized.policy), pol,
+                                          site_entries(report), pol,
                                           calibration.policy if calibration is not None else None)  # fmt: skip
                 A.write_manifest(st.staging, manifest)
                 steps.done()

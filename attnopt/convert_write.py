@@ -21,7 +21,7 @@ from attnopt import inputs as I
 from attnopt.codegen.spec import default_spec
 from attnopt.convert_source import ConvertError, Source
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.policy import Keep, Policy
+from attnopt.policy import Policy
 from attnopt.targets import quiet_transformers
 
 
@@ -179,14 +179,13 @@ def kernel_entry(site: Any) -> dict | None:
             "note": "CUDA runs this generated Triton kernel; CPU runs the PyTorch reference"}  # fmt: skip
 
 
-def site_entries(report: Any, policy: Policy) -> list[dict]:
-    """Per site: the report's facts, the variant it runs (from the policy the optimized module applied: for an
-    auto policy, the calibrated one) and the kernel spec."""
+def site_entries(report: Any) -> list[dict]:
+    """Per site: the report's facts, the variant it runs (the one the optimized module's policy gave it: for an
+    auto policy, the calibrated one; ``keep`` where it was kept) and the kernel spec."""
     out = []
     for s in report.sites:
-        entry = asdict(s)
-        variant = Keep() if s.decision == "keep" else policy.for_site(s.name)
-        entry["variant"] = A.variant_to_dict(variant)
+        entry = s.to_dict()
+        entry["variant"] = A.variant_to_dict(s.variant)
         entry["kernel"] = kernel_entry(s)
         out.append(entry)
     return out

@@ -241,11 +241,8 @@ def predict_speedup(site: Any, variant: Any, seq_len: int | None = None, hw: Har
 
 def annotate(report: Any, policy: Any) -> None:
     """Sets every site's ``predicted_speedup`` for what was decided, at the policy's ``seq_len``."""
-    for site in report.sites:
-        if site.decision == "keep":  # the site as written: its own time over itself
-            site.predicted_speedup = None if Shape.from_site(site, policy.seq_len) is None else 1.0
-        else:
-            site.predicted_speedup = predict_speedup(site, policy.for_site(site.name), policy.seq_len)
+    for site in report.sites:  # a kept site runs as written: Keep's cost is the original's (speedup 1)
+        site.predicted_speedup = None if site.variant is None else predict_speedup(site, site.variant, policy.seq_len)
 
 
 def crossover(a: Any, b: Any, shape: Shape, hw: Hardware = H100) -> list[float]:

@@ -31,7 +31,7 @@ decompose them (:mod:`attnopt.onnx_functions`), so a runtime without attnopt ker
 a sparse site (``attnopt::sparse_attention``) becomes ``attnopt::SparseAttention`` (the mask descriptor as
 an attribute; the body applies its boolean matrix at the exported lengths, then ``DenseAttention``); an
 exact-sparse site (``sparse_attention_auto``) computes exact attention and exports as an exact site.
-Linear and sigmoid sites (issue 6) slot in the same way: a translation registered for their op with
+Linear and sigmoid sites slot in the same way: a translation registered for their op with
 :func:`register_onnx_translation` that emits their ``attnopt`` function; until then their export fails
 with the op's name.
 """
@@ -56,7 +56,7 @@ from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CA
 from attnopt.kernels.sparse import ops as sparse_ops  # noqa: F401  (registers torch.ops.attnopt.sparse_*)
 from attnopt.masks import lookup
 from attnopt.naming import SiteNamer
-from attnopt.passes import PASSES, Context, run_pipeline
+from attnopt.passes import FULL, UNCHECKED, Context, run_pipeline
 from attnopt.export_dims import (BATCH, SEQUENCE, Dims, dynamo_spec, export_spec, flat_module, infer_dims,
                                  input_names, name_onnx_values, program_dims, violation_reason)
 from attnopt.policy import as_policy
@@ -101,7 +101,7 @@ def capture(model: nn.Module, policy: Any, args: tuple, kwargs: dict, validate: 
         ) from exc
     flat = _flat_inputs(gm, args, kwargs)
     ctx = Context(policy, example_inputs=flat, name_of=SiteNamer(model).for_graph(gm, flat))
-    passes = PASSES if validate else [p for p in PASSES if p[0] not in ("validate", "check-graph")]
+    passes = FULL if validate else UNCHECKED
     with torch.no_grad():
         if dynamic_shapes is None:
             return run_pipeline(gm, ctx, passes), ctx

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 
 from attnopt.kernels.linear.decode import RecurrentSession
 from attnopt.report import Report
-from attnopt.variants.registry import site_generation
+from attnopt.variants.registry import generation_mode
 
 
 class RecurrentCache(RecurrentSession, Cache):
@@ -153,14 +153,14 @@ def _check_options(inner: torch.nn.Module, kwargs: dict) -> None:
                              "cache, one token is fed per step")  # fmt: skip
 
 
-def recurrent_sites(report, policy) -> list[str]:
+def recurrent_sites(report) -> list[str]:
     """The names of the report's sites, all rewritten by a variant that generates through recurrent states
     (``attnopt.Linear``); a ValueError naming any other."""
     if not report.sites:
         raise ValueError("attnopt.generate: the model has no attention site yet; optimize it with example inputs "
                          "(attnopt.optimize(model, attnopt.Linear(causal=True), kwargs={'input_ids': ...}))")  # fmt: skip
     others = [f"{s.name} ({s.decision}: {s.reason})" for s in report.sites
-              if site_generation(policy.for_site(s.name), s.decision) != "recurrent"]
+              if generation_mode(s.variant) != "recurrent"]
     if others:
         raise ValueError(
             f"attnopt.generate feeds one token per step with no KV cache, so every attention site must be causal "
@@ -228,6 +228,6 @@ def generate(model, input_ids: torch.Tensor | None = None, **generate_kwargs: An
     if getattr(inner.config, "is_encoder_decoder", False):
         raise NotImplementedError("attnopt.generate runs decoder-only models; encoder-decoders are not supported")
     _check_options(inner, generate_kwargs)
-    cache = RecurrentCache(recurrent_sites(model.attnopt_report, model.policy))
+    cache = RecurrentCache(recurrent_sites(model.attnopt_report))
     view = _recurrent_view(model, cache)
     return view.generate(input_ids, use_cache=True, **{cache_keyword(inner): cache}, **generate_kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -53,6 +53,14 @@ class Site:
     predicted_speedup: float | None = None  # cost model: the site as written over the decision, at the target length
     runs: str = ""  # exact sites: the implementation that ran on the example inputs (SDPA dispatch), and by how much
     tried: list[Trial] = field(default_factory=list)  # the auto policy's candidates at this site
+    variant: Any = field(default=None, repr=False, compare=False)  # the variant it runs (Keep() when kept)
+
+    def to_dict(self) -> dict:
+        """The report's facts about the site (the variant object is written by its decision's name; an
+        artifact writes the variant's own dict form beside)."""
+        facts = asdict(replace(self, variant=None))
+        del facts["variant"]
+        return facts
 
     @classmethod
     def from_detection(cls, d: Detection, graph: int) -> "Site":
@@ -145,7 +153,7 @@ class Report:
         return {
             "graphs": self.graphs,
             "output_deviation": self.output_deviation,
-            "sites": [asdict(s) for s in self.sites],
+            "sites": [s.to_dict() for s in self.sites],
             "misses": [asdict(m) for m in self.misses],
             "not_captured": [asdict(n) for n in self.not_captured],
             "notes": list(self.notes),

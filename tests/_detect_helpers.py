@@ -13,7 +13,7 @@ from attnopt.policy import Policy
 
 def run_passes(gm: GraphModule, ctx: passes.Context) -> GraphModule:
     """``gm`` through every pass of the pipeline in order, linting the graph after each."""
-    for _, fn in passes.PASSES:
+    for _, fn in passes.FULL:
         gm = fn(gm, ctx).gm
         gm.graph.lint()
     return gm

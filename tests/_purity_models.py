@@ -23,7 +23,7 @@ def _(out: torch.Tensor, x: torch.Tensor) -> None:
 
 def _cumsum_out(h):
     buf = h.new_zeros(h.numel() + 1)
-    torch.cumsum(h.flatten(), 0, out=buf[1:])  # the graph/packed-sequence index idiom of issue 20
+    torch.cumsum(h.flatten(), 0, out=buf[1:])  # the graph/packed-sequence index idiom (offsets written into a buffer)
     return buf[:-1].view_as(h)
 
 

@@ -159,7 +159,7 @@ def test_inspect_report_fits_the_terminal_width(tmp_path):
     assert max(len(line) for line in res.output.splitlines()) <= 80 and "self_attn" in res.output
 
 
-# ------------------------------------------------------------------ policy spelling (issue 12, finding 7)
+# ------------------------------------------------------------------ policy spelling
 
 ATTENTION_FACTORY = """
 import torch

@@ -1,4 +1,4 @@
-"""``torch.compile(model, backend="attnopt")`` trains (issue 12, finding 3).
+"""``torch.compile(model, backend="attnopt")`` trains.
 
 The registered backend runs attnopt's passes, then Inductor. A training step (forward, backward,
 optimizer step) on tiny Hugging Face models (eager and sdpa attention) and on a hand-written

@@ -139,17 +139,8 @@ def test_convert_keep_policy_and_bench(tmp_path):
     assert all(r["deviation"] == 0.0 and r["median_ms"] > 0 for r in rows)
 
 
-def _sparse_available():
-    try:
-        return attnopt.Policy.from_string("sliding_window:4") is not None
-    except (NotImplementedError, AttributeError):
-        return False
-
-
 def test_convert_sparse_policy(tmp_path):
     """A sliding window changes the function: the artifact reproduces attnopt's sparse model, not the original."""
-    if not _sparse_available():
-        pytest.skip("sparse policies arrive with issue 5")
     src, out = tmp_path / "src", tmp_path / "out"
     _save("llama", src)
     before = sorted(p.name for p in tmp_path.iterdir())

@@ -1,4 +1,4 @@
-"""The cost model: its expressions against hand counts, and its predictions against DESIGN.md §3's H100 anchors."""
+"""The cost model: its expressions against hand counts, and its predictions against the H100 anchors of docs/cost-model.md."""
 
 import pytest
 import sympy
@@ -51,7 +51,7 @@ def test_window_tiles_closed_form_matches_the_block_map(left, right, s):
     assert float(expr.subs({SK: s, BN: cost.BLOCK})) == pytest.approx(cost.mask_tiles(mask, s, s))
 
 
-# DESIGN.md §3, dense: SDPA flash (FA2) TFLOP/s, B·S = 16k, H16.
+# docs/cost-model.md, dense: SDPA flash (FA2) TFLOP/s, B·S = 16k, H16.
 @pytest.mark.parametrize("d,s,causal,tflops", [
     (128, 16384, False, 353), (128, 16384, True, 325), (128, 4096, False, 340), (64, 16384, False, 308),
     (64, 16384, True, 277), (128, 1024, False, 323),
@@ -62,7 +62,7 @@ def test_dense_exact_matches_fa2_anchors(d, s, causal, tflops):
     assert useful / cost.seconds(cost.exact(causal), sh) / 1e12 == pytest.approx(tflops, rel=0.15)
 
 
-# DESIGN.md §3: causal window 1024 (FlexAttention block mask) vs FA2 causal, B1 H16 D128, ms.
+# docs/cost-model.md: causal window 1024 (FlexAttention block mask) vs FA2 causal, B1 H16 D128, ms.
 @pytest.mark.parametrize("s,window_ms,dense_ms", [(8192, 0.221, 0.958), (32768, 0.846, 12.8), (131072, 3.43, 235)])
 def test_sliding_window_matches_anchors(s, window_ms, dense_ms):
     sh = shape(s, causal=True)
@@ -73,7 +73,7 @@ def test_sliding_window_matches_anchors(s, window_ms, dense_ms):
     assert predicted == pytest.approx(dense_ms / window_ms, rel=0.3)
 
 
-# DESIGN.md §3: fla chunk_linear_attn (unnormalized) vs FA2 causal, H16 D128, ms.
+# docs/cost-model.md: fla chunk_linear_attn (unnormalized) vs FA2 causal, H16 D128, ms.
 @pytest.mark.parametrize("b,s,linear_ms,dense_ms", [
     (16, 4096, 0.972, 3.48), (4, 16384, 1.03, 12.7), (1, 65536, 1.06, 55.4),
 ])  # fmt: skip
@@ -84,14 +84,14 @@ def test_causal_linear_matches_anchors(b, s, linear_ms, dense_ms):
     assert ms(cost.exact(True), sh) / ms(linear, sh) == pytest.approx(dense_ms / linear_ms, rel=0.3)
 
 
-def test_sigmoid_is_about_17_percent_faster_than_fa2():  # DESIGN.md §4
+def test_sigmoid_is_about_17_percent_faster_than_fa2():  # docs/cost-model.md
     sh = shape(16384)
     assert cost.seconds(cost.exact(), sh) / cost.seconds(cost.sigmoid(), sh) == pytest.approx(1.17, abs=0.05)
 
 
 def test_crossovers():
-    # Causal linear overtakes exact causal in the low thousands (§3's anchors: 3.6x faster already at 4k;
-    # §4 quotes fla's "from about 4k tokens").
+    # Causal linear overtakes exact causal in the low thousands (the anchors: 3.6x faster already at 4k;
+    # flash-linear-attention quotes "from about 4k tokens").
     (s,) = cost.crossover(cost.linear(causal=True, normalize=False), cost.exact(True), shape(1024, causal=True))
     assert 1000 < s < 4096
     # A causal window of 1024 tokens is causal attention until the sequence outgrows it (9 tiles of 128).

@@ -1,4 +1,4 @@
-"""Dynamic batch and sequence dims of .pt2 and ONNX exports, and named outputs (issue 12, finding 8)."""
+"""Dynamic batch and sequence dims of .pt2 and ONNX exports, and named outputs."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Issue 2's bar on real Hugging Face models: gpt2, bert, llama and vit, eager and sdpa attention."""
+"""The bar on real Hugging Face models: gpt2, bert, llama and vit, eager and sdpa attention."""
 
 import pytest
 import torch

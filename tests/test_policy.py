@@ -197,7 +197,7 @@ def test_glob_matching_no_site_names_it_and_the_sites(entry):
         getattr(attnopt, entry)(TwoSites(), args=(x,), policy=policy)
 
 
-# ------------------------------------------------------------------ bare policy strings and their display (issue 12)
+# ------------------------------------------------------------------ bare policy strings and their display
 
 class _MaskedAttention(nn.Module):
     """An attention module taking an additive mask, as a Hugging Face eager attention does."""

@@ -1,6 +1,13 @@
-"""The pipeline: one ordered list of named passes, each ``(GraphModule, Context) -> PassResult``.
+"""The pipeline: named lists of passes, each ``(GraphModule, Context) -> PassResult``.
 
-    dead-code -> detect -> decide -> rewrite -> validate -> check-graph
+    FULL:      dead-code -> detect -> decide -> rewrite -> validate -> check-graph
+    INSPECT:   dead-code -> detect -> decide                      (what would be done; nothing rewritten)
+    DETECT:    dead-code -> detect                                (auto's calibration: sites only)
+    REWRITE:   decide -> rewrite                                  (a detected graph under another policy)
+    UNCHECKED: dead-code -> detect -> decide -> rewrite           (decisions validated before: an export)
+
+Each attention site is one :class:`SiteRecord` carried through the passes: what detection found, the
+report's entry (decision, reason, deviation, what ran) and the variant it is rewritten with.
 
 ``detect`` and ``decide`` only annotate the context; ``rewrite`` returns a new GraphModule (the input
 graph is never edited, so a rollback is a re-rewrite without the failing site); ``validate`` runs the
@@ -15,6 +22,7 @@ raises :class:`GraphDeviationError`, as ``Policy.on_deviation`` says.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -26,8 +34,8 @@ from attnopt.errors import GraphDeviationError
 from attnopt.kernels.exact import dispatch
 from attnopt.patterns import Detection, detect
 from attnopt.passes.purity import is_impure
-from attnopt.patterns.match import AttentionMatch, copy_graph, emit, emit_mask, replacement_graph
-from attnopt.policy import Exact, Keep, Policy
+from attnopt.patterns.match import AttentionMatch, copy_graph, emit_mask, replacement_graph
+from attnopt.policy import Keep, Policy
 from attnopt.report import Miss, Site
 from attnopt.variants.registry import handler_for
 
@@ -48,18 +56,57 @@ class PassResult:
 
 
 @dataclass
+class SiteRecord:
+    """One attention site through the pipeline: its detection (and match), its report entry, and the variant
+    it is rewritten with (``None``: written as the model wrote it). The report entry's ``variant`` is the
+    policy's variant for the site (``Keep()`` when kept); ``variant`` here is the one emitted, which may be
+    bound to what the site's example inputs showed (:meth:`attnopt.Linear.bind`)."""
+
+    detection: Detection
+    site: Site
+    variant: Any = None
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    @property
+    def match(self) -> AttentionMatch:
+        return self.detection.match
+
+    def choose(self, policy_variant: Any, variant: Any, reason: str) -> None:
+        self.site.decision, self.site.reason, self.site.variant = policy_variant.name, reason, policy_variant
+        self.variant = variant
+
+    def keep(self, reason: str) -> None:
+        self.site.decision, self.site.reason, self.site.variant = "keep", reason, Keep()
+        self.variant = None
+
+    def fresh(self) -> "SiteRecord":
+        """The record before any decision (a copy of the report entry): to decide again under another policy."""
+        return SiteRecord(self.detection, copy.copy(self.site))
+
+
+@dataclass
 class Context:
     policy: Policy
     graph_index: int = 0
     example_inputs: list | None = None
-    detections: list[Detection] = field(default_factory=list)
-    sites: list[Site] = field(default_factory=list)
+    records: list[SiteRecord] = field(default_factory=list)  # the graph's attention sites, in graph order
     misses: list[Miss] = field(default_factory=list)
-    chosen: dict[str, AttentionMatch] = field(default_factory=dict)  # site name -> match to rewrite
-    variants: dict[str, Any] = field(default_factory=dict)  # site name -> variant, for non-exact variants
     original: GraphModule | None = None
     name_of: Callable[[Node], str] | None = None  # a node's site name (default: its frame-relative module path)
     log: list[tuple[str, bool, str]] = field(default_factory=list)
+
+    @property
+    def sites(self) -> list[Site]:
+        """The report entries of the graph's sites."""
+        return [r.site for r in self.records]
+
+    @property
+    def chosen(self) -> list[SiteRecord]:
+        """The sites being rewritten."""
+        return [r for r in self.records if r.variant is not None]
 
 
 def dead_code(gm: GraphModule, ctx: Context) -> PassResult:
@@ -72,47 +119,41 @@ def dead_code(gm: GraphModule, ctx: Context) -> PassResult:
 
 
 def detect_sites(gm: GraphModule, ctx: Context) -> PassResult:
-    ctx.detections = detect(gm) if ctx.name_of is None else detect(gm, ctx.name_of)
-    for d in ctx.detections:
+    for d in detect(gm) if ctx.name_of is None else detect(gm, ctx.name_of):
         if d.match is None:
             ctx.misses.append(Miss(d.name, ctx.graph_index, d.anchor.name, d.reason or "not attention"))
         else:
-            ctx.sites.append(Site.from_detection(d, ctx.graph_index))
-    return PassResult(gm, False, f"{len(ctx.sites)} site(s), {len(ctx.misses)} miss(es)")
+            ctx.records.append(SiteRecord(d, Site.from_detection(d, ctx.graph_index)))
+    return PassResult(gm, False, f"{len(ctx.records)} site(s), {len(ctx.misses)} miss(es)")
 
 
 def decide(gm: GraphModule, ctx: Context) -> PassResult:
-    matched = [d for d in ctx.detections if d.match is not None]
-    masks = _site_masks(ctx, matched)
-    for d, site in zip(matched, ctx.sites):
-        if d.match.escape:
-            site.decision, site.reason = "keep", d.match.escape
+    """Gives each site the policy's variant, where the site can take it (else keeps it, saying why)."""
+    masks = _site_masks(ctx)
+    for r in ctx.records:
+        if r.match.escape:
+            r.keep(r.match.escape)
             continue
-        variant = ctx.policy.for_site(site.name)
+        chosen = variant = ctx.policy.for_site(r.name)
         if isinstance(variant, Keep):
-            site.decision, site.reason = "keep", "policy: keep"
-        elif isinstance(variant, Exact):
-            site.decision, site.reason = "exact", "fused attnopt kernel, same function"
-            ctx.chosen[site.name] = d.match
+            r.keep("policy: keep")
+            continue
+        if id(r.match) in masks:  # the variant reads the site's mask (bind)
+            variant = variant.bind(r.match, masks[id(r.match)])
+        handler = handler_for(variant)
+        unsupported = handler.unsupported(variant, r.match)
+        if unsupported:
+            r.keep(f"{variant.name} not applicable: {unsupported}")
         else:
-            if id(d.match) in masks:  # the variant reads the site's mask (bind)
-                variant = variant.bind(d.match, masks[id(d.match)])
-            handler = handler_for(variant)
-            unsupported = handler.unsupported(variant, d.match)
-            if unsupported:
-                site.decision, site.reason = "keep", f"{variant.name} not applicable: {unsupported}"
-                continue
-            site.decision, site.reason = variant.name, handler.describe(variant, d.match)
-            ctx.chosen[site.name] = d.match
-            ctx.variants[site.name] = variant
+            r.choose(chosen, variant, handler.describe(variant, r.match))
     return PassResult(gm, False, f"{len(ctx.chosen)} site(s) chosen")
 
 
-def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
+def _site_masks(ctx: Context) -> dict[int, torch.Tensor]:
     """The mask tensor of each site whose variant reads it (``needs_site_mask(match)``: linear attention's
     causal=None), computed on the example inputs in one run of the graph; keyed by ``id(match)``."""
-    wanted = [d.match for d, site in zip(matched, ctx.sites)
-              if getattr(ctx.policy.for_site(site.name), "needs_site_mask", lambda m: False)(d.match)]  # fmt: skip
+    wanted = [r.match for r in ctx.records
+              if getattr(ctx.policy.for_site(r.name), "needs_site_mask", lambda m: False)(r.match)]  # fmt: skip
     if not wanted or validation_skip(ctx.example_inputs) or ctx.original is None:
         return {}
     recorder = Recorder(ctx.original, {o for m in wanted for o in m.operands()})
@@ -128,28 +169,28 @@ def _site_masks(ctx: Context, matched: list) -> dict[int, torch.Tensor]:
     return out
 
 
-def _emitter(ctx: Context, name: str) -> Callable:
-    """How site ``name`` is written: its variant's emitter, or the exact op call."""
-    variant = ctx.variants.get(name)
-    return partial(handler_for(variant).emit, variant) if variant is not None else emit
+def _emitter(r: SiteRecord) -> Callable:
+    """How site ``r`` is written: its variant's emitter."""
+    return partial(handler_for(r.variant).emit, r.variant)
 
 
 def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
     """A new GraphModule in which every chosen site is one ``torch.ops.attnopt`` call."""
-    if not ctx.chosen:
+    chosen = ctx.chosen
+    if not chosen:
         return PassResult(ctx.original, False)
     graph, env = copy_graph(ctx.original.graph)
     lookup: Callable[[Any], Any] = lambda x: env[x] if isinstance(x, Node) else x  # noqa: E731
-    for name, m in ctx.chosen.items():
-        old = env[m.output]
+    for r in chosen:
+        old = env[r.match.output]
         with graph.inserting_before(old):
-            new = _emitter(ctx, name)(graph, m, lookup)
+            new = _emitter(r)(graph, r.match, lookup)
         old.replace_all_uses_with(new)
-        env[m.output] = new  # a later site may read this one's output as an operand
+        env[r.match.output] = new  # a later site may read this one's output as an operand
     graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     out = GraphModule(ctx.original, graph, class_name=type(ctx.original).__name__)
-    return PassResult(out, True, f"{len(ctx.chosen)} site(s) rewritten")
+    return PassResult(out, True, f"{len(chosen)} site(s) rewritten")
 
 
 class Recorder(Interpreter):
@@ -199,61 +240,49 @@ def validation_skip(example_inputs: list | None) -> str | None:
 
 def validate(gm: GraphModule, ctx: Context) -> PassResult:
     """Checks every rewritten site against the original on the example inputs; rolls back deviants."""
+    chosen = ctx.chosen
     skip = validation_skip(ctx.example_inputs)
-    if not ctx.chosen or skip:
-        if skip and ctx.chosen:
-            for site in _chosen_sites(ctx):
-                site.reason += f" (not validated: {skip})"
+    if not chosen or skip:
+        for r in chosen:
+            r.site.reason += f" (not validated: {skip})"
         return PassResult(gm, False, skip or "")
-    wanted = set()
-    for m in ctx.chosen.values():
-        wanted.update(m.operands())
-        wanted.add(m.output)
-    recorder = Recorder(ctx.original, wanted)
+    recorder = Recorder(ctx.original, {n for r in chosen for n in (*r.match.operands(), r.match.output)})
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         recorder.run(*_copies(ctx.example_inputs))
-        rolled_back = []
-        for site in ctx.sites:
-            m = ctx.chosen.get(site.name)
-            if m is None:
-                continue
-            if m.dropout_p > 0.0:
-                site.reason += " (not validated: dropout is random)"
-                continue
-            want = _first_tensor(recorder.values[m.output])
-            variant = ctx.variants.get(site.name)
-            approximate = variant is not None and not handler_for(variant).exact(variant)
-            tol = ctx.policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
-            sub, operands = replacement_graph(m, _emitter(ctx, site.name))
-            try:
-                with dispatch.record() as decisions:  # which implementation the exact op ran (SDPA dispatch)
-                    got = _first_tensor(sub(*[recorder.values[o] for o in operands]))
-                site.runs = "; ".join(dict.fromkeys(d.describe() for d in decisions))
-            except Exception as exc:  # a replacement that cannot run is a rollback, never a crash
-                failure = f"rolled back: the replacement raised {type(exc).__name__}: {exc}"
-            else:
-                site.deviation = deviation(got, want)
-                failure = None
-                if approximate and tol is None:
-                    site.reason += f" (approximate: measured deviation {site.deviation:.2e})"
-                elif approximate and site.deviation > tol:
-                    failure = f"rolled back: deviation {site.deviation:.2e} exceeds the policy's max_error {tol:.0e}"
-                elif site.deviation > tol:
-                    failure = f"rolled back: deviation {site.deviation:.2e} exceeds the {want.dtype} tolerance {tol:.0e}"
-            if failure:
-                site.decision, site.reason = "keep", failure
-                rolled_back.append(site.name)
-                ctx.variants.pop(site.name, None)
+        rolled_back = [r.name for r in chosen if _check_site(r, recorder.values, ctx.policy)]
     if not rolled_back:
         return PassResult(gm, False, "all sites within tolerance")
-    for name in rolled_back:
-        del ctx.chosen[name]
     return PassResult(rewrite(gm, ctx).gm, True, f"rolled back {rolled_back}")
 
 
-def _chosen_sites(ctx: Context) -> list[Site]:
-    """The report entries of the sites chosen for rewriting."""
-    return [site for site in ctx.sites if site.name in ctx.chosen]
+def _check_site(r: SiteRecord, values: dict, policy: Policy) -> bool:
+    """Runs site ``r``'s replacement on the operands the original saw (``values``) and measures its deviation
+    from the original's output; rolls it back (returns True) when it cannot run or deviates too far."""
+    if r.match.dropout_p > 0.0:
+        r.site.reason += " (not validated: dropout is random)"
+        return False
+    want = _first_tensor(values[r.match.output])
+    approximate = not handler_for(r.variant).exact(r.variant)
+    tol = policy.max_error if approximate else TOLERANCE.get(want.dtype, 1e-4)
+    sub, operands = replacement_graph(r.match, _emitter(r))
+    try:
+        with dispatch.record() as decisions:  # which implementation the exact op ran (SDPA dispatch)
+            got = _first_tensor(sub(*[values[o] for o in operands]))
+        r.site.runs = "; ".join(dict.fromkeys(d.describe() for d in decisions))
+    except Exception as exc:  # a replacement that cannot run is a rollback, never a crash
+        failure = f"rolled back: the replacement raised {type(exc).__name__}: {exc}"
+    else:
+        r.site.deviation = deviation(got, want)
+        failure = None
+        if approximate and tol is None:
+            r.site.reason += f" (approximate: measured deviation {r.site.deviation:.2e})"
+        elif approximate and r.site.deviation > tol:
+            failure = f"rolled back: deviation {r.site.deviation:.2e} exceeds the policy's max_error {tol:.0e}"
+        elif r.site.deviation > tol:
+            failure = f"rolled back: deviation {r.site.deviation:.2e} exceeds the {want.dtype} tolerance {tol:.0e}"
+    if failure:
+        r.keep(failure)
+    return failure is not None
 
 
 def _copies(example_inputs: list) -> list:
@@ -290,7 +319,7 @@ def _graph_deviation(want: list[torch.Tensor], got: list[torch.Tensor], budget: 
 
 def _check_skip(ctx: Context) -> str | None:
     skip = validation_skip(ctx.example_inputs)
-    if skip is None and any(m.dropout_p > 0.0 for m in ctx.chosen.values()):
+    if skip is None and any(r.match.dropout_p > 0.0 for r in ctx.chosen):
         skip = "a site uses dropout, which is random"
     return skip
 
@@ -302,14 +331,15 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
     (and the inputs they write to), so any other change the passes made is held to the same bound. Exact
     rewrites are held to the dtype's tolerance, approximate ones to the policy's ``max_error``.
     """
-    if not ctx.chosen:
+    chosen = ctx.chosen
+    if not chosen:
         return PassResult(gm, False, "nothing rewritten")
     skip = _check_skip(ctx)
     if skip is not None:
-        for site in _chosen_sites(ctx):
-            site.reason += f" (whole-graph check skipped: {skip})"
+        for r in chosen:
+            r.site.reason += f" (whole-graph check skipped: {skip})"
         return PassResult(gm, False, f"skipped: {skip}")
-    approximate = any(not handler_for(v).exact(v) for v in ctx.variants.values())
+    approximate = any(not handler_for(r.variant).exact(r.variant) for r in chosen)
     if approximate and ctx.policy.max_error is None:
         return PassResult(gm, False, "approximate without max_error: nothing to hold the graph to")
     want = _run_whole(ctx.original, ctx.example_inputs)
@@ -324,29 +354,33 @@ def check_graph(gm: GraphModule, ctx: Context) -> PassResult:
         why = f"rewritten graph deviates {worst:.1e} > {bound:.0e} on the example inputs"
     if ctx.policy.on_deviation == "raise":
         raise GraphDeviationError(
-            f"whole-graph check of graph {ctx.graph_index}: {why} (sites {sorted(ctx.chosen)}); "
+            f"whole-graph check of graph {ctx.graph_index}: {why} (sites {sorted(r.name for r in chosen)}); "
             "use Policy(on_deviation='fallback') to keep the graph as written instead"
         )
-    for site in _chosen_sites(ctx):
-        site.decision, site.reason = "keep", f"whole-graph check: {why}; graph kept as written"
-    ctx.chosen.clear()
-    ctx.variants.clear()
+    for r in chosen:
+        r.keep(f"whole-graph check: {why}; graph kept as written")
     return PassResult(ctx.original, True, f"fell back to the original graph: {why}")
 
 
-PASSES: list[tuple[str, Callable[[GraphModule, Context], PassResult]]] = [
-    ("dead-code", dead_code),
-    ("detect", detect_sites),
-    ("decide", decide),
-    ("rewrite", rewrite),
-    ("validate", validate),
-    ("check-graph", check_graph),
-]
+Pass = tuple[str, Callable[[GraphModule, Context], PassResult]]
+DEAD_CODE: Pass = ("dead-code", dead_code)
+DETECT_SITES: Pass = ("detect", detect_sites)
+DECIDE: Pass = ("decide", decide)
+REWRITE_SITES: Pass = ("rewrite", rewrite)
+VALIDATE: Pass = ("validate", validate)
+CHECK_GRAPH: Pass = ("check-graph", check_graph)
+
+FULL: tuple[Pass, ...] = (DEAD_CODE, DETECT_SITES, DECIDE, REWRITE_SITES, VALIDATE, CHECK_GRAPH)
+INSPECT: tuple[Pass, ...] = (DEAD_CODE, DETECT_SITES, DECIDE)
+DETECT: tuple[Pass, ...] = (DEAD_CODE, DETECT_SITES)
+REWRITE: tuple[Pass, ...] = (DECIDE, REWRITE_SITES)
+UNCHECKED: tuple[Pass, ...] = (DEAD_CODE, DETECT_SITES, DECIDE, REWRITE_SITES)
+PASSES = FULL  # the default pipeline
 
 
-def run_pipeline(gm: GraphModule, ctx: Context, passes=None) -> GraphModule:
-    """Runs ``passes`` (default: all of :data:`PASSES`) in order; returns the final GraphModule."""
-    for name, fn in passes if passes is not None else PASSES:
+def run_pipeline(gm: GraphModule, ctx: Context, passes: tuple[Pass, ...] = FULL) -> GraphModule:
+    """Runs ``passes`` (default: :data:`FULL`) in order; returns the final GraphModule."""
+    for name, fn in passes:
         result = fn(gm, ctx)
         ctx.log.append((name, result.changed, result.detail))
         gm = result.gm

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt import cost
+from attnopt.patterns.match import emit
 from attnopt.variants.registry import MethodHandler, register_variant
 
 
@@ -23,6 +24,12 @@ class Keep:
 
 
 class ExactHandler(MethodHandler):
+    def describe(self, variant, match=None):
+        return "fused attnopt kernel, same function"
+
+    def emit(self, variant, graph, match, lookup):
+        return emit(graph, match, lookup)
+
     def exact(self, variant):
         return True
 
@@ -31,6 +38,9 @@ class ExactHandler(MethodHandler):
 
 
 class KeepHandler(MethodHandler):
+    def describe(self, variant, match=None):
+        return "policy: keep"
+
     def exact(self, variant):
         return True
 

@@ -333,6 +333,7 @@ class Linear(ApproximateVariant):
     num_layers: int | None = None
     name = "linear"
     generation = "recurrent"  # attnopt.generate runs its sites through their recurrent states, no KV cache
+    auto_option = "allow_linear"  # auto tries linear candidates only when Auto(allow_linear=True)
 
     def __post_init__(self):
         for key, value in check_linear(self).items():

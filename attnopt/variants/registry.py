@@ -47,6 +47,11 @@ class VariantHandler:
         """The variants of class ``config`` that ``auto`` tries at ``site``, cheapest first."""
         return []
 
+    def auto_option(self, config: type) -> str | None:
+        """The field of :class:`attnopt.Auto` that must be true for ``auto`` to try this class's candidates
+        (``"allow_linear"``), or None: always tried."""
+        return None
+
     def cost(self, variant: Any, shape: Any) -> Any:
         """The :class:`attnopt.cost.Cost` of ``variant`` at a site of ``shape``, or None (no cost model)."""
         return None
@@ -86,7 +91,8 @@ class ApproximateVariant:
 class MethodHandler(VariantHandler):
     """The handler of a config class that answers for itself: each question goes to the config's method of
     the same name (``unsupported(match)``, ``describe(match)``, ``emit(graph, match, lookup)``,
-    ``candidates(site, match)``, ``cost(shape)``, the ``exact`` attribute) when it has one."""
+    ``candidates(site, match)``, ``cost(shape)``, the ``exact``, ``auto_option`` and ``generation`` attributes)
+    when it has one."""
 
     def unsupported(self, variant, match):
         method = getattr(variant, "unsupported", None)
@@ -102,7 +108,10 @@ class MethodHandler(VariantHandler):
 
     def candidates(self, config, site, match):
         method = getattr(config, "candidates", None)
-        return method(site, match) if method is not None else []
+        return method(site, match) if callable(method) else []  # (Auto's ``candidates`` is a field)
+
+    def auto_option(self, config):
+        return getattr(config, "auto_option", None)
 
     def cost(self, variant, shape):
         method = getattr(variant, "cost", None)
@@ -188,12 +197,10 @@ def handler_for(variant: Any) -> VariantHandler:
     return handler_of(type(variant))
 
 
-def site_generation(variant: Any, decision: str) -> str:
-    """How a site generates whose policy variant is ``variant`` and whose report decision is ``decision``: the
-    handler's answer when the site runs the variant (the decision is its name), else ``"kv-cache"``."""
-    if decision != getattr(variant, "name", None):
-        return "kv-cache"
-    return handler_for(variant).generation(variant)
+def generation_mode(variant: Any) -> str:
+    """How a site that runs ``variant`` generates (its handler's answer; ``"kv-cache"`` for a site not yet
+    decided, ``variant`` None)."""
+    return "kv-cache" if variant is None else handler_for(variant).generation(variant)
 
 
 def handler_of(config: type) -> VariantHandler:

@@ -123,7 +123,7 @@ def test_bad_input_errors(bad, match):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
 def test_integer_mask_is_refused_like_sdpa(dtype):
-    """A Hugging Face style 0/1 mask read as additive would mask nothing (issue 12, finding 4)."""
+    """A Hugging Face style 0/1 mask read as additive would mask nothing."""
     q, k, v = _qkv(dtype=torch.float32)
     keep = torch.ones(1, 1, 7, 7, dtype=dtype).tril()
     with pytest.raises(ValueError, match=rf"{dtype}.*attn_mask\.bool\(\).*float mask"):

@@ -51,7 +51,7 @@ def test_feature_maps_and_lightning_schedule():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_elu_feature_stays_positive_in_low_precision(dtype):
-    """elu(x) + 1 in bf16/fp16 cancelled to exactly 0 for x < -5.5: zero features, a zero output (issue 12)."""
+    """elu(x) + 1 in bf16/fp16 cancelled to exactly 0 for x < -5.5: zero features, a zero output."""
     g = torch.Generator().manual_seed(0)
     q, k = (-6.0 - 4.0 * torch.rand(1, 2, 8, 4, generator=g) for _ in range(2))  # in [-10, -6]
     v = torch.randn(1, 2, 8, 3, generator=g)

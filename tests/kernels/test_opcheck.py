@@ -3,7 +3,7 @@
 opcheck compares each fake implementation with the real one (shapes, dtypes *and strides*: what
 Inductor asserts at run time), checks the autograd registration and traces the op through AOT
 autograd with dynamic shapes. Inputs come contiguous, as transposed [B, S, H, D] views (how Hugging
-Face models pass them) and as non-dense slices of a wider projection (issue 12, finding 3).
+Face models pass them) and as non-dense slices of a wider projection.
 """
 
 import pytest

@@ -1,4 +1,4 @@
-"""Mask descriptors: semantics (DESIGN.md §2), block maps against dense masks, closed forms, drawing, errors."""
+"""Mask descriptors: semantics (as each mask module's docstring states), block maps against dense masks, closed forms, drawing, errors."""
 
 import pytest
 import sympy as sp
@@ -337,7 +337,7 @@ def test_tile_must_divide_the_grid():
         M.Neighborhood(3, grid=(6, 6), order="tiled")
 
 
-# --- mask_mods evaluated per element, as FlexAttention does (issue 12, finding 9) -------------------------
+# --- mask_mods evaluated per element, as FlexAttention does -------------------------
 # Per-document [start, end) intervals, looked up through the query's document and unpacked as one row: a
 # FlexAttention idiom that only works on 0-d indices (on broadcast index tensors the unpacking fails).
 _INTERVALS = torch.tensor([[0, 5], [5, 12], [12, 20], [20, 24]])

@@ -1,4 +1,4 @@
-"""Issue 20: writes through ``out=``, in-place methods on views, ``setitem`` and mutating custom ops survive the
+"""Writes through ``out=``, in-place methods on views, ``setitem`` and mutating custom ops survive the
 passes (purity is read from the op's schema), through optimize, the compile backend and convert."""
 
 import operator

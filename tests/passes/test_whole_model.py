@@ -1,4 +1,4 @@
-"""Issue 20: the whole-graph check. A rewritten graph whose outputs deviate from the original's on the example
+"""The whole-graph check. A rewritten graph whose outputs deviate from the original's on the example
 inputs is never returned silently: it falls back to the original graph (the report says why) or raises, as
 ``Policy.on_deviation`` says."""
 
@@ -22,11 +22,11 @@ def faulty_rewrite(monkeypatch):
     correct replacement: a fault only the whole-graph check can see."""
     emitter_of = passes._emitter
 
-    def faulty(ctx, name):
+    def faulty(record):
         def tenfold(graph, m, lookup):
             return graph.call_function(operator.mul, (right(graph, m, lookup), 10.0))
 
-        right = emitter_of(ctx, name)
+        right = emitter_of(record)
         tenfold.right = right
         return tenfold
 

@@ -1,4 +1,4 @@
-"""Issue 3's bar: every attention site of the named zoo found and rewritten exactly, with a coverage table.
+"""The detection bar: every attention site of the named zoo found and rewritten exactly, with a coverage table.
 
 Each model is built from a small config with random weights, with attn_implementation "eager" and
 "sdpa" wherever transformers offers both; plus ``nn.MultiheadAttention`` and ``nn.Transformer``.

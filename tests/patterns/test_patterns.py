@@ -1,4 +1,4 @@
-"""Every written form of attention that issue 3 lists, captured by dynamo and run through the pipeline.
+"""Every written form of attention attnopt detects, captured by dynamo and run through the pipeline.
 
 Each form has a positive test (rewritten exactly: decision "exact", one attnopt op, equal outputs, the
 site's heads / causal flag / mask recorded) and a negative one (the probabilities escape: the site is

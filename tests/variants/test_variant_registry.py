@@ -122,6 +122,46 @@ def test_auto_calibrates_with_the_registered_variant_as_a_candidate(damped):
     torch.testing.assert_close(optimized(*qkv), 0.95 * Attention()(*qkv))
 
 
+class OfferingHandler(DampedHandler):
+    """The toy handler also offers candidates, behind an Auto flag the test sets (an option like allow_linear)."""
+
+    def candidates(self, config, site, match):
+        return [config(0.5), config(0.95)]  # equal cost: tried in this order
+
+    def auto_option(self, config):
+        return "try_damped"
+
+
+@pytest.fixture
+def offering():
+    register_variant(Damped, OfferingHandler())
+    yield Damped
+    unregister_variant(Damped)
+
+
+def test_auto_asks_every_registered_handler_for_candidates(monkeypatch, offering):
+    """No explicit candidates: auto asks the registry; the toy offers two, the one within budget is chosen."""
+    from attnopt.policy import Auto
+
+    monkeypatch.setattr(Auto, "try_damped", True, raising=False)
+    qkv = _qkv()
+    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096), qkv)
+    (site,) = attnopt.report(optimized).sites
+    assert site.decision == "damped" and site.variant == Damped(0.95)
+    assert {t.variant: t.verdict for t in site.tried}["Damped(factor=0.5)"] == "over budget"
+    monkeypatch.setattr(Auto, "try_damped", False)  # the flag off: the toy's candidates are not tried
+    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096), qkv)
+    assert attnopt.report(optimized).sites[0].variant != Damped(0.95)
+
+
+def test_the_site_keeps_its_variant_object(damped):
+    optimized = attnopt.optimize(Attention(), Policy(default=Damped(0.9), max_error=0.5), _qkv())
+    (site,) = attnopt.report(optimized).sites
+    assert site.variant == Damped(0.9) and "variant" not in site.to_dict()
+    kept = attnopt.optimize(Attention(causal=True), Policy(default=Damped(), max_error=0.5), _qkv())
+    assert attnopt.report(kept).sites[0].variant == attnopt.Keep()
+
+
 def test_unregistered_the_name_is_unknown_again(damped):
     unregister_variant(Damped)
     with pytest.raises(ValueError, match="unknown policy 'damped'"):
