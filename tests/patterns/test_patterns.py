@@ -337,7 +337,7 @@ def test_form_is_rewritten_exactly(name):
     if "scale" in want:
         assert site.scale == pytest.approx(want["scale"])
     if "softcap" in want:
-        (d,) = [d for c in ctxs for d in c.detections]
+        (d,) = [r.detection for c in ctxs for r in c.records]
         assert d.match.softcap == pytest.approx(want["softcap"])
 
 
