@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
+from attnopt.timing import call_times, device_label, device_of
 from attnopt.variants.registry import generation_mode
 
 
@@ -140,11 +142,14 @@ def _resolve_auto(model: nn.Module, policy: Policy, args: tuple, kwargs: dict) -
     return calibration.policy, calibration
 
 
-def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: dict | None = None) -> OptimizedModule:
+def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: dict | None = None,
+             measure: bool = True) -> OptimizedModule:  # fmt: skip
     """A module computing the same function as ``model`` with its attention sites rewritten per ``policy``.
 
     With example inputs, the model is captured, rewritten and validated now (each site checked against
-    the original; deviants are rolled back) and the report records the largest output difference.
+    the original; deviants are rolled back) and the report records the largest output difference and, with
+    ``measure`` (and the model in eval mode), the forward time of both on the example inputs, timed as
+    ``attnopt bench`` times them (each site's own time is measured during validation).
     Without them, that happens at the first call. An auto policy (``"auto:1e-2"``, ``Policy.auto(...)``)
     is calibrated on the example inputs first (:mod:`attnopt.auto`).
     """
@@ -161,11 +166,22 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
         report.output_deviation = output_deviation(want, got)
         if model.training:
             report.notes.append("the model is in training mode: dropout makes outputs random (call .eval() to compare)")
+        if measure and not model.training:
+            report.timing = _forward_times(model, optimized, args, kwargs)
         _check_globs(policy, report)
         annotate(report, policy)
         if calibration is not None:
             calibration.annotate(report)
     return optimized
+
+
+def _forward_times(model: nn.Module, optimized: OptimizedModule, args: tuple, kwargs: dict) -> dict:
+    """The median forward milliseconds of ``model`` and ``optimized`` on the example inputs (no grad)."""
+    device = device_of((args, kwargs))
+    with torch.no_grad():
+        original = statistics.median(call_times(lambda: model(*args, **kwargs), device))
+        rewritten = statistics.median(call_times(lambda: optimized(*args, **kwargs), device))
+    return {"device": device_label(device), "original_ms": original, "optimized_ms": rewritten}
 
 
 def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> Any:

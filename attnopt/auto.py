@@ -25,6 +25,7 @@ import contextlib
 import glob
 import time
 from dataclasses import dataclass, field, is_dataclass, replace
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -38,8 +39,9 @@ from attnopt.kernels.sparse.structure import recognize
 from attnopt.naming import SiteNamer
 from attnopt.passes import DETECT, REWRITE, TOLERANCE, Context, Recorder, concrete, run_pipeline, validation_skip
 from attnopt.patterns.match import emit_operands, replacement_graph
-from attnopt.policy import Auto, Exact, Linear, Policy, Sparse, Variant, as_policy
+from attnopt.policy import Auto, Exact, Policy, Sparse, Variant, as_policy
 from attnopt.report import Report, Site, Trial
+from attnopt.timing import device_label, device_of, median_ms
 from attnopt.variants.registry import handler_for, handler_of, variant_classes
 
 
@@ -103,6 +105,20 @@ class _Calibrator:
             seen.setdefault(site.name, (site, match))
         return list(seen.values())
 
+    def site_ms(self, name: str, variants: list[Variant]) -> tuple[str, list[float | None]]:
+        """The device and each of ``variants``' milliseconds at site ``name`` (its first occurrence), run alone on
+        the operands the original graph gave it on the example inputs; None where one cannot run or be timed."""
+        found = [(ctx, r) for ctx in self.contexts for r in ctx.records if r.name == name]
+        if not found or validation_skip(found[0][0].example_inputs):
+            return "", [None] * len(variants)
+        ctx, r = found[0]
+        recorder = Recorder(ctx.original, set(r.match.operands()))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            recorder.run(*[concrete(x) for x in ctx.example_inputs])
+            args = [recorder.values[o] for o in r.match.operands()]
+            device = device_of(args)
+            return device_label(device), [_time_variant(v, r.match, args, device) for v in variants]
+
     def own_masks(self, names: set[str]) -> dict[str, masks.Mask]:
         """The masks of sites ``names`` on the example inputs, where they are structured (what exact-sparse
         runs): one run of each graph, recording the canonical mask operands."""
@@ -121,6 +137,14 @@ class _Calibrator:
                     if structure is not None:
                         found.setdefault(site.name, structure[0])
         return found
+
+
+def _time_variant(v: Variant, match: Any, args: list, device: torch.device) -> float | None:
+    try:
+        sub, _ = replacement_graph(match, partial(handler_for(v).emit, v))
+        return median_ms(lambda: sub(*args), device)
+    except Exception:  # noqa: BLE001 - a candidate that cannot run alone is not timed (and not tried)
+        return None
 
 
 def _canonical_mask(graph, m, lookup):
@@ -285,13 +309,36 @@ def _calibrate(model: torch.nn.Module, policy: Policy, args: tuple, kwargs: dict
 
 
 def _plans(policy: Policy, sites: list, calibrator: _Calibrator) -> dict[str, tuple[list, list[Trial]]]:
-    """Per site left to auto (and not escaped): its candidates ranked by predicted time, and those skipped."""
+    """Per site left to auto (and not escaped): its candidates ranked by predicted time (then, with
+    ``rank_by="measured"``, by measured time, those not faster than exact dropped), and those skipped."""
     auto = [(s, m) for s, m in sites if m.escape is None and isinstance(policy.for_site(s.name), Auto)]
     candidates = {s.name: _candidates(policy.for_site(s.name), s, m) for s, m in auto}
     exact_sparse = {n for n, cs in candidates.items() if any(isinstance(c, Sparse) and c.exact for c in cs)}
     own_masks = calibrator.own_masks(exact_sparse)
     shapes = {s.name: _shape(s, policy.seq_len, own_masks.get(s.name)) for s, _ in auto}
-    return {s.name: _rank(candidates[s.name], m, shapes[s.name]) for s, m in auto}
+    plans = {s.name: _rank(candidates[s.name], m, shapes[s.name]) for s, m in auto}
+    for name, (ranked, skipped) in plans.items():
+        if policy.for_site(name).rank_by == "measured" and ranked:
+            plans[name] = (by_measured_time(name, ranked, skipped, calibrator), skipped)
+    return plans
+
+
+def by_measured_time(name: str, ranked: list, skipped: list[Trial], calibrator: _Calibrator) -> list:
+    """``ranked`` timed on this device at site ``name``: those measured faster than exact, fastest first; a
+    verdict in ``skipped`` for the others."""
+    device, times = calibrator.site_ms(name, [Exact()] + [v for v, _ in ranked])
+    exact_ms, kept = times[0], []
+    if exact_ms is None:  # exact itself could not be timed alone: nothing to hold the candidates to
+        return ranked
+    for (v, speedup), ms in zip(ranked, times[1:]):
+        if ms is None:
+            skipped.append(Trial(label(v), None, speedup, f"skipped: could not be timed alone on {device}"))
+        elif ms >= exact_ms:
+            skipped.append(Trial(label(v), None, speedup,
+                                 f"skipped: measured {ms:.3g} ms, not faster than exact ({exact_ms:.3g} ms) on {device}"))
+        else:
+            kept.append((ms, len(kept), v, speedup))
+    return [(v, speedup) for _, _, v, speedup in sorted(kept, key=lambda k: k[:2])]
 
 
 def _combine(choices: dict[str, SiteChoice], calibrator: _Calibrator, measure: Callable[[str], float],

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +20,7 @@ from attnopt.convert_source import ConvertError, Source
 from attnopt.convert_write import Steps
 from attnopt.passes import TOLERANCE, deviation
 from attnopt.policy import Policy
+from attnopt.timing import call_times
 
 
 def _budget(policy: Policy, max_error: float | None, outputs: tuple) -> float:
@@ -140,24 +140,6 @@ def validation_failure(result: dict, sites: list[dict]) -> str:
             "the output dtype is coarser than its default tolerance, else report it (rerun with --debug).")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn: Callable[[], Any], runs: int, warmup: int, device: torch.device) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
 def bench(path: str | os.PathLike, runs: int = 10, warmup: int = 3, device: str | None = None,
           progress: bool = False) -> dict:  # fmt: skip
     """Times the original model against the converted forms in artifact ``path`` on the local device.
@@ -194,7 +176,7 @@ def bench(path: str | os.PathLike, runs: int = 10, warmup: int = 3, device: str 
         want = None
         for name, where, fn in rows:
             steps.step(f"bench {name}")
-            times = _time(fn, runs, warmup, torch.device(where))
+            times = call_times(fn, torch.device(where), runs, warmup)
             out = tuple(t.cpu() for t in fn())
             want = out if want is None else want
             results.append({"name": name, "device": where, "median_ms": statistics.median(times), "min_ms": min(times),

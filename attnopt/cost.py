@@ -243,6 +243,7 @@ def annotate(report: Any, policy: Any) -> None:
     """Sets every site's ``predicted_speedup`` for what was decided, at the policy's ``seq_len``."""
     for site in report.sites:  # a kept site runs as written: Keep's cost is the original's (speedup 1)
         site.predicted_speedup = None if site.variant is None else predict_speedup(site, site.variant, policy.seq_len)
+        site.predicted_for = H100.name.split()[0] if site.predicted_speedup is not None else ""  # "H100"
 
 
 def crossover(a: Any, b: Any, shape: Shape, hw: Hardware = H100) -> list[float]:

@@ -27,6 +27,9 @@ from attnopt.variants.sparse import Sparse
 
 
 
+RANK_BY = ("measured", "predicted")  # how auto orders its candidates (Auto.rank_by)
+
+
 @dataclass(frozen=True)
 class Auto:
     """Let calibration choose: per site, the cheapest candidate whose model outputs stay within the
@@ -35,13 +38,21 @@ class Auto:
     The candidates come from the variant classes (``Sparse.candidates(site, match)``: exact-sparse,
     then windows and neighborhoods; ``Linear.candidates`` when ``allow_linear``), or are the explicit
     ``candidates``, tried at every site in place of the generated ones. Exact is always the fallback.
+
+    ``rank_by="measured"`` (the default) times each candidate the cost model keeps on the device calibration
+    runs on, at the site's example operands, drops those not faster than exact there, and tries the rest
+    fastest first: auto never picks a variant slower than exact on the device it runs on. ``"predicted"``
+    ranks by the cost model alone (it models an H100): to calibrate on one machine for another.
     """
 
     allow_linear: bool = False
     candidates: tuple = ()
+    rank_by: str = "measured"
     name = "auto"
 
     def __post_init__(self):
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"Auto.rank_by must be one of {RANK_BY}, got {self.rank_by!r}")
         if not isinstance(self.allow_linear, bool):
             raise TypeError(f"Auto.allow_linear must be a bool, got {self.allow_linear!r}")
         if not isinstance(self.candidates, (tuple, list)):
@@ -51,6 +62,11 @@ class Auto:
             if isinstance(c, (Auto, Keep)):
                 raise ValueError(f"Auto.candidates[{i}]: {c.name!r} cannot be a candidate (it is no rewrite to try)")
         object.__setattr__(self, "candidates", candidates)
+
+    def to_dict(self) -> dict:
+        """Its fields; ``rank_by`` only when not the default, so files written before it existed read the same."""
+        body = {"allow_linear": self.allow_linear, "candidates": [variant_to_dict(c) for c in self.candidates]}
+        return body if self.rank_by == "measured" else {**body, "rank_by": self.rank_by}
 
     def unsupported(self, match) -> str | None:
         """An auto site reaching the pipeline uncalibrated (a backend has no example outputs to compare)."""
@@ -197,9 +213,10 @@ class Policy:
 
     @classmethod
     def auto(cls, max_error: float = DEFAULT_AUTO_ERROR, seq_len: int | None = None, allow_linear: bool = False,
-             candidates: Any = (), overrides: Any = ()) -> "Policy":  # fmt: skip
-        """As fast as possible with the model's outputs within ``max_error`` (relative) of the original."""
-        return cls(Auto(allow_linear, tuple(candidates)), overrides, max_error=max_error, seq_len=seq_len)
+             candidates: Any = (), overrides: Any = (), rank_by: str = "measured") -> "Policy":  # fmt: skip
+        """As fast as possible with the model's outputs within ``max_error`` (relative) of the original
+        (``rank_by``: see :class:`Auto`)."""
+        return cls(Auto(allow_linear, tuple(candidates), rank_by), overrides, max_error=max_error, seq_len=seq_len)
 
     @property
     def is_auto(self) -> bool:

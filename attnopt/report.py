@@ -50,10 +50,21 @@ class Site:
     layout: str = ""
     dtype: str = ""
     deviation: float | None = None  # measured relative deviation from the original on the example inputs
-    predicted_speedup: float | None = None  # cost model: the site as written over the decision, at the target length
+    predicted_speedup: float | None = None  # cost model: the site as written over the decision, at seq_len
+    predicted_for: str = ""  # the hardware the cost model modelled for predicted_speedup ("H100")
+    device: str = ""  # where original_ms and rewritten_ms were measured ("cpu", "cuda (NVIDIA H100 ...)")
+    original_ms: float | None = None  # the site as written, on the example inputs (median of timed calls)
+    rewritten_ms: float | None = None  # its replacement, on the same operands
     runs: str = ""  # exact sites: the implementation that ran on the example inputs (SDPA dispatch), and by how much
     tried: list[Trial] = field(default_factory=list)  # the auto policy's candidates at this site
     variant: Any = field(default=None, repr=False, compare=False)  # the variant it runs (Keep() when kept)
+
+    @property
+    def measured_speedup(self) -> float | None:
+        """The site as written over its replacement, measured on ``device`` on the example inputs."""
+        if self.original_ms is None or not self.rewritten_ms:
+            return None
+        return self.original_ms / self.rewritten_ms
 
     def to_dict(self) -> dict:
         """The report's facts about the site (the variant object is written by its decision's name; an
@@ -118,6 +129,7 @@ class Report:
     not_captured: list[NotCaptured] = field(default_factory=list)
     graphs: int = 0
     output_deviation: float | None = None  # max relative output difference, original vs optimized
+    timing: dict | None = None  # the whole model on the example inputs: device, original_ms, optimized_ms
     notes: list[str] = field(default_factory=list)
 
     def merge_graph(self, sites: list[Site], misses: list[Miss]) -> None:
@@ -153,6 +165,7 @@ class Report:
         return {
             "graphs": self.graphs,
             "output_deviation": self.output_deviation,
+            "timing": self.timing,
             "sites": [s.to_dict() for s in self.sites],
             "misses": [asdict(m) for m in self.misses],
             "not_captured": [asdict(n) for n in self.not_captured],
@@ -178,6 +191,8 @@ class Report:
             console.print(_not_captured_table(self.not_captured))
         if self.output_deviation is not None:
             console.print(f"max relative output difference vs the original: {self.output_deviation:.2e}")
+        if self.timing is not None:
+            console.print(_timing_line(self.timing), markup=False)
         for note in self.notes:
             console.print(f"note: {note}", markup=False)
         return buf.getvalue().rstrip()
@@ -186,6 +201,21 @@ class Report:
         return self.render()
 
     __repr__ = __str__
+
+
+def _timing_line(t: dict) -> str:
+    speedup = t["original_ms"] / t["optimized_ms"] if t["optimized_ms"] else float("nan")
+    return (f"measured on {t['device']}, example inputs: original {t['original_ms']:.3f} ms, optimized "
+            f"{t['optimized_ms']:.3f} ms ({speedup:.2f}x)")
+
+
+def _measured(s: Site, verbose: bool) -> str:
+    speedup = s.measured_speedup
+    return "-" if speedup is None else f"{speedup:.2f}x"
+
+
+def _predicted(s: Site, verbose: bool) -> str:
+    return "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x {s.predicted_for}".rstrip()
 
 
 def _short(x: float | None) -> str:
@@ -238,7 +268,8 @@ _COLUMNS = (
     ("causal", lambda s, v: s.causal, "name", 5),
     ("layout", lambda s, v: s.layout, "name", 1),
     ("deviation", lambda s, v: _short(s.deviation), "number", 7),
-    ("speedup", lambda s, v: "-" if s.predicted_speedup is None else f"{s.predicted_speedup:.2f}x", "number", 6),
+    ("speedup", _measured, "number", 6),  # measured on this device (Site.device), the site alone
+    ("predicted", _predicted, "number", 0),  # the cost model's, for the hardware it names
     ("runs", lambda s, v: s.runs or "-", "prose", 4),
     ("reason", lambda s, v: _summary(s.reason, v), "prose", 10),
     ("tried", _tried, "prose", 6),

@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+import time
 from dataclasses import dataclass, replace
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 import attnopt
 from attnopt import cost, zoo
-from attnopt.auto import calibrate
+from attnopt.auto import by_measured_time, calibrate, label
 from attnopt.cli import main
 from attnopt.patterns.match import emit
 from attnopt.policy import ApproximateVariant, Policy
@@ -20,6 +21,13 @@ from attnopt.policy import ApproximateVariant, Policy
 from conftest import rel_err
 
 TARGET = 4096  # the cost model's target length: long enough that launch overhead does not hide the FLOPs
+
+
+def predicted_auto(*args, **kwargs) -> Policy:
+    """An auto policy whose candidates are ordered by the cost model alone: these tests check the search (budget,
+    back-off, verdicts), which timings of toy variants at toy sizes would make depend on the machine's load.
+    The default, measured ranking has its own tests below."""
+    return Policy.auto(*args, rank_by="predicted", **kwargs)
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ def _sites(opt):
 ])  # fmt: skip
 def test_zoo_auto_within_budget_on_held_out_inputs(name, seq, seq_len, decision, verdicts):
     z = zoo.build(name, seq=seq)
-    opt = attnopt.optimize(z.model, Policy.auto(1e-2, seq_len=seq_len), z.args, z.kwargs)
+    opt = attnopt.optimize(z.model, predicted_auto(1e-2, seq_len=seq_len), z.args, z.kwargs)
     report = attnopt.report(opt)
     for s in report.sites:
         assert s.decision == decision and s.reason.startswith("auto: ")
@@ -105,7 +113,7 @@ def test_zoo_auto_within_budget_on_held_out_inputs(name, seq, seq_len, decision,
 def test_cheapest_candidate_within_budget_is_chosen():
     x, y = _inputs()
     candidates = [Damped(1e-3, 0.6), Damped(1e-1, 0.2), Damped(1e-2, 0.4)]
-    opt = attnopt.optimize(Parallel().eval(), Policy.auto(5e-3, seq_len=TARGET, candidates=candidates), (x, y))
+    opt = attnopt.optimize(Parallel().eval(), predicted_auto(5e-3, seq_len=TARGET, candidates=candidates), (x, y))
     for site in _sites(opt).values():
         assert site.decision == "damped" and "Damped(error=0.001, speed=0.6) is the cheapest" in site.reason
         tried = [(t.variant, t.verdict) for t in site.tried]
@@ -122,7 +130,7 @@ def test_cheapest_candidate_within_budget_is_chosen():
 def test_combination_over_budget_backs_off():
     """Each site alone is within 1.5e-2; both together deviate 1.99e-2, so one goes back to exact."""
     x, y = _inputs()
-    opt = attnopt.optimize(Chain().eval(), Policy.auto(1.5e-2, seq_len=TARGET, candidates=[Damped(1e-2)]), (x, y))
+    opt = attnopt.optimize(Chain().eval(), predicted_auto(1.5e-2, seq_len=TARGET, candidates=[Damped(1e-2)]), (x, y))
     sites = _sites(opt)
     assert sorted(s.decision for s in sites.values()) == ["damped", "exact"]
     (backed,) = [s for s in sites.values() if s.decision == "exact"]
@@ -140,7 +148,7 @@ class Same(Damped):
 
 def test_budget_zero_admits_only_the_same_function():
     x, y = _inputs()
-    policy = Policy.auto(0, seq_len=TARGET, candidates=[Damped(1e-2), Same(0.0)])
+    policy = predicted_auto(0, seq_len=TARGET, candidates=[Damped(1e-2), Same(0.0)])
     opt = attnopt.optimize(Parallel().eval(), policy, (x, y))
     for site in _sites(opt).values():
         assert site.decision == "damped" and [t.verdict for t in site.tried] == ["over budget", "chosen"]
@@ -150,7 +158,7 @@ def test_budget_zero_admits_only_the_same_function():
 def test_candidates_not_tried_say_why():
     x, y = _inputs()
     candidates = [Refused(1e-3), Uncosted(), Damped(1e-3, speed=2.0), Broken(1e-3)]
-    cal = calibrate(Parallel().eval(), Policy.auto(1e-2, seq_len=TARGET, candidates=candidates), (x, y), progress=True)
+    cal = calibrate(Parallel().eval(), predicted_auto(1e-2, seq_len=TARGET, candidates=candidates), (x, y), progress=True)
     for choice in cal.sites.values():
         assert choice.variant == attnopt.Exact() and choice.why == "no candidate within budget 1.0e-02"
         verdicts = [t.verdict for t in choice.tried]
@@ -162,7 +170,7 @@ def test_candidates_not_tried_say_why():
 
 def test_overrides_pin_sites_and_the_policy_pins_the_choice():
     x, y = _inputs()
-    policy = Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)], overrides={"<top>#1": "keep"})
+    policy = predicted_auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)], overrides={"<top>#1": "keep"})
     cal = calibrate(Parallel().eval(), policy, (x, y), progress=False)
     assert list(cal.sites) == ["<top>#2"]
     assert cal.policy == Policy(overrides={"<top>#1": attnopt.Keep(), "<top>#2": Damped(1e-3)}, seq_len=TARGET)
@@ -172,7 +180,7 @@ def test_overrides_pin_sites_and_the_policy_pins_the_choice():
 
 def test_auto_report_table_and_json():
     x, y = _inputs()
-    opt = attnopt.optimize(Parallel().eval(), Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), (x, y))
+    opt = attnopt.optimize(Parallel().eval(), predicted_auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), (x, y))
     report = attnopt.report(opt)
     table = str(report)
     assert "tried" in table and "speedup" in table and "speedup predicted" in table and "1 tried, chose" in table
@@ -202,7 +210,7 @@ ELU, RELU = "linear:elu,causal=true", "linear:relu,causal=true"
 ])  # fmt: skip
 def test_linear_candidates_are_ranked_by_the_cost_model_at_the_target_length(budget, seq_len, decision, tried):
     x = _inputs()[0]
-    opt = attnopt.optimize(CausalSelf().eval(), Policy.auto(budget, seq_len=seq_len, allow_linear=True), (x,))
+    opt = attnopt.optimize(CausalSelf().eval(), predicted_auto(budget, seq_len=seq_len, allow_linear=True), (x,))
     report = attnopt.report(opt)
     (site,) = report.sites
     assert site.decision == decision and [(t.variant, t.verdict) for t in site.tried] == tried
@@ -218,7 +226,7 @@ def test_linear_candidates_are_ranked_by_the_cost_model_at_the_target_length(bud
 
 def test_mistral_budget_zero_is_exact_sparse_everywhere():
     z = zoo.build("mistral")
-    opt = attnopt.optimize(z.model, Policy.auto(max_error=0), z.args, z.kwargs)
+    opt = attnopt.optimize(z.model, predicted_auto(max_error=0), z.args, z.kwargs)
     report = attnopt.report(opt)
     assert [s.decision for s in report.sites] == ["exact-sparse"] * len(report.sites)
     assert report.output_deviation <= 1e-4
@@ -246,7 +254,7 @@ class Noisy(nn.Module):
 def test_calibration_runs_in_eval_mode_and_restores_modes():
     model = Noisy().train()
     model.inner.eval()
-    cal = calibrate(model, Policy.auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), _inputs(), progress=False)
+    cal = calibrate(model, predicted_auto(5e-3, seq_len=TARGET, candidates=[Damped(1e-3)]), _inputs(), progress=False)
     assert [c.variant for c in cal.sites.values()] == [Damped(1e-3)] * 2  # no dropout noise in the comparison
     assert model.training and model.drop.training and not model.inner.training
 
@@ -268,8 +276,64 @@ def test_cli_inspect_auto(tmp_path):
         def make():
             return Two(), (torch.randn(1, 2, 8, 16),)
     """))
-    res = CliRunner().invoke(main, ["inspect", f"{src}:make", "--policy", "auto:1e-2", "--json"])
+    policy = tmp_path / "auto.json"  # the file form: auto ranked by the cost model (toy sizes time as noise)
+    policy.write_text(json.dumps({"default": {"variant": "auto", "rank_by": "predicted"}, "max_error": 1e-2}))
+    res = CliRunner().invoke(main, ["inspect", f"{src}:make", "--policy", str(policy), "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["sites"][0]["decision"] == "exact-sparse" and report["sites"][0]["reason"].startswith("auto:")
     assert any("budget 1.0e-02" in n for n in report["notes"])
+
+
+# ------------------------------------------------------------------ ranking by measured time (the default)
+def _slow(x):
+    time.sleep(0.003)  # far above the exact op's time on these sizes, whatever the machine's load
+    return x
+
+
+@dataclass(frozen=True)
+class Sluggish(Damped):
+    """Predicted twice as fast as exact (Damped's cost), measured slower: a sleep after the exact op."""
+
+    def emit(self, graph, m, lookup):
+        return graph.call_function(_slow, (super().emit(graph, m, lookup),))
+
+
+def test_measured_ranking_never_picks_a_candidate_slower_than_exact_here():
+    x, y = _inputs()
+    measured = attnopt.optimize(Parallel().eval(), Policy.auto(5e-3, seq_len=TARGET, candidates=[Sluggish(1e-3)]), (x, y))
+    for site in attnopt.report(measured).sites:
+        (trial,) = site.tried
+        assert site.decision == "exact" and trial.verdict.startswith("skipped: measured ")
+        assert "not faster than exact" in trial.verdict and trial.verdict.endswith(" on cpu")
+    predicted = attnopt.optimize(Parallel().eval(), predicted_auto(5e-3, seq_len=TARGET, candidates=[Sluggish(1e-3)]),
+                                 (x, y))  # fmt: skip
+    assert {s.decision for s in attnopt.report(predicted).sites} == {"damped"}  # the cost model alone would take it
+
+
+class _Timed:
+    """A calibrator stand-in whose site times are given."""
+
+    def __init__(self, times):
+        self.times = times
+
+    def site_ms(self, name, variants):
+        return "cpu", [self.times[label(v)] for v in variants]
+
+
+def test_measured_ranking_orders_by_time_and_says_why_it_skips():
+    ranked = [(Damped(1e-3, speed=0.2), 5.0), (Damped(2e-3), 2.0), (Damped(3e-3), 2.0), (Damped(4e-3), 2.0)]
+    times = {"exact": 1.0, label(ranked[0][0]): 0.9, label(ranked[1][0]): 0.5, label(ranked[2][0]): 1.2,
+             label(ranked[3][0]): None}  # fmt: skip
+    skipped = []
+    order = by_measured_time("s", ranked, skipped, _Timed(times))
+    assert order == [ranked[1], ranked[0]]  # measured fastest first, whatever the prediction said
+    assert [t.verdict for t in skipped] == ["skipped: measured 1.2 ms, not faster than exact (1 ms) on cpu",
+                                             "skipped: could not be timed alone on cpu"]  # fmt: skip
+
+
+def test_rank_by_is_checked_and_round_trips():
+    assert Policy.from_dict(predicted_auto(1e-2).to_dict()) == predicted_auto(1e-2)
+    assert "rank_by" not in Policy.auto(1e-2).to_dict()["default"]  # the default is not written
+    with pytest.raises(ValueError, match="Auto.rank_by must be one of"):
+        Policy.auto(1e-2, rank_by="guessed")

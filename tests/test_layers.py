@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "attnopt"
 # prefix listed (the package itself, ``attnopt``, is the front door: layer 4).
 LAYERS = {
     # 0, primitives: tensors in, tensors out; nothing here knows a graph, a policy or a model.
-    "attnopt.errors": 0, "attnopt.version": 0, "attnopt.kernels": 0, "attnopt.codegen": 0, "attnopt.masks": 0,
+    "attnopt.errors": 0, "attnopt.version": 0, "attnopt.timing": 0, "attnopt.kernels": 0, "attnopt.codegen": 0, "attnopt.masks": 0,
     # 1, detection: an FX graph in, an AttentionMatch (what the attention computes) out; knows no variant.
     "attnopt.patterns": 1,
     # 2, variants: what to run instead (the variant configs and handlers, the policy that maps sites to them,

@@ -34,9 +34,10 @@ from attnopt.errors import GraphDeviationError
 from attnopt.kernels.exact import dispatch
 from attnopt.patterns import Detection, detect
 from attnopt.passes.purity import is_impure
-from attnopt.patterns.match import AttentionMatch, copy_graph, emit_mask, replacement_graph
+from attnopt.patterns.match import AttentionMatch, copy_graph, emit_mask, original_graph, replacement_graph
 from attnopt.policy import Keep, Policy
 from attnopt.report import Miss, Site
+from attnopt.timing import device_label, device_of, median_ms
 from attnopt.variants.registry import handler_for
 
 # Largest relative deviation (max |new - old| / max |old|) a rewritten site may show, per dtype.
@@ -250,6 +251,8 @@ def validate(gm: GraphModule, ctx: Context) -> PassResult:
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         recorder.run(*_copies(ctx.example_inputs))
         rolled_back = [r.name for r in chosen if _check_site(r, recorder.values, ctx.policy)]
+        for r in ctx.chosen:  # the sites that stay rewritten: how fast each runs here, against the site as written
+            _time_site(r, recorder.values, ctx.original)
     if not rolled_back:
         return PassResult(gm, False, "all sites within tolerance")
     return PassResult(rewrite(gm, ctx).gm, True, f"rolled back {rolled_back}")
@@ -283,6 +286,24 @@ def _check_site(r: SiteRecord, values: dict, policy: Policy) -> bool:
     if failure:
         r.keep(failure)
     return failure is not None
+
+
+def _time_site(r: SiteRecord, values: dict, root: GraphModule) -> None:
+    """Measures site ``r`` on this device, on the operands the original saw: the site as written
+    (``original_ms``) and its replacement (``rewritten_ms``). Left unmeasured when the written site cannot run
+    alone, writes in place, or is random (dropout)."""
+    original = original_graph(r.match, root)
+    if original is None or r.match.dropout_p > 0.0:
+        return
+    written, operands = original
+    if any(is_impure(n) for n in written.graph.nodes if n.op not in ("placeholder", "output", "get_attr")):
+        return
+    replacement, _ = replacement_graph(r.match, _emitter(r))
+    args = [values[o] for o in operands]
+    device = device_of(args)
+    r.site.device = device_label(device)
+    r.site.original_ms = median_ms(lambda: written(*args), device)
+    r.site.rewritten_ms = median_ms(lambda: replacement(*args), device)
 
 
 def _copies(example_inputs: list) -> list:

@@ -333,3 +333,27 @@ def replacement_graph(m: AttentionMatch, emitter: Callable | None = None) -> tup
     out = (emitter or emit)(g, m, lambda x: env.get(x, x))
     g.output(out)
     return torch.fx.GraphModule(torch.nn.Module(), g), operands
+
+
+def original_graph(m: AttentionMatch, root: torch.nn.Module) -> tuple[torch.fx.GraphModule, list[Node]] | None:
+    """The site as the model wrote it, standalone: the nodes between ``m``'s operands and its output, copied into
+    a GraphModule over ``root`` (the graph's module: it holds what ``get_attr`` nodes read), taking the
+    operands :func:`replacement_graph` takes. None when the site also reads a graph input the replacement does
+    not read (it cannot run alone)."""
+    operands = m.operands()
+    order = {n: i for i, n in enumerate(m.output.graph.nodes)}
+    body, todo = set(), [m.output]
+    while todo:
+        n = todo.pop()
+        if n in body or n in operands:
+            continue
+        if n.op == "placeholder":
+            return None
+        body.add(n)
+        todo.extend(n.all_input_nodes)
+    g = Graph()
+    env = {n: g.placeholder(f"in_{i}") for i, n in enumerate(operands)}
+    for n in sorted(body, key=order.__getitem__):
+        env[n] = g.node_copy(n, env.__getitem__)
+    g.output(env[m.output])
+    return torch.fx.GraphModule(root, g), operands

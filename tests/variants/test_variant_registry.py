@@ -116,7 +116,7 @@ def test_cost_and_predicted_speedup_come_from_the_handler(damped):
 
 def test_auto_calibrates_with_the_registered_variant_as_a_candidate(damped):
     qkv = _qkv()
-    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096, candidates=[Damped(0.95)]), qkv)
+    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096, candidates=[Damped(0.95)], rank_by="predicted"), qkv)
     (site,) = attnopt.report(optimized).sites
     assert site.decision == "damped" and site.deviation == pytest.approx(0.05, rel=1e-3)
     torch.testing.assert_close(optimized(*qkv), 0.95 * Attention()(*qkv))
@@ -145,12 +145,12 @@ def test_auto_asks_every_registered_handler_for_candidates(monkeypatch, offering
 
     monkeypatch.setattr(Auto, "try_damped", True, raising=False)
     qkv = _qkv()
-    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096), qkv)
+    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096, rank_by="predicted"), qkv)
     (site,) = attnopt.report(optimized).sites
     assert site.decision == "damped" and site.variant == Damped(0.95)
     assert {t.variant: t.verdict for t in site.tried}["Damped(factor=0.5)"] == "over budget"
     monkeypatch.setattr(Auto, "try_damped", False)  # the flag off: the toy's candidates are not tried
-    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096), qkv)
+    optimized = attnopt.optimize(Attention(), Policy.auto(max_error=0.1, seq_len=4096, rank_by="predicted"), qkv)
     assert attnopt.report(optimized).sites[0].variant != Damped(0.95)
 
 
