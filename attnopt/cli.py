@@ -254,7 +254,7 @@ def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key
 
 
 @kernels.command("build")
-@click.option("--arch", "archs", multiple=True, required=True, type=click.Choice(["sm_80", "sm_90a", "sm_100a"]),
+@click.option("--arch", "archs", multiple=True, required=True, type=click.Choice(list(aot.ARCHS)),
               help="Target GPU architecture (repeatable): sm_80 (A100), sm_90a (H100/H200), sm_100a (B200, where "
               "Triton's bundled ptxas supports it).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory for ARCH/NAME.ptx, "
@@ -268,9 +268,12 @@ def kernels_build(archs, out, only, strict) -> None:
     backward; typical head dims, masks and features) for each --arch, with the tiles attnopt picks on that
     GPU. Writes OUT/ARCH/NAME.ptx and OUT/ARCH/NAME.cubin per kernel and OUT/report.json: per kernel its
     tiles, registers, spills, shared memory, ptxas performance advisories, tensor-core instruction counts and
-    its SASS interior loop. Run it on a build machine to check (and ship) the kernels for a deployment GPU;
-    attnopt itself still compiles through Triton's JIT at first launch. Exits 1 when a kernel fails to compile
-    (the report still lists it with its error)."""
+    its SASS interior loop (see docs/kernels-aot.md).
+
+    Run it on any machine to pre-build and check the kernels for a deployment machine's GPU. The output is
+    PTX and cubin files and the report only: attnopt does not load them (on the GPU it compiles through
+    Triton's JIT at the first launch). Exits 1 when a kernel fails to compile (the report still lists it with
+    its error)."""
     from rich.console import Console
 
     console = Console(width=terminal_width(), stderr=True)

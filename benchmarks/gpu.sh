@@ -5,7 +5,8 @@
 #
 #   benchmarks/gpu.sh [OUT_DIR]          # default OUT_DIR: gpu-results/
 #
-# Environment: PYTHON (default: python), GPU_SH_BUDGET (total seconds, default 470). Each script runs under
+# Environment: PYTHON (default: python), GPU_SH_BUDGET (total seconds, default 470), GPU_SH_ANCHORS (default
+# ../shared/anchors from the repository root). Each script runs under
 # `timeout` with its own limit, cut to what is left of the budget; one that times out or fails is reported in
 # the summary and the others still run. Writes OUT_DIR/<script>.json and OUT_DIR/<script>.log per script and
 # OUT_DIR/summary.json. Exits 2 at once without a CUDA device, 1 when any script failed or timed out.
@@ -15,7 +16,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${1:-gpu-results}"
 PYTHON="${PYTHON:-python}"
 BUDGET="${GPU_SH_BUDGET:-470}"
-ANCHORS="$REPO/../shared/anchors"
+ANCHORS="${GPU_SH_ANCHORS:-$REPO/../shared/anchors}"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 
@@ -55,7 +56,7 @@ run() {
 
 run gpu-tests 120 env ATTNOPT_TEST_GPU=1 "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider \
     --junitxml="$OUT/gpu-tests.xml"
-run exact 120 "$PYTHON" benchmarks/exact.py --out "$OUT/exact.json"
+run exact 150 "$PYTHON" benchmarks/exact.py --out "$OUT/exact.json"
 if compgen -G "$ANCHORS/*.py" >/dev/null; then
     for script in "$ANCHORS"/*.py; do
         name="anchors-$(basename "$script" .py)"
@@ -78,6 +79,8 @@ import xml.etree.ElementTree as ET
 
 out = Path(sys.argv[1])
 rows = [dict(zip(("script", "status", "seconds", "log"), line.split(" ", 3))) for line in sys.argv[2:]]
+for row in rows:
+    row["seconds"] = int(row["seconds"])
 junit = out / "gpu-tests.xml"
 if junit.is_file():
     suite = ET.parse(junit).getroot()
@@ -91,7 +94,7 @@ for row in rows:
 (out / "summary.json").write_text(json.dumps(rows, indent=1) + "\n")
 print(f"\n{'script':28s} {'status':8s} {'s':>5s}  json")
 for row in rows:
-    print(f"{row['script']:28s} {row['status']:8s} {row['seconds']:>5s}  {row['json'] or '-'}"
+    print(f"{row['script']:28s} {row['status']:8s} {row['seconds']:5d}  {row['json'] or '-'}"
           + (f"  tests {row['tests']}" if "tests" in row else ""))
 print(f"results in {out}")
 sys.exit(1 if any(r["status"] in ("failed", "timeout") for r in rows) else 0)

@@ -96,7 +96,8 @@ def _measure(compiled, arch: str, capability: int) -> dict:
     return dict(registers=info.registers, spill_bytes=info.spill_bytes, stack_bytes=info.stack_bytes,
                 shared_bytes=compiled.metadata.shared, advisories=list(info.advisories),
                 serialized_wgmma=info.serialized_wgmma, hgmma=total["hgmma"], hmma=total["hmma"],
-                instructions=total["instructions"], interior_loop=sass.interior_loop(instructions))  # fmt: skip
+                utcmma=total["utcmma"], instructions=total["instructions"],
+                interior_loop=sass.interior_loop(instructions))  # fmt: skip
 
 
 def record(launch: Launch, arch: str, out: Path | None = None, memo: dict | None = None) -> dict:
@@ -184,9 +185,11 @@ def table(records: list[dict], title: str):
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for col in ("arch", "name", "tiles", "regs", "spill", "shared", "hgmma/hmma", "loop instr", "loop mma",
+    width = max((len(r["name"]) for r in records), default=4)
+    for col in ("arch", "name", "tiles", "regs", "spill", "shared", "tensor ops", "loop instr", "loop mma",
                 "loop wg ops", "problems"):  # fmt: skip
-        t.add_column(col, justify="left" if col in ("arch", "name", "tiles", "problems") else "right")
+        t.add_column(col, justify="left" if col in ("arch", "name", "tiles", "problems") else "right",
+                     min_width=width if col == "name" else None)
     for r in records:
         if r.get("error"):
             t.add_row(r["arch"], r["name"], "", "", "", "", "", "", "", "", f"[red]{r['error'][:120]}")
@@ -197,7 +200,12 @@ def table(records: list[dict], title: str):
         shared = f"{r['shared_bytes']:,}"
         t.add_row(r["arch"], r["name"], tiles, str(r["registers"]), str(r["spill_bytes"]),
                   shared if r["shared_bytes"] <= r["shared_limit"] else f"[red]{shared}",
-                  f"{r['hgmma']}/{r['hmma']}", str(loop.get("instructions", "-")),
-                  str(loop.get("hgmma", 0) + loop.get("hmma", 0)) if loop else "-",
+                  _tensor_ops(r), str(loop.get("instructions", "-")), str(sass.tensor_ops(loop)) if loop else "-",
                   str(loop.get("warpgroup_ops", "-")), "[red]" + "; ".join(r["problems"]) if r["problems"] else "")  # fmt: skip
     return t
+
+
+def _tensor_ops(rec: dict) -> str:
+    """``32 HGMMA``, ``256 HMMA``, ``80 UTCMMA`` or ``0``: the tensor-core instructions of a record."""
+    found = [f"{rec[k]} {k.upper()}" for k in ("hgmma", "hmma", "utcmma") if rec.get(k)]
+    return " ".join(found) or "0"

@@ -30,6 +30,7 @@ _REGISTERS = re.compile(r"Used (\d+) registers")
 _FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _BRANCH = re.compile(r"\bBRA(?:\.[A-Z.]+)?\s+(?:`\()?0x([0-9a-f]+)")
+_UTCMMA = re.compile(r"UTC[A-Z]*MMA")
 _ALLOWED = re.compile(r"Allowed values for this option:(.*?)(?:Default value|\n\s*\n|\Z)", re.S)
 
 SERIALIZED_WGMMA = re.compile(r"wgmma.*serializ", re.I)
@@ -147,12 +148,18 @@ def parse_sass(text: str) -> list[Instruction]:
 
 def mix(instructions: list[Instruction]) -> dict:
     """Tensor-core and warpgroup counts of a list of instructions: ``hgmma`` (Hopper wgmma), ``hmma``
-    (mma.sync), ``warpgroup_ops`` (``WARPGROUP.*``) and ``warpgroup`` (each kind's count)."""
+    (mma.sync), ``utcmma`` (Blackwell tcgen05: UTCHMMA, UTCQMMA, ...), ``warpgroup_ops`` (``WARPGROUP.*``) and
+    ``warpgroup`` (each kind's count)."""
     ops = [i.opcode for i in instructions]
     warpgroup = Counter(".".join(o.split(".")[:2]) for o in ops if o.startswith("WARPGROUP"))
     return dict(instructions=len(ops), hgmma=sum(o.startswith("HGMMA") for o in ops),
-                hmma=sum(o.startswith("HMMA") for o in ops), warpgroup_ops=sum(warpgroup.values()),
-                warpgroup=dict(sorted(warpgroup.items())))  # fmt: skip
+                hmma=sum(o.startswith("HMMA") for o in ops), utcmma=sum(_UTCMMA.match(o) is not None for o in ops),
+                warpgroup_ops=sum(warpgroup.values()), warpgroup=dict(sorted(warpgroup.items())))  # fmt: skip
+
+
+def tensor_ops(counts: dict) -> int:
+    """All tensor-core instructions of a :func:`mix`."""
+    return counts["hgmma"] + counts["hmma"] + counts["utcmma"]
 
 
 def loops(instructions: list[Instruction]) -> list[dict]:
@@ -175,5 +182,5 @@ def loops(instructions: list[Instruction]) -> list[dict]:
 def interior_loop(instructions: list[Instruction]) -> dict | None:
     """The innermost loop with the most tensor-core instructions (the attention kernels' key-tile loop), or
     None when no loop issues any."""
-    found = [lp for lp in loops(instructions) if lp["innermost"] and lp["hgmma"] + lp["hmma"] > 0]
-    return max(found, key=lambda lp: (lp["hgmma"] + lp["hmma"], lp["instructions"]), default=None)
+    found = [lp for lp in loops(instructions) if lp["innermost"] and tensor_ops(lp) > 0]
+    return max(found, key=lambda lp: (tensor_ops(lp), lp["instructions"]), default=None)

@@ -94,7 +94,17 @@ def test_loops_and_interior_loop():
     assert (loop["hgmma"], loop["hmma"], loop["warpgroup_ops"]) == (5, 0, 3)
     assert loop["warpgroup"] == {"WARPGROUP.ARRIVE": 2, "WARPGROUP.DEPBAR": 1}
     whole = sass.mix(instructions)
-    assert (whole["hgmma"], whole["hmma"], whole["warpgroup_ops"]) == (5, 1, 4)
+    assert (whole["hgmma"], whole["hmma"], whole["utcmma"], whole["warpgroup_ops"]) == (5, 1, 0, 4)
+    assert sass.tensor_ops(whole) == 6
+
+
+def test_blackwell_tcgen05_mma_counts_as_tensor_core_work():
+    # cuobjdump -sass of attnopt's exact forward for sm_100a issues UTCHMMA (tcgen05.mma), not HGMMA
+    blackwell = sass.parse_sass(SASS.replace("HGMMA.64x64x16.F32.BF16", "UTCHMMA").replace("HMMA.16816.F32.BF16",
+                                                                                        "UTCBAR"))  # fmt: skip
+    counts = sass.mix(blackwell)
+    assert (counts["hgmma"], counts["hmma"], counts["utcmma"]) == (0, 0, 5)
+    assert sass.interior_loop(blackwell)["utcmma"] == 5
 
 
 def test_interior_loop_prefers_the_innermost_loop_with_most_tensor_core_ops():
