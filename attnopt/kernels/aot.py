@@ -162,12 +162,13 @@ def build(archs: list[str], out: Path | None, select: Callable[[str], bool] = la
     """Compiles every captured launch whose name ``select`` keeps, for every arch; writes ``out/report.json``
     (and the ptx/cubin files) when ``out`` is given. ``progress`` is called with each record."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("attnopt kernels build needs Triton's compiler, not its interpreter: unset TRITON_INTERPRET")
+        raise ValueError("attnopt kernels build needs Triton's compiler, not its interpreter: unset TRITON_INTERPRET")
     check_archs(archs)
     start = time.perf_counter()
-    launches = [launch for launch in capture(scenarios()) if select(launch.name)]
+    captured = capture(scenarios())
+    launches = [launch for launch in captured if select(launch.name)]
     if not launches:
-        raise ValueError("no kernel matches the selection")
+        raise ValueError(f"no kernel matches the selection; the kernels are {', '.join(x.name for x in captured)}")
     records, memo = [], {}
     for arch in archs:
         for launch in launches:

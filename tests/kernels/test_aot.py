@@ -159,3 +159,9 @@ def test_archs_are_checked_against_the_bundled_ptxas(monkeypatch):
     monkeypatch.setattr(sass, "supported_archs", lambda ptxas: ["sm_80", "sm_90", "sm_90a"])
     with pytest.raises(ValueError, match=r"cannot build sm_100a; it supports sm_80, sm_90a \(all its targets: "):
         aot.check_archs(["sm_80", "sm_100a"])
+
+
+def test_the_build_refuses_triton_s_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="needs Triton's compiler, not its interpreter: unset TRITON_INTERPRET"):
+        aot.build(["sm_80"], None)
