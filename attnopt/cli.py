@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import sys
 import textwrap
+from pathlib import Path
 
 import click
 
 import attnopt
 from attnopt.codegen import tuning
 from attnopt.codegen.spec import KernelSpec, default_tiles
+from attnopt.kernels import aot
 from attnopt.kernels.exact.render import render, write_source
 from attnopt import convert as conversion  # (the module: `convert` is the command below)
 
@@ -206,7 +209,7 @@ def bench(artifact, runs, warmup, device, as_json) -> None:
 
 @main.group()
 def kernels() -> None:
-    """Generated Triton kernels: show the source attnopt renders for a kernel spec."""
+    """Generated Triton kernels: show the source attnopt renders for a kernel spec, or build them ahead of time."""
 
 
 _CAUSAL_CODES = {"none": 0, "top-left": 1, "bottom-right": 2}
@@ -248,6 +251,45 @@ def kernels_show(direction, head_dim, head_dim_v, dtype, causal, mask, bias, key
         click.echo(str(write_source(spec)))
     else:
         click.echo(render(spec), nl=False)
+
+
+@kernels.command("build")
+@click.option("--arch", "archs", multiple=True, required=True, type=click.Choice(list(aot.ARCHS)),
+              help="Target GPU architecture (repeatable): sm_80 (A100), sm_90a (H100/H200), sm_100a (B200, where "
+              "Triton's bundled ptxas supports it).")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Directory for ARCH/NAME.ptx, "
+              "ARCH/NAME.cubin and report.json.")
+@click.option("--only", default=None, help="Only kernels whose name matches this regular expression, "
+              "e.g. 'exact_d128\\.fwd'.")
+@click.option("--strict", is_flag=True, help="Also exit non-zero when a kernel breaks a resource gate (spill, "
+              "serialized wgmma, shared memory above the arch's limit).")
+def kernels_build(archs, out, only, strict) -> None:
+    """Compile, without a GPU, every kernel attnopt would launch (exact, sparse, linear, sigmoid; forward and
+    backward; typical head dims, masks and features) for each --arch, with the tiles attnopt picks on that
+    GPU. Writes OUT/ARCH/NAME.ptx and OUT/ARCH/NAME.cubin per kernel and OUT/report.json: per kernel its
+    tiles, registers, spills, shared memory, ptxas performance advisories, tensor-core instruction counts and
+    its SASS interior loop (see docs/kernels-aot.md).
+
+    Run it on any machine to pre-build and check the kernels for a deployment machine's GPU. The output is
+    PTX and cubin files and the report only: attnopt does not load them (on the GPU it compiles through
+    Triton's JIT at the first launch). Exits 1 when a kernel fails to compile (the report still lists it with
+    its error)."""
+    from rich.console import Console
+
+    console = Console(width=terminal_width(), stderr=True)
+    pattern = re.compile(only) if only else None
+    with console.status("compiling") as status:
+        result = aot.build(list(archs), Path(out), select=lambda name: pattern is None or bool(pattern.search(name)),
+                           progress=lambda r: status.update(f"compiled {r['arch']} {r['name']}"))  # fmt: skip
+    Console(width=max(terminal_width(), 160)).print(aot.table(result.records, f"attnopt kernels build: "
+                                                    f"{len(result.records)} kernels in {result.seconds:.0f} s"))
+    click.echo(f"wrote {Path(out) / 'report.json'}")
+    failed = [f"{r['arch']} {r['name']}: {r['error'].splitlines()[0]}" for r in result.failed]
+    if failed:
+        raise click.ClickException(f"{len(failed)} kernel(s) failed to compile:\n  " + "\n  ".join(failed))
+    gated = [f"{r['arch']} {r['name']}: {'; '.join(r['problems'])}" for r in result.records if r["problems"]]
+    if strict and gated:
+        raise click.ClickException(f"{len(gated)} kernel(s) break a resource gate:\n  " + "\n  ".join(gated))
 
 
 if __name__ == "__main__":  # pragma: no cover

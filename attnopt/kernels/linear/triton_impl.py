@@ -155,3 +155,9 @@ def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=Tru
     if not causal:
         return dq, dk, dvk, None, None
     return dq, dk, dvk, dinit, dinit_norm if normalize else None
+
+
+def arch_spec(spec, capability: tuple[int, int]):
+    """The spec this launcher runs on a GPU of compute ``capability`` (``attnopt kernels build`` compiles it for
+    each target): the same tiles on every GPU."""
+    return spec

@@ -108,3 +108,9 @@ def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None, mas
     dvk = dvh.reshape(b, hkv, hq // hkv, sk, dv).sum(dim=2).to(v.dtype)
     dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None  # over broadcast dims
     return dq, dk, dvk, dmask
+
+
+def arch_spec(spec, capability: tuple[int, int]):
+    """The spec this launcher runs on a GPU of compute ``capability`` (``attnopt kernels build`` compiles it for
+    each target): the same tiles on every GPU."""
+    return spec

@@ -191,3 +191,9 @@ def backward(dout, q, k, v, out, lse, mask: Mask, kv_valid=None, attn_mask=None,
                 stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3))  # fmt: skip
     _launch(spec, (-(-sk // bn), b * hkv), args, q.device)
     return dq, dk, dv
+
+
+def arch_spec(spec, capability: tuple[int, int]):
+    """The spec this launcher runs on a GPU of compute ``capability`` (``attnopt kernels build`` compiles it for
+    each target): the same tiles on every GPU."""
+    return spec
