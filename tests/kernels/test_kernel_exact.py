@@ -119,6 +119,16 @@ def test_scale():
     check(*qkv(sq=9, sk=12), randn(9, 12), causal=CAUSAL_TOP_LEFT, scale=1.0)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
+def test_scale_negative_or_zero(scale, causal):
+    """Interior key tiles take the max of the raw products and fold the scale into the exponent
+    (render_fwd.folds_scale): a negative scale must not turn that max into the minimum, which overflows
+    exp2 once the scores of a row span more than 128 (base 2)."""
+    q, k, v = qkv(b=1, hq=2, sq=9, sk=70)
+    check(q * 10.0, k * 10.0, v, causal=causal, scale=scale, tol=dict(atol=1e-4, rtol=1e-4))
+
+
 @pytest.mark.parametrize("causal, mask_kind", [(CAUSAL_NONE, None), (CAUSAL_TOP_LEFT, "bool"),
                                                (CAUSAL_BOTTOM_RIGHT, "additive")])
 def test_float16(causal, mask_kind):

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NAMES, CAUSAL_NONE, CAUSAL_TOP_LEFT, KernelSpec
-from attnopt.codegen.triton_text import LN2, LOG2E, and_, dot, paren
+from attnopt.codegen.triton_text import LN2, LOG2E, and_, dot, paren, tile_loop
 
 FLT_MAX = 3.4028234663852886e38  # the largest finite fp32
 SATURATED = 2.0**30  # base-2 score terms below -SATURATED count as a finite "masked" fill, see _add_scores
@@ -260,11 +260,11 @@ def key_loop_head(spec: KernelSpec, boundary: bool) -> tuple[list[str], list[str
     """The ``for`` line over key tiles of a query tile (interior tiles, or ``boundary`` ones with the
     per-element key tests), the key indices, and the structural keep terms for :func:`score_lines`."""
     ind = "        "
-    lines = [""]
     if boundary:
-        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
+        head = f"    {tile_loop('tile_n', 'full_end', 'end', 'BLOCK_N')}  # boundary key tiles"
     else:
-        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
+        head = f"    {tile_loop('tile_n', '0', 'full_end', 'BLOCK_N')}  # interior key tiles"
+    lines = ["", head, f"{ind}start_n = tile_n * BLOCK_N  # first key row of the tile"]
     if boundary or uses_key_indices(spec):
         lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
     keep_terms = []

@@ -106,15 +106,21 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
         f"{mask_kw(k_mask)})  # [BLOCK_D, BLOCK_N], Kᵀ",
         f"{ind}qk = {dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]",
     ]
-    ld_ok = and_("row_ok[:, None]", col_ok)
-    lines += score_lines(spec, tile, ind, ld_ok, keep_terms)
-    lines += [
-        f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
-        f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
-        f"{ind}alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales the previous tiles",
-        f"{ind}p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]",
-        f"{ind}l_i = l_i * alpha + tl.sum(p, 1)",
-    ]
+    if folds_scale(spec, keep_terms):
+        lines += [
+            f"{ind}m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BLOCK_M] max of the raw products, scaled",
+            f"{ind}alpha = tl.exp2(m_i - m_new)  # [BLOCK_M] rescales the previous tiles",
+            f"{ind}p = tl.exp2(qk * qk_scale - m_new[:, None])  # [BLOCK_M, BLOCK_N] one FFMA per score",
+        ]
+    else:
+        lines += score_lines(spec, tile, ind, and_("row_ok[:, None]", col_ok), keep_terms)
+        lines += [
+            f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
+            f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
+            f"{ind}alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales the previous tiles",
+            f"{ind}p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]",
+        ]
+    lines.append(f"{ind}l_i = l_i * alpha + tl.sum(p, 1)")
     p = "p"
     if spec.dropout:
         lines += dropout_keep(tile, ind)
@@ -128,6 +134,21 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
         f"{ind}m_i = m_new",
     ]
     return lines
+
+
+def folds_scale(spec: KernelSpec, keep_terms: list[str]) -> bool:
+    """Whether a loop takes the row maximum of the raw products and folds the scale into the exponent.
+
+    With base-2 scores ``s = c * qk`` (``c = scale * log2(e) >= 0``, see the module docstring), ``max_j s_j
+    = c * max_j qk_j`` and ``exp2(s - m) = exp2(qk * c - m)``: one FFMA per score instead of an FMUL to
+    form ``s`` and an FADD to subtract ``m`` (Triton's fused-attention tutorial does the same). It needs a
+    loop without masked scores (a masked ``-inf`` times ``c = 0`` is NaN) and without terms added to the
+    scaled scores: no keep test (causal diagonal, key bound, boolean mask), no additive mask or bias and
+    no softcap (whose tanh needs the scaled product). Every score is then finite, so the running maximum
+    is finite after the first tile and needs no ``-inf`` guard. The launcher makes ``c >= 0`` by moving a
+    negative scale's sign onto K (:func:`attnopt.kernels.exact.triton_impl.forward`).
+    """
+    return not keep_terms and spec.mask == "none" and spec.bias == "none" and not spec.softcap
 
 
 def _epilogue(spec: KernelSpec) -> list[str]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -151,6 +151,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if call.scale < 0.0:
+        # The forward takes the row maximum of the raw q·k and scales it (render_fwd.folds_scale), which
+        # needs scale >= 0: scale * q·k = (-scale) * q·(-k). A copy of k, only for a negative scale.
+        k = k.neg()
+        call = replace(call, k=k, scale=-call.scale)
     args = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out), **call.feature_args())
     _run(call, call.spec("fwd"), lambda s: (-(-sq // s.block_m), b * hq), args)
     return out, lse
