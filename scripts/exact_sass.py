@@ -35,6 +35,7 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Triton 3.9 writes PTX 9.x, which only the wheel's newer ptxas (CUDA 13, named ptxas-blackwell) reads.
 PTXAS = BIN / "ptxas-blackwell" if (BIN / "ptxas-blackwell").exists() else BIN / "ptxas"
 ARCHS = {"sm_80": (80, tuning.GENERATIONS["sm80"]), "sm_90a": (90, tuning.GENERATIONS["sm90"])}
+SINGLES = dict(mask="bool", bias="alibi", softcap=True, dropout=True)
 HEAVY = dict(mask="bool", bias="alibi", softcap=True, dropout=True, key_padding=True)
 
 
@@ -47,6 +48,8 @@ def specs() -> dict[str, KernelSpec]:
         out[f"{direction}_d128_gqa"] = _spec(direction, 128, causal=0, group=4)
         out[f"{direction}_d128_heavy"] = _spec(direction, 128, causal=0, **HEAVY)
         out[f"{direction}_d128_heavy_c2"] = _spec(direction, 128, causal=2, **HEAVY)
+        for name, value in SINGLES.items():
+            out[f"{direction}_d128_only_{name}"] = _spec(direction, 128, causal=0, **{name: value})
     return out
 
 
@@ -106,9 +109,11 @@ def _mix(body: list[str]) -> dict:
                 warpgroup=sum(o.startswith("WARPGROUP") or o.startswith("WARPSYNC") for o in ops))
 
 
-def record(name: str, spec: KernelSpec, arch: str) -> dict:
+def record(name: str, spec: KernelSpec, arch: str, tiles: tuple[int, ...] | None = None) -> dict:
     cc, gen = ARCHS[arch]
     chosen = tuning.default(spec, gen)
+    if tiles:
+        chosen = chosen.replace(**dict(zip(("block_m", "block_n", "num_warps", "num_stages"), tiles)))
     rec = dict(name=name, arch=arch, tiles=[chosen.block_m, chosen.block_n, chosen.num_warps, chosen.num_stages])
     try:
         compiled = compile_spec(chosen, cc)
@@ -125,13 +130,14 @@ def main() -> None:
     parser.add_argument("--only", default="")
     parser.add_argument("--arch", action="append")
     parser.add_argument("--json")
+    parser.add_argument("--tiles", action="append", help="BM,BN,W,S instead of the default (repeatable)")
     args = parser.parse_args()
     results = []
     for name, spec in specs().items():
         if args.only and not re.search(args.only, name):
             continue
-        for arch in args.arch or list(ARCHS):
-            rec = record(name, spec, arch)
+        for arch, tiles in ((a, t) for a in args.arch or list(ARCHS) for t in args.tiles or [None]):
+            rec = record(name, spec, arch, tuple(map(int, tiles.split(","))) if tiles else None)
             results.append(rec)
             loops = " ".join(f"[{lp['instructions']}i {lp['hgmma'] + lp['hmma']}mma {lp['warpgroup']}wg]"
                              for lp in rec.get("loops", []))

@@ -4,6 +4,8 @@ Kernels run in Triton's CPU interpreter, or compiled on a GPU with ``ATTNOPT_TES
 ``_exact_helpers``).
 """
 
+import json
+
 import pytest
 import torch
 from _exact_helpers import (
@@ -74,6 +76,22 @@ def test_masks(kind, shape, causal):
     keep = rand(*shape) > 0.3
     mask = keep if kind == "bool" else randn(*shape).masked_fill(~keep, float("-inf"))
     check(*qkv(sq=7, sk=33), mask, causal=causal)
+
+
+@pytest.mark.parametrize("layout, strided_kv", [("contiguous", False), ("odd_rows", True), ("strided_d", True),
+                                                ("offset", True)])
+def test_key_value_through_descriptors_or_pointers(layout, strided_kv, monkeypatch, tmp_path):
+    """K and V go through tensor descriptors when every row is 16-byte aligned with a unit head-dim
+    stride, else through pointers (spec.strided_kv); both match the reference over several key tiles."""
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    q, k, v = qkv(b=1, hq=2, sq=9, sk=70, d=7 if layout == "odd_rows" else 16)
+    if layout == "strided_d":
+        k, v = (torch.stack([t, t], -1).flatten(-2)[..., ::2] for t in (k, v))
+    elif layout == "offset":
+        k, v = (torch.cat([t.flatten(), t.flatten()[:1]])[1:].view(t.shape) for t in (k, v))
+    check(q, k, v, causal=CAUSAL_BOTTOM_RIGHT)
+    specs = [json.loads(f.read_text().splitlines()[1][len("# spec: "):]) for f in tmp_path.glob("kernels/*fwd*.py")]
+    assert [spec["strided_kv"] for spec in specs] == [strided_kv]
 
 
 def test_non_contiguous_inputs_and_mask():

@@ -218,10 +218,19 @@ def dv_ok(spec: KernelSpec, bcast: str) -> str:
     return f"dv_ok{bcast}" if padded_dv(spec) else ""
 
 
-def head_program_ids() -> list[str]:
-    """Program ids of a kernel with one program per (query tile, batch * query head)."""
+def head_program_ids(longest_first: bool = False) -> list[str]:
+    """Program ids of a kernel with one program per (query tile, batch * query head).
+
+    ``longest_first`` (causal kernels that stream key tiles): query tile ``i`` sees about ``i + 1`` key tiles,
+    so the programs run the query tiles in reverse: the GPU starts the longest first and the last wave,
+    made of the shortest, ends soon after the others (in id order the longest would start last).
+    """
+    if longest_first:
+        first = "    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest query tiles first"
+    else:
+        first = "    pid_m = tl.program_id(0)"
     return [
-        "    pid_m = tl.program_id(0)",
+        first,
         "    pid_bh = tl.program_id(1)",
         "    off_b = (pid_bh // num_heads).to(tl.int64)",
         "    off_h = (pid_bh % num_heads).to(tl.int64)",
@@ -233,7 +242,7 @@ def query_tile_prologue(spec: KernelSpec, extra_bases: tuple[str, ...] = ()) -> 
     ``bwd_dq``): ids, offsets, scalars, base pointers (``extra_bases`` after q's), the dropout row
     counters and the query tile ``q``."""
     lines = [
-        *head_program_ids(),
+        *head_program_ids(longest_first=spec.causal != CAUSAL_NONE),
         "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
         "    start_m = pid_m * BLOCK_M",
         *offsets(spec),
