@@ -125,13 +125,43 @@ def record(name: str, spec: KernelSpec, arch: str, tiles: tuple[int, ...] | None
                 model_smem=tuning.resources(chosen, gen)[0], model_regs=round(tuning.resources(chosen, gen)[1]))
 
 
+def interior(rec: dict) -> dict:
+    """The interior loop of a record: its first loop (by address) with tensor-core instructions."""
+    return next((lp for lp in rec.get("loops", []) if lp["hgmma"] + lp["hmma"]), {})
+
+
+def markdown(before: list[dict], after: list[dict]) -> str:
+    """A before/after table: per record regs, spill bytes, shared bytes, advisories, and the interior loop's
+    instructions, HGMMA/HMMA and warpgroup ops."""
+    old = {(r["name"], r["arch"]): r for r in before}
+
+    def cells(rec: dict | None) -> str:
+        if not rec or "error" in rec:
+            return " | ".join(["-"] * 6)
+        lp = interior(rec)
+        adv = ", ".join(a.split(")")[0].strip("(") for a in rec["advisories"]) or "-"
+        return (f"{'x'.join(map(str, rec['tiles']))} | {rec['regs']} | {rec['spills']} | {rec['shared']} | {adv} | "
+                f"{lp.get('instructions', '-')}i {lp.get('hgmma', 0) + lp.get('hmma', 0)}mma {lp.get('warpgroup', '-')}wg")
+
+    head = ("| record | arch | before: tiles | regs | spill B | shared B | advisories | interior loop "
+            "| after: tiles | regs | spill B | shared B | advisories | interior loop |")
+    lines = [head, "|" + "---|" * 14]
+    for rec in after:
+        lines.append(f"| {rec['name']} | {rec['arch']} | {cells(old.get((rec['name'], rec['arch'])))} | {cells(rec)} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="")
     parser.add_argument("--arch", action="append")
     parser.add_argument("--json")
+    parser.add_argument("--markdown", nargs=2, metavar=("BEFORE", "AFTER"), help="print a table of two --json runs")
     parser.add_argument("--tiles", action="append", help="BM,BN,W,S instead of the default (repeatable)")
     args = parser.parse_args()
+    if args.markdown:
+        print(markdown(*(json.loads(Path(p).read_text()) for p in args.markdown)), end="")
+        return
     results = []
     for name, spec in specs().items():
         if args.only and not re.search(args.only, name):

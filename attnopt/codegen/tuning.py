@@ -15,6 +15,7 @@ in shared memory once and multi-buffers the streamed tiles ``S`` times::
 Every tile also loads its per-score tensors: ``MB`` bytes per score (:func:`score_bytes`: 1 for a boolean
 mask, ``E`` for an additive mask and for a bias tensor), pipelined like the streamed tiles (``S - 1``
 tiles in flight) plus one tile of scratch where Triton converts the loaded tile to the score layout
+(dropout counts one byte: its keep-mask goes through the same conversion)
 (measured: the feature-heavy forward on sm_90a at 64x64/8 warps/2 stages allocates 90,144 B for a model
 of 91,136 B; at 64x128/8/3, 237,624 B for 238,592 B). ``T = 1`` when the forward reads K and V through
 tensor descriptors (TMA, sm90+; :func:`for_generation`): Triton adds 1 KiB of barriers.
@@ -26,12 +27,16 @@ its A operand from registers (``AR = 1``: mma.sync on sm80-sm89; ``AR = 0``: wgm
 from shared memory), the resident operand::
 
     regs_fwd  = 56 + (1.15 BM DV        + 1.6 BM BN  + AR E/4 BM D) / (32 W)          + F BM BN / (32 W)
-    regs_dq   = 64 + (0.9 BM D          + 2.35 BM BN + AR E/4 BM (D + DV)) / (32 W)   + F BM BN / (32 W)
-    regs_dkdv = 72 + (0.9 BN (D + DV)   + 2.75 BN BM + AR E/4 BN (D + DV)) / (32 W)   + F BM BN / (32 W)
+    regs_dq   = 64 + (0.9 BM D          + 2.35 BM BN + AR E/4 BM (D + DV)) / (32 W)   + 2 F BM BN / (32 W)
+    regs_dkdv = 72 + (0.9 BN (D + DV)   + 2.75 BN BM + AR E/4 BN (D + DV)) / (32 W)   + 2.5 F BM BN / (32 W)
 
 ``F`` (:data:`FEATURE_REGISTERS`, summed by :func:`feature_registers`) is what the score features keep
 per score element and thread: mask and bias tiles with their per-stage addresses, ALiBi distances,
-the softcap's tanh, dropout's Philox counters and keep-mask (the largest).
+the softcap's tanh, dropout's Philox counters and keep-mask (the largest); the backward keeps them for
+both P and dS (2x in dQ, 2.5x in dK/dV, whose transposed tiles convert layouts). Fit: the smallest values that move every single-feature and the feature-heavy
+spec (bool mask, ALiBi, softcap, dropout, key lengths) at D128 bf16 off the tiles where ptxas spilled, on
+sm_80 and sm_90a (``scripts/exact_sass.py``; e.g. the heavy forward spilled 4 B at 128x64/8 warps and none
+at 64x64/8, the dropout dQ 8 B at 64x64/8 and none at 64x32/8, the heavy dK/dV 44 B at 32x64/8).
 
 The shared-memory formulas are Triton's own allocation on sm90 (within 256 bytes) (checked against Triton 3.9 compiling
 for sm_90a; on sm80 Triton needs less, so they are conservative there). The register coefficients are
@@ -80,17 +85,17 @@ def model() -> dict[str, tuple]:
 
     BM, BN, D, DV, S, W, E, AR, MB, F, T = sympy.symbols("BM BN D DV S W E AR MB F T", positive=True)  # noqa: N806
     scores = S * BM * BN * MB  # per-tile mask and bias loads: S - 1 in flight, one converted to the score layout
-    features = F * BM * BN / (32 * W)  # registers the features add per score element
+    features = F * BM * BN / (32 * W)  # registers the features add per score element (more in the backward)
     return {
         "fwd": (E * (BM * D + S * BN * (D + DV)) + scores + 1024 * T,
                 56 + (sympy.Rational(115, 100) * BM * DV + sympy.Rational(16, 10) * BM * BN
                       + AR * E / 4 * BM * D) / (32 * W) + features),
         "bwd_dq": (E * (BM * (D + DV) + S * BN * (D + DV)) + scores,
                    64 + (sympy.Rational(9, 10) * BM * D + sympy.Rational(235, 100) * BM * BN
-                         + AR * E / 4 * BM * (D + DV)) / (32 * W) + features),
+                         + AR * E / 4 * BM * (D + DV)) / (32 * W) + 2 * features),
         "bwd_dkdv": (E * (BN * (D + DV) + S * BM * (D + DV)) + 8 * S * BM + scores,
                      72 + (sympy.Rational(9, 10) * BN * (D + DV) + sympy.Rational(275, 100) * BN * BM
-                           + AR * E / 4 * BN * (D + DV)) / (32 * W) + features),
+                           + AR * E / 4 * BN * (D + DV)) / (32 * W) + 5 * features / 2),
         "bwd_pre": (sympy.Integer(0), 20 + 2 * BM * DV / (32 * W)),
     }
 
@@ -158,9 +163,11 @@ def resources(spec: KernelSpec, gen: Generation) -> tuple[int, float]:
 
 
 def score_bytes(spec: KernelSpec) -> int:
-    """``MB``: bytes per score element of the tensors a kernel loads tile by tile (mask, bias tensor)."""
+    """``MB``: bytes per score element of the tensors a kernel loads tile by tile (mask, bias tensor), and
+    one for dropout, whose keep-mask Triton converts between layouts through shared memory (measured: the
+    dropout forward on sm_90a at 64x64/8 warps/2 stages allocates 4 KiB more than without it)."""
     mask = {"none": 0, "bool": 1, "additive": spec.itemsize}[spec.mask]
-    return mask + (spec.itemsize if spec.bias == "tensor" else 0)
+    return mask + (spec.itemsize if spec.bias == "tensor" else 0) + int(spec.dropout)
 
 
 # ``F``: registers per score element and thread group that a feature adds (see the module docstring's fit).
@@ -183,9 +190,9 @@ def fits(spec: KernelSpec, gen: Generation) -> bool:
 PREFERENCES = {
     "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2),
             (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    "bwd_dq": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
+    "bwd_dq": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
                (16, 16, 4, 1)],
-    "bwd_dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2),
+    "bwd_dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2),
                  (16, 32, 4, 1), (16, 16, 4, 1)],
     "bwd_pre": [(128, 16, 4, 1), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
 }
@@ -386,10 +393,14 @@ _FAILED: set[tuple[str, KernelSpec]] = set()  # (GPU name, spec) that failed to 
 
 def fallback(failed: KernelSpec, device: Device) -> KernelSpec | None:
     """Records that ``failed`` did not compile or launch on ``device`` and returns the first preference
-    that fits and has not failed (None when none is left). The resource model is approximate: this is
+    that fits and has not failed (None when none is left); a forward with tensor descriptors first retries
+    the same tiles with pointers. The resource model is approximate: this is
     the safety net for a configuration the compiler rejects (out of shared memory, say)."""
     with _LOCK:
         _FAILED.add((device.name, failed))
+    pointers = failed.replace(strided_kv=True) if failed.direction == "fwd" else failed
+    if (device.name, pointers) not in _FAILED and fits(pointers, device.generation):
+        return pointers  # a forward that failed with tensor descriptors retries its tiles with pointers first
     for tiles in preferences(failed):
         candidate = _with(failed, tiles)
         if fits(candidate, device.generation) and (device.name, candidate) not in _FAILED:
