@@ -234,7 +234,7 @@ def test_render_forward_reads_key_values_by_descriptor_unless_strided():
 
 def test_render_forward_folds_the_scale_on_unmasked_tiles():
     """Interior tiles without masked or added terms take the max of raw q·k and exponentiate with one FFMA."""
-    folded = "p = tl.exp2(qk * qk_scale - m_new[:, None])"
+    folded = "p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))"
     assert src_count(make(), folded) == 1  # interior loop only: the boundary loop masks its keys
     assert src_count(make(causal=2), folded) == 1
     for features in (dict(mask="bool"), dict(mask="additive"), dict(bias="alibi"), dict(softcap=True)):

@@ -127,7 +127,7 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
         lines += [
             f"{ind}m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BLOCK_M] max of the raw products, scaled",
             f"{ind}alpha = tl.exp2(m_i - m_new)  # [BLOCK_M] rescales the previous tiles",
-            f"{ind}p = tl.exp2(qk * qk_scale - m_new[:, None])  # [BLOCK_M, BLOCK_N] one FFMA per score",
+            f"{ind}p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))  # [BLOCK_M, BLOCK_N] one FFMA per score",
         ]
     else:
         lines += score_lines(spec, tile, ind, and_("row_ok[:, None]", col_ok), keep_terms)
@@ -162,7 +162,8 @@ def folds_scale(spec: KernelSpec, keep_terms: list[str]) -> bool:
 
     With base-2 scores ``s = c * qk`` (``c = scale * log2(e) >= 0``, see the module docstring), ``max_j s_j
     = c * max_j qk_j`` and ``exp2(s - m) = exp2(qk * c - m)``: one FFMA per score instead of an FMUL to
-    form ``s`` and an FADD to subtract ``m`` (Triton's fused-attention tutorial does the same). It needs a
+    form ``s`` and an FADD to subtract ``m`` (Triton's fused-attention tutorial does the same; ``tl.fma``
+    keeps it one instruction when Triton's FP fusion is off, its default from 3.10 on). It needs a
     loop without masked scores (a masked ``-inf`` times ``c = 0`` is NaN) and without terms added to the
     scaled scores: no keep test (causal diagonal, key bound, boolean mask), no additive mask or bias and
     no softcap (whose tanh needs the scaled product). Every score is then finite, so the running maximum
