@@ -31,12 +31,13 @@ from shared memory), the resident operand::
     regs_dkdv = 72 + (0.9 BN (D + DV)   + 2.75 BN BM + AR E/4 BN (D + DV)) / (32 W)   + 2.5 F BM BN / (32 W)
 
 ``F`` (:data:`FEATURE_REGISTERS`, summed by :func:`feature_registers`) is what the score features keep
-per score element and thread: mask and bias tiles with their per-stage addresses, ALiBi distances,
+per score element and thread: mask and bias tiles with their per-stage addresses, the relative-position
+gather (bucket and table loads), ALiBi distances,
 the softcap's tanh, dropout's Philox counters and keep-mask (the largest); the backward keeps them for
 both P and dS (2x in dQ, 2.5x in dK/dV, whose transposed tiles convert layouts). Fit: the smallest values that move every single-feature and the feature-heavy
 spec (bool mask, ALiBi, softcap, dropout, key lengths) at D128 bf16 off the tiles where ptxas spilled, on
 sm_80 and sm_90a (``scripts/exact_sass.py``; e.g. the heavy forward spilled 4 B at 128x64/8 warps and none
-at 64x64/8, the dropout dQ 8 B at 64x64/8 and none at 64x32/8, the heavy dK/dV 44 B at 32x64/8).
+at 64x64/8, the dropout dQ 8 B at 64x64/8 and none at 64x32/8, the heavy dK/dV 44 B at 32x64/8, the causal relative-position forward 464 B at 128x64/8 and none at 64x128/8, its dQ 4 B at 64x64/8 on sm_80).
 
 The shared-memory formulas are Triton's own allocation on sm90 (within 256 bytes) (checked against Triton 3.9 compiling
 for sm_90a; on sm80 Triton needs less, so they are conservative there). The register coefficients are
@@ -171,12 +172,14 @@ def score_bytes(spec: KernelSpec) -> int:
 
 
 # ``F``: registers per score element and thread group that a feature adds (see the module docstring's fit).
-FEATURE_REGISTERS = {"mask": 1.5, "bias": 1.5, "alibi": 0.25, "key_padding": 0.0, "softcap": 0.5, "dropout": 4.0}
+FEATURE_REGISTERS = {"mask": 1.5, "bias": 1.5, "relpos": 3.0, "alibi": 0.25, "key_padding": 0.0, "softcap": 0.5,
+                     "dropout": 4.0}
 
 
 def feature_registers(spec: KernelSpec) -> float:
     """``F`` of ``spec``: the sum of :data:`FEATURE_REGISTERS` over its features."""
-    used = dict(mask=spec.mask != "none", bias=spec.bias in ("tensor", "relpos"), alibi=spec.bias == "alibi",
+    used = dict(mask=spec.mask != "none", bias=spec.bias == "tensor", relpos=spec.bias == "relpos",
+                alibi=spec.bias == "alibi",
                 key_padding=spec.key_padding, softcap=spec.softcap, dropout=spec.dropout)
     return sum(FEATURE_REGISTERS[name] for name, on in used.items() if on)
 

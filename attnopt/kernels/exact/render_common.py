@@ -223,7 +223,8 @@ def head_program_ids(longest_first: bool = False) -> list[str]:
 
     ``longest_first`` (causal kernels that stream key tiles): query tile ``i`` sees about ``i + 1`` key tiles,
     so the programs run the query tiles in reverse: the GPU starts the longest first and the last wave,
-    made of the shortest, ends soon after the others (in id order the longest would start last).
+    made of the shortest, ends soon after the others (in id order the longest would start last). ``bwd_dkdv``
+    needs no reversal: its key tile 0 is the one the most query rows see.
     """
     if longest_first:
         first = "    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest query tiles first"
