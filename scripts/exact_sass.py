@@ -139,9 +139,10 @@ def markdown(before: list[dict], after: list[dict]) -> str:
         if not rec or "error" in rec:
             return " | ".join(["-"] * 6)
         lp = interior(rec)
+        mma = lp.get("hgmma", 0) + lp.get("hmma", 0)
         adv = ", ".join(a.split(")")[0].strip("(") for a in rec["advisories"]) or "-"
         return (f"{'x'.join(map(str, rec['tiles']))} | {rec['regs']} | {rec['spills']} | {rec['shared']} | {adv} | "
-                f"{lp.get('instructions', '-')}i {lp.get('hgmma', 0) + lp.get('hmma', 0)}mma {lp.get('warpgroup', '-')}wg")
+                f"{lp.get('instructions', '-')}i {mma}mma {lp.get('warpgroup', '-')}wg")
 
     head = ("| record | arch | before: tiles | regs | spill B | shared B | advisories | interior loop "
             "| after: tiles | regs | spill B | shared B | advisories | interior loop |")

@@ -32,12 +32,14 @@ from shared memory), the resident operand::
 
 ``F`` (:data:`FEATURE_REGISTERS`, summed by :func:`feature_registers`) is what the score features keep
 per score element and thread: mask and bias tiles with their per-stage addresses, the relative-position
-gather (bucket and table loads), ALiBi distances,
-the softcap's tanh, dropout's Philox counters and keep-mask (the largest); the backward keeps them for
-both P and dS (2x in dQ, 2.5x in dK/dV, whose transposed tiles convert layouts). Fit: the smallest values that move every single-feature and the feature-heavy
-spec (bool mask, ALiBi, softcap, dropout, key lengths) at D128 bf16 off the tiles where ptxas spilled, on
-sm_80 and sm_90a (``scripts/exact_sass.py``; e.g. the heavy forward spilled 4 B at 128x64/8 warps and none
-at 64x64/8, the dropout dQ 8 B at 64x64/8 and none at 64x32/8, the heavy dK/dV 44 B at 32x64/8, the causal relative-position forward 464 B at 128x64/8 and none at 64x128/8, its dQ 4 B at 64x64/8 on sm_80).
+gather (bucket and table loads), ALiBi distances, the softcap's tanh, dropout's Philox counters and
+keep-mask (the largest); the backward keeps them for both P and dS (2x in dQ, 2.5x in dK/dV, whose
+transposed tiles convert layouts). Fit: the smallest values that move every single-feature spec and the
+feature-heavy one (bool mask, ALiBi, softcap, dropout, key lengths) at D128 bf16 off the tiles where
+ptxas spilled, on sm_80 and sm_90a (``scripts/exact_sass.py``). E.g. the heavy forward spilled 4 B at
+128x64/8 warps and none at 64x64/8; the dropout dQ 8 B at 64x64/8 and none at 64x32/8; the heavy dK/dV
+44 B at 32x64/8; the causal relative-position forward 464 B at 128x64/8 and none at 64x128/8, its dQ
+4 B at 64x64/8 on sm_80.
 
 The shared-memory formulas are Triton's own allocation on sm90 (within 256 bytes) (checked against Triton 3.9 compiling
 for sm_90a; on sm80 Triton needs less, so they are conservative there). The register coefficients are
@@ -193,10 +195,10 @@ def fits(spec: KernelSpec, gen: Generation) -> bool:
 PREFERENCES = {
     "fwd": [(128, 128, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3), (64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2),
             (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    "bwd_dq": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
-               (16, 16, 4, 1)],
-    "bwd_dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2),
-                 (16, 32, 4, 1), (16, 16, 4, 1)],
+    "bwd_dq": [(128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2),
+               (32, 32, 4, 1), (16, 16, 4, 1)],
+    "bwd_dkdv": [(32, 128, 8, 3), (16, 128, 8, 3), (32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                 (16, 32, 4, 2), (16, 32, 4, 1), (16, 16, 4, 1)],
     "bwd_pre": [(128, 16, 4, 1), (64, 16, 4, 1), (32, 16, 4, 1), (16, 16, 4, 1)],
 }
 # Head dims above 128: ptxas spills the backward's 64x64 dQ tiles (1 KB on sm_90a) and 32-row dK/dV query tiles

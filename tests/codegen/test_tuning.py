@@ -64,10 +64,12 @@ def test_model_counts_per_tile_mask_and_bias_loads_and_feature_registers():
     assert tuning.resources(plain.replace(mask="bool"), SM90)[0] == smem + 3 * 128 * 64
     assert tuning.resources(plain.replace(dropout=True), SM90)[0] == smem + 3 * 128 * 64  # keep-mask conversion
     assert tuning.resources(plain.replace(mask="additive", bias="tensor"), SM90)[0] == smem + 3 * 128 * 64 * 4
-    for features in (dict(mask="bool"), dict(bias="alibi"), dict(bias="relpos"), dict(softcap=True), dict(dropout=True)):
+    singles = (dict(mask="bool"), dict(bias="alibi"), dict(bias="relpos"), dict(softcap=True), dict(dropout=True))
+    for features in singles:
         assert tuning.resources(plain.replace(**features), SM90)[1] > regs, features
     # the relative-position gather costs more than a streamed bias tile (measured: it spilled at 128x64, 8 warps)
-    assert tuning.resources(plain.replace(bias="relpos"), SM90)[1] > tuning.resources(plain.replace(bias="tensor"), SM90)[1]
+    relpos, tensor = (tuning.resources(plain.replace(bias=kind), SM90)[1] for kind in ("relpos", "tensor"))
+    assert relpos > tensor
 
 
 def test_forward_reads_key_values_by_descriptor_from_sm90_on():

@@ -92,7 +92,7 @@ def render_lines(spec: KernelSpec) -> list[str]:
 
 def _prologue(spec: KernelSpec) -> list[str]:
     descriptors = [] if spec.strided_kv else [
-        "    # K and V tiles through tensor descriptors (TMA on sm_90+): no per-element address, zeros past the bounds.",
+        "    # K and V tiles through tensor descriptors (TMA on sm_90+): no per-element address, zeros past the end.",
         "    k_desc = tl.make_tensor_descriptor(k_base, shape=[seq_k, HEAD_DIM], strides=[stride_kn, 1],",
         "                                       block_shape=[BLOCK_N, BLOCK_D])  # tiles [BLOCK_N, BLOCK_D]",
         "    v_desc = tl.make_tensor_descriptor(v_base, shape=[seq_k, HEAD_DIM_V], strides=[stride_vn, 1],",
