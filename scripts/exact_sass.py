@@ -35,7 +35,9 @@ BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 # Triton 3.9 writes PTX 9.x, which only the wheel's newer ptxas (CUDA 13, named ptxas-blackwell) reads.
 PTXAS = BIN / "ptxas-blackwell" if (BIN / "ptxas-blackwell").exists() else BIN / "ptxas"
 ARCHS = {"sm_80": (80, tuning.GENERATIONS["sm80"]), "sm_90a": (90, tuning.GENERATIONS["sm90"])}
-SINGLES = dict(mask="bool", bias="alibi", softcap=True, dropout=True)
+SINGLES = {"mask": dict(mask="bool"), "bias": dict(bias="alibi"), "softcap": dict(softcap=True),
+           "dropout": dict(dropout=True), "additive": dict(mask="additive"), "bias_tensor": dict(bias="tensor"),
+           "relpos_c2": dict(bias="relpos", causal=2)}
 HEAVY = dict(mask="bool", bias="alibi", softcap=True, dropout=True, key_padding=True)
 
 
@@ -48,8 +50,8 @@ def specs() -> dict[str, KernelSpec]:
         out[f"{direction}_d128_gqa"] = _spec(direction, 128, causal=0, group=4)
         out[f"{direction}_d128_heavy"] = _spec(direction, 128, causal=0, **HEAVY)
         out[f"{direction}_d128_heavy_c2"] = _spec(direction, 128, causal=2, **HEAVY)
-        for name, value in SINGLES.items():
-            out[f"{direction}_d128_only_{name}"] = _spec(direction, 128, causal=0, **{name: value})
+        for name, features in SINGLES.items():
+            out[f"{direction}_d128_only_{name}"] = _spec(direction, 128, **{"causal": 0, **features})
     return out
 
 
