@@ -18,7 +18,8 @@ tiles in flight) plus one tile of scratch where Triton converts the loaded tile 
 (dropout counts one byte: its keep-mask goes through the same conversion)
 (measured: the feature-heavy forward on sm_90a at 64x64/8 warps/2 stages allocates 90,144 B for a model
 of 91,136 B; at 64x128/8/3, 237,624 B for 238,592 B). ``T = 1`` when the forward reads K and V through
-tensor descriptors (TMA, sm90+; :func:`for_generation`): Triton adds 1 KiB of barriers.
+tensor descriptors (TMA, sm90+; :func:`for_generation`): Triton adds its barriers, at most 1 KiB (56 B for
+the default D128 forward).
 
 Registers per thread: a fixed part (addresses, indices, softmax statistics) plus the fp32
 accumulator and the score-sized tiles live in the inner loop (scores, probabilities, and in the

@@ -48,8 +48,8 @@ def test_model_is_sympy_and_matches_the_documented_formulas():
     fit = 56 + (sympy.Rational(115, 100) * BM * DV + sympy.Rational(16, 10) * BM * BN + AR * E / 4 * BM * D) / (32 * W)
     assert sympy.simplify(regs - fit - F * BM * BN / (32 * W)) == 0
     assert set(tuning.model()) == {"fwd", "bwd_pre", "bwd_dq", "bwd_dkdv"}
-    # bf16 128x128 tiles, D 128, 3 stages: 2 * (128 * 128 + 3 * 128 * 256) bytes and 1 KiB for the tensor
-    # descriptors, Triton's allocation on sm_90a; registers 56 + (1.15 * 128 * 128 + 1.6 * 128 * 128) / 256
+    # bf16 128x128 tiles, D 128, 3 stages: 2 * (128 * 128 + 3 * 128 * 256) bytes (Triton's allocation on sm_90a)
+    # and 1 KiB bounding the tensor descriptors' barriers; registers 56 + (1.15 * 128 * 128 + 1.6 * 128 * 128) / 256
     assert tuning.resources(spec().replace(block_m=128, block_n=128, num_warps=8, num_stages=3), SM90) == (
         230400, 232.0)
 

@@ -270,11 +270,14 @@ def key_loop_head(spec: KernelSpec, boundary: bool) -> tuple[list[str], list[str
     """The ``for`` line over key tiles of a query tile (interior tiles, or ``boundary`` ones with the
     per-element key tests), the key indices, and the structural keep terms for :func:`score_lines`."""
     ind = "        "
-    if boundary:
-        head = f"    {tile_loop('tile_n', 'full_end', 'end', 'BLOCK_N')}  # boundary key tiles"
+    if boundary and spec.causal == CAUSAL_NONE and spec.direction == "fwd" and not spec.strided_kv:
+        # Without causality the boundary is at most one tile: a branch, not a second loop (with tensor descriptors
+        # this saves 11 registers on sm_90a; with pointer loads the branch costs registers, so they keep the loop).
+        lines = ["", "    if full_end < end:  # the partial last key tile", f"{ind}start_n = full_end"]
     else:
-        head = f"    {tile_loop('tile_n', '0', 'full_end', 'BLOCK_N')}  # interior key tiles"
-    lines = ["", head, f"{ind}start_n = tile_n * BLOCK_N  # first key row of the tile"]
+        bounds = ("full_end", "end", "boundary") if boundary else ("0", "full_end", "interior")
+        lines = ["", f"    {tile_loop('tile_n', bounds[0], bounds[1], 'BLOCK_N')}  # {bounds[2]} key tiles",
+                 f"{ind}start_n = tile_n * BLOCK_N  # first key row of the tile"]
     if boundary or uses_key_indices(spec):
         lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
     keep_terms = []
