@@ -68,6 +68,9 @@ class KernelSpec:
     the FlashAttention-2 convention) or ``relpos`` (``table[bucket[j - i + Sq - 1], h]``: a relative
     position bias gathered from its bucket table). ``key_padding``: key ``j`` of batch row ``b`` is
     visible only if ``j < kv_lens[b]``. ``group`` is the number of query heads per key/value head.
+    ``strided_kv``: the forward reads K and V through per-element pointers (any strides and alignment,
+    every GPU) instead of tensor descriptors (TMA on sm_90+: 16-byte aligned bases and row strides, unit
+    head-dim stride), see :mod:`attnopt.kernels.exact.render_fwd`; the backward kernels always use pointers.
     """
 
     variant: str = "exact"
@@ -83,6 +86,7 @@ class KernelSpec:
     dropout: bool = False
     group: int = 1
     write_ds: bool = False
+    strided_kv: bool = False
     block_m: int
     block_n: int
     num_warps: int
@@ -98,11 +102,13 @@ class KernelSpec:
             raise ValueError(
                 f"KernelSpec.causal must be one of {CAUSAL_MODES} (none, top-left, bottom-right); got {self.causal!r}"
             )
-        for name in ("key_padding", "softcap", "dropout", "write_ds"):
+        for name in ("key_padding", "softcap", "dropout", "write_ds", "strided_kv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"KernelSpec.{name} must be a bool; got {getattr(self, name)!r}")
         if self.write_ds and self.direction != "bwd_dq":
             raise ValueError(f"KernelSpec.write_ds must be False for direction {self.direction!r} (only bwd_dq)")
+        if self.strided_kv and self.direction != "fwd":
+            raise ValueError(f"KernelSpec.strided_kv must be False for direction {self.direction!r} (only fwd)")
         for name in ("head_dim", "head_dim_v"):
             value = getattr(self, name)
             if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:

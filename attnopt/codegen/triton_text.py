@@ -25,6 +25,20 @@ def paren(term: str) -> str:
     return f"({term})" if any(op in term for op in ("<", "!=")) else term
 
 
+def tile_loop(var: str, lo: str, hi: str, block: str) -> str:
+    """``for`` header over the tiles of ``block`` rows that start in ``[lo, hi)``, ``lo`` a multiple of ``block``.
+
+    It loops over the unit-step tile index ``{var}`` (``range(lo // block, cdiv(hi, block))``), never over
+    ``range(lo, hi, block)``: on sm_90 Triton pipelines the tensor-core ops of a loop across its iterations
+    (wgmma in flight while the next tile's scores are computed), and with a strided induction variable
+    the last wgmma of the loop pairs with one still in flight across the loop's exit, so ptxas serializes
+    every wgmma of the loop (advisory C7515: each HGMMA followed by a WARPGROUP.DEPBAR). A unit-step loop
+    keeps them back to back. Its callers derive the tile's first row as ``{var} * block``.
+    """
+    first = "0" if lo == "0" else f"{lo} // {block}"
+    return f"for {var} in range({first}, tl.cdiv({hi}, {block})):"
+
+
 def mask_kw(mask: str) -> str:
     return f", mask={mask}, other=0.0" if mask else ""
 

@@ -41,15 +41,42 @@ def _cache(tmp_path, monkeypatch):
 
 def test_model_is_sympy_and_matches_the_documented_formulas():
     BM, BN, D, DV, S, W, E, AR = sympy.symbols("BM BN D DV S W E AR", positive=True)  # noqa: N806
+    MB, F, T = sympy.symbols("MB F T", positive=True)  # noqa: N806
     smem, regs = tuning.model()["fwd"]
-    assert sympy.simplify(smem - E * (BM * D + S * BN * (D + DV))) == 0
+    scores = S * BM * BN * MB
+    assert sympy.simplify(smem - (E * (BM * D + S * BN * (D + DV)) + scores + 1024 * T)) == 0
     fit = 56 + (sympy.Rational(115, 100) * BM * DV + sympy.Rational(16, 10) * BM * BN + AR * E / 4 * BM * D) / (32 * W)
-    assert sympy.simplify(regs - fit) == 0
+    assert sympy.simplify(regs - fit - F * BM * BN / (32 * W)) == 0
     assert set(tuning.model()) == {"fwd", "bwd_pre", "bwd_dq", "bwd_dkdv"}
-    # bf16 128x128 tiles, D 128, 3 stages: 2 * (128 * 128 + 3 * 128 * 256) bytes, Triton's allocation on sm_90a;
-    # registers 56 + (1.15 * 128 * 128 + 1.6 * 128 * 128) / 256 (ptxas -v: 239, no spill)
+    # bf16 128x128 tiles, D 128, 3 stages: 2 * (128 * 128 + 3 * 128 * 256) bytes (Triton's allocation on sm_90a)
+    # and 1 KiB bounding the tensor descriptors' barriers; registers 56 + (1.15 * 128 * 128 + 1.6 * 128 * 128) / 256
     assert tuning.resources(spec().replace(block_m=128, block_n=128, num_warps=8, num_stages=3), SM90) == (
-        229376, 232.0)
+        230400, 232.0)
+
+
+def test_model_counts_per_tile_mask_and_bias_loads_and_feature_registers():
+    """A boolean mask takes one byte per score and stage (and one more tile to convert it), an additive one
+    (or a bias tensor) E bytes;
+    every feature adds registers per score element."""
+    tile = dict(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    plain = spec().replace(**tile)
+    smem, regs = tuning.resources(plain, SM90)
+    assert tuning.resources(plain.replace(mask="bool"), SM90)[0] == smem + 3 * 128 * 64
+    assert tuning.resources(plain.replace(dropout=True), SM90)[0] == smem + 3 * 128 * 64  # keep-mask conversion
+    assert tuning.resources(plain.replace(mask="additive", bias="tensor"), SM90)[0] == smem + 3 * 128 * 64 * 4
+    singles = (dict(mask="bool"), dict(bias="alibi"), dict(bias="relpos"), dict(softcap=True), dict(dropout=True))
+    for features in singles:
+        assert tuning.resources(plain.replace(**features), SM90)[1] > regs, features
+    # the relative-position gather costs more than a streamed bias tile (measured: it spilled at 128x64, 8 warps)
+    relpos, tensor = (tuning.resources(plain.replace(bias=kind), SM90)[1] for kind in ("relpos", "tensor"))
+    assert relpos > tensor
+
+
+def test_forward_reads_key_values_by_descriptor_from_sm90_on():
+    for gen in tuning.GENERATIONS.values():
+        assert tuning.default(spec(), gen).strided_kv == (not gen.tma)
+        assert not tuning.default(spec("bwd_dq"), gen).strided_kv
+    assert tuning.default(spec().replace(strided_kv=True), SM90).strided_kv  # inputs a descriptor cannot read
 
 
 def test_register_model_depends_on_the_generation():
@@ -79,12 +106,13 @@ def test_candidates_fit_and_keep_the_features(direction, d, dtype):
         for c in cands:
             smem, regs = tuning.resources(c, gen)
             assert smem <= gen.smem_per_block and regs <= tuning.MAX_REGS_PER_THREAD
-            assert {k: v for k, v in c.to_dict().items() if k not in TILE_FIELDS} == \
-                {k: v for k, v in base.to_dict().items() if k not in TILE_FIELDS}
+            kept = TILE_FIELDS + ("strided_kv",)  # strided_kv: see test_forward_reads_key_values_by_descriptor...
+            assert {k: v for k, v in c.to_dict().items() if k not in kept} == \
+                {k: v for k, v in base.to_dict().items() if k not in kept}
 
 
 def test_smaller_gpus_and_wider_heads_keep_fewer_candidates():
-    assert set(tuning.candidates(spec(), SM86)) < set(tuning.candidates(spec(), SM90))
+    assert {tiles(c) for c in tuning.candidates(spec(), SM86)} < {tiles(c) for c in tuning.candidates(spec(), SM90)}
     assert len(tuning.candidates(spec(d=256), SM90)) < len(tuning.candidates(spec(d=64), SM90))
     assert len(tuning.candidates(spec(dtype="float32"), SM90)) < len(tuning.candidates(spec(), SM90))
 
@@ -301,7 +329,8 @@ def test_choose_on_cpu_is_the_reference():
 def test_fallback_after_a_rejected_configuration():
     first = tuning.select(spec(), 4096, 4096, H100)
     second = tuning.fallback(first, H100)
-    assert second is not None and second != first and tuning.fits(second, SM90)
+    assert second == first.replace(strided_kv=True)  # the same tiles without tensor descriptors
+    assert tuning.fits(second, SM90)
     assert tuning.select(spec(), 4096, 4096, H100) == second  # remembered for the process
     other = tuning.Device(name="NVIDIA H200", generation=SM90, triton="3.6.0")
     assert tuning.select(spec(), 4096, 4096, other) == first  # per GPU

@@ -4,6 +4,8 @@ Kernels run in Triton's CPU interpreter, or compiled on a GPU with ``ATTNOPT_TES
 ``_exact_helpers``).
 """
 
+import json
+
 import pytest
 import torch
 from _exact_helpers import (
@@ -76,6 +78,22 @@ def test_masks(kind, shape, causal):
     check(*qkv(sq=7, sk=33), mask, causal=causal)
 
 
+@pytest.mark.parametrize("layout, strided_kv", [("contiguous", False), ("odd_rows", True), ("strided_d", True),
+                                                ("offset", True)])
+def test_key_value_through_descriptors_or_pointers(layout, strided_kv, monkeypatch, tmp_path):
+    """K and V go through tensor descriptors when every row is 16-byte aligned with a unit head-dim
+    stride, else through pointers (spec.strided_kv); both match the reference over several key tiles."""
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+    q, k, v = qkv(b=1, hq=2, sq=9, sk=70, d=7 if layout == "odd_rows" else 16)
+    if layout == "strided_d":
+        k, v = (torch.stack([t, t], -1).flatten(-2)[..., ::2] for t in (k, v))
+    elif layout == "offset":
+        k, v = (torch.cat([t.flatten(), t.flatten()[:1]])[1:].view(t.shape) for t in (k, v))
+    check(q, k, v, causal=CAUSAL_BOTTOM_RIGHT)
+    specs = [json.loads(f.read_text().splitlines()[1][len("# spec: "):]) for f in tmp_path.glob("kernels/*fwd*.py")]
+    assert [spec["strided_kv"] for spec in specs] == [strided_kv]
+
+
 def test_non_contiguous_inputs_and_mask():
     """[B, S, H, D] storage seen as [B, H, S, D], and a transposed mask."""
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in qkv(hq=4, hkv=2, sq=9, sk=20, d=24))
@@ -117,6 +135,16 @@ def test_empty_keys_and_queries():
 def test_scale():
     check(*qkv(sq=9, sk=12), scale=0.3)
     check(*qkv(sq=9, sk=12), randn(9, 12), causal=CAUSAL_TOP_LEFT, scale=1.0)
+
+
+@pytest.mark.parametrize("scale", [-0.7, 0.0])
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
+def test_scale_negative_or_zero(scale, causal):
+    """Interior key tiles take the max of the raw products and fold the scale into the exponent
+    (render_fwd.folds_scale): a negative scale must not turn that max into the minimum, which overflows
+    exp2 once the scores of a row span more than 128 (base 2)."""
+    q, k, v = qkv(b=1, hq=2, sq=9, sk=70)
+    check(q * 10.0, k * 10.0, v, causal=causal, scale=scale, tol=dict(atol=1e-4, rtol=1e-4))
 
 
 @pytest.mark.parametrize("causal, mask_kind", [(CAUSAL_NONE, None), (CAUSAL_TOP_LEFT, "bool"),

@@ -19,7 +19,7 @@ from attnopt.kernels.exact.render import kernel_arg_names, load_kernel
 
 _TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 _INPUT_DTYPE = ("Q", "K", "V", "DOut", "Out", "DQ", "DK", "DV", "Bias", "RelTable")
-_FP32 = ("Lse", "Lse2", "Delta", "DS", "Slopes")
+_FP32 = ("Lse", "Lse2", "Delta", "DS", "Slopes", "RowScale")
 _UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_dod", "stride_dqd", "stride_dkd",
                  "stride_dvd", "stride_mask_n", "stride_bias_n")
 

@@ -37,7 +37,7 @@ the partial last tile ``[max(diag_end, q_full), Sq)`` with row masks only.
 from __future__ import annotations
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, KernelSpec
-from attnopt.codegen.triton_text import TL_DTYPES, and_, cast, dot, mask_kw
+from attnopt.codegen.triton_text import TL_DTYPES, and_, cast, dot, mask_kw, tile_loop
 from attnopt.kernels.exact.render_common import (
     KEY_TILE,
     QUERY_TILE,
@@ -305,15 +305,15 @@ def _dkdv_query_heads(spec: KernelSpec, q_end: str) -> list[str]:
         *head_bases(spec, ind, "bh"),
     ]
     if spec.causal != CAUSAL_NONE:
-        lines += _dkdv_loop(spec, ind, f"range(m_lo, tl.minimum(diag_end, {q_end}), BLOCK_M)",
+        lines += _dkdv_loop(spec, ind, ("m_lo", f"tl.minimum(diag_end, {q_end})"),
                             "diagonal query tiles", causal=True, row_masks=True)
         first = "diag_end"
         last_start = "tl.maximum(diag_end, q_full)"
     else:
         first, last_start = "0", "q_full"
-    lines += _dkdv_loop(spec, ind, f"range({first}, q_full, BLOCK_M)", "full query tiles", causal=False,
+    lines += _dkdv_loop(spec, ind, (first, "q_full"), "full query tiles", causal=False,
                         row_masks=False)
-    lines += _dkdv_loop(spec, ind, f"range({last_start}, {q_end}, BLOCK_M)", "the partial last query tile",
+    lines += _dkdv_loop(spec, ind, (last_start, q_end), "the partial last query tile",
                         causal=False, row_masks=True)
     return lines
 
@@ -353,14 +353,18 @@ def _dkdv_query_range(spec: KernelSpec, q_end: str) -> list[str]:
     ]
 
 
-def _dkdv_loop(spec: KernelSpec, ind: str, loop_range: str, what: str, causal: bool, row_masks: bool) -> list[str]:
+def _dkdv_loop(spec: KernelSpec, ind: str, bounds: tuple[str, str], what: str, causal: bool,
+               row_masks: bool) -> list[str]:
+    """One pass over the query tiles starting in ``bounds`` (a unit-step loop, see
+    :func:`attnopt.codegen.triton_text.tile_loop`)."""
     tile = KEY_TILE
     body = ind + "    "
     q_mask = and_("row_ok[:, None]" if row_masks else "", d_ok(spec, "[None, :]"))
     do_mask = and_("row_ok[:, None]" if row_masks else "", dv_ok(spec, "[None, :]"))
     lines = [
         "",
-        f"{ind}for start_m in {loop_range}:  # {what}",
+        f"{ind}{tile_loop('tile_m', *bounds, 'BLOCK_M')}  # {what}",
+        f"{body}start_m = tile_m * BLOCK_M  # first query row of the tile",
         f"{body}rows = start_m + offs_m  # [BLOCK_M] query rows",
     ]
     if row_masks:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NAMES, CAUSAL_NONE, CAUSAL_TOP_LEFT, KernelSpec
-from attnopt.codegen.triton_text import LN2, LOG2E, and_, dot, paren
+from attnopt.codegen.triton_text import LN2, LOG2E, and_, dot, paren, tile_loop
 
 FLT_MAX = 3.4028234663852886e38  # the largest finite fp32
 SATURATED = 2.0**30  # base-2 score terms below -SATURATED count as a finite "masked" fill, see _add_scores
@@ -218,10 +218,20 @@ def dv_ok(spec: KernelSpec, bcast: str) -> str:
     return f"dv_ok{bcast}" if padded_dv(spec) else ""
 
 
-def head_program_ids() -> list[str]:
-    """Program ids of a kernel with one program per (query tile, batch * query head)."""
+def head_program_ids(longest_first: bool = False) -> list[str]:
+    """Program ids of a kernel with one program per (query tile, batch * query head).
+
+    ``longest_first`` (causal kernels that stream key tiles): query tile ``i`` sees about ``i + 1`` key tiles,
+    so the programs run the query tiles in reverse: the GPU starts the longest first and the last wave,
+    made of the shortest, ends soon after the others (in id order the longest would start last). ``bwd_dkdv``
+    needs no reversal: its key tile 0 is the one the most query rows see.
+    """
+    if longest_first:
+        first = "    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest query tiles first"
+    else:
+        first = "    pid_m = tl.program_id(0)"
     return [
-        "    pid_m = tl.program_id(0)",
+        first,
         "    pid_bh = tl.program_id(1)",
         "    off_b = (pid_bh // num_heads).to(tl.int64)",
         "    off_h = (pid_bh % num_heads).to(tl.int64)",
@@ -233,7 +243,7 @@ def query_tile_prologue(spec: KernelSpec, extra_bases: tuple[str, ...] = ()) -> 
     ``bwd_dq``): ids, offsets, scalars, base pointers (``extra_bases`` after q's), the dropout row
     counters and the query tile ``q``."""
     lines = [
-        *head_program_ids(),
+        *head_program_ids(longest_first=spec.causal != CAUSAL_NONE),
         "    off_hkv = off_h // GROUP  # GQA: query head h reads key/value head h // GROUP",
         "    start_m = pid_m * BLOCK_M",
         *offsets(spec),
@@ -260,11 +270,14 @@ def key_loop_head(spec: KernelSpec, boundary: bool) -> tuple[list[str], list[str
     """The ``for`` line over key tiles of a query tile (interior tiles, or ``boundary`` ones with the
     per-element key tests), the key indices, and the structural keep terms for :func:`score_lines`."""
     ind = "        "
-    lines = [""]
-    if boundary:
-        lines.append("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles")
+    if boundary and spec.causal == CAUSAL_NONE and spec.direction == "fwd" and not spec.strided_kv:
+        # Without causality the boundary is at most one tile: a branch, not a second loop (with tensor descriptors
+        # this saves 11 registers on sm_90a; with pointer loads the branch costs registers, so they keep the loop).
+        lines = ["", "    if full_end < end:  # the partial last key tile", f"{ind}start_n = full_end"]
     else:
-        lines.append("    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")
+        bounds = ("full_end", "end", "boundary") if boundary else ("0", "full_end", "interior")
+        lines = ["", f"    {tile_loop('tile_n', bounds[0], bounds[1], 'BLOCK_N')}  # {bounds[2]} key tiles",
+                 f"{ind}start_n = tile_n * BLOCK_N  # first key row of the tile"]
     if boundary or uses_key_indices(spec):
         lines.append(f"{ind}cols = start_n + offs_n  # [BLOCK_N] key rows")
     keep_terms = []

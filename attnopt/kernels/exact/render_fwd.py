@@ -37,6 +37,13 @@ boundary tiles (element test on the diagonal and on the key bound), and tiles wh
 diagonal (never loaded). Without causality the boundary is the last, partial key tile. With key
 padding the key bound of batch row ``b`` is ``kv_lens[b]`` instead of ``Sk``, so padded key tiles are
 never loaded either.
+
+K and V tiles come through tensor descriptors (``tl.make_tensor_descriptor``: TMA on sm_90+, which
+copies a tile into shared memory with no per-element address and fills rows past ``seq_k`` and columns
+past the head dim with zeros) unless the spec says ``strided_kv``: then through per-element pointers,
+for inputs whose strides or alignment a descriptor cannot take and for GPUs before sm_90. On sm_90 the
+pointer loads cost two integer instructions per 16-byte copy and about 50 registers of addresses, which
+a 128x128 tile cannot spare; the descriptor loop issues what Triton's fused-attention tutorial does.
 """
 
 from __future__ import annotations
@@ -84,7 +91,14 @@ def render_lines(spec: KernelSpec) -> list[str]:
 
 
 def _prologue(spec: KernelSpec) -> list[str]:
-    return query_tile_prologue(spec) + [
+    descriptors = [] if spec.strided_kv else [
+        "    # K and V tiles through tensor descriptors (TMA on sm_90+): no per-element address, zeros past the end.",
+        "    k_desc = tl.make_tensor_descriptor(k_base, shape=[seq_k, HEAD_DIM], strides=[stride_kn, 1],",
+        "                                       block_shape=[BLOCK_N, BLOCK_D])  # tiles [BLOCK_N, BLOCK_D]",
+        "    v_desc = tl.make_tensor_descriptor(v_base, shape=[seq_k, HEAD_DIM_V], strides=[stride_vn, 1],",
+        "                                       block_shape=[BLOCK_N, BLOCK_DV])  # tiles [BLOCK_N, BLOCK_DV]",
+    ]
+    return query_tile_prologue(spec) + descriptors + [
         "",
         '    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # [BLOCK_M] running max of the base-2 scores',
         "    l_i = tl.zeros([BLOCK_M], tl.float32)  # [BLOCK_M] running sum of exp2(s - m_i)",
@@ -100,34 +114,63 @@ def _loop(spec: KernelSpec, boundary: bool) -> list[str]:
     k_mask = and_(d_ok(spec, "[:, None]"), col_ok)
     v_mask = and_("col_ok[:, None]" if boundary else "", dv_ok(spec, "[None, :]"))
     lines, keep_terms = key_loop_head(spec, boundary)
-    lines += [
-        f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
-        f"{ind}k = tl.load(k_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
-        f"{mask_kw(k_mask)})  # [BLOCK_D, BLOCK_N], Kᵀ",
-        f"{ind}qk = {dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]",
-    ]
-    ld_ok = and_("row_ok[:, None]", col_ok)
-    lines += score_lines(spec, tile, ind, ld_ok, keep_terms)
-    lines += [
-        f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
-        f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
-        f"{ind}alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales the previous tiles",
-        f"{ind}p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]",
-        f"{ind}l_i = l_i * alpha + tl.sum(p, 1)",
-    ]
+    if spec.strided_kv:
+        lines += [
+            f"{ind}k_tile = k_base + tl.cast(start_n, tl.int64) * stride_kn",
+            f"{ind}k = tl.load(k_tile + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd"
+            f"{mask_kw(k_mask)})  # [BLOCK_D, BLOCK_N], Kᵀ",
+        ]
+    else:
+        lines.append(f"{ind}k = k_desc.load([start_n, 0]).T  # [BLOCK_D, BLOCK_N], Kᵀ (zeros past seq_k, HEAD_DIM)")
+    lines.append(f"{ind}qk = {dot(spec, 'q', 'k')}  # [BLOCK_M, BLOCK_N]")
+    if folds_scale(spec, keep_terms):
+        lines += [
+            f"{ind}m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # [BLOCK_M] max of the raw products, scaled",
+            f"{ind}alpha = tl.exp2(m_i - m_new)  # [BLOCK_M] rescales the previous tiles",
+            f"{ind}p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))  # [BLOCK_M, BLOCK_N] one FFMA per score",
+        ]
+    else:
+        lines += score_lines(spec, tile, ind, and_("row_ok[:, None]", col_ok), keep_terms)
+        lines += [
+            f"{ind}m_new = tl.maximum(m_i, tl.max(s, 1))  # [BLOCK_M]",
+            f'{ind}m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # [BLOCK_M] no -inf - -inf',
+            f"{ind}alpha = tl.exp2(m_i - m_safe)  # [BLOCK_M] rescales the previous tiles",
+            f"{ind}p = tl.exp2(s - m_safe[:, None])  # [BLOCK_M, BLOCK_N]",
+        ]
+    lines.append(f"{ind}l_i = l_i * alpha + tl.sum(p, 1)")
     p = "p"
     if spec.dropout:
         lines += dropout_keep(tile, ind)
         lines.append(f"{ind}p_kept = tl.where(kept, p, 0.0)  # [BLOCK_M, BLOCK_N] (rescaled in the epilogue)")
         p = "p_kept"
-    lines += [
-        f"{ind}v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn",
-        f"{ind}v = tl.load(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
-        f"{mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
+    if spec.strided_kv:
+        lines += [
+            f"{ind}v_tile = v_base + tl.cast(start_n, tl.int64) * stride_vn",
+            f"{ind}v = tl.load(v_tile + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd"
+            f"{mask_kw(v_mask)})  # [BLOCK_N, BLOCK_DV]",
+        ]
+    else:
+        lines.append(f"{ind}v = v_desc.load([start_n, 0])  # [BLOCK_N, BLOCK_DV] (zeros past seq_k, HEAD_DIM_V)")
+    return lines + [
         f"{ind}acc = acc * alpha[:, None] + {dot(spec, cast(spec, p), 'v')}  # [BLOCK_M, BLOCK_DV]",
         f"{ind}m_i = m_new",
     ]
-    return lines
+
+
+def folds_scale(spec: KernelSpec, keep_terms: list[str]) -> bool:
+    """Whether a loop takes the row maximum of the raw products and folds the scale into the exponent.
+
+    With base-2 scores ``s = c * qk`` (``c = scale * log2(e) >= 0``, see the module docstring), ``max_j s_j
+    = c * max_j qk_j`` and ``exp2(s - m) = exp2(qk * c - m)``: one FFMA per score instead of an FMUL to
+    form ``s`` and an FADD to subtract ``m`` (Triton's fused-attention tutorial does the same; ``tl.fma``
+    keeps it one instruction when Triton's FP fusion is off, its default from 3.10 on). It needs a
+    loop without masked scores (a masked ``-inf`` times ``c = 0`` is NaN) and without terms added to the
+    scaled scores: no keep test (causal diagonal, key bound, boolean mask), no additive mask or bias and
+    no softcap (whose tanh needs the scaled product). Every score is then finite, so the running maximum
+    is finite after the first tile and needs no ``-inf`` guard. The launcher makes ``c >= 0`` by moving a
+    negative scale's sign onto K (:func:`attnopt.kernels.exact.triton_impl.forward`).
+    """
+    return not keep_terms and spec.mask == "none" and spec.bias == "none" and not spec.softcap
 
 
 def _epilogue(spec: KernelSpec) -> list[str]:

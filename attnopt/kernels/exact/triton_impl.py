@@ -33,9 +33,9 @@ Triton is imported only when the first kernel is loaded.
 
 from __future__ import annotations
 
-import contextlib
+import contextvars
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple
 
 import torch
@@ -104,11 +104,12 @@ class _Call:
     def spec(self, direction: str, write_ds: bool = False) -> KernelSpec:
         """The spec of this call's ``direction`` kernel."""
         dtype, d, dv = dtype_name(self.q.dtype), self.q.shape[3], self.v.shape[3]
+        strided_kv = direction == "fwd" and not (_descriptor_ok(self.k) and _descriptor_ok(self.v))
         return KernelSpec(
             direction=direction, head_dim=d, head_dim_v=dv, dtype=dtype, causal=self.causal, mask=self.mask_kind,
             bias=self.bias_kind, key_padding=self.kv_lens is not None, softcap=self.softcap > 0.0,
             dropout=self.dropout_p > 0.0, group=self.q.shape[1] // self.k.shape[1], write_ds=write_ds,
-            **default_tiles(direction, dtype, d, dv),
+            strided_kv=strided_kv, **default_tiles(direction, dtype, d, dv),
         )
 
     def feature_args(self) -> dict:
@@ -151,6 +152,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if call.scale < 0.0:
+        # The forward takes the row maximum of the raw q·k and scales it (render_fwd.folds_scale), which
+        # needs scale >= 0: scale * q·k = (-scale) * q·(-k). A copy of k, only for a negative scale.
+        k = k.neg()
+        call = replace(call, k=k, scale=-call.scale)
     args = dict(Q=q, K=k, V=v, Out=out, Lse=lse, **_strides(q=q, k=k, v=v, o=out), **call.feature_args())
     _run(call, call.spec("fwd"), lambda s: (-(-sq // s.block_m), b * hq), args)
     return out, lse
@@ -266,9 +272,33 @@ def _launch(spec: KernelSpec, grid: tuple[int, int], args: dict, device: torch.d
     if grid[0] == 0 or grid[1] == 0:
         return
     kernel = load_kernel(spec)
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    if device.type != "cuda":
         kernel[grid](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+        return
+
+    def launch() -> None:
+        import triton
+
+        # A kernel that builds tensor descriptors on the device needs Triton's global scratch allocator
+        # (a context variable: set in a copy of the context, so the caller's allocator is untouched).
+        triton.set_allocator(_scratch)
+        with torch.cuda.device(device):
+            kernel[grid](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+    contextvars.copy_context().run(launch)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's global scratch memory (tensor descriptors built in the kernel), on the current device."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _descriptor_ok(t: torch.Tensor) -> bool:
+    """Whether a tensor descriptor (TMA) can read ``t`` [B, H, S, D]: a unit head-dim stride, a 16-byte
+    aligned start and 16-byte multiples for the other strides (so every (b, h) base and row is aligned)."""
+    size = t.element_size()
+    return (t.stride(3) == 1 and t.data_ptr() % 16 == 0
+            and all(stride * size % 16 == 0 for stride in t.stride()[:3]))
 
 
 def _strides(**tensors: torch.Tensor) -> dict:
