@@ -55,6 +55,7 @@ class LinearSpec(GeneratedSpec):
     reverse: bool = False
     chunk: int = CHUNK
     block_dv: int
+    block_dt: int = 0  # grad only: the key-dim columns of dq, dk one program computes (0 for other kinds)
     num_warps: int
     num_stages: int
 
@@ -62,7 +63,11 @@ class LinearSpec(GeneratedSpec):
         self._check_choices(kind=KINDS, dtype=DTYPES)
         self._check_bools("causal", "normalize", "decay", "reverse")
         self._check_head_dims(MAX_HEAD_DIM)
-        self._check_tiles(("chunk", "block_dv"))
+        self._check_tiles(("chunk", "block_dv") + (("block_dt",) if self.kind == "grad" else ()))
+        if self.kind != "grad" and self.block_dt:
+            raise ValueError(f"LinearSpec.block_dt applies to the grad kernel only; got {self.block_dt!r}")
+        if self.kind == "grad" and self.block_dt > self.block_d:
+            raise ValueError(f"LinearSpec.block_dt must be at most block_d {self.block_d}; got {self.block_dt!r}")
         if self.decay and not self.causal:
             raise ValueError("LinearSpec.decay needs causal")
         if self.reverse and self.kind != "state":
@@ -71,23 +76,35 @@ class LinearSpec(GeneratedSpec):
 
 
 def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool,
-                 decay: bool, reverse: bool = False) -> LinearSpec:  # fmt: skip
-    """Deterministic tiles, by the exact path's rule of thumb (fp32 elements take twice the registers).
+                 decay: bool, reverse: bool = False, capability: tuple[int, int] | None = None) -> LinearSpec:  # fmt: skip
+    """The first of :func:`specs`: the tiles launched unless the compiler rejects them."""
+    return specs(kind, head_dim, head_dim_v, dtype, causal, normalize, decay, reverse, capability)[0]
 
-    The state and out kernels tile the value dim by 64 (16-bit) or 32 (fp32, or head dims above 64, where
-    a [D, 64] fp32 state would crowd the registers); the grad kernel takes the whole padded value dim.
-    4 warps, 8 for the grad kernel at head dims above 64; 2 pipeline stages, 1 for fp32.
+
+def specs(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool, decay: bool,
+          reverse: bool = False, capability: tuple[int, int] | None = None) -> list[LinearSpec]:  # fmt: skip
+    """The kernel's tile configurations, most preferred first (the launcher falls back down the list).
+
+    State and out kernels tile the value dim by 64 (16-bit up to head dim 64) or 32 (fp32, or wider heads,
+    where a [D, 64] fp32 state crowds the registers), then smaller. The grad kernel takes the whole padded
+    value dim and tiles the key dim (``block_dt``): the [BLOCK_DT, Dv] parts of two fp32 states and the
+    fp32 chunk operands of its tf32 products sit in shared memory and registers. 32 key-dim columns per
+    program on sm_90+ (wgmma reads its operands from shared memory: 176 KiB at D = Dv = 128, within
+    227 KiB; 64 columns took 256 KiB) and without a GPU (``capability`` None); 16 on sm_80-sm_89, where
+    mma.sync holds the A operands in registers. 8 warps above head dim 64.
     """
     widest = max(16, next_pow2(head_dim), next_pow2(head_dim_v))
-    full_dv = max(16, next_pow2(head_dim_v))
+    full_dv, block_d = max(16, next_pow2(head_dim_v)), max(16, next_pow2(head_dim))
+    stages = 1 if dtype == "float32" else 2
     if kind == "grad":
-        block_dv = full_dv
+        first = min(block_d, 16 if capability is not None and capability < (9, 0) else 32)
+        tiles = [(full_dv, bt, 8 if widest > 64 else 4) for bt in (first, first // 2, first // 4) if bt >= 16]
     else:
-        block_dv = min(full_dv, 64 if dtype != "float32" and widest <= 64 else 32)
-    return LinearSpec(kind=kind, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
-                      normalize=normalize, decay=decay, reverse=reverse, block_dv=block_dv,
-                      num_warps=8 if kind == "grad" and widest > 64 else 4,
-                      num_stages=1 if dtype == "float32" else 2)  # fmt: skip
+        first = min(full_dv, 64 if dtype != "float32" and not reverse and widest <= 64 else 32)  # reverse: fp32 operands
+        tiles = [(bv, 0, 4) for bv in (first, first // 2) if bv >= 16]
+    return [LinearSpec(kind=kind, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
+                       normalize=normalize, decay=decay, reverse=reverse, block_dv=bv, block_dt=bt, num_warps=w,
+                       num_stages=stages) for bv, bt, w in tiles]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- render
@@ -100,7 +117,10 @@ def _header(spec: LinearSpec, what: str) -> list[str]:
         f"head_dim {spec.head_dim} (padded {spec.block_d}), head_dim_v {spec.head_dim_v}, "
         f"chunk {spec.chunk}, value tile {spec.block_dv}.",
     ]
-    return module_head(spec, __name__, summary, {"CHUNK": spec.chunk, **dim_constants(spec), "LOG2E": LOG2E})
+    constants = {"CHUNK": spec.chunk, **dim_constants(spec), "LOG2E": LOG2E}
+    if spec.kind == "grad":
+        constants["BLOCK_DT"] = spec.block_dt
+    return module_head(spec, __name__, summary, constants)
 
 
 def _signature(spec: LinearSpec, pointers: list[str], strides: list[str], scalars: list[str], doc: list[str]) -> list[str]:
@@ -146,7 +166,7 @@ def _args(spec: LinearSpec) -> tuple[list[str], list[str], list[str]]:
     ptrs = ["Q", "K", "V", "DNum"] + (["DDen"] if norm else []) + (["LogDecay"] if decay else [])
     ptrs += ["States"] + (["Norms"] if norm else []) + ["RStates"] + (["RNorms"] if norm else [])
     ptrs += ["DQ", "DK", "DV"]
-    strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "dn", "dq", "dk", "dv") for d in "bhsd"]
+    strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "dn", "dq", "dk", "dv") for d in "bhsd"] + ["stride_dvt"]
     return ptrs, strides, ["num_heads", "group", "seq_q", "seq_k", "n_chunks", "scale"]
 
 
@@ -172,14 +192,28 @@ def _value_tile(offs_v: str) -> list[str]:
     ]
 
 
+def _chunk_rows(start: str, indent: str = "    ") -> list[str]:
+    """``start`` (the chunk's first row), ``row0`` (the same as int64: ``row0 * stride`` may pass 2**31 on long
+    or strided inputs, while ``offs_c * stride`` within a chunk stays small) and ``rows`` [CHUNK]."""
+    return [
+        f"{indent}start = {start}",
+        f"{indent}row0 = tl.cast(start, tl.int64)",
+        f"{indent}rows = start + offs_c  # [CHUNK]",
+    ]
+
+
+def _rows_at(t: str, head: str) -> str:
+    """The address offset of the chunk's rows (``[CHUNK, 1]``) of tensor ``t`` (q, k, v, dn, ...) at ``head``."""
+    return f"off_b * stride_{t}b + {head} * stride_{t}h + row0 * stride_{t}s + offs_c[:, None] * stride_{t}s"
+
+
 def _load_rows(var: str, tensor: str, cols: str, mask: str, rest: str) -> list[str]:
-    """``var = tl.load(...)`` of the rows ``rows`` and columns ``cols`` of Q, K or V (K and V at the query
+    """``var = tl.load(...)`` of the chunk's rows and columns ``cols`` of Q, K or V (K and V at the query
     head's key/value head), masked by ``mask``; ``rest`` follows the load (a cast, a shape comment)."""
     t = tensor.lower()
     head = "off_h" if tensor == "Q" else "off_hkv"
     return [
-        f"    {var} = tl.load({tensor} + off_b * stride_{t}b + {head} * stride_{t}h + rows[:, None] * stride_{t}s"
-        f" + {cols}[None, :] * stride_{t}d,",
+        f"    {var} = tl.load({tensor} + {_rows_at(t, head)} + {cols}[None, :] * stride_{t}d,",
         f"    {' ' * len(var + ' = tl.load(')}mask={mask}, other=0.0){rest}",
     ]
 
@@ -251,13 +285,11 @@ def _state(spec: LinearSpec) -> list[str]:
         ]
         if norm:
             lines += ["        if first:", "            tl.store(Norms + chunk_base + offs_d, z, mask=d_ok)"]
-    lines += [
-        "        start = n * CHUNK",
-        "        rows = start + offs_c  # [CHUNK]",
+    lines += _chunk_rows("n * CHUNK", " " * 8) + [
         "        row_ok = rows < seq",
-        "        x = tl.load(x_base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd,",
+        "        x = tl.load(x_base + row0 * stride_xs + offs_c[:, None] * stride_xs + offs_d[None, :] * stride_xd,",
         "                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * x_scale  # [CHUNK, BLOCK_D]",
-        "        y = tl.load(y_base + rows[:, None] * stride_ys + offs_v[None, :] * stride_yd,",
+        "        y = tl.load(y_base + row0 * stride_ys + offs_c[:, None] * stride_ys + offs_v[None, :] * stride_yd,",
         "                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
     ]
     if spec.decay:
@@ -305,7 +337,7 @@ def _out(spec: LinearSpec) -> list[str]:
     lines = _header(spec, "output pass") + _signature(spec, pointers, strides, scalars, doc)
     lines += _ids("pid_c,pid_v,pid_bh")
     lines += _value_tile("pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)")
-    lines += ["    rows = pid_c * CHUNK + offs_c", "    row_ok = rows < seq_q"]
+    lines += _chunk_rows("pid_c * CHUNK") + ["    row_ok = rows < seq_q"]
     lines += _load_rows("q", "Q", "offs_d", "row_ok[:, None] & d_ok[None, :]", "  # [CHUNK, BLOCK_D]")
     lines += _decay_lines(spec)
     if spec.causal:
@@ -347,7 +379,7 @@ def _out(spec: LinearSpec) -> list[str]:
             "        tl.store(Den + bh * seq_q + rows, den, mask=row_ok)",
         ]
     lines += [
-        "    tl.store(Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_os + offs_v[None, :] * stride_od,",
+        f"    tl.store(Out + {_rows_at('o', 'off_h')} + offs_v[None, :] * stride_od,",
         "             num.to(Out.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])",
     ]
     return lines
@@ -357,32 +389,36 @@ def _grad(spec: LinearSpec) -> list[str]:
     norm = spec.normalize
     pointers, strides, scalars = _args(spec)
     doc = [
-        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] and",
-        "DV [B, H, seq_k, HEAD_DIM_V] fp32 per query head (the launcher sums GQA groups).",
+        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] fp32 per query",
+        "head (the launcher sums GQA groups), and DV [n_col_tiles, B, H, seq_k, HEAD_DIM_V] fp32: each key-dim",
+        "column tile's part of dv (stride_dvt apart), which the launcher sums.",
         "",
         "DNum [B, H, seq_q, HEAD_DIM_V] fp32 is dO / (den + eps)" + (", DDen [B, H, seq_q] fp32 -(dO·out) / (den + eps)"
                                                                      if norm else "") + ".",
         ("States/Norms hold the forward states carried into each chunk, RStates/RNorms the backward states "
          "carried out of it, [B*H, n_chunks, ...] fp32.") if spec.causal
         else "States/Norms hold Σ_j k_jᵀ v_j, RStates/RNorms Σ_i s·q_iᵀ dnum_i (+ the final state's gradient).",
-        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), B * H).",
+        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), cdiv(HEAD_DIM, BLOCK_DT), B * H): program (c, t, bh) takes the",
+        "key-dim columns t·BLOCK_DT.. of q, k and of the [D, Dv] states (BLOCK_DT rows of each, not all D).",
     ]  # fmt: skip
     lines = _header(spec, "backward (dq, dk, dv of one chunk)") + _signature(spec, pointers, strides, scalars, doc)
-    lines += _ids("pid_c,pid_bh")
-    lines += _value_tile("tl.arange(0, BLOCK_DV)")
-    lines += [
-        "    rows = pid_c * CHUNK + offs_c",
+    lines += _ids("pid_c,pid_t,pid_bh")
+    lines += _chunk_rows("pid_c * CHUNK") + [
+        "    offs_t = pid_t * BLOCK_DT + tl.arange(0, BLOCK_DT)  # [BLOCK_DT] this program's key-dim columns",
+        "    offs_v = tl.arange(0, BLOCK_DV)",
+        "    t_ok = offs_t < HEAD_DIM",
+        "    v_ok = offs_v < HEAD_DIM_V",
         "    q_ok = rows < seq_q",
         "    k_ok = rows < seq_k",
-        "    qd_ok = q_ok[:, None] & d_ok[None, :]",
-        "    kd_ok = k_ok[:, None] & d_ok[None, :]",
+        "    qt_ok = q_ok[:, None] & t_ok[None, :]",
+        "    kt_ok = k_ok[:, None] & t_ok[None, :]",
     ]
-    lines += _load_rows("q", "Q", "offs_d", "qd_ok", ".to(tl.float32) * scale  # [CHUNK, BLOCK_D] s·q")
-    lines += _load_rows("k", "K", "offs_d", "kd_ok", ".to(tl.float32)  # [CHUNK, BLOCK_D]")
+    lines += _load_rows("q", "Q", "offs_t", "qt_ok", ".to(tl.float32) * scale  # [CHUNK, BLOCK_DT] s·q")
+    lines += _load_rows("k", "K", "offs_t", "kt_ok", ".to(tl.float32)  # [CHUNK, BLOCK_DT]")
     lines += _load_rows("v", "V", "offs_v", "k_ok[:, None] & v_ok[None, :]", ".to(tl.float32)  # [CHUNK, BLOCK_DV]")
     lines += [
-        "    do = tl.load(DNum + off_b * stride_dnb + off_h * stride_dnh + rows[:, None] * stride_dns",
-        "                 + offs_v[None, :] * stride_dnd, mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
+        f"    do = tl.load(DNum + {_rows_at('dn', 'off_h')} + offs_v[None, :] * stride_dnd,",
+        "                 mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
     ]
     if norm:
         lines.append("    dd = tl.load(DDen + bh * seq_q + rows, mask=q_ok, other=0.0)  # [CHUNK]")
@@ -390,57 +426,55 @@ def _grad(spec: LinearSpec) -> list[str]:
     base = "(bh * n_chunks + pid_c) * HEAD_DIM" if spec.causal else "bh * HEAD_DIM"
     lines += [
         f"    chunk_base = {base}",
-        "    h = tl.load(States + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # [BLOCK_D, BLOCK_DV]",
-        "    g = tl.load(RStates + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)",
+        "    part = offs_t[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_DT, BLOCK_DV]: rows offs_t of a [D, Dv] state",
+        "    part_ok = t_ok[:, None] & v_ok[None, :]",
+        "    h = tl.load(States + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)  # [BLOCK_DT, BLOCK_DV]",
+        "    g = tl.load(RStates + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)",
     ]
     if norm:
         lines += [
-            "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D]",
-            "    r = tl.load(RNorms + chunk_base + offs_d, mask=d_ok, other=0.0)",
+            "    z = tl.load(Norms + chunk_base + offs_t, mask=t_ok, other=0.0)  # [BLOCK_DT]",
+            "    r = tl.load(RNorms + chunk_base + offs_t, mask=t_ok, other=0.0)",
         ]
     lines += _grad_products(spec)
     lines += [
         "    dq = dq * scale",
-        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,",
-        "             dq.to(DQ.dtype.element_ty), mask=qd_ok)",
-        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,",
-        "             dk, mask=kd_ok)",
-        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows[:, None] * stride_dvs + offs_v[None, :] * stride_dvd,",
-        "             dv, mask=k_ok[:, None] & v_ok[None, :])",
+        f"    tl.store(DQ + {_rows_at('dq', 'off_h')} + offs_t[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=qt_ok)",
+        f"    tl.store(DK + {_rows_at('dk', 'off_h')} + offs_t[None, :] * stride_dkd, dk, mask=kt_ok)",
+        f"    tl.store(DV + pid_t * stride_dvt + {_rows_at('dv', 'off_h')} + offs_v[None, :] * stride_dvd, dv,",
+        "             mask=k_ok[:, None] & v_ok[None, :])",
     ]
     return lines
 
 
 def _grad_products(spec: LinearSpec) -> list[str]:
-    """dq, dk, dv of one chunk: the intra-chunk products (causal) plus the terms of the carried states."""
+    """dq, dk of the program's columns and its part of dv: the intra-chunk products (causal) plus the terms of
+    the carried states. ``a`` (q kᵀ over these columns only) and ``k g`` are partial sums over the key dim,
+    linear in each column, so the column tiles' parts of dv add up to dv; ``dp`` sums over the value dim."""
     norm, lines = spec.normalize, []
     inter_q = f"{dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
     inter_k = f"{dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
     inter_v = dot(spec, "k", "g")
-    if spec.causal:
+    if not spec.causal:
+        return [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
+    lines += [
+        f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK], this column tile's part",
+        f"    dp = {dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
+    ]
+    lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
+    wq, wk = "", ""
+    if spec.decay:
         lines += [
-            f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
-            f"    dp = {dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
+            "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
+            "    length = tl.minimum(seq_k - start, CHUNK)",
+            "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
         ]
-        lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
-        if spec.decay:
-            lines += [
-                "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
-                "    length = tl.minimum(seq_k - pid_c * CHUNK, CHUNK)",
-                "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
-                f"    dq = {dot(spec, 'dp', 'k')} + wq * ({inter_q})",
-                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
-                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
-            ]
-        else:
-            lines += [
-                f"    dq = {dot(spec, 'dp', 'k')} + {inter_q}",
-                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
-                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
-            ]
-    else:
-        lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
-    return lines
+        wq, wk = "wq * ", "wk * "
+    return lines + [
+        f"    dq = {dot(spec, 'dp', 'k')} + {wq}({inter_q})",
+        f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + {wk}({inter_k})",
+        f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + {wk}{inter_v}",
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------- load
