@@ -299,3 +299,29 @@ def test_triton_rejects_what_it_cannot_run():
     q, k, v = features(d=129, dtype=torch.float32)
     assert "head dims above 128" in triton_impl.supported(q, k, v)
     assert triton_impl.supported(*features(dtype=torch.float32)) is None
+
+
+def test_addresses_take_int64_chunk_starts():
+    from attnopt.kernels.linear.render import render, specs
+
+    for kind in ("state", "out", "grad"):
+        src = render(specs(kind, 64, 64, "bfloat16", True, True, True)[0])
+        assert "row0 = tl.cast(start, tl.int64)" in src and "rows[:, None] * stride" not in src, kind
+
+
+def test_reverse_state_pass_runs_on_tensor_cores_for_16_bit_inputs():
+    from attnopt.kernels.linear.render import render, specs
+
+    assert 'input_precision="ieee"' not in render(specs("state", 64, 64, "bfloat16", True, True, False, True)[0])
+    assert 'input_precision="ieee"' in render(specs("state", 64, 64, "float32", True, True, False, True)[0])
+
+
+def test_triton_grad_key_dim_column_tiles(monkeypatch):
+    """dq, dk per key-dim column tile and dv summed over the tiles' parts equal the one-tile kernel."""
+    from attnopt.kernels.linear import render
+
+    original = triton_impl.specs
+    monkeypatch.setattr(triton_impl, "specs", lambda kind, *a, **kw: [
+        s if kind != "grad" else render.LinearSpec(**{**s.__dict__, "block_dt": 16}) for s in original(kind, *a, **kw)])
+    q, k, v = features(sq=70, d=40, dv=24, dtype=torch.float32)
+    _check_triton(q, k, v, DECAY.float(), True, True)
