@@ -356,6 +356,6 @@ def test_addresses_take_int64_tile_starts():
 def test_tile_table_per_generation():
     from attnopt.kernels.sparse.tiles import configs
 
-    hopper, ampere = configs("dkdv", "bfloat16", 128, 128, (9, 0)), configs("dkdv", "bfloat16", 128, 128, (8, 0))
+    hopper, ampere = configs("dq", "bfloat16", 64, 64, (9, 0)), configs("dq", "bfloat16", 64, 64, (8, 0))
     assert hopper[0] != ampere[0] and len(hopper) > 1 and hopper[-1] == (16, 16, 4, 1)
     assert configs("fwd", "float32", 64, 64, (9, 0))[0] == (64, 32, 4, 2)

@@ -183,30 +183,32 @@ def _prologue(spec: SigmoidSpec) -> list[str]:
     return lines
 
 
-def _weights(spec: SigmoidSpec, indent: str, test: bool) -> list[str]:
-    """``p = σ(s)`` [BLOCK_M, BLOCK_N] for query rows ``rows`` and key columns ``cols``, 0 at masked keys.
+def _weights(spec: SigmoidSpec, indent: str, test: bool, transposed: bool = False) -> list[str]:
+    """``p = σ(s)`` [BLOCK_M, BLOCK_N] for query rows ``rows`` and key columns ``cols``, 0 at masked keys
+    (``transposed``: ``pᵀ`` [BLOCK_N, BLOCK_M] from ``sᵀ``, keys down the rows).
 
     ``test`` adds the per-element tests on the sequence ends and the causal diagonal.
     """
+    r, c = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    tile = (f"mask_base + row0 * stride_mask_m + col0 * stride_mask_n + offs_m{r} * stride_mask_m"
+            f" + offs_n{c} * stride_mask_n")  # fmt: skip
     lines = []
     if spec.mask == "additive":
         lines += [
-            f"{indent}bias_tile = tl.load(mask_base + row0 * stride_mask_m + col0 * stride_mask_n",
-            f"{indent}                    + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n,",
-            f"{indent}                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)",
+            f"{indent}bias_tile = tl.load({tile},",
+            f"{indent}                    mask=row_ok{r} & col_ok{c}, other=0.0)",
             f"{indent}s += bias_tile.to(tl.float32)",
         ]
-    lines.append(f"{indent}p = tl.sigmoid(s)")
+    lines.append(f"{indent}p = tl.sigmoid(s)  # one exp2 and one reciprocal per score")
     keep = []
     if test:
-        keep.append("row_ok[:, None] & col_ok[None, :]")
+        keep.append(f"row_ok{r} & col_ok{c}")
         if spec.causal != CAUSAL_NONE:
-            keep.append("(cols[None, :] <= rows[:, None] + causal_offset)")
+            keep.append(f"(cols{c} <= rows{r} + causal_offset)")
     if spec.mask == "bool":
         lines += [
-            f"{indent}attend = tl.load(mask_base + row0 * stride_mask_m + col0 * stride_mask_n",
-            f"{indent}                 + offs_m[:, None] * stride_mask_m + offs_n[None, :] * stride_mask_n,",
-            f"{indent}                 mask=row_ok[:, None] & col_ok[None, :], other=0)",
+            f"{indent}attend = tl.load({tile},",
+            f"{indent}                 mask=row_ok{r} & col_ok{c}, other=0)",
         ]
         keep.append("(attend != 0)")
     if keep:
@@ -328,14 +330,19 @@ def _bwd_kv(spec: SigmoidSpec) -> list[str]:
         *_tile_start("m", "tile", "        "),
         "        row_ok = rows < seq_q",
         *_load_queries("        "),
-        *_score_grad(spec, "        "),
-        f"        dv += {dot(spec, f'tl.trans(p.to({dt}))', 'do')}",
-        f"        dk += {dot(spec, f'tl.trans(ds.to({dt}))', 'q')}",
+        # Transposed scores (keys down the rows), so pᵀ and dsᵀ feed the tensor cores as they are: a
+        # tl.trans of a register tile went through shared memory and serialized the wgmma (C7515).
+        f"        s = {dot(spec, 'k', 'tl.trans(q)')} * scale + bias  # [BLOCK_N, BLOCK_M] Sᵀ",
+        *_weights(spec, "        ", test=True, transposed=True),
+        f"        dp = {dot(spec, 'v', 'tl.trans(do)')}  # [BLOCK_N, BLOCK_M] dPᵀ",
+        "        ds = dp * p * (1.0 - p)  # [BLOCK_N, BLOCK_M] dSᵀ",
+        f"        dv += {dot(spec, f'p.to({dt})', 'do')}",
+        f"        dk += {dot(spec, f'ds.to({dt})', 'q')}",
         "    dk = dk * scale",
-        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + col0 * stride_dkn + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,",
-        "             dk, mask=col_ok[:, None] & d_ok[None, :])",
-        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + col0 * stride_dvn + offs_n[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,",
-        "             dv, mask=col_ok[:, None] & dv_ok[None, :])",
+        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + col0 * stride_dkn + offs_n[:, None] * stride_dkn",
+        "             + offs_d[None, :] * stride_dkd, dk, mask=col_ok[:, None] & d_ok[None, :])",
+        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + col0 * stride_dvn + offs_n[:, None] * stride_dvn",
+        "             + offs_dv[None, :] * stride_dvd, dv, mask=col_ok[:, None] & dv_ok[None, :])",
     ]
     return lines
 

@@ -148,10 +148,13 @@ def _scores(spec, dot: str, ind: str) -> list[str]:
     return [f"{ind}s = ({dot}) * (scale * LOG2E)"]
 
 
-def _keep(spec, full: bool, ind: str) -> list[str]:
-    """Lines computing ``keep`` [BLOCK_M, BLOCK_N] (or nothing when every element is kept) and applying it.
+def _keep(spec, full: bool, ind: str, transposed: bool = False) -> list[str]:
+    """Lines computing ``keep`` [BLOCK_M, BLOCK_N] (``transposed``: [BLOCK_N, BLOCK_M], with ``rows2`` [1, BLOCK_M]
+    and ``cols2`` [BLOCK_N, 1]) (or nothing when every element is kept) and applying it.
 
     The predicate's last line is the element test; lines before it compute the intermediates it names."""
+    r, c = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    extra = f"Extra + x_base + row0 * stride_xm + col0 * stride_xn + offs_mm{r} * stride_xm + offs_n{c} * stride_xn"
     terms, lines = [], []
     if not full:
         terms.append("cols2 < seq_k")
@@ -164,11 +167,10 @@ def _keep(spec, full: bool, ind: str) -> list[str]:
     if spec.padding:
         terms.append("tl.load(KvValid + off_b * stride_kv_b + cols2, mask=cols2 < seq_k, other=0) != 0")
     if spec.extra == "additive":
-        lines.append(f"{ind}s += tl.load(Extra + x_base + row0 * stride_xm + col0 * stride_xn + offs_mm[:, None] * stride_xm + offs_n[None, :] * stride_xn, "
-                     "mask=(rows2 < seq_q) & (cols2 < seq_k), other=0.0).to(tl.float32) * LOG2E")  # fmt: skip
+        lines.append(f"{ind}s += tl.load({extra}, mask=(rows2 < seq_q) & (cols2 < seq_k), other=0.0)"
+                     ".to(tl.float32) * LOG2E")  # fmt: skip
     elif spec.extra == "bool":
-        terms.append("tl.load(Extra + x_base + row0 * stride_xm + col0 * stride_xn + offs_mm[:, None] * stride_xm + offs_n[None, :] * stride_xn, "
-                     "mask=(rows2 < seq_q) & (cols2 < seq_k), other=0) != 0")  # fmt: skip
+        terms.append(f"tl.load({extra}, mask=(rows2 < seq_q) & (cols2 < seq_k), other=0) != 0")
     if terms:
         lines += [f"{ind}keep = {_and(*terms)}", f'{ind}s = tl.where(keep, s, float("-inf"))']
     return lines
@@ -272,13 +274,22 @@ def _fwd(spec) -> list[str]:
     return lines
 
 
-def _p_and_ds(spec, ind: str) -> list[str]:
-    """From ``s`` (tested), ``lse2`` [BLOCK_M], ``do``, ``v`` (Vᵀ loaded [BLOCK_DV, BLOCK_N] as ``vt``) and ``delta``: ``p``, ``ds``."""
-    lines = [
-        f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] probabilities",
-        f"{ind}dp = tl.dot(do, vt{_ieee(spec)})  # [BLOCK_M, BLOCK_N] dO Vᵀ",
-        f"{ind}ds = p * (dp - delta[:, None])",
-    ]
+def _p_and_ds(spec, ind: str, transposed: bool = False) -> list[str]:
+    """From ``s`` (tested), ``lse2`` [BLOCK_M], ``do``, ``v`` (Vᵀ loaded [BLOCK_DV, BLOCK_N] as ``vt``) and ``delta``: ``p``, ``ds``.
+
+    ``transposed``: ``s`` is Sᵀ [BLOCK_N, BLOCK_M] and ``v`` is loaded [BLOCK_N, BLOCK_DV]; ``p``, ``ds`` come out transposed."""
+    if transposed:
+        lines = [
+            f"{ind}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ",
+            f"{ind}dp = tl.dot(v, tl.trans(do){_ieee(spec)})  # [BLOCK_N, BLOCK_M] V dOᵀ",
+            f"{ind}ds = p * (dp - delta[None, :])  # dSᵀ",
+        ]
+    else:
+        lines = [
+            f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] probabilities",
+            f"{ind}dp = tl.dot(do, vt{_ieee(spec)})  # [BLOCK_M, BLOCK_N] dO Vᵀ",
+            f"{ind}ds = p * (dp - delta[:, None])",
+        ]
     if spec.softcap:
         lines.append(f"{ind}ds = ds * (1.0 - th * th)")
     return lines
@@ -335,20 +346,22 @@ def _dkdv(spec) -> list[str]:
         "    offs_n = tl.arange(0, BLOCK_N)",
         "    col0 = tl.cast(pid_n * BLOCK_N, tl.int64)  # int64 tile start: see _prologue",
         "    cols = pid_n * BLOCK_N + offs_n  # [BLOCK_N] this program's keys",
-        "    cols2 = cols[None, :]",
+        "    # Tiles run transposed (keys down the rows, [BLOCK_N, BLOCK_M]): Pᵀ and dSᵀ then feed the tensor cores",
+        "    # as they are, where a tl.trans of a register tile went through shared memory and spilled.",
+        "    cols2 = cols[:, None]  # [BLOCK_N, 1]",
         "    col_ok = cols < seq_k",
         "    offs_mm = tl.arange(0, BLOCK_M)",
         "    offs_d = tl.arange(0, BLOCK_D)",
         "    offs_dv = tl.arange(0, BLOCK_DV)",
-        "    tile_off = offs_mm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]",
+        "    tile_off = offs_mm[None, :] * BLOCK_N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] within a stored tile",
     ]
-    kmask = _and("col_ok[None, :]", _d_mask(spec, "offs_d[:, None] < HEAD_DIM"))
-    vmask = _and("col_ok[None, :]", _d_mask(spec, "offs_dv[:, None] < HEAD_DIM_V", v=True))
+    kmask = _and("col_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
+    vmask = _and("col_ok[:, None]", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     lines += [
-        f"    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + col0 * stride_kn + offs_n[None, :] * stride_kn"
-        f" + offs_d[:, None] * stride_kd, mask={kmask}, other=0.0)  # [BLOCK_D, BLOCK_N] Kᵀ",
-        f"    vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + col0 * stride_vn + offs_n[None, :] * stride_vn"
-        f" + offs_dv[:, None] * stride_vd, mask={vmask}, other=0.0)  # [BLOCK_DV, BLOCK_N] Vᵀ",
+        f"    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + col0 * stride_kn + offs_n[:, None] * stride_kn"
+        f" + offs_d[None, :] * stride_kd, mask={kmask}, other=0.0)  # [BLOCK_N, BLOCK_D]",
+        f"    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + col0 * stride_vn + offs_n[:, None] * stride_vn"
+        f" + offs_dv[None, :] * stride_vd, mask={vmask}, other=0.0)  # [BLOCK_N, BLOCK_DV]",
         "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
         "    for g in range(0, group):  # the query heads of this key/value head",
@@ -388,7 +401,7 @@ def _dkdv_body(spec, full: bool, ind: str) -> list[str]:
     lines = [
         f"{ind}row0 = tl.cast(qt * BLOCK_M, tl.int64)",
         f"{ind}offs_m = qt * BLOCK_M + offs_mm  # [BLOCK_M] query rows",
-        f"{ind}rows2 = offs_m[:, None]",
+        f"{ind}rows2 = offs_m[None, :]  # [1, BLOCK_M]",
         f"{ind}row_ok = offs_m < seq_q",
         f"{ind}q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qm + offs_mm[:, None] * stride_qm"
         f" + offs_d[None, :] * stride_qd, mask={q_mask}, other=0.0)",
@@ -396,12 +409,12 @@ def _dkdv_body(spec, full: bool, ind: str) -> list[str]:
         f" + offs_dv[None, :] * stride_od, mask={do_mask}, other=0.0)",
     ]
     lines += _row_stats(ind, "offs_m")
-    lines += _scores(spec, f"tl.dot(q, k{_ieee(spec)})", ind)
-    lines += _keep(spec, full, ind)
-    lines += _p_and_ds(spec, ind)
+    lines += _scores(spec, f"tl.dot(k, tl.trans(q){_ieee(spec)})", ind)  # Sᵀ [BLOCK_N, BLOCK_M]
+    lines += _keep(spec, full, ind, transposed=True)
+    lines += _p_and_ds(spec, ind, transposed=True)
     lines += [
-        f"{ind}dv += tl.dot(tl.trans({cast(spec, 'p')}), {cast(spec, 'do')}{_ieee(spec)})",
-        f"{ind}dk += tl.dot(tl.trans({cast(spec, 'ds')}), {cast(spec, 'q')}{_ieee(spec)})",
+        f"{ind}dv += tl.dot({cast(spec, 'p')}, {cast(spec, 'do')}{_ieee(spec)})",
+        f"{ind}dk += tl.dot({cast(spec, 'ds')}, {cast(spec, 'q')}{_ieee(spec)})",
     ]
     return lines
 

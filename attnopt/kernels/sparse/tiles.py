@@ -6,16 +6,16 @@ tiles stream), the warps of a program and Triton's pipeline depth. :func:`config
 preferred first; the launcher falls back down the list when the compiler rejects one
 (:func:`attnopt.kernels.launch.launch_first`).
 
-The 16-bit rows were checked by compiling for sm_80 and sm_90a at head dims 64 and 128 (a sliding window
+The 16-bit rows up to head dim 128 were checked by compiling for sm_80 and sm_90a at 64 and 128 (a sliding window
 and a 2-D neighborhood, bf16; ``_notes/other_sass.md``): no spill, no wgmma serialization, shared memory
-within the generation's per-block limit. Reasons per row:
+within the generation's per-block limit (the head-dim-256 rows are not measured yet). Reasons per row:
 
-* ``dkdv``: the fixed 64x64, 4 warps, 2 stages config spilled 24-160 B on sm_90a and serialized its wgmma
-  (C7512) at head dim 128; 64x64 at 8 warps spilled 416-540 B there, and FlexAttention's 128 resident
-  keys, 8 warps, 3 stages took 264 KiB of shared memory and spilled over 1 KiB (these kernels hold the
-  tile's K and V in registers). 32 queries by 64 keys, 4 warps: no spill, 65 KiB, but only the score
-  products run as wgmma (the transposed dK/dV products take mma.sync at 32 rows). sm_80 keeps 64x64 at
-  8 warps (no spill).
+* ``dkdv`` (its tiles run transposed, see :mod:`.render`): 32 queries by 64 resident keys, 4 warps, 8 from
+  head dim 128. The fixed 64x64, 4 warps, 2 stages config spilled 24-160 B on sm_90a and serialized its
+  wgmma (C7512) at head dim 128; after the transposition 64x64 still spilled 250 B at head dim 128
+  (8 warps, 2 or 3 stages), and FlexAttention's 128 resident keys, 8 warps, 3 stages took 264 KiB of
+  shared memory and spilled: these kernels keep the tile's K, V and both fp32 accumulators live
+  across the nested group, run and tile loops.
 * ``dq`` at 8 warps from head dim 128 (4 warps sat at 255 registers); on sm_80 at head dim 64, 64x32
   (64x64 spilled with 4 or 8 warps).
 * fp32 inputs (twice the bytes per element, no 16-bit tensor-core path) keep the small tiles.
@@ -30,10 +30,10 @@ Config = tuple[int, int, int, int]
 # {(generation, widest padded head dim up to): {direction: first choice}} for 16-bit inputs; sm_80 covers sm_86/89.
 TABLE: dict[tuple[str, int], dict[str, Config]] = {
     ("sm90", 64): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2)},
-    ("sm90", 128): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 8, 2), "dkdv": (32, 64, 4, 2)},
+    ("sm90", 128): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2)},
     ("sm90", 256): {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
-    ("sm80", 64): {"fwd": (64, 64, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (64, 64, 8, 2)},
-    ("sm80", 128): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 8, 2), "dkdv": (64, 64, 8, 2)},
+    ("sm80", 64): {"fwd": (64, 64, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)},
+    ("sm80", 128): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2)},
     ("sm80", 256): {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
 }
 FALLBACKS: tuple[Config, ...] = ((64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1))
