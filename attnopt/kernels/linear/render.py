@@ -166,7 +166,7 @@ def _args(spec: LinearSpec) -> tuple[list[str], list[str], list[str]]:
     ptrs = ["Q", "K", "V", "DNum"] + (["DDen"] if norm else []) + (["LogDecay"] if decay else [])
     ptrs += ["States"] + (["Norms"] if norm else []) + ["RStates"] + (["RNorms"] if norm else [])
     ptrs += ["DQ", "DK", "DV"]
-    strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "dn", "dq", "dk", "dv") for d in "bhsd"] + ["stride_dvt"]
+    strides = [f"stride_{t}{d}" for t in ("q", "k", "v", "dn", "dq", "dk", "dv") for d in "bhsd"]
     return ptrs, strides, ["num_heads", "group", "seq_q", "seq_k", "n_chunks", "scale"]
 
 
@@ -390,8 +390,8 @@ def _grad(spec: LinearSpec) -> list[str]:
     pointers, strides, scalars = _args(spec)
     doc = [
         "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] fp32 per query",
-        "head (the launcher sums GQA groups), and DV [n_col_tiles, B, H, seq_k, HEAD_DIM_V] fp32: each key-dim",
-        "column tile's part of dv (stride_dvt apart), which the launcher sums.",
+        "head (the launcher sums GQA groups), and DV [B, H, seq_k, HEAD_DIM_V] fp32: with several key-dim column",
+        "tiles each adds its part of dv atomically (DV zero-filled by the launcher), else stores it.",
         "",
         "DNum [B, H, seq_q, HEAD_DIM_V] fp32 is dO / (den + eps)" + (", DDen [B, H, seq_q] fp32 -(dO·out) / (den + eps)"
                                                                      if norm else "") + ".",
@@ -441,8 +441,9 @@ def _grad(spec: LinearSpec) -> list[str]:
         "    dq = dq * scale",
         f"    tl.store(DQ + {_rows_at('dq', 'off_h')} + offs_t[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=qt_ok)",
         f"    tl.store(DK + {_rows_at('dk', 'off_h')} + offs_t[None, :] * stride_dkd, dk, mask=kt_ok)",
-        f"    tl.store(DV + pid_t * stride_dvt + {_rows_at('dv', 'off_h')} + offs_v[None, :] * stride_dvd, dv,",
-        "             mask=k_ok[:, None] & v_ok[None, :])",
+        f"    dv_ptrs = DV + {_rows_at('dv', 'off_h')} + offs_v[None, :] * stride_dvd",
+        ("    tl.atomic_add(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :], sem=\"relaxed\")  # one part per column tile"
+         if -(-spec.block_d // spec.block_dt) > 1 else "    tl.store(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :])"),
     ]
     return lines
 

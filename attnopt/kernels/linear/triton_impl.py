@@ -31,13 +31,12 @@ def _strides(t: torch.Tensor, name: str) -> dict:
 
 def _run(candidates: list, grid, args: dict, like: torch.Tensor) -> None:
     """Launches the first of ``candidates`` the GPU takes (:func:`attnopt.kernels.launch.launch_first`);
-    ``grid(spec)`` is its launch grid, ``args`` its arguments, or ``args(spec)`` when they depend on the tiles."""
+    ``grid(spec)`` is its launch grid."""
 
     def launch(spec) -> None:
         guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
         with guard:
-            kwargs = args(spec) if callable(args) else args
-            load(spec)[grid(spec)](**kwargs, num_warps=spec.num_warps, num_stages=spec.num_stages)
+            load(spec)[grid(spec)](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
 
     launch_first(candidates, launch, str(like.device))
 
@@ -124,8 +123,8 @@ def _grads(q, k, v, do, carried: dict, log_decay, causal, normalize, scale):
     """Runs the grad kernel over every chunk; ``carried`` holds the states (and dden) it reads.
 
     Returns dq (q's dtype), dk [B, H, Sk, D] and dv [B, H, Sk, Dv] fp32 per query head. Each of the kernel's
-    key-dim column tiles writes its part of dv into its own slice of a [tiles, B, H, Sk, Dv] buffer,
-    summed here (no atomics: the sum is deterministic).
+    key-dim column tiles adds its part of dv atomically (a [tiles, ...] buffer of parts would take
+    tiles times dv's memory).
     """
     b, hq, sq, d = q.shape
     hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -140,16 +139,12 @@ def _grads(q, k, v, do, carried: dict, log_decay, causal, normalize, scale):
                 num_heads=hq, group=hq // hkv, seq_q=sq, seq_k=sk, n_chunks=n, scale=float(scale))  # fmt: skip
     if log_decay is not None:
         args["LogDecay"] = log_decay
-    parts = []
-
-    def with_parts(spec) -> dict:
-        parts[:] = [torch.empty((-(-d // spec.block_dt), b, hq, sk, dv), dtype=torch.float32, device=q.device)]
-        return dict(args, DV=parts[0], **_strides(parts[0][0], "dv"), stride_dvt=parts[0].stride(0))
-
+    dvh = torch.zeros((b, hq, sk, dv), dtype=torch.float32, device=q.device)  # column tiles add their parts
+    args.update(DV=dvh, **_strides(dvh, "dv"))
     candidates = specs("grad", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None,
                        capability=device_capability(q))
-    _run(candidates, lambda spec: (n, -(-d // spec.block_dt), b * hq), with_parts, q)
-    return dq, dk, parts[0].sum(0)
+    _run(candidates, lambda spec: (n, -(-d // spec.block_dt), b * hq), args, q)
+    return dq, dk, dvh
 
 
 def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=True, scale=1.0, eps=1e-6,
