@@ -302,7 +302,8 @@ def test_triton_rejects_what_it_cannot_run():
 
 
 def test_addresses_take_int64_chunk_starts():
-    from attnopt.kernels.linear.render import render, specs
+    from attnopt.kernels.linear.render import render
+    from attnopt.kernels.linear.spec import specs
 
     for kind in ("state", "out", "grad"):
         src = render(specs(kind, 64, 64, "bfloat16", True, True, True)[0])
@@ -310,18 +311,19 @@ def test_addresses_take_int64_chunk_starts():
 
 
 def test_reverse_state_pass_runs_on_tensor_cores_for_16_bit_inputs():
-    from attnopt.kernels.linear.render import render, specs
+    from attnopt.kernels.linear.render import render
+    from attnopt.kernels.linear.spec import specs
 
     assert 'input_precision="ieee"' not in render(specs("state", 64, 64, "bfloat16", True, True, False, True)[0])
     assert 'input_precision="ieee"' in render(specs("state", 64, 64, "float32", True, True, False, True)[0])
 
 
 def test_triton_grad_key_dim_column_tiles(monkeypatch):
-    """dq, dk per key-dim column tile and dv summed over the tiles' parts equal the one-tile kernel."""
-    from attnopt.kernels.linear import render
+    """Key-dim column tiles (dv added atomically) and value-dim steps of 16 give the chunked path's gradients."""
+    from attnopt.kernels.linear.spec import LinearSpec
 
     original = triton_impl.specs
     monkeypatch.setattr(triton_impl, "specs", lambda kind, *a, **kw: [
-        s if kind != "grad" else render.LinearSpec(**{**s.__dict__, "block_dt": 16}) for s in original(kind, *a, **kw)])
+        s if kind != "grad" else LinearSpec(**{**s.__dict__, "block_dt": 16, "block_dv": 16}) for s in original(kind, *a, **kw)])
     q, k, v = features(sq=70, d=40, dv=24, dtype=torch.float32)
     _check_triton(q, k, v, DECAY.float(), True, True)

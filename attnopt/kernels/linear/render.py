@@ -1,4 +1,4 @@
-r"""Generated Triton kernels for chunked linear attention: :class:`LinearSpec`, rendering and loading.
+r"""Generated Triton kernels for chunked linear attention: rendering and loading (the spec: :mod:`.spec`).
 
 The algorithm and its gradients are derived in :mod:`attnopt.kernels.linear.chunked`; the kernels
 run the same chunked form on the GPU, in three kinds (chunk ``C = 64`` positions, the decay
@@ -13,9 +13,10 @@ run the same chunked form on the GPU, in three kinds (chunk ``C = 64`` positions
 * ``out``: one program per (chunk, value-dim tile, batch·head), all in parallel:
   ``num = (q kᵀ ⊙ M) v + (λ^(a+1) q) h_n``, ``den = rowsum(q kᵀ ⊙ M) + (λ^(a+1) q)·z_n``,
   ``out = s·num / (s·den + eps)``. Non-causal: ``num = q h``, ``den = q·z`` with the summed state.
-* ``grad``: one program per (chunk, batch·head) computes ``dq``, ``dk``, ``dv`` of its chunk from
-  ``h_n``, ``z_n`` (forward states) and ``g_n``, ``r_n`` (reverse states); ``dk`` and ``dv`` are per
-  query head (fp32) and summed over GQA groups by the launcher.
+* ``grad``: one program per (chunk, key-dim column tile, batch·head) computes its columns of ``dq``,
+  ``dk`` and its part of ``dv`` (added atomically) from ``h_n``, ``z_n`` (forward states) and ``g_n``,
+  ``r_n`` (reverse states), walking the value dim a tile at a time; ``dk`` and ``dv`` are per query
+  head (fp32) and summed over GQA groups by the launcher.
 
 Intra-chunk products run in the input dtype with fp32 accumulation; everything that touches a state
 runs in fp32 (``input_precision="ieee"`` for fp32 specs, the GPU's default, tf32, otherwise): a
@@ -27,85 +28,9 @@ module (and so triton) from the kernel cache (``attnopt.codegen.cache.cache_root
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.spec import DTYPES, GeneratedSpec, next_pow2
 from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dim_constants, dot, jit_def, module_head
-
-KINDS = ("state", "out", "grad")
-MAX_HEAD_DIM = 128  # the grad kernel holds two full [D, Dv] fp32 states per program
-CHUNK = 64
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinearSpec(GeneratedSpec):
-    """The compile-time parameters of one generated linear-attention kernel (see the module docstring)."""
-
-    FAMILY = "linear"
-    ROLE = "kind"
-
-    kind: str
-    head_dim: int
-    head_dim_v: int
-    dtype: str
-    causal: bool
-    normalize: bool
-    decay: bool
-    reverse: bool = False
-    chunk: int = CHUNK
-    block_dv: int
-    block_dt: int = 0  # grad only: the key-dim columns of dq, dk one program computes (0 for other kinds)
-    num_warps: int
-    num_stages: int
-
-    def __post_init__(self) -> None:
-        self._check_choices(kind=KINDS, dtype=DTYPES)
-        self._check_bools("causal", "normalize", "decay", "reverse")
-        self._check_head_dims(MAX_HEAD_DIM)
-        self._check_tiles(("chunk", "block_dv") + (("block_dt",) if self.kind == "grad" else ()))
-        if self.kind != "grad" and self.block_dt:
-            raise ValueError(f"LinearSpec.block_dt applies to the grad kernel only; got {self.block_dt!r}")
-        if self.kind == "grad" and self.block_dt > self.block_d:
-            raise ValueError(f"LinearSpec.block_dt must be at most block_d {self.block_d}; got {self.block_dt!r}")
-        if self.decay and not self.causal:
-            raise ValueError("LinearSpec.decay needs causal")
-        if self.reverse and self.kind != "state":
-            raise ValueError("LinearSpec.reverse applies to the state kernel only")
-        self._check_launch()
-
-
-def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool,
-                 decay: bool, reverse: bool = False, capability: tuple[int, int] | None = None) -> LinearSpec:  # fmt: skip
-    """The first of :func:`specs`: the tiles launched unless the compiler rejects them."""
-    return specs(kind, head_dim, head_dim_v, dtype, causal, normalize, decay, reverse, capability)[0]
-
-
-def specs(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool, decay: bool,
-          reverse: bool = False, capability: tuple[int, int] | None = None) -> list[LinearSpec]:  # fmt: skip
-    """The kernel's tile configurations, most preferred first (the launcher falls back down the list).
-
-    State and out kernels tile the value dim by 64 (16-bit up to head dim 64) or 32 (fp32, or wider heads,
-    where a [D, 64] fp32 state crowds the registers), then smaller. The grad kernel takes the whole padded
-    value dim and tiles the key dim (``block_dt``): the [BLOCK_DT, Dv] parts of two fp32 states and the
-    fp32 chunk operands of its tf32 products sit in shared memory and registers. 32 key-dim columns per
-    program on sm_90+ (wgmma reads its operands from shared memory: 176 KiB at D = Dv = 128, within
-    227 KiB; 64 columns took 256 KiB) and without a GPU (``capability`` None); 16 on sm_80-sm_89, where
-    mma.sync holds the A operands in registers. 8 warps above head dim 64.
-    """
-    widest = max(16, next_pow2(head_dim), next_pow2(head_dim_v))
-    full_dv, block_d = max(16, next_pow2(head_dim_v)), max(16, next_pow2(head_dim))
-    stages = 1 if dtype == "float32" else 2
-    if kind == "grad":
-        first = min(block_d, 16 if capability is not None and capability < (9, 0) else 32)
-        tiles = [(full_dv, bt, 8 if widest > 64 else 4) for bt in (first, first // 2, first // 4) if bt >= 16]
-    else:
-        first = min(full_dv, 64 if dtype != "float32" and not reverse and widest <= 64 else 32)  # reverse: fp32 operands
-        tiles = [(bv, 0, 4) for bv in (first, first // 2) if bv >= 16]
-    return [LinearSpec(kind=kind, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
-                       normalize=normalize, decay=decay, reverse=reverse, block_dv=bv, block_dt=bt, num_warps=w,
-                       num_stages=stages) for bv, bt, w in tiles]  # fmt: skip
-
+from attnopt.kernels.linear.spec import LinearSpec
 
 # --------------------------------------------------------------------------------------------------- render
 
@@ -389,25 +314,22 @@ def _grad(spec: LinearSpec) -> list[str]:
     norm = spec.normalize
     pointers, strides, scalars = _args(spec)
     doc = [
-        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] fp32 per query",
-        "head (the launcher sums GQA groups), and DV [B, H, seq_k, HEAD_DIM_V] fp32: with several key-dim column",
-        "tiles each adds its part of dv atomically (DV zero-filled by the launcher), else stores it.",
+        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] and DV [B, H,",
+        "seq_k, HEAD_DIM_V] fp32 per query head (GQA groups summed by the launcher; DV zero-filled: column tiles add).",
         "",
         "DNum [B, H, seq_q, HEAD_DIM_V] fp32 is dO / (den + eps)" + (", DDen [B, H, seq_q] fp32 -(dO·out) / (den + eps)"
                                                                      if norm else "") + ".",
         ("States/Norms hold the forward states carried into each chunk, RStates/RNorms the backward states "
          "carried out of it, [B*H, n_chunks, ...] fp32.") if spec.causal
         else "States/Norms hold Σ_j k_jᵀ v_j, RStates/RNorms Σ_i s·q_iᵀ dnum_i (+ the final state's gradient).",
-        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), cdiv(HEAD_DIM, BLOCK_DT), B * H): program (c, t, bh) takes the",
-        "key-dim columns t·BLOCK_DT.. of q, k and of the [D, Dv] states (BLOCK_DT rows of each, not all D).",
+        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), cdiv(HEAD_DIM, BLOCK_DT), B * H): program (c, t, bh) takes key-dim",
+        "columns t·BLOCK_DT.. of q, k and the states, and walks the value dim BLOCK_DV at a time, twice.",
     ]  # fmt: skip
     lines = _header(spec, "backward (dq, dk, dv of one chunk)") + _signature(spec, pointers, strides, scalars, doc)
     lines += _ids("pid_c,pid_t,pid_bh")
     lines += _chunk_rows("pid_c * CHUNK") + [
         "    offs_t = pid_t * BLOCK_DT + tl.arange(0, BLOCK_DT)  # [BLOCK_DT] this program's key-dim columns",
-        "    offs_v = tl.arange(0, BLOCK_DV)",
         "    t_ok = offs_t < HEAD_DIM",
-        "    v_ok = offs_v < HEAD_DIM_V",
         "    q_ok = rows < seq_q",
         "    k_ok = rows < seq_k",
         "    qt_ok = q_ok[:, None] & t_ok[None, :]",
@@ -415,67 +337,96 @@ def _grad(spec: LinearSpec) -> list[str]:
     ]
     lines += _load_rows("q", "Q", "offs_t", "qt_ok", ".to(tl.float32) * scale  # [CHUNK, BLOCK_DT] s·q")
     lines += _load_rows("k", "K", "offs_t", "kt_ok", ".to(tl.float32)  # [CHUNK, BLOCK_DT]")
-    lines += _load_rows("v", "V", "offs_v", "k_ok[:, None] & v_ok[None, :]", ".to(tl.float32)  # [CHUNK, BLOCK_DV]")
-    lines += [
-        f"    do = tl.load(DNum + {_rows_at('dn', 'off_h')} + offs_v[None, :] * stride_dnd,",
-        "                 mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
-    ]
     if norm:
         lines.append("    dd = tl.load(DDen + bh * seq_q + rows, mask=q_ok, other=0.0)  # [CHUNK]")
     lines += _decay_lines(spec)
     base = "(bh * n_chunks + pid_c) * HEAD_DIM" if spec.causal else "bh * HEAD_DIM"
-    lines += [
-        f"    chunk_base = {base}",
-        "    part = offs_t[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_DT, BLOCK_DV]: rows offs_t of a [D, Dv] state",
-        "    part_ok = t_ok[:, None] & v_ok[None, :]",
-        "    h = tl.load(States + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)  # [BLOCK_DT, BLOCK_DV]",
-        "    g = tl.load(RStates + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)",
-    ]
-    if norm:
-        lines += [
-            "    z = tl.load(Norms + chunk_base + offs_t, mask=t_ok, other=0.0)  # [BLOCK_DT]",
-            "    r = tl.load(RNorms + chunk_base + offs_t, mask=t_ok, other=0.0)",
-        ]
-    lines += _grad_products(spec)
+    lines.append(f"    chunk_base = {base}")
+    lines += _grad_sums(spec) + _grad_products(spec)
     lines += [
         "    dq = dq * scale",
         f"    tl.store(DQ + {_rows_at('dq', 'off_h')} + offs_t[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=qt_ok)",
         f"    tl.store(DK + {_rows_at('dk', 'off_h')} + offs_t[None, :] * stride_dkd, dk, mask=kt_ok)",
-        f"    dv_ptrs = DV + {_rows_at('dv', 'off_h')} + offs_v[None, :] * stride_dvd",
-        ("    tl.atomic_add(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :], sem=\"relaxed\")  # one part per column tile"
-         if -(-spec.block_d // spec.block_dt) > 1 else "    tl.store(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :])"),
     ]
+    return lines + _grad_dv(spec)
+
+
+def _value_step(spec: LinearSpec, loads: tuple[str, ...]) -> list[str]:
+    """The head of a walk over the value dim: value tile ``u``'s columns and the loads named in ``loads``
+    (``v``, ``do`` [CHUNK, BLOCK_DV]; ``h``, ``g`` [BLOCK_DT, BLOCK_DV], rows offs_t of a [D, Dv] state)."""
+    lines = [
+        "    for u in range(0, tl.cdiv(HEAD_DIM_V, BLOCK_DV)):",
+        "        offs_v = u * BLOCK_DV + tl.arange(0, BLOCK_DV)  # [BLOCK_DV] value columns of this step",
+        "        v_ok = offs_v < HEAD_DIM_V",
+        "        part = offs_t[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_DT, BLOCK_DV] within a [D, Dv] state",
+        "        part_ok = t_ok[:, None] & v_ok[None, :]",
+    ]
+    sources = {
+        "v": [f"        v = tl.load(V + {_rows_at('v', 'off_hkv')} + offs_v[None, :] * stride_vd,",
+              "                    mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)"],
+        "do": [f"        do = tl.load(DNum + {_rows_at('dn', 'off_h')} + offs_v[None, :] * stride_dnd,",
+               "                     mask=q_ok[:, None] & v_ok[None, :], other=0.0)"],
+        "h": ["        h = tl.load(States + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)"],
+        "g": ["        g = tl.load(RStates + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)"],
+    }  # fmt: skip
+    return lines + [line for name in loads for line in sources[name]]
+
+
+def _grad_sums(spec: LinearSpec) -> list[str]:
+    """The first walk over the value dim: ``dp = do vᵀ`` [CHUNK, CHUNK] (causal), and the carried states' terms
+    ``iq = do hᵀ``, ``ik = v gᵀ`` [CHUNK, BLOCK_DT]. Only [CHUNK, BLOCK_DV] of v and do are live at a time
+    (the whole value dim at once spilled on sm_80)."""
+    lines = ["    dp = tl.zeros([CHUNK, CHUNK], tl.float32)"] if spec.causal else []
+    lines += [
+        "    iq = tl.zeros([CHUNK, BLOCK_DT], tl.float32)",
+        "    ik = tl.zeros([CHUNK, BLOCK_DT], tl.float32)",
+    ]
+    lines += _value_step(spec, ("v", "do", "h", "g"))
+    if spec.causal:
+        lines.append(f"        dp += {dot(spec, 'do', 'tl.trans(v)')}")
+    lines += [f"        iq += {dot(spec, 'do', 'tl.trans(h)')}", f"        ik += {dot(spec, 'v', 'tl.trans(g)')}"]
+    if spec.normalize:
+        lines += [
+            "    z = tl.load(Norms + chunk_base + offs_t, mask=t_ok, other=0.0)  # [BLOCK_DT]",
+            "    r = tl.load(RNorms + chunk_base + offs_t, mask=t_ok, other=0.0)",
+            "    iq += dd[:, None] * z[None, :]",
+            "    ik += r[None, :]",
+        ] + (["    dp += dd[:, None]"] if spec.causal else [])
     return lines
 
 
 def _grad_products(spec: LinearSpec) -> list[str]:
-    """dq, dk of the program's columns and its part of dv: the intra-chunk products (causal) plus the terms of
-    the carried states. ``a`` (q kᵀ over these columns only) and ``k g`` are partial sums over the key dim,
-    linear in each column, so the column tiles' parts of dv add up to dv; ``dp`` sums over the value dim."""
-    norm, lines = spec.normalize, []
-    inter_q = f"{dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
-    inter_k = f"{dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
-    inter_v = dot(spec, "k", "g")
+    """dq, dk of the program's columns: the intra-chunk products (causal) plus the carried states' terms, and
+    ``a`` (q kᵀ over these columns only: a partial sum over the key dim, linear in each column, so the
+    column tiles' parts of dv add up to dv) for the second walk."""
     if not spec.causal:
-        return [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
-    lines += [
-        f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK], this column tile's part",
-        f"    dp = {dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
-    ]
+        return ["    dq = iq", "    dk = ik"]
+    lines = [f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK], this column tile's part"]
     lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
-    wq, wk = "", ""
-    if spec.decay:
-        lines += [
-            "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
-            "    length = tl.minimum(seq_k - start, CHUNK)",
-            "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
-        ]
-        wq, wk = "wq * ", "wk * "
+    if not spec.decay:
+        return lines + [f"    dq = {dot(spec, 'dp', 'k')} + iq", f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + ik"]
     return lines + [
-        f"    dq = {dot(spec, 'dp', 'k')} + {wq}({inter_q})",
-        f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + {wk}({inter_k})",
-        f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + {wk}{inter_v}",
+        "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
+        "    length = tl.minimum(seq_k - start, CHUNK)",
+        "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
+        f"    dq = {dot(spec, 'dp', 'k')} + wq * iq",
+        f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + wk * ik",
     ]
+
+
+def _grad_dv(spec: LinearSpec) -> list[str]:
+    """The second walk over the value dim: this column tile's part of dv = aᵀ do + k g, stored (one column
+    tile) or added atomically (several)."""
+    wk = "wk * " if spec.decay else ""
+    lines = _value_step(spec, ("do", "g") if spec.causal else ("g",))
+    product = f"{dot(spec, 'tl.trans(a)', 'do')} + {wk}{dot(spec, 'k', 'g')}" if spec.causal else dot(spec, "k", "g")
+    lines += [
+        f"        dv = {product}  # [CHUNK, BLOCK_DV]",
+        f"        dv_ptrs = DV + {_rows_at('dv', 'off_h')} + offs_v[None, :] * stride_dvd",
+    ]
+    if -(-spec.block_d // spec.block_dt) > 1:
+        return lines + ['        tl.atomic_add(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :], sem="relaxed")']
+    return lines + ["        tl.store(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :])"]
 
 
 # ----------------------------------------------------------------------------------------------------- load

@@ -17,7 +17,8 @@ import torch
 
 from attnopt.codegen.spec import dtype_name, inputs_refusal
 from attnopt.kernels.launch import device_capability, launch_first
-from attnopt.kernels.linear.render import CHUNK, MAX_HEAD_DIM, load, specs
+from attnopt.kernels.linear.render import load
+from attnopt.kernels.linear.spec import CHUNK, MAX_HEAD_DIM, specs
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
