@@ -85,16 +85,17 @@ def specs(direction: str, head_dim: int, head_dim_v: int, dtype: str, causal: in
 
     16-bit 64x64 up to head dim 128 (64x32 above); fp32 64x32 up to 64 (32x32 above); then halved tiles.
     8 warps from head dim 128 up: with 4, the two fp32 accumulators of the backward plus the score-sized
-    tiles passed 255 registers per thread (ptxas spilled 150-460 B on sm_90a). 2 stages, 1 for fp32
-    above 128. ``capability`` (None off the GPU) is the GPU's compute capability; every generation
-    takes the same first choice today (sm_80 and sm_90a measured, both within shared memory).
+    tiles passed 255 registers per thread (ptxas spilled 150-460 B on sm_90a); and for the backward on
+    sm_80-sm_89 (``capability``, None off the GPU), where mma.sync holds its A operands in registers
+    (bwd_q spilled 12 B at head dim 64 with 4). 2 stages, 1 for fp32 above 128.
     """
     widest = max(next_pow2(head_dim), next_pow2(head_dim_v))
     if dtype == "float32":
         block_m, block_n = (64, 32) if widest <= 64 else (32, 32)
     else:
         block_m, block_n = (64, 64) if widest <= 128 else (64, 32)
-    warps = 8 if widest >= 128 else 4
+    ampere = capability is not None and tuple(capability) < (9, 0)
+    warps = 8 if widest >= 128 or (ampere and direction != "fwd") else 4
     stages = 1 if dtype == "float32" and widest > 128 else 2
     tiles = [(block_m, block_n, warps, stages), (block_m, max(block_n // 2, 16), 4, stages), (32, 16, 4, 1)]
     return [SigmoidSpec(direction=direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
