@@ -86,3 +86,25 @@ def test_every_launcher_falls_back(monkeypatch):
     seen = _reject_first(monkeypatch, sparse_impl, "load_kernel")
     torch.testing.assert_close(sparse_impl.forward(q, k, v, mask)[0], want[0])
     assert seen[0] in launch.failed("cpu") and seen[0].block_m * seen[0].block_n > 16 * 16
+
+
+def test_arch_spec_gives_each_generation_its_table_row():
+    """``arch_spec`` (what ``attnopt kernels build`` compiles per target) maps a launch's spec to the tiles the
+    launcher picks on that GPU."""
+    from attnopt.kernels.linear.spec import specs as linear_specs
+    from attnopt.kernels.sigmoid.render import specs as sigmoid_specs
+    from attnopt.kernels.sparse.render import SparseKernelSpec
+    from attnopt.kernels.sparse.tiles import configs
+
+    grad = linear_specs("grad", 128, 128, "bfloat16", True, True, False)[0]
+    for cap in ((8, 0), (9, 0)):
+        assert linear_impl.arch_spec(grad, cap) == linear_specs("grad", 128, 128, "bfloat16", True, True, False,
+                                                                capability=cap)[0]  # fmt: skip
+    assert linear_impl.arch_spec(grad, (8, 0)).block_dt < linear_impl.arch_spec(grad, (9, 0)).block_dt
+    bwd = sigmoid_specs("bwd_q", 64, 64, "bfloat16", 0, "none")[0]
+    assert sigmoid_impl.arch_spec(bwd, (8, 0)).num_warps == 8 and sigmoid_impl.arch_spec(bwd, (9, 0)).num_warps == 4
+    dq = SparseKernelSpec(direction="dq", head_dim=64, head_dim_v=64, dtype="bfloat16", block_m=64, block_n=64,
+                          predicate="(cols2 >= 0)", mask="x")  # fmt: skip
+    for cap in ((8, 0), (9, 0)):
+        got = sparse_impl.arch_spec(dq, cap)
+        assert (got.block_m, got.block_n, got.num_warps, got.num_stages) == configs("dq", "bfloat16", 64, 64, cap)[0]

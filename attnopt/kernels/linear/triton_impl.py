@@ -178,3 +178,10 @@ def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=Tru
     if not causal:
         return dq, dk, dvk, None, None
     return dq, dk, dvk, dinit, dinit_norm if normalize else None
+
+
+def arch_spec(spec, capability: tuple[int, int]):
+    """The spec this launcher runs on a GPU of compute ``capability`` for the kernel ``spec`` names (the first
+    of :func:`attnopt.kernels.linear.spec.specs` there; ``attnopt kernels build`` compiles it per target)."""
+    return specs(spec.kind, spec.head_dim, spec.head_dim_v, spec.dtype, spec.causal, spec.normalize, spec.decay,
+                 spec.reverse, tuple(capability))[0]  # fmt: skip

@@ -116,3 +116,10 @@ def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None, mas
     dvk = dvh.reshape(b, hkv, hq // hkv, sk, dv).sum(dim=2).to(v.dtype)
     dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None  # over broadcast dims
     return dq, dk, dvk, dmask
+
+
+def arch_spec(spec, capability: tuple[int, int]):
+    """The spec this launcher runs on a GPU of compute ``capability`` for the kernel ``spec`` names (the first
+    of :func:`attnopt.kernels.sigmoid.render.specs` there; ``attnopt kernels build`` compiles it per target)."""
+    return specs(spec.direction, spec.head_dim, spec.head_dim_v, spec.dtype, spec.causal, spec.mask, spec.write_ds,
+                 tuple(capability))[0]  # fmt: skip

@@ -11,6 +11,7 @@ the first kernel loads; under ``TRITON_INTERPRET=1`` the kernels run on CPU tens
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import weakref
@@ -211,3 +212,11 @@ def backward(dout, q, k, v, out, lse, mask: Mask, kv_valid=None, attn_mask=None,
 
     launch_first(list(kv_candidates), launch_dkdv, str(q.device))
     return dq, dk, dv
+
+
+def arch_spec(spec: SparseKernelSpec, capability: tuple[int, int]) -> SparseKernelSpec:
+    """The spec this launcher runs on a GPU of compute ``capability`` for the kernel ``spec`` names: its tiles
+    from :func:`attnopt.kernels.sparse.tiles.configs` (``attnopt kernels build`` compiles it per target; the
+    spec's block-map flags, ``bits`` and ``head_maps``, do not depend on the tiles)."""
+    bm, bn, warps, stages = configs(spec.direction, spec.dtype, spec.head_dim, spec.head_dim_v, tuple(capability))[0]
+    return dataclasses.replace(spec, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
