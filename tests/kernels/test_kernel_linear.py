@@ -327,3 +327,10 @@ def test_triton_grad_key_dim_column_tiles(monkeypatch):
         s if kind != "grad" else LinearSpec(**{**s.__dict__, "block_dt": 16, "block_dv": 16}) for s in original(kind, *a, **kw)])
     q, k, v = features(sq=70, d=40, dv=24, dtype=torch.float32)
     _check_triton(q, k, v, DECAY.float(), True, True)
+
+
+def test_triton_float16_backward():
+    """The 16-bit backward: input-dtype intra-chunk products, tf32 state products (the reverse pass too), odd
+    sizes. (float16: Triton's interpreter computes bfloat16 products wrongly here, so bfloat16 is not tested.)"""
+    q, k, v = features(sq=70, d=40, dv=24, dtype=torch.float16)
+    _check_triton(q, k, v, DECAY.float(), True, True, tol=dict(atol=2e-2, rtol=1e-2))
