@@ -18,6 +18,9 @@ within the generation's per-block limit (the head-dim-256 rows are not measured 
   across the nested group, run and tile loops.
 * ``dq`` at 8 warps from head dim 128 (4 warps sat at 255 registers); on sm_80 at head dim 64, 64x32
   (64x64 spilled with 4 or 8 warps).
+* sm_100 (tcgen05): 8 warps at head dim 128 for every direction (4 spilled 76-728 B on sm_100a) and
+  ``dkdv`` with 1 stage (2 spilled 112 B); the neighborhood ``dq``/``dkdv`` at head dim 128 still spill
+  8-20 B there (not yet tuned: the checked targets are sm_80 and sm_90a).
 * fp32 inputs (twice the bytes per element, no 16-bit tensor-core path) keep the small tiles.
 """
 
@@ -32,11 +35,20 @@ TABLE: dict[tuple[str, int], dict[str, Config]] = {
     ("sm90", 64): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2)},
     ("sm90", 128): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2)},
     ("sm90", 256): {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
+    ("sm100", 64): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 4, 2), "dkdv": (32, 64, 4, 2)},
+    ("sm100", 128): {"fwd": (64, 64, 8, 2), "dq": (64, 64, 8, 2), "dkdv": (32, 64, 8, 1)},
+    ("sm100", 256): {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
     ("sm80", 64): {"fwd": (64, 64, 4, 2), "dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2)},
     ("sm80", 128): {"fwd": (64, 64, 4, 2), "dq": (64, 64, 8, 2), "dkdv": (32, 64, 8, 2)},
     ("sm80", 256): {"fwd": (64, 32, 8, 2), "dq": (64, 32, 8, 2), "dkdv": (32, 64, 8, 2)},
 }
 FALLBACKS: tuple[Config, ...] = ((64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1))
+
+
+def _generation(capability: tuple[int, int] | None) -> str:
+    if capability is None or tuple(capability) < (9, 0):
+        return "sm80"
+    return "sm90" if tuple(capability) < (10, 0) else "sm100"
 
 
 def _fp32(widest: int) -> Config:
@@ -51,7 +63,7 @@ def configs(direction: str, dtype: str, head_dim: int, head_dim_v: int,
     if dtype == "float32":
         first = _fp32(widest)
     else:
-        generation = "sm90" if capability is not None and tuple(capability) >= (9, 0) else "sm80"
+        generation = _generation(capability)
         bucket = min(b for b in (64, 128, 256) if b >= widest)
         first = TABLE[(generation, bucket)][direction]
     smaller = [c for c in FALLBACKS if c[0] * c[1] < first[0] * first[1] or c[2:] < first[2:]]
