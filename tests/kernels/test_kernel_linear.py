@@ -323,8 +323,11 @@ def test_triton_grad_key_dim_column_tiles(monkeypatch):
     from attnopt.kernels.linear.spec import LinearSpec
 
     original = triton_impl.specs
-    monkeypatch.setattr(triton_impl, "specs", lambda kind, *a, **kw: [
-        s if kind != "grad" else LinearSpec(**{**s.__dict__, "block_dt": 16, "block_dv": 16}) for s in original(kind, *a, **kw)])
+    def small_grad_tiles(kind, *args, **kwargs):
+        return [s if kind != "grad" else LinearSpec(**{**s.__dict__, "block_dt": 16, "block_dv": 16})
+                for s in original(kind, *args, **kwargs)]
+
+    monkeypatch.setattr(triton_impl, "specs", small_grad_tiles)
     q, k, v = features(sq=70, d=40, dv=24, dtype=torch.float32)
     _check_triton(q, k, v, DECAY.float(), True, True)
 

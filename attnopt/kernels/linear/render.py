@@ -345,7 +345,8 @@ def _grad(spec: LinearSpec) -> list[str]:
     lines += _grad_sums(spec) + _grad_products(spec)
     lines += [
         "    dq = dq * scale",
-        f"    tl.store(DQ + {_rows_at('dq', 'off_h')} + offs_t[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=qt_ok)",
+        f"    tl.store(DQ + {_rows_at('dq', 'off_h')} + offs_t[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),",
+        "             mask=qt_ok)",
         f"    tl.store(DK + {_rows_at('dk', 'off_h')} + offs_t[None, :] * stride_dkd, dk, mask=kt_ok)",
     ]
     return lines + _grad_dv(spec)

@@ -258,8 +258,9 @@ def _fwd(spec: SigmoidSpec) -> list[str]:
     # Unit-step loops over tile indices: a strided range(a, b, BLOCK_N) kept a wgmma in flight across the
     # loop exit and ptxas serialized every wgmma of the body (advisory C7515).
     for boundary in (False, True):
-        lines += ["", ("    for tile in range(full_end // BLOCK_N, tl.cdiv(end, BLOCK_N)):  # boundary key tiles" if boundary
-                       else "    for tile in range(0, full_end // BLOCK_N):  # interior key tiles")]  # fmt: skip
+        header = ("    for tile in range(full_end // BLOCK_N, tl.cdiv(end, BLOCK_N)):  # boundary key tiles" if boundary
+                  else "    for tile in range(0, full_end // BLOCK_N):  # interior key tiles")  # fmt: skip
+        lines += ["", header]
         lines += [
             *_tile_start("n", "tile", "        "),
             "        col_ok = cols < seq_k",

@@ -275,9 +275,9 @@ def _fwd(spec) -> list[str]:
 
 
 def _p_and_ds(spec, ind: str, transposed: bool = False) -> list[str]:
-    """From ``s`` (tested), ``lse2`` [BLOCK_M], ``do``, ``v`` (Vᵀ loaded [BLOCK_DV, BLOCK_N] as ``vt``) and ``delta``: ``p``, ``ds``.
-
-    ``transposed``: ``s`` is Sᵀ [BLOCK_N, BLOCK_M] and ``v`` is loaded [BLOCK_N, BLOCK_DV]; ``p``, ``ds`` come out transposed."""
+    """From ``s`` (tested), ``lse2`` [BLOCK_M], ``do``, ``v`` (Vᵀ loaded [BLOCK_DV, BLOCK_N] as ``vt``) and
+    ``delta``: ``p``, ``ds``. ``transposed``: ``s`` is Sᵀ [BLOCK_N, BLOCK_M] and ``v`` is loaded
+    [BLOCK_N, BLOCK_DV]; ``p``, ``ds`` come out transposed."""
     if transposed:
         lines = [
             f"{ind}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ",
@@ -314,7 +314,8 @@ def _dq(spec) -> list[str]:
     lines += ["    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)"]
 
     def body(full, ind):
-        out = [f"{ind}cols = t * BLOCK_N + offs_n", f"{ind}cols2 = cols[None, :]", f"{ind}col0 = tl.cast(t * BLOCK_N, tl.int64)"]
+        out = [f"{ind}cols = t * BLOCK_N + offs_n", f"{ind}cols2 = cols[None, :]",
+               f"{ind}col0 = tl.cast(t * BLOCK_N, tl.int64)"]
         kmask = _and("" if full else "cols[None, :] < seq_k", _d_mask(spec, "offs_d[:, None] < HEAD_DIM"))
         vmask = _and("" if full else "cols[None, :] < seq_k", _d_mask(spec, "offs_dv[:, None] < HEAD_DIM_V", v=True))
         out += [
