@@ -26,8 +26,8 @@ _LOCK = threading.Lock()
 def launch_first(specs: Sequence[Spec], launch: Callable[[Spec], object], device: str) -> Spec:
     """Runs ``launch(spec)`` for the first of ``specs`` (most preferred first) that has not failed on
     ``device`` in this process, falling back down the list on a configuration error; returns the spec
-    that ran. ``device`` names the GPU (``str(tensor.device)``), so a rejection on one GPU model does not
-    demote another."""
+    that ran. ``device`` names the GPU (``str(tensor.device)``), so a rejection on one GPU does not demote
+    the configuration on another."""
     if not specs:
         raise ValueError("launch_first needs at least one spec")
     with _LOCK:
