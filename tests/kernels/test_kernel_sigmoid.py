@@ -3,6 +3,8 @@ interpreter), forward and backward, causal and masked, on odd sizes."""
 
 import math
 
+import re
+
 import pytest
 import torch
 
@@ -148,3 +150,13 @@ def test_triton_empty_and_rejected():
     assert "float16, bfloat16 or float32" in triton_impl.supported(q, k, v, None)
     with pytest.raises(ValueError, match="does not broadcast"):
         triton_impl.forward(*qkv(), torch.ones(3, 7, 33, dtype=torch.bool))
+
+
+def test_addresses_take_int64_tile_starts_and_unit_step_loops():
+    """Tile starts enter addresses as int64; loops run over unit-step tile indices (a strided range kept a
+    wgmma in flight across the loop exit on sm_90a)."""
+    for direction in ("fwd", "bwd_kv", "bwd_q"):
+        src = sigmoid_render.render(sigmoid_render.default_spec(direction, 24, 16, "bfloat16", CAUSAL_TOP_LEFT, "bool"))
+        assert "row0 = tl.cast(start_m, tl.int64)" in src and "col0 = tl.cast(start_n, tl.int64)" in src, direction
+        assert "rows[:, None] * stride" not in src and "cols[None, :] * stride" not in src, direction
+        assert not re.search(r"range\([^()]*, BLOCK_[MN]\):", src), direction

@@ -340,3 +340,22 @@ def test_blockwise_runs_full_and_boundary_keys_as_two_parts(name):
     want = reference.attention_backward(dout, q, k, v, ref[0], ref[1], mask, None, None, 0.3)
     for got, r in zip(grads, want):
         torch.testing.assert_close(got, r, **FP32)
+
+
+def test_addresses_take_int64_tile_starts():
+    """A tile's first row or key enters every address as int64 (``row0 * stride`` passes 2**31 on long or
+    strided inputs); only the offsets within a tile are int32 products."""
+    for direction in ("fwd", "dq", "dkdv"):
+        src = render(SparseKernelSpec(direction=direction, head_dim=64, head_dim_v=64, dtype="float16", block_m=64,
+                                      block_n=64, predicate="(cols2 >= 0)", mask="x", extra="bool"))  # fmt: skip
+        assert "row0 = tl.cast(" in src and "col0 = tl.cast(" in src, direction
+        assert "offs_m[:, None] * stride" not in src and "cols[None, :] * stride" not in src, direction
+        assert "cols[:, None] * stride" not in src and "rows2 * stride" not in src, direction
+
+
+def test_tile_table_per_generation():
+    from attnopt.kernels.sparse.tiles import configs
+
+    hopper, ampere = configs("dq", "bfloat16", 64, 64, (9, 0)), configs("dq", "bfloat16", 64, 64, (8, 0))
+    assert hopper[0] != ampere[0] and len(hopper) > 1 and hopper[-1] == (16, 16, 4, 1)
+    assert configs("fwd", "float32", 64, 64, (9, 0))[0] == (64, 32, 4, 2)

@@ -1,4 +1,4 @@
-r"""Generated Triton kernels for chunked linear attention: :class:`LinearSpec`, rendering and loading.
+r"""Generated Triton kernels for chunked linear attention: rendering and loading (the spec: :mod:`.spec`).
 
 The algorithm and its gradients are derived in :mod:`attnopt.kernels.linear.chunked`; the kernels
 run the same chunked form on the GPU, in three kinds (chunk ``C = 64`` positions, the decay
@@ -13,9 +13,10 @@ run the same chunked form on the GPU, in three kinds (chunk ``C = 64`` positions
 * ``out``: one program per (chunk, value-dim tile, batch·head), all in parallel:
   ``num = (q kᵀ ⊙ M) v + (λ^(a+1) q) h_n``, ``den = rowsum(q kᵀ ⊙ M) + (λ^(a+1) q)·z_n``,
   ``out = s·num / (s·den + eps)``. Non-causal: ``num = q h``, ``den = q·z`` with the summed state.
-* ``grad``: one program per (chunk, batch·head) computes ``dq``, ``dk``, ``dv`` of its chunk from
-  ``h_n``, ``z_n`` (forward states) and ``g_n``, ``r_n`` (reverse states); ``dk`` and ``dv`` are per
-  query head (fp32) and summed over GQA groups by the launcher.
+* ``grad``: one program per (chunk, key-dim column tile, batch·head) computes its columns of ``dq``,
+  ``dk`` and its part of ``dv`` (added atomically) from ``h_n``, ``z_n`` (forward states) and ``g_n``,
+  ``r_n`` (reverse states), walking the value dim a tile at a time; ``dk`` and ``dv`` are per query
+  head (fp32) and summed over GQA groups by the launcher.
 
 Intra-chunk products run in the input dtype with fp32 accumulation; everything that touches a state
 runs in fp32 (``input_precision="ieee"`` for fp32 specs, the GPU's default, tf32, otherwise): a
@@ -27,68 +28,9 @@ module (and so triton) from the kernel cache (``attnopt.codegen.cache.cache_root
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from attnopt.codegen.cache import load_generated
-from attnopt.codegen.spec import DTYPES, GeneratedSpec, next_pow2
 from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dim_constants, dot, jit_def, module_head
-
-KINDS = ("state", "out", "grad")
-MAX_HEAD_DIM = 128  # the grad kernel holds two full [D, Dv] fp32 states per program
-CHUNK = 64
-
-
-@dataclass(frozen=True, kw_only=True)
-class LinearSpec(GeneratedSpec):
-    """The compile-time parameters of one generated linear-attention kernel (see the module docstring)."""
-
-    FAMILY = "linear"
-    ROLE = "kind"
-
-    kind: str
-    head_dim: int
-    head_dim_v: int
-    dtype: str
-    causal: bool
-    normalize: bool
-    decay: bool
-    reverse: bool = False
-    chunk: int = CHUNK
-    block_dv: int
-    num_warps: int
-    num_stages: int
-
-    def __post_init__(self) -> None:
-        self._check_choices(kind=KINDS, dtype=DTYPES)
-        self._check_bools("causal", "normalize", "decay", "reverse")
-        self._check_head_dims(MAX_HEAD_DIM)
-        self._check_tiles(("chunk", "block_dv"))
-        if self.decay and not self.causal:
-            raise ValueError("LinearSpec.decay needs causal")
-        if self.reverse and self.kind != "state":
-            raise ValueError("LinearSpec.reverse applies to the state kernel only")
-        self._check_launch()
-
-
-def default_spec(kind: str, head_dim: int, head_dim_v: int, dtype: str, causal: bool, normalize: bool,
-                 decay: bool, reverse: bool = False) -> LinearSpec:  # fmt: skip
-    """Deterministic tiles, by the exact path's rule of thumb (fp32 elements take twice the registers).
-
-    The state and out kernels tile the value dim by 64 (16-bit) or 32 (fp32, or head dims above 64, where
-    a [D, 64] fp32 state would crowd the registers); the grad kernel takes the whole padded value dim.
-    4 warps, 8 for the grad kernel at head dims above 64; 2 pipeline stages, 1 for fp32.
-    """
-    widest = max(16, next_pow2(head_dim), next_pow2(head_dim_v))
-    full_dv = max(16, next_pow2(head_dim_v))
-    if kind == "grad":
-        block_dv = full_dv
-    else:
-        block_dv = min(full_dv, 64 if dtype != "float32" and widest <= 64 else 32)
-    return LinearSpec(kind=kind, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
-                      normalize=normalize, decay=decay, reverse=reverse, block_dv=block_dv,
-                      num_warps=8 if kind == "grad" and widest > 64 else 4,
-                      num_stages=1 if dtype == "float32" else 2)  # fmt: skip
-
+from attnopt.kernels.linear.spec import LinearSpec
 
 # --------------------------------------------------------------------------------------------------- render
 
@@ -100,7 +42,10 @@ def _header(spec: LinearSpec, what: str) -> list[str]:
         f"head_dim {spec.head_dim} (padded {spec.block_d}), head_dim_v {spec.head_dim_v}, "
         f"chunk {spec.chunk}, value tile {spec.block_dv}.",
     ]
-    return module_head(spec, __name__, summary, {"CHUNK": spec.chunk, **dim_constants(spec), "LOG2E": LOG2E})
+    constants = {"CHUNK": spec.chunk, **dim_constants(spec), "LOG2E": LOG2E}
+    if spec.kind == "grad":
+        constants["BLOCK_DT"] = spec.block_dt
+    return module_head(spec, __name__, summary, constants)
 
 
 def _signature(spec: LinearSpec, pointers: list[str], strides: list[str], scalars: list[str], doc: list[str]) -> list[str]:
@@ -172,14 +117,28 @@ def _value_tile(offs_v: str) -> list[str]:
     ]
 
 
+def _chunk_rows(start: str, indent: str = "    ") -> list[str]:
+    """``start`` (the chunk's first row), ``row0`` (the same as int64: ``row0 * stride`` may pass 2**31 on long
+    or strided inputs, while ``offs_c * stride`` within a chunk stays small) and ``rows`` [CHUNK]."""
+    return [
+        f"{indent}start = {start}",
+        f"{indent}row0 = tl.cast(start, tl.int64)",
+        f"{indent}rows = start + offs_c  # [CHUNK]",
+    ]
+
+
+def _rows_at(t: str, head: str) -> str:
+    """The address offset of the chunk's rows (``[CHUNK, 1]``) of tensor ``t`` (q, k, v, dn, ...) at ``head``."""
+    return f"off_b * stride_{t}b + {head} * stride_{t}h + row0 * stride_{t}s + offs_c[:, None] * stride_{t}s"
+
+
 def _load_rows(var: str, tensor: str, cols: str, mask: str, rest: str) -> list[str]:
-    """``var = tl.load(...)`` of the rows ``rows`` and columns ``cols`` of Q, K or V (K and V at the query
+    """``var = tl.load(...)`` of the chunk's rows and columns ``cols`` of Q, K or V (K and V at the query
     head's key/value head), masked by ``mask``; ``rest`` follows the load (a cast, a shape comment)."""
     t = tensor.lower()
     head = "off_h" if tensor == "Q" else "off_hkv"
     return [
-        f"    {var} = tl.load({tensor} + off_b * stride_{t}b + {head} * stride_{t}h + rows[:, None] * stride_{t}s"
-        f" + {cols}[None, :] * stride_{t}d,",
+        f"    {var} = tl.load({tensor} + {_rows_at(t, head)} + {cols}[None, :] * stride_{t}d,",
         f"    {' ' * len(var + ' = tl.load(')}mask={mask}, other=0.0){rest}",
     ]
 
@@ -251,13 +210,11 @@ def _state(spec: LinearSpec) -> list[str]:
         ]
         if norm:
             lines += ["        if first:", "            tl.store(Norms + chunk_base + offs_d, z, mask=d_ok)"]
-    lines += [
-        "        start = n * CHUNK",
-        "        rows = start + offs_c  # [CHUNK]",
+    lines += _chunk_rows("n * CHUNK", " " * 8) + [
         "        row_ok = rows < seq",
-        "        x = tl.load(x_base + rows[:, None] * stride_xs + offs_d[None, :] * stride_xd,",
+        "        x = tl.load(x_base + row0 * stride_xs + offs_c[:, None] * stride_xs + offs_d[None, :] * stride_xd,",
         "                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * x_scale  # [CHUNK, BLOCK_D]",
-        "        y = tl.load(y_base + rows[:, None] * stride_ys + offs_v[None, :] * stride_yd,",
+        "        y = tl.load(y_base + row0 * stride_ys + offs_c[:, None] * stride_ys + offs_v[None, :] * stride_yd,",
         "                    mask=row_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
     ]
     if spec.decay:
@@ -305,7 +262,7 @@ def _out(spec: LinearSpec) -> list[str]:
     lines = _header(spec, "output pass") + _signature(spec, pointers, strides, scalars, doc)
     lines += _ids("pid_c,pid_v,pid_bh")
     lines += _value_tile("pid_v * BLOCK_DV + tl.arange(0, BLOCK_DV)")
-    lines += ["    rows = pid_c * CHUNK + offs_c", "    row_ok = rows < seq_q"]
+    lines += _chunk_rows("pid_c * CHUNK") + ["    row_ok = rows < seq_q"]
     lines += _load_rows("q", "Q", "offs_d", "row_ok[:, None] & d_ok[None, :]", "  # [CHUNK, BLOCK_D]")
     lines += _decay_lines(spec)
     if spec.causal:
@@ -347,7 +304,7 @@ def _out(spec: LinearSpec) -> list[str]:
             "        tl.store(Den + bh * seq_q + rows, den, mask=row_ok)",
         ]
     lines += [
-        "    tl.store(Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_os + offs_v[None, :] * stride_od,",
+        f"    tl.store(Out + {_rows_at('o', 'off_h')} + offs_v[None, :] * stride_od,",
         "             num.to(Out.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])",
     ]
     return lines
@@ -357,90 +314,120 @@ def _grad(spec: LinearSpec) -> list[str]:
     norm = spec.normalize
     pointers, strides, scalars = _args(spec)
     doc = [
-        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] and",
-        "DV [B, H, seq_k, HEAD_DIM_V] fp32 per query head (the launcher sums GQA groups).",
+        "Gradients of one chunk: DQ [B, H, seq_q, HEAD_DIM] (q's dtype), DK [B, H, seq_k, HEAD_DIM] and DV [B, H,",
+        "seq_k, HEAD_DIM_V] fp32 per query head (GQA groups summed by the launcher; DV zero-filled: column tiles add).",
         "",
         "DNum [B, H, seq_q, HEAD_DIM_V] fp32 is dO / (den + eps)" + (", DDen [B, H, seq_q] fp32 -(dO·out) / (den + eps)"
                                                                      if norm else "") + ".",
         ("States/Norms hold the forward states carried into each chunk, RStates/RNorms the backward states "
          "carried out of it, [B*H, n_chunks, ...] fp32.") if spec.causal
         else "States/Norms hold Σ_j k_jᵀ v_j, RStates/RNorms Σ_i s·q_iᵀ dnum_i (+ the final state's gradient).",
-        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), B * H).",
+        "Grid: (cdiv(max(seq_q, seq_k), CHUNK), cdiv(HEAD_DIM, BLOCK_DT), B * H): program (c, t, bh) takes key-dim",
+        "columns t·BLOCK_DT.. of q, k and the states, and walks the value dim BLOCK_DV at a time, twice.",
     ]  # fmt: skip
     lines = _header(spec, "backward (dq, dk, dv of one chunk)") + _signature(spec, pointers, strides, scalars, doc)
-    lines += _ids("pid_c,pid_bh")
-    lines += _value_tile("tl.arange(0, BLOCK_DV)")
-    lines += [
-        "    rows = pid_c * CHUNK + offs_c",
+    lines += _ids("pid_c,pid_t,pid_bh")
+    lines += _chunk_rows("pid_c * CHUNK") + [
+        "    offs_t = pid_t * BLOCK_DT + tl.arange(0, BLOCK_DT)  # [BLOCK_DT] this program's key-dim columns",
+        "    t_ok = offs_t < HEAD_DIM",
         "    q_ok = rows < seq_q",
         "    k_ok = rows < seq_k",
-        "    qd_ok = q_ok[:, None] & d_ok[None, :]",
-        "    kd_ok = k_ok[:, None] & d_ok[None, :]",
+        "    qt_ok = q_ok[:, None] & t_ok[None, :]",
+        "    kt_ok = k_ok[:, None] & t_ok[None, :]",
     ]
-    lines += _load_rows("q", "Q", "offs_d", "qd_ok", ".to(tl.float32) * scale  # [CHUNK, BLOCK_D] s·q")
-    lines += _load_rows("k", "K", "offs_d", "kd_ok", ".to(tl.float32)  # [CHUNK, BLOCK_D]")
-    lines += _load_rows("v", "V", "offs_v", "k_ok[:, None] & v_ok[None, :]", ".to(tl.float32)  # [CHUNK, BLOCK_DV]")
-    lines += [
-        "    do = tl.load(DNum + off_b * stride_dnb + off_h * stride_dnh + rows[:, None] * stride_dns",
-        "                 + offs_v[None, :] * stride_dnd, mask=q_ok[:, None] & v_ok[None, :], other=0.0)  # [CHUNK, BLOCK_DV]",
-    ]
+    lines += _load_rows("q", "Q", "offs_t", "qt_ok", ".to(tl.float32) * scale  # [CHUNK, BLOCK_DT] s·q")
+    lines += _load_rows("k", "K", "offs_t", "kt_ok", ".to(tl.float32)  # [CHUNK, BLOCK_DT]")
     if norm:
         lines.append("    dd = tl.load(DDen + bh * seq_q + rows, mask=q_ok, other=0.0)  # [CHUNK]")
     lines += _decay_lines(spec)
     base = "(bh * n_chunks + pid_c) * HEAD_DIM" if spec.causal else "bh * HEAD_DIM"
-    lines += [
-        f"    chunk_base = {base}",
-        "    h = tl.load(States + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)  # [BLOCK_D, BLOCK_DV]",
-        "    g = tl.load(RStates + chunk_base * HEAD_DIM_V + tile, mask=tile_ok, other=0.0)",
-    ]
-    if norm:
-        lines += [
-            "    z = tl.load(Norms + chunk_base + offs_d, mask=d_ok, other=0.0)  # [BLOCK_D]",
-            "    r = tl.load(RNorms + chunk_base + offs_d, mask=d_ok, other=0.0)",
-        ]
-    lines += _grad_products(spec)
+    lines.append(f"    chunk_base = {base}")
+    lines += _grad_sums(spec) + _grad_products(spec)
     lines += [
         "    dq = dq * scale",
-        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,",
-        "             dq.to(DQ.dtype.element_ty), mask=qd_ok)",
-        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,",
-        "             dk, mask=kd_ok)",
-        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows[:, None] * stride_dvs + offs_v[None, :] * stride_dvd,",
-        "             dv, mask=k_ok[:, None] & v_ok[None, :])",
+        f"    tl.store(DQ + {_rows_at('dq', 'off_h')} + offs_t[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty),",
+        "             mask=qt_ok)",
+        f"    tl.store(DK + {_rows_at('dk', 'off_h')} + offs_t[None, :] * stride_dkd, dk, mask=kt_ok)",
     ]
+    return lines + _grad_dv(spec)
+
+
+def _value_step(spec: LinearSpec, loads: tuple[str, ...]) -> list[str]:
+    """The head of a walk over the value dim: value tile ``u``'s columns and the loads named in ``loads``
+    (``v``, ``do`` [CHUNK, BLOCK_DV]; ``h``, ``g`` [BLOCK_DT, BLOCK_DV], rows offs_t of a [D, Dv] state)."""
+    lines = [
+        "    for u in range(0, tl.cdiv(HEAD_DIM_V, BLOCK_DV)):",
+        "        offs_v = u * BLOCK_DV + tl.arange(0, BLOCK_DV)  # [BLOCK_DV] value columns of this step",
+        "        v_ok = offs_v < HEAD_DIM_V",
+        "        part = offs_t[:, None] * HEAD_DIM_V + offs_v[None, :]  # [BLOCK_DT, BLOCK_DV] within a [D, Dv] state",
+        "        part_ok = t_ok[:, None] & v_ok[None, :]",
+    ]
+    sources = {
+        "v": [f"        v = tl.load(V + {_rows_at('v', 'off_hkv')} + offs_v[None, :] * stride_vd,",
+              "                    mask=k_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32)"],
+        "do": [f"        do = tl.load(DNum + {_rows_at('dn', 'off_h')} + offs_v[None, :] * stride_dnd,",
+               "                     mask=q_ok[:, None] & v_ok[None, :], other=0.0)"],
+        "h": ["        h = tl.load(States + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)"],
+        "g": ["        g = tl.load(RStates + chunk_base * HEAD_DIM_V + part, mask=part_ok, other=0.0)"],
+    }  # fmt: skip
+    return lines + [line for name in loads for line in sources[name]]
+
+
+def _grad_sums(spec: LinearSpec) -> list[str]:
+    """The first walk over the value dim: ``dp = do vᵀ`` [CHUNK, CHUNK] (causal), and the carried states' terms
+    ``iq = do hᵀ``, ``ik = v gᵀ`` [CHUNK, BLOCK_DT]. Only [CHUNK, BLOCK_DV] of v and do are live at a time
+    (the whole value dim at once spilled on sm_80)."""
+    lines = ["    dp = tl.zeros([CHUNK, CHUNK], tl.float32)"] if spec.causal else []
+    lines += [
+        "    iq = tl.zeros([CHUNK, BLOCK_DT], tl.float32)",
+        "    ik = tl.zeros([CHUNK, BLOCK_DT], tl.float32)",
+    ]
+    lines += _value_step(spec, ("v", "do", "h", "g"))
+    if spec.causal:
+        lines.append(f"        dp += {dot(spec, 'do', 'tl.trans(v)')}")
+    lines += [f"        iq += {dot(spec, 'do', 'tl.trans(h)')}", f"        ik += {dot(spec, 'v', 'tl.trans(g)')}"]
+    if spec.normalize:
+        lines += [
+            "    z = tl.load(Norms + chunk_base + offs_t, mask=t_ok, other=0.0)  # [BLOCK_DT]",
+            "    r = tl.load(RNorms + chunk_base + offs_t, mask=t_ok, other=0.0)",
+            "    iq += dd[:, None] * z[None, :]",
+            "    ik += r[None, :]",
+        ] + (["    dp += dd[:, None]"] if spec.causal else [])
     return lines
 
 
 def _grad_products(spec: LinearSpec) -> list[str]:
-    """dq, dk, dv of one chunk: the intra-chunk products (causal) plus the terms of the carried states."""
-    norm, lines = spec.normalize, []
-    inter_q = f"{dot(spec, 'do', 'tl.trans(h)')}" + (" + dd[:, None] * z[None, :]" if norm else "")
-    inter_k = f"{dot(spec, 'v', 'tl.trans(g)')}" + (" + r[None, :]" if norm else "")
-    inter_v = dot(spec, "k", "g")
-    if spec.causal:
-        lines += [
-            f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK]",
-            f"    dp = {dot(spec, 'do', 'tl.trans(v)')}" + (" + dd[:, None]" if norm else ""),
-        ]
-        lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
-        if spec.decay:
-            lines += [
-                "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
-                "    length = tl.minimum(seq_k - pid_c * CHUNK, CHUNK)",
-                "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
-                f"    dq = {dot(spec, 'dp', 'k')} + wq * ({inter_q})",
-                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + wk * ({inter_k})",
-                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + wk * {inter_v}",
-            ]
-        else:
-            lines += [
-                f"    dq = {dot(spec, 'dp', 'k')} + {inter_q}",
-                f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + {inter_k}",
-                f"    dv = {dot(spec, 'tl.trans(a)', 'do')} + {inter_v}",
-            ]
-    else:
-        lines += [f"    dq = {inter_q}", f"    dk = {inter_k}", f"    dv = {inter_v}"]
-    return lines
+    """dq, dk of the program's columns: the intra-chunk products (causal) plus the carried states' terms, and
+    ``a`` (q kᵀ over these columns only: a partial sum over the key dim, linear in each column, so the
+    column tiles' parts of dv add up to dv) for the second walk."""
+    if not spec.causal:
+        return ["    dq = iq", "    dk = ik"]
+    lines = [f"    a = {dot(spec, 'q', 'tl.trans(k)')}  # [CHUNK, CHUNK], this column tile's part"]
+    lines += _intra_mask(spec, "a") + _intra_mask(spec, "dp")[-1:]
+    if not spec.decay:
+        return lines + [f"    dq = {dot(spec, 'dp', 'k')} + iq", f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + ik"]
+    return lines + [
+        "    wq = tl.exp2((offs_c + 1).to(tl.float32) * ld2)[:, None]  # λ^(a+1)",
+        "    length = tl.minimum(seq_k - start, CHUNK)",
+        "    wk = tl.exp2(tl.maximum(length - 1 - offs_c, 0).to(tl.float32) * ld2)[:, None]  # λ^(len-1-b)",
+        f"    dq = {dot(spec, 'dp', 'k')} + wq * iq",
+        f"    dk = {dot(spec, 'tl.trans(dp)', 'q')} + wk * ik",
+    ]
+
+
+def _grad_dv(spec: LinearSpec) -> list[str]:
+    """The second walk over the value dim: this column tile's part of dv = aᵀ do + k g, stored (one column
+    tile) or added atomically (several)."""
+    wk = "wk * " if spec.decay else ""
+    lines = _value_step(spec, ("do", "g") if spec.causal else ("g",))
+    product = f"{dot(spec, 'tl.trans(a)', 'do')} + {wk}{dot(spec, 'k', 'g')}" if spec.causal else dot(spec, "k", "g")
+    lines += [
+        f"        dv = {product}  # [CHUNK, BLOCK_DV]",
+        f"        dv_ptrs = DV + {_rows_at('dv', 'off_h')} + offs_v[None, :] * stride_dvd",
+    ]
+    if -(-spec.block_d // spec.block_dt) > 1:
+        return lines + ['        tl.atomic_add(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :], sem="relaxed")']
+    return lines + ["        tl.store(dv_ptrs, dv, mask=k_ok[:, None] & v_ok[None, :])"]
 
 
 # ----------------------------------------------------------------------------------------------------- load

@@ -16,7 +16,9 @@ import contextlib
 import torch
 
 from attnopt.codegen.spec import dtype_name, inputs_refusal
-from attnopt.kernels.linear.render import CHUNK, MAX_HEAD_DIM, default_spec, load
+from attnopt.kernels.launch import device_capability, launch_first
+from attnopt.kernels.linear.render import load
+from attnopt.kernels.linear.spec import CHUNK, MAX_HEAD_DIM, specs
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
@@ -28,8 +30,16 @@ def _strides(t: torch.Tensor, name: str) -> dict:
     return {f"stride_{name}{d}": t.stride(i) for i, d in enumerate("bhsd")}
 
 
-def _guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _run(candidates: list, grid, args: dict, like: torch.Tensor) -> None:
+    """Launches the first of ``candidates`` the GPU takes (:func:`attnopt.kernels.launch.launch_first`);
+    ``grid(spec)`` is its launch grid."""
+
+    def launch(spec) -> None:
+        guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+        with guard:
+            load(spec)[grid(spec)](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+    launch_first(candidates, launch, str(like.device))
 
 
 def _fp32(t: torch.Tensor | None, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -48,8 +58,10 @@ def _states(x, y, u, log_decay, init, init_norm, causal, normalize, group, x_sca
     b, h, d, dv = init.shape
     seq = x.shape[2]
     n = max(-(-seq // CHUNK), 1)
-    spec = default_spec("state", d, dv, dtype_name(x.dtype) if not reverse else "float32", causal, normalize,
-                        log_decay is not None, reverse)  # fmt: skip
+    # The reverse pass reads s·q and the fp32 dO / (den + eps): its spec keeps q's dtype, so its products run
+    # on tensor cores in tf32 (ieee only for fp32 inputs; see attnopt.codegen.triton_text.dot).
+    candidates = specs("state", d, dv, dtype_name(x.dtype), causal, normalize, log_decay is not None, reverse,
+                       device_capability(x))
     final = torch.empty_like(init)
     args = dict(X=x, Y=y, Init=init, Final=final, **_strides(x, "x"), **_strides(y, "y"), num_heads=h, group=group,
                 seq=seq, n_chunks=n, x_scale=float(x_scale))  # fmt: skip
@@ -67,9 +79,7 @@ def _states(x, y, u, log_decay, init, init_norm, causal, normalize, group, x_sca
             args["U"] = u
     if log_decay is not None:
         args["LogDecay"] = log_decay
-    grid = (-(-dv // spec.block_dv), b * h)
-    with _guard(x):
-        load(spec)[grid](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+    _run(candidates, lambda spec: (-(-dv // spec.block_dv), b * h), args, x)
     return states, norms, final, final_norm
 
 
@@ -90,7 +100,8 @@ def forward(q, k, v, log_decay=None, causal=True, normalize=True, scale=1.0, eps
     out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
     den = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device) if normalize else q.new_empty(0, dtype=torch.float32)
     if sq > 0:
-        spec = default_spec("out", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None)
+        candidates = specs("out", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None,
+                           capability=device_capability(q))
         n = max(-(-sq // CHUNK), 1)
         args = dict(Q=q, K=k, V=v, Out=out, States=states if causal else final, **_strides(q, "q"), **_strides(k, "k"),
                     **_strides(v, "v"), **_strides(out, "o"), num_heads=hq, group=hq // hkv, seq_q=sq, n_chunks=n,
@@ -99,9 +110,7 @@ def forward(q, k, v, log_decay=None, causal=True, normalize=True, scale=1.0, eps
             args.update(Norms=norms if causal else final_norm, Den=den)
         if log_decay is not None:
             args["LogDecay"] = log_decay
-        grid = (n, -(-dv // spec.block_dv), b * hq)
-        with _guard(q):
-            load(spec)[grid](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+        _run(candidates, lambda spec: (n, -(-dv // spec.block_dv), b * hq), args, q)
     norm = final_norm if normalize else q.new_empty(0, dtype=torch.float32)
     return out, den, final, norm
 
@@ -109,6 +118,34 @@ def forward(q, k, v, log_decay=None, causal=True, normalize=True, scale=1.0, eps
 def _group_sum(t: torch.Tensor, hkv: int) -> torch.Tensor:
     b, hq = t.shape[:2]
     return t.reshape(b, hkv, hq // hkv, *t.shape[2:]).sum(dim=2)
+
+
+def _grads(q, k, v, do, carried: dict, log_decay, causal, normalize, scale):
+    """Runs the grad kernel over every chunk; ``carried`` holds the states (and dden) it reads.
+
+    Returns dq (q's dtype), dk [B, H, Sk, D] and dv [B, H, Sk, Dv] fp32 per query head. Each of the kernel's
+    key-dim column tiles adds its part of dv atomically (a [tiles, ...] buffer of parts would take
+    tiles times dv's memory).
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    dq = torch.empty_like(q)
+    dk = torch.empty((b, hq, sk, d), dtype=torch.float32, device=q.device)
+    rows = max(sq, sk)
+    if rows == 0:
+        return dq, dk, torch.empty((b, hq, sk, dv), dtype=torch.float32, device=q.device)
+    n = max(-(-rows // CHUNK), 1)
+    args = dict(Q=q, K=k, V=v, DNum=do, DQ=dq, DK=dk, **carried, **_strides(q, "q"), **_strides(k, "k"),
+                **_strides(v, "v"), **_strides(do, "dn"), **_strides(dq, "dq"), **_strides(dk, "dk"),
+                num_heads=hq, group=hq // hkv, seq_q=sq, seq_k=sk, n_chunks=n, scale=float(scale))  # fmt: skip
+    if log_decay is not None:
+        args["LogDecay"] = log_decay
+    dvh = torch.zeros((b, hq, sk, dv), dtype=torch.float32, device=q.device)  # column tiles add their parts
+    args.update(DV=dvh, **_strides(dvh, "dv"))
+    candidates = specs("grad", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None,
+                       capability=device_capability(q))
+    _run(candidates, lambda spec: (n, -(-d // spec.block_dt), b * hq), args, q)
+    return dq, dk, dvh
 
 
 def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=True, scale=1.0, eps=1e-6,
@@ -132,24 +169,10 @@ def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=Tru
     dfinal_norm = _fp32(dnorm, (b, hq, d), q) if normalize else None
     rstates, rnorms, dinit, dinit_norm = _states(q, do, dden, log_decay, dfinal, dfinal_norm, causal, normalize, 1,
                                                  scale, reverse=True)  # fmt: skip
-    dq = torch.empty_like(q)
-    dk = torch.empty((b, hq, sk, d), dtype=torch.float32, device=q.device)
-    dvh = torch.empty((b, hq, sk, dv), dtype=torch.float32, device=q.device)
-    rows = max(sq, sk)
-    if rows > 0:
-        spec = default_spec("grad", d, dv, dtype_name(q.dtype), causal, normalize, log_decay is not None)
-        n = max(-(-rows // CHUNK), 1)
-        args = dict(Q=q, K=k, V=v, DNum=do, DQ=dq, DK=dk, DV=dvh,
-                    States=states if causal else final, RStates=rstates if causal else dinit,
-                    **_strides(q, "q"), **_strides(k, "k"), **_strides(v, "v"), **_strides(do, "dn"),
-                    **_strides(dq, "dq"), **_strides(dk, "dk"), **_strides(dvh, "dv"),
-                    num_heads=hq, group=hq // hkv, seq_q=sq, seq_k=sk, n_chunks=n, scale=float(scale))  # fmt: skip
-        if normalize:
-            args.update(DDen=dden, Norms=norms if causal else final_norm, RNorms=rnorms if causal else dinit_norm)
-        if log_decay is not None:
-            args["LogDecay"] = log_decay
-        with _guard(q):
-            load(spec)[(n, b * hq)](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+    carried = dict(States=states if causal else final, RStates=rstates if causal else dinit)
+    if normalize:
+        carried.update(DDen=dden, Norms=norms if causal else final_norm, RNorms=rnorms if causal else dinit_norm)
+    dq, dk, dvh = _grads(q, k, v, do, carried, log_decay, causal, normalize, scale)
     dk = _group_sum(dk, hkv).to(k.dtype)
     dvk = _group_sum(dvh, hkv).to(v.dtype)
     if not causal:
@@ -158,6 +181,7 @@ def backward(dout, q, k, v, out, den, log_decay=None, causal=True, normalize=Tru
 
 
 def arch_spec(spec, capability: tuple[int, int]):
-    """The spec this launcher runs on a GPU of compute ``capability`` (``attnopt kernels build`` compiles it for
-    each target): the same tiles on every GPU."""
-    return spec
+    """The spec this launcher runs on a GPU of compute ``capability`` for the kernel ``spec`` names (the first
+    of :func:`attnopt.kernels.linear.spec.specs` there; ``attnopt kernels build`` compiles it per target)."""
+    return specs(spec.kind, spec.head_dim, spec.head_dim_v, spec.dtype, spec.causal, spec.normalize, spec.decay,
+                 spec.reverse, tuple(capability))[0]  # fmt: skip

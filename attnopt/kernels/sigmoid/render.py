@@ -74,17 +74,33 @@ class SigmoidSpec(PaddedValueDim, GeneratedSpec):
 
 
 def default_spec(direction: str, head_dim: int, head_dim_v: int, dtype: str, causal: int, mask: str,
-                 write_ds: bool = False) -> SigmoidSpec:  # fmt: skip
-    """The exact path's deterministic tiles: 16-bit 64x64 up to head dim 128 (64x32 above); fp32 64x32 up to
-    64 (32x32 above); 8 warps above head dim 128; 2 stages (1 for fp32 above 128)."""
+                 write_ds: bool = False, capability: tuple[int, int] | None = None) -> SigmoidSpec:  # fmt: skip
+    """The first of :func:`specs`: the tiles launched unless the compiler rejects them."""
+    return specs(direction, head_dim, head_dim_v, dtype, causal, mask, write_ds, capability)[0]
+
+
+def specs(direction: str, head_dim: int, head_dim_v: int, dtype: str, causal: int, mask: str,
+          write_ds: bool = False, capability: tuple[int, int] | None = None) -> list[SigmoidSpec]:  # fmt: skip
+    """The kernel's tile configurations, most preferred first (the launcher falls back down the list).
+
+    16-bit 64x64 up to head dim 128 (64x32 above); fp32 64x32 up to 64 (32x32 above); then halved tiles.
+    8 warps from head dim 128 up: with 4, the two fp32 accumulators of the backward plus the score-sized
+    tiles passed 255 registers per thread (ptxas spilled 150-460 B on sm_90a); and for the backward on
+    sm_80-sm_89 (``capability``, None off the GPU), where mma.sync holds its A operands in registers
+    (bwd_q spilled 12 B at head dim 64 with 4). 2 stages, 1 for fp32 above 128.
+    """
     widest = max(next_pow2(head_dim), next_pow2(head_dim_v))
     if dtype == "float32":
         block_m, block_n = (64, 32) if widest <= 64 else (32, 32)
     else:
         block_m, block_n = (64, 64) if widest <= 128 else (64, 32)
-    return SigmoidSpec(direction=direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
-                       mask=mask, write_ds=write_ds, block_m=block_m, block_n=block_n, num_warps=8 if widest > 128 else 4,
-                       num_stages=1 if dtype == "float32" and widest > 128 else 2)  # fmt: skip
+    ampere = capability is not None and tuple(capability) < (9, 0)
+    warps = 8 if widest >= 128 or (ampere and direction != "fwd") else 4
+    stages = 1 if dtype == "float32" and widest > 128 else 2
+    tiles = [(block_m, block_n, warps, stages), (block_m, max(block_n // 2, 16), 4, stages), (32, 16, 4, 1)]
+    return [SigmoidSpec(direction=direction, head_dim=head_dim, head_dim_v=head_dim_v, dtype=dtype, causal=causal,
+                        mask=mask, write_ds=write_ds, block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+            for bm, bn, w, st in dict.fromkeys(tiles)]  # fmt: skip
 
 
 def kernel_arg_names(spec: SigmoidSpec) -> tuple[str, ...]:
@@ -168,33 +184,49 @@ def _prologue(spec: SigmoidSpec) -> list[str]:
     return lines
 
 
-def _weights(spec: SigmoidSpec, indent: str, test: bool) -> list[str]:
-    """``p = σ(s)`` [BLOCK_M, BLOCK_N] for query rows ``rows`` and key columns ``cols``, 0 at masked keys.
+def _weights(spec: SigmoidSpec, indent: str, test: bool, transposed: bool = False) -> list[str]:
+    """``p = σ(s)`` [BLOCK_M, BLOCK_N] for query rows ``rows`` and key columns ``cols``, 0 at masked keys
+    (``transposed``: ``pᵀ`` [BLOCK_N, BLOCK_M] from ``sᵀ``, keys down the rows).
 
     ``test`` adds the per-element tests on the sequence ends and the causal diagonal.
     """
+    r, c = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    tile = (f"mask_base + row0 * stride_mask_m + col0 * stride_mask_n + offs_m{r} * stride_mask_m"
+            f" + offs_n{c} * stride_mask_n")  # fmt: skip
     lines = []
     if spec.mask == "additive":
         lines += [
-            f"{indent}bias_tile = tl.load(mask_base + rows[:, None] * stride_mask_m + cols[None, :] * stride_mask_n,",
-            f"{indent}                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)",
+            f"{indent}bias_tile = tl.load({tile},",
+            f"{indent}                    mask=row_ok{r} & col_ok{c}, other=0.0)",
             f"{indent}s += bias_tile.to(tl.float32)",
         ]
-    lines.append(f"{indent}p = tl.sigmoid(s)")
+    lines.append(f"{indent}p = tl.sigmoid(s)  # one exp2 and one reciprocal per score")
     keep = []
     if test:
-        keep.append("row_ok[:, None] & col_ok[None, :]")
+        keep.append(f"row_ok{r} & col_ok{c}")
         if spec.causal != CAUSAL_NONE:
-            keep.append("(cols[None, :] <= rows[:, None] + causal_offset)")
+            keep.append(f"(cols{c} <= rows{r} + causal_offset)")
     if spec.mask == "bool":
         lines += [
-            f"{indent}attend = tl.load(mask_base + rows[:, None] * stride_mask_m + cols[None, :] * stride_mask_n,",
-            f"{indent}                 mask=row_ok[:, None] & col_ok[None, :], other=0)",
+            f"{indent}attend = tl.load({tile},",
+            f"{indent}                 mask=row_ok{r} & col_ok{c}, other=0)",
         ]
         keep.append("(attend != 0)")
     if keep:
         lines.append(f"{indent}p = tl.where({' & '.join(keep)}, p, 0.0)")
     return lines
+
+
+def _tile_start(axis: str, index: str, ind: str) -> list[str]:
+    """The query (``axis`` "m") or key ("n") tile ``index``: its first row ``start_m``/``start_n``, the same as
+    int64 (``row0``/``col0``: ``row0 * stride`` may pass 2**31 on long or strided inputs, while the
+    ``offs_m * stride`` within a tile stays small) and ``rows``/``cols``."""
+    block, first, many = ("BLOCK_M", "row0", "rows") if axis == "m" else ("BLOCK_N", "col0", "cols")
+    return [
+        f"{ind}start_{axis} = {index} * {block}",
+        f"{ind}{first} = tl.cast(start_{axis}, tl.int64)",
+        f"{ind}{many} = start_{axis} + offs_{axis}  # [{block}]",
+    ]
 
 
 def _key_end(spec: SigmoidSpec) -> list[str]:
@@ -207,11 +239,11 @@ def _key_end(spec: SigmoidSpec) -> list[str]:
 def _fwd(spec: SigmoidSpec) -> list[str]:
     dt = TL_DTYPES[spec.dtype]
     lines = [
-        "    start_m = pid_m * BLOCK_M",
-        "    rows = start_m + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows",
+        "    offs_m = tl.arange(0, BLOCK_M)",
+        *_tile_start("m", "pid_m", "    "),
         "    row_ok = rows < seq_q",
         "    offs_n = tl.arange(0, BLOCK_N)",
-        "    q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        "    q = tl.load(q_base + row0 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
         "                mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
         "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)",
     ]
@@ -223,25 +255,29 @@ def _fwd(spec: SigmoidSpec) -> list[str]:
             "    # key tiles [0, full_end) are seen whole by every row of this query tile: no element test there",
             "    full_end = tl.minimum(seq_k // BLOCK_N * BLOCK_N, tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N * BLOCK_N)",
         ]
+    # Unit-step loops over tile indices: a strided range(a, b, BLOCK_N) kept a wgmma in flight across the
+    # loop exit and ptxas serialized every wgmma of the body (advisory C7515).
     for boundary in (False, True):
-        lines += ["", ("    for start_n in range(full_end, end, BLOCK_N):  # boundary key tiles" if boundary
-                       else "    for start_n in range(0, full_end, BLOCK_N):  # interior key tiles")]  # fmt: skip
+        header = ("    for tile in range(full_end // BLOCK_N, tl.cdiv(end, BLOCK_N)):  # boundary key tiles" if boundary
+                  else "    for tile in range(0, full_end // BLOCK_N):  # interior key tiles")  # fmt: skip
+        lines += ["", header]
         lines += [
-            "        cols = start_n + offs_n  # [BLOCK_N] key rows",
+            *_tile_start("n", "tile", "        "),
             "        col_ok = cols < seq_k",
-            "        k = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
+            "        k = tl.load(k_base + col0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,",
             "                    mask=col_ok[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N], Kᵀ",
             f"        s = {dot(spec, 'q', 'k')} * scale + bias  # [BLOCK_M, BLOCK_N]",
         ]
         lines += _weights(spec, "        ", test=boundary)
         lines += [
-            "        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+            "        v = tl.load(v_base + col0 * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
             "                    mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
             f"        acc += {dot(spec, f'p.to({dt})', 'v')}",
         ]
     lines += [
         "",
-        "    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om + offs_dv[None, :] * stride_od",
+        "    o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + row0 * stride_om + offs_m[:, None] * stride_om",
+        "              + offs_dv[None, :] * stride_od)",
         "    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])",
     ]
     return lines
@@ -250,9 +286,9 @@ def _fwd(spec: SigmoidSpec) -> list[str]:
 def _load_queries(ind: str) -> list[str]:
     """``q`` [BLOCK_M, BLOCK_D] and ``do`` [BLOCK_M, BLOCK_DV] of the query rows ``rows`` (``row_ok``)."""
     return [
-        f"{ind}q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
+        f"{ind}q = tl.load(q_base + row0 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,",
         f"{ind}            mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]",
-        f"{ind}do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows[:, None] * stride_dom",
+        f"{ind}do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + row0 * stride_dom + offs_m[:, None] * stride_dom",
         f"{ind}             + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)",
     ]
 
@@ -260,9 +296,9 @@ def _load_queries(ind: str) -> list[str]:
 def _load_keys(ind: str) -> list[str]:
     """``k`` [BLOCK_N, BLOCK_D] and ``v`` [BLOCK_N, BLOCK_DV] of the key rows ``cols`` (``col_ok``)."""
     return [
-        f"{ind}k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
+        f"{ind}k = tl.load(k_base + col0 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,",
         f"{ind}            mask=col_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]",
-        f"{ind}v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
+        f"{ind}v = tl.load(v_base + col0 * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,",
         f"{ind}            mask=col_ok[:, None] & dv_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_DV]",
     ]
 
@@ -284,26 +320,31 @@ def _bwd_kv(spec: SigmoidSpec) -> list[str]:
     else:
         lo = ["    lo = tl.maximum(start_n - causal_offset, 0) // BLOCK_M * BLOCK_M  # first query tile seeing a key here"]
     lines = [
-        "    start_n = pid_n * BLOCK_N",
-        "    cols = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key rows",
+        "    offs_n = tl.arange(0, BLOCK_N)",
+        *_tile_start("n", "pid_n", "    "),
         "    col_ok = cols < seq_k",
         "    offs_m = tl.arange(0, BLOCK_M)",
         *_load_keys("    "),
         "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
         *lo,
-        "    for start_m in range(lo, seq_q, BLOCK_M):",
-        "        rows = start_m + offs_m",
+        "    for tile in range(lo // BLOCK_M, tl.cdiv(seq_q, BLOCK_M)):  # unit step: see _fwd",
+        *_tile_start("m", "tile", "        "),
         "        row_ok = rows < seq_q",
         *_load_queries("        "),
-        *_score_grad(spec, "        "),
-        f"        dv += {dot(spec, f'tl.trans(p.to({dt}))', 'do')}",
-        f"        dk += {dot(spec, f'tl.trans(ds.to({dt}))', 'q')}",
+        # Transposed scores (keys down the rows), so pᵀ and dsᵀ feed the tensor cores as they are: a
+        # tl.trans of a register tile went through shared memory and serialized the wgmma (C7515).
+        f"        s = {dot(spec, 'k', 'tl.trans(q)')} * scale + bias  # [BLOCK_N, BLOCK_M] Sᵀ",
+        *_weights(spec, "        ", test=True, transposed=True),
+        f"        dp = {dot(spec, 'v', 'tl.trans(do)')}  # [BLOCK_N, BLOCK_M] dPᵀ",
+        "        ds = dp * p * (1.0 - p)  # [BLOCK_N, BLOCK_M] dSᵀ",
+        f"        dv += {dot(spec, f'p.to({dt})', 'do')}",
+        f"        dk += {dot(spec, f'ds.to({dt})', 'q')}",
         "    dk = dk * scale",
-        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,",
-        "             dk, mask=col_ok[:, None] & d_ok[None, :])",
-        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :] * stride_dvd,",
-        "             dv, mask=col_ok[:, None] & dv_ok[None, :])",
+        "    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + col0 * stride_dkn + offs_n[:, None] * stride_dkn",
+        "             + offs_d[None, :] * stride_dkd, dk, mask=col_ok[:, None] & d_ok[None, :])",
+        "    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + col0 * stride_dvn + offs_n[:, None] * stride_dvn",
+        "             + offs_dv[None, :] * stride_dvd, dv, mask=col_ok[:, None] & dv_ok[None, :])",
     ]
     return lines
 
@@ -311,8 +352,8 @@ def _bwd_kv(spec: SigmoidSpec) -> list[str]:
 def _bwd_q(spec: SigmoidSpec) -> list[str]:
     dt = TL_DTYPES[spec.dtype]
     lines = [
-        "    start_m = pid_m * BLOCK_M",
-        "    rows = start_m + tl.arange(0, BLOCK_M)",
+        "    offs_m = tl.arange(0, BLOCK_M)",
+        *_tile_start("m", "pid_m", "    "),
         "    row_ok = rows < seq_q",
         "    offs_n = tl.arange(0, BLOCK_N)",
         *_load_queries("    "),
@@ -322,8 +363,8 @@ def _bwd_q(spec: SigmoidSpec) -> list[str]:
         lines.append("    ds_row = DS + (pid_bh.to(tl.int64) * seq_q + rows) * seq_k  # [BLOCK_M] &dS[row, 0]")
     lines += _key_end(spec)
     lines += [
-        "    for start_n in range(0, end, BLOCK_N):",
-        "        cols = start_n + offs_n",
+        "    for tile in range(0, tl.cdiv(end, BLOCK_N)):  # unit step: see _fwd",
+        *_tile_start("n", "tile", "        "),
         "        col_ok = cols < seq_k",
         *_load_keys("        "),
         *_score_grad(spec, "        "),
@@ -333,7 +374,7 @@ def _bwd_q(spec: SigmoidSpec) -> list[str]:
     lines += [
         f"        dq += {dot(spec, f'ds.to({dt})', 'k')}",
         "    dq = dq * scale",
-        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,",
-        "             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])",
+        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm + offs_m[:, None] * stride_dqm",
+        "             + offs_d[None, :] * stride_dqd, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])",
     ]
     return lines

@@ -16,7 +16,8 @@ import math
 import torch
 
 from attnopt.codegen.spec import dtype_name, inputs_refusal
-from attnopt.kernels.sigmoid.render import MAX_HEAD_DIM, default_spec, load
+from attnopt.kernels.launch import device_capability, launch_first
+from attnopt.kernels.sigmoid.render import MAX_HEAD_DIM, load, specs
 
 
 def supported(q, k, v, attn_mask) -> str | None:
@@ -59,10 +60,16 @@ def _common(q, k, v, attn_mask, scale, bias) -> tuple[dict, str]:
     return args, kind
 
 
-def _launch(spec, grid, args, like):
-    guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
-    with guard:
-        load(spec)[grid](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+def _launch(candidates, grid, args, like):
+    """Launches the first of ``candidates`` the GPU takes (a rejected one falls back to the next, see
+    :func:`attnopt.kernels.launch.launch_first`); ``grid(spec)`` is its launch grid."""
+
+    def launch(spec) -> None:
+        guard = torch.cuda.device(like.device) if like.is_cuda else contextlib.nullcontext()
+        with guard:
+            load(spec)[grid(spec)](**args, num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+    launch_first(candidates, launch, str(like.device))
 
 
 def forward(q, k, v, attn_mask=None, causal=0, scale=None, bias=None) -> torch.Tensor:
@@ -75,8 +82,8 @@ def forward(q, k, v, attn_mask=None, causal=0, scale=None, bias=None) -> torch.T
     args, kind = _common(q, k, v, attn_mask, scale, bias)
     args["Out"] = out
     args.update({f"stride_o{c}": out.stride(i) for i, c in enumerate("bhmd")})
-    spec = default_spec("fwd", d, dv, dtype_name(q.dtype), causal, kind)
-    _launch(spec, (-(-sq // spec.block_m), b * hq), args, q)
+    candidates = specs("fwd", d, dv, dtype_name(q.dtype), causal, kind, capability=device_capability(q))
+    _launch(candidates, lambda spec: (-(-sq // spec.block_m), b * hq), args, q)
     return out
 
 
@@ -97,13 +104,14 @@ def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None, mas
         args.update({f"stride_do{c}": dout.stride(i) for i, c in enumerate("bhmd")})
         kv = dict(args, DK=dk, DV=dvh, **{f"stride_dk{c}": dk.stride(i) for i, c in enumerate("bhnd")},
                   **{f"stride_dv{c}": dvh.stride(i) for i, c in enumerate("bhnd")})  # fmt: skip
-        spec = default_spec("bwd_kv", d, dv, dtype_name(q.dtype), causal, kind)
-        _launch(spec, (-(-sk // spec.block_n), b * hq), kv, q)
+        cap = device_capability(q)
+        candidates = specs("bwd_kv", d, dv, dtype_name(q.dtype), causal, kind, capability=cap)
+        _launch(candidates, lambda spec: (-(-sk // spec.block_n), b * hq), kv, q)
         qargs = dict(args, DQ=dq, **{f"stride_dq{c}": dq.stride(i) for i, c in enumerate("bhmd")})
         if mask_grad:
             qargs["DS"] = ds
-        spec = default_spec("bwd_q", d, dv, dtype_name(q.dtype), causal, kind, write_ds=mask_grad)
-        _launch(spec, (-(-sq // spec.block_m), b * hq), qargs, q)
+        candidates = specs("bwd_q", d, dv, dtype_name(q.dtype), causal, kind, mask_grad, cap)
+        _launch(candidates, lambda spec: (-(-sq // spec.block_m), b * hq), qargs, q)
     dk = dk.reshape(b, hkv, hq // hkv, sk, d).sum(dim=2).to(k.dtype)
     dvk = dvh.reshape(b, hkv, hq // hkv, sk, dv).sum(dim=2).to(v.dtype)
     dmask = ds.sum_to_size(attn_mask.shape).to(attn_mask.dtype) if mask_grad else None  # over broadcast dims
@@ -111,6 +119,7 @@ def backward(dout, q, k, v, attn_mask=None, causal=0, scale=None, bias=None, mas
 
 
 def arch_spec(spec, capability: tuple[int, int]):
-    """The spec this launcher runs on a GPU of compute ``capability`` (``attnopt kernels build`` compiles it for
-    each target): the same tiles on every GPU."""
-    return spec
+    """The spec this launcher runs on a GPU of compute ``capability`` for the kernel ``spec`` names (the first
+    of :func:`attnopt.kernels.sigmoid.render.specs` there; ``attnopt kernels build`` compiles it per target)."""
+    return specs(spec.direction, spec.head_dim, spec.head_dim_v, spec.dtype, spec.causal, spec.mask, spec.write_ds,
+                 tuple(capability))[0]  # fmt: skip

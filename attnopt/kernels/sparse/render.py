@@ -148,10 +148,13 @@ def _scores(spec, dot: str, ind: str) -> list[str]:
     return [f"{ind}s = ({dot}) * (scale * LOG2E)"]
 
 
-def _keep(spec, full: bool, ind: str) -> list[str]:
-    """Lines computing ``keep`` [BLOCK_M, BLOCK_N] (or nothing when every element is kept) and applying it.
+def _keep(spec, full: bool, ind: str, transposed: bool = False) -> list[str]:
+    """Lines computing ``keep`` [BLOCK_M, BLOCK_N] (``transposed``: [BLOCK_N, BLOCK_M], with ``rows2`` [1, BLOCK_M]
+    and ``cols2`` [BLOCK_N, 1]) (or nothing when every element is kept) and applying it.
 
     The predicate's last line is the element test; lines before it compute the intermediates it names."""
+    r, c = ("[None, :]", "[:, None]") if transposed else ("[:, None]", "[None, :]")
+    extra = f"Extra + x_base + row0 * stride_xm + col0 * stride_xn + offs_mm{r} * stride_xm + offs_n{c} * stride_xn"
     terms, lines = [], []
     if not full:
         terms.append("cols2 < seq_k")
@@ -164,11 +167,10 @@ def _keep(spec, full: bool, ind: str) -> list[str]:
     if spec.padding:
         terms.append("tl.load(KvValid + off_b * stride_kv_b + cols2, mask=cols2 < seq_k, other=0) != 0")
     if spec.extra == "additive":
-        lines.append(f"{ind}s += tl.load(Extra + x_base + rows2 * stride_xm + cols2 * stride_xn, "
-                     "mask=(rows2 < seq_q) & (cols2 < seq_k), other=0.0).to(tl.float32) * LOG2E")  # fmt: skip
+        lines.append(f"{ind}s += tl.load({extra}, mask=(rows2 < seq_q) & (cols2 < seq_k), other=0.0)"
+                     ".to(tl.float32) * LOG2E")  # fmt: skip
     elif spec.extra == "bool":
-        terms.append("tl.load(Extra + x_base + rows2 * stride_xm + cols2 * stride_xn, "
-                     "mask=(rows2 < seq_q) & (cols2 < seq_k), other=0) != 0")  # fmt: skip
+        terms.append(f"tl.load({extra}, mask=(rows2 < seq_q) & (cols2 < seq_k), other=0) != 0")
     if terms:
         lines += [f"{ind}keep = {_and(*terms)}", f'{ind}s = tl.where(keep, s, float("-inf"))']
     return lines
@@ -182,7 +184,11 @@ def _prologue(spec) -> list[str]:
         "    off_b = (pid_bh // num_heads).to(tl.int64)",
         "    off_h = (pid_bh % num_heads).to(tl.int64)",
         "    off_hkv = off_h // group  # GQA: query head h reads key/value head h // group",
-        "    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] query rows",
+        "    offs_mm = tl.arange(0, BLOCK_M)",
+        "    # Tile starts enter addresses as int64 (row0 * stride may pass 2**31 on long or strided inputs);",
+        "    # offsets within a tile (offs_mm * stride) stay int32.",
+        "    row0 = tl.cast(pid_m * BLOCK_M, tl.int64)",
+        "    offs_m = pid_m * BLOCK_M + offs_mm  # [BLOCK_M] query rows",
         "    offs_n = tl.arange(0, BLOCK_N)",
         "    offs_d = tl.arange(0, BLOCK_D)",
         "    offs_dv = tl.arange(0, BLOCK_DV)",
@@ -199,7 +205,7 @@ def _prologue(spec) -> list[str]:
         lines.append("    x_base = off_b * stride_xb + off_h * stride_xh")
     q_mask = _and("row_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
     lines += [
-        "    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm"
+        "    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qm + offs_mm[:, None] * stride_qm"
         f" + offs_d[None, :] * stride_qd, mask={q_mask}, other=0.0)  # [BLOCK_M, BLOCK_D]",
     ]
     return lines
@@ -210,8 +216,8 @@ def _k_tile(spec, full: bool, ind: str) -> list[str]:
     kmask = _and("" if full else "cols[None, :] < seq_k", _d_mask(spec, "offs_d[:, None] < HEAD_DIM"))
     vmask = _and("" if full else "cols[:, None] < seq_k", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     return [
-        f"{ind}k = {_load('k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd', kmask)}",
-        f"{ind}v = {_load('v_base + cols[:, None] * stride_vn + offs_dv[None, :] * stride_vd', vmask)}",
+        f"{ind}k = {_load('k_base + col0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd', kmask)}",
+        f"{ind}v = {_load('v_base + col0 * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd', vmask)}",
     ]
 
 
@@ -239,7 +245,8 @@ def _fwd(spec) -> list[str]:
     ]
 
     def body(full, ind):
-        out = [f"{ind}cols = t * BLOCK_N + offs_n  # [BLOCK_N] key rows", f"{ind}cols2 = cols[None, :]"]
+        out = [f"{ind}cols = t * BLOCK_N + offs_n  # [BLOCK_N] key rows", f"{ind}cols2 = cols[None, :]",
+               f"{ind}col0 = tl.cast(t * BLOCK_N, tl.int64)"]
         out += _k_tile(spec, full, ind)
         out += _scores(spec, f"tl.dot(q, k{_ieee(spec)})", ind)
         out += _keep(spec, full, ind)
@@ -260,20 +267,29 @@ def _fwd(spec) -> list[str]:
         "    # Rows that saw no key have l_i == 0 and acc == 0: zeros and lse = -inf.",
         "    l_safe = tl.where(l_i == 0.0, 1.0, l_i)",
         '    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)',
-        "    tl.store(Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om"
+        "    tl.store(Out + off_b * stride_ob + off_h * stride_oh + row0 * stride_om + offs_mm[:, None] * stride_om"
         f" + offs_dv[None, :] * stride_od, {cast(spec, '(acc / l_safe[:, None])')}, mask={out_mask})",
         "    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)",
     ]
     return lines
 
 
-def _p_and_ds(spec, ind: str) -> list[str]:
-    """From ``s`` (tested), ``lse2`` [BLOCK_M], ``do``, ``v`` (Vᵀ loaded [BLOCK_DV, BLOCK_N] as ``vt``) and ``delta``: ``p``, ``ds``."""
-    lines = [
-        f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] probabilities",
-        f"{ind}dp = tl.dot(do, vt{_ieee(spec)})  # [BLOCK_M, BLOCK_N] dO Vᵀ",
-        f"{ind}ds = p * (dp - delta[:, None])",
-    ]
+def _p_and_ds(spec, ind: str, transposed: bool = False) -> list[str]:
+    """From ``s`` (tested), ``lse2`` [BLOCK_M], ``do``, ``v`` (Vᵀ loaded [BLOCK_DV, BLOCK_N] as ``vt``) and
+    ``delta``: ``p``, ``ds``. ``transposed``: ``s`` is Sᵀ [BLOCK_N, BLOCK_M] and ``v`` is loaded
+    [BLOCK_N, BLOCK_DV]; ``p``, ``ds`` come out transposed."""
+    if transposed:
+        lines = [
+            f"{ind}p = tl.exp2(s - lse2[None, :])  # [BLOCK_N, BLOCK_M] Pᵀ",
+            f"{ind}dp = tl.dot(v, tl.trans(do){_ieee(spec)})  # [BLOCK_N, BLOCK_M] V dOᵀ",
+            f"{ind}ds = p * (dp - delta[None, :])  # dSᵀ",
+        ]
+    else:
+        lines = [
+            f"{ind}p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N] probabilities",
+            f"{ind}dp = tl.dot(do, vt{_ieee(spec)})  # [BLOCK_M, BLOCK_N] dO Vᵀ",
+            f"{ind}ds = p * (dp - delta[:, None])",
+        ]
     if spec.softcap:
         lines.append(f"{ind}ds = ds * (1.0 - th * th)")
     return lines
@@ -291,19 +307,20 @@ def _dq(spec) -> list[str]:
     do_mask = _and("row_ok[:, None]", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     lines = _prologue(spec) + [
         "    pid_bh_q = pid_bh.to(tl.int64)",
-        "    do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om"
+        "    do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + row0 * stride_om + offs_mm[:, None] * stride_om"
         f" + offs_dv[None, :] * stride_od, mask={do_mask}, other=0.0)  # [BLOCK_M, BLOCK_DV]",
     ]
     lines += _row_stats("    ", "offs_m")
     lines += ["    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)"]
 
     def body(full, ind):
-        out = [f"{ind}cols = t * BLOCK_N + offs_n", f"{ind}cols2 = cols[None, :]"]
+        out = [f"{ind}cols = t * BLOCK_N + offs_n", f"{ind}cols2 = cols[None, :]",
+               f"{ind}col0 = tl.cast(t * BLOCK_N, tl.int64)"]
         kmask = _and("" if full else "cols[None, :] < seq_k", _d_mask(spec, "offs_d[:, None] < HEAD_DIM"))
         vmask = _and("" if full else "cols[None, :] < seq_k", _d_mask(spec, "offs_dv[:, None] < HEAD_DIM_V", v=True))
         out += [
-            f"{ind}k = {_load('k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd', kmask)}  # Kᵀ",
-            f"{ind}vt = {_load('v_base + cols[None, :] * stride_vn + offs_dv[:, None] * stride_vd', vmask)}  # Vᵀ",
+            f"{ind}k = {_load('k_base + col0 * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd', kmask)}  # Kᵀ",
+            f"{ind}vt = {_load('v_base + col0 * stride_vn + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd', vmask)}  # Vᵀ",
         ]
         out += _scores(spec, f"tl.dot(q, k{_ieee(spec)})", ind)
         out += _keep(spec, full, ind)
@@ -314,7 +331,7 @@ def _dq(spec) -> list[str]:
     lines += _runs_loop(spec, body)
     dq_mask = _and("row_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
     lines += [
-        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm"
+        "    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqm + offs_mm[:, None] * stride_dqm"
         f" + offs_d[None, :] * stride_dqd, {cast(spec, '(dq * scale)')}, mask={dq_mask})",
     ]
     return lines
@@ -327,21 +344,25 @@ def _dkdv(spec) -> list[str]:
         "    num_kv_heads = num_heads // group",
         "    off_b = (pid_bh // num_kv_heads).to(tl.int64)",
         "    off_hkv = (pid_bh % num_kv_heads).to(tl.int64)",
-        "    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] this program's keys",
-        "    cols2 = cols[None, :]",
+        "    offs_n = tl.arange(0, BLOCK_N)",
+        "    col0 = tl.cast(pid_n * BLOCK_N, tl.int64)  # int64 tile start: see _prologue",
+        "    cols = pid_n * BLOCK_N + offs_n  # [BLOCK_N] this program's keys",
+        "    # Tiles run transposed (keys down the rows, [BLOCK_N, BLOCK_M]): Pᵀ and dSᵀ then feed the tensor cores",
+        "    # as they are, where a tl.trans of a register tile went through shared memory and spilled.",
+        "    cols2 = cols[:, None]  # [BLOCK_N, 1]",
         "    col_ok = cols < seq_k",
         "    offs_mm = tl.arange(0, BLOCK_M)",
         "    offs_d = tl.arange(0, BLOCK_D)",
         "    offs_dv = tl.arange(0, BLOCK_DV)",
-        "    tile_off = offs_mm[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]",
+        "    tile_off = offs_mm[None, :] * BLOCK_N + offs_n[:, None]  # [BLOCK_N, BLOCK_M] within a stored tile",
     ]
-    kmask = _and("col_ok[None, :]", _d_mask(spec, "offs_d[:, None] < HEAD_DIM"))
-    vmask = _and("col_ok[None, :]", _d_mask(spec, "offs_dv[:, None] < HEAD_DIM_V", v=True))
+    kmask = _and("col_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
+    vmask = _and("col_ok[:, None]", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     lines += [
-        f"    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + cols[None, :] * stride_kn"
-        f" + offs_d[:, None] * stride_kd, mask={kmask}, other=0.0)  # [BLOCK_D, BLOCK_N] Kᵀ",
-        f"    vt = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + cols[None, :] * stride_vn"
-        f" + offs_dv[:, None] * stride_vd, mask={vmask}, other=0.0)  # [BLOCK_DV, BLOCK_N] Vᵀ",
+        f"    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + col0 * stride_kn + offs_n[:, None] * stride_kn"
+        f" + offs_d[None, :] * stride_kd, mask={kmask}, other=0.0)  # [BLOCK_N, BLOCK_D]",
+        f"    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + col0 * stride_vn + offs_n[:, None] * stride_vn"
+        f" + offs_dv[None, :] * stride_vd, mask={vmask}, other=0.0)  # [BLOCK_N, BLOCK_DV]",
         "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)",
         "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)",
         "    for g in range(0, group):  # the query heads of this key/value head",
@@ -367,9 +388,9 @@ def _dkdv(spec) -> list[str]:
     dk_mask = _and("col_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
     dv_mask = _and("col_ok[:, None]", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     lines += [
-        "    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + cols[:, None] * stride_dkn"
+        "    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + col0 * stride_dkn + offs_n[:, None] * stride_dkn"
         f" + offs_d[None, :] * stride_dkd, {cast(spec, '(dk * scale)')}, mask={dk_mask})",
-        "    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + cols[:, None] * stride_dvn"
+        "    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + col0 * stride_dvn + offs_n[:, None] * stride_dvn"
         f" + offs_dv[None, :] * stride_dvd, {cast(spec, 'dv')}, mask={dv_mask})",
     ]
     return lines
@@ -379,21 +400,22 @@ def _dkdv_body(spec, full: bool, ind: str) -> list[str]:
     q_mask = _and("row_ok[:, None]", _d_mask(spec, "offs_d[None, :] < HEAD_DIM"))
     do_mask = _and("row_ok[:, None]", _d_mask(spec, "offs_dv[None, :] < HEAD_DIM_V", v=True))
     lines = [
+        f"{ind}row0 = tl.cast(qt * BLOCK_M, tl.int64)",
         f"{ind}offs_m = qt * BLOCK_M + offs_mm  # [BLOCK_M] query rows",
-        f"{ind}rows2 = offs_m[:, None]",
+        f"{ind}rows2 = offs_m[None, :]  # [1, BLOCK_M]",
         f"{ind}row_ok = offs_m < seq_q",
-        f"{ind}q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm"
+        f"{ind}q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + row0 * stride_qm + offs_mm[:, None] * stride_qm"
         f" + offs_d[None, :] * stride_qd, mask={q_mask}, other=0.0)",
-        f"{ind}do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om"
+        f"{ind}do = tl.load(DO + off_b * stride_ob + off_h * stride_oh + row0 * stride_om + offs_mm[:, None] * stride_om"
         f" + offs_dv[None, :] * stride_od, mask={do_mask}, other=0.0)",
     ]
     lines += _row_stats(ind, "offs_m")
-    lines += _scores(spec, f"tl.dot(q, k{_ieee(spec)})", ind)
-    lines += _keep(spec, full, ind)
-    lines += _p_and_ds(spec, ind)
+    lines += _scores(spec, f"tl.dot(k, tl.trans(q){_ieee(spec)})", ind)  # Sᵀ [BLOCK_N, BLOCK_M]
+    lines += _keep(spec, full, ind, transposed=True)
+    lines += _p_and_ds(spec, ind, transposed=True)
     lines += [
-        f"{ind}dv += tl.dot(tl.trans({cast(spec, 'p')}), {cast(spec, 'do')}{_ieee(spec)})",
-        f"{ind}dk += tl.dot(tl.trans({cast(spec, 'ds')}), {cast(spec, 'q')}{_ieee(spec)})",
+        f"{ind}dv += tl.dot({cast(spec, 'p')}, {cast(spec, 'do')}{_ieee(spec)})",
+        f"{ind}dk += tl.dot({cast(spec, 'ds')}, {cast(spec, 'q')}{_ieee(spec)})",
     ]
     return lines
 

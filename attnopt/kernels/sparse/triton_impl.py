@@ -11,6 +11,7 @@ the first kernel loads; under ``TRITON_INTERPRET=1`` the kernels run on CPU tens
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import weakref
@@ -18,7 +19,9 @@ import weakref
 import torch
 
 from attnopt.codegen.spec import MAX_BATCH_HEADS
+from attnopt.kernels.launch import device_capability, launch_first
 from attnopt.kernels.sparse.render import SparseKernelSpec, arg_names, load_kernel
+from attnopt.kernels.sparse.tiles import configs
 from attnopt.masks import And, BlockSparse, Mask, Or
 from attnopt.masks.expr import Expr, TritonOps
 
@@ -31,14 +34,6 @@ def supports(q: torch.Tensor, attn_mask: torch.Tensor | None = None) -> bool:
     on_device = q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     extra_ok = attn_mask is None or (attn_mask.dim() == 4 and (attn_mask.dtype == torch.bool or attn_mask.is_floating_point()))
     return on_device and q.dtype in _DTYPES and q.shape[-1] <= 256 and extra_ok
-
-
-def default_blocks(q: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
-    """Tile shape: as the exact kernels (fp32 64x32 up to head dim 64, else 32x32; 16-bit 64x64 up to 128, else 64x32)."""
-    widest = max(q.shape[-1], v.shape[-1])
-    if q.dtype == torch.float32:
-        return (64, 32) if widest <= 64 else (32, 32)
-    return (64, 64) if widest <= 128 else (64, 32)
 
 
 def _layouts(mask: Mask) -> list[BlockSparse]:
@@ -62,19 +57,18 @@ def predicate_source(mask: Mask) -> tuple[str, list[BlockSparse]]:
     return "\n".join([f"{name} = {src}" for name, src in ops.bindings] + [expr.src]), leaves
 
 
-def _spec(direction, q, v, mask, bmap, kv_valid, attn_mask, softcap) -> tuple[SparseKernelSpec, list[BlockSparse]]:
+def _spec(direction, q, v, mask, bmap, kv_valid, attn_mask, softcap, warps, stages):
     if mask.traceable:
         source, leaves = predicate_source(mask)
     else:
         source, leaves = "", []
     extra = "none" if attn_mask is None else ("bool" if attn_mask.dtype == torch.bool else "additive")
-    widest = max(q.shape[-1], v.shape[-1])
     spec = SparseKernelSpec(
         direction=direction, head_dim=q.shape[-1], head_dim_v=v.shape[-1], dtype=_DTYPES[q.dtype],
         block_m=bmap.block_m, block_n=bmap.block_n, predicate=source, mask=str(mask),
         layouts=tuple(int(leaf.layout.shape[0]) for leaf in leaves), bits=bmap.tile_bits is not None,
         head_maps=bmap.heads > 1, padding=kv_valid is not None, extra=extra, softcap=softcap > 0.0,
-        num_warps=8 if widest > 128 else 4, num_stages=1 if q.dtype == torch.float32 and widest > 128 else 2,
+        num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return spec, leaves
 
@@ -117,6 +111,21 @@ def _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, runs, scale, softca
     return args
 
 
+def _candidates(direction, q, k, v, mask, kv_valid, attn_mask, softcap, blocks) -> dict:
+    """``{spec: (block map, layouts)}`` for the direction's tile configurations (:mod:`.tiles`, most preferred
+    first; ``blocks`` (block_m, block_n) given: those tiles only), each with its own block map."""
+    sq, sk, hq = q.shape[2], k.shape[2], q.shape[1]
+    tiles = configs(direction, _DTYPES[q.dtype], q.shape[-1], v.shape[-1], device_capability(q))
+    if blocks[0]:
+        tiles = [(*blocks, *tiles[0][2:])]
+    out = {}
+    for bm, bn, warps, stages in tiles:
+        bmap = mask.block_map(sq, sk, bm, bn, hq)
+        spec, leaves = _spec(direction, q, v, mask, bmap, kv_valid, attn_mask, softcap, warps, stages)
+        out.setdefault(spec, (bmap, leaves))
+    return out
+
+
 def _launch(spec, grid, args, device):
     kernel = load_kernel(spec)
     names = arg_names(spec)
@@ -152,13 +161,16 @@ def forward(q, k, v, mask: Mask, kv_valid=None, attn_mask=None, scale=None, soft
     lse = torch.empty(b, hq, sq, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    bm, bn = (block_m, block_n) if block_m else default_blocks(q, v)
-    bmap = mask.block_map(sq, sk, bm, bn, hq)
-    spec, leaves = _spec("fwd", q, v, mask, bmap, kv_valid, attn_mask, softcap)
-    args = _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, _device_map(bmap, q.device), scale, softcap)
-    args.update(Out=out, Lse=lse, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-                stride_od=out.stride(3))  # fmt: skip
-    _launch(spec, (-(-sq // bm), b * hq), args, q.device)
+    candidates = _candidates("fwd", q, k, v, mask, kv_valid, attn_mask, softcap, (block_m, block_n))
+
+    def launch(spec) -> None:
+        bmap, leaves = candidates[spec]
+        args = _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, _device_map(bmap, q.device), scale, softcap)
+        args.update(Out=out, Lse=lse, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
+                    stride_od=out.stride(3))  # fmt: skip
+        _launch(spec, (-(-sq // spec.block_m), b * hq), args, q.device)
+
+    launch_first(list(candidates), launch, str(q.device))
     return out, lse
 
 
@@ -172,28 +184,39 @@ def backward(dout, q, k, v, out, lse, mask: Mask, kv_valid=None, attn_mask=None,
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if q.numel() == 0 or sk == 0:
         return dq, dk, dv
-    bm, bn = (block_m, block_n) if block_m else default_blocks(q, v)
-    bmap = mask.block_map(sq, sk, bm, bn, hq)
     lse = lse.float().contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # [B, Hq, Sq] rowsum(dO ⊙ O)
     grads = dict(DO=dout, Lse=lse, Delta=delta, stride_ob=dout.stride(0), stride_oh=dout.stride(1),
                  stride_om=dout.stride(2), stride_od=dout.stride(3))  # fmt: skip
-    spec, leaves = _spec("dq", q, v, mask, bmap, kv_valid, attn_mask, softcap)
-    args = _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, _device_map(bmap, q.device), scale, softcap)
-    args.update(grads, DQ=dq, stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2),
-                stride_dqd=dq.stride(3))  # fmt: skip
-    _launch(spec, (-(-sq // bm), b * hq), args, q.device)
-    spec, leaves = _spec("dkdv", q, v, mask, bmap, kv_valid, attn_mask, softcap)
-    args = _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, _device_map(bmap, q.device, transposed=True),
-                        scale, softcap)  # fmt: skip
-    args.update(grads, DK=dk, DV=dv,
-                stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
-                stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3))  # fmt: skip
-    _launch(spec, (-(-sk // bn), b * hkv), args, q.device)
+    blocks = (block_m, block_n)
+    candidates = _candidates("dq", q, k, v, mask, kv_valid, attn_mask, softcap, blocks)
+
+    def launch_dq(spec) -> None:
+        bmap, leaves = candidates[spec]
+        args = _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, _device_map(bmap, q.device), scale, softcap)
+        args.update(grads, DQ=dq, stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2),
+                    stride_dqd=dq.stride(3))  # fmt: skip
+        _launch(spec, (-(-sq // spec.block_m), b * hq), args, q.device)
+
+    launch_first(list(candidates), launch_dq, str(q.device))
+    kv_candidates = _candidates("dkdv", q, k, v, mask, kv_valid, attn_mask, softcap, blocks)
+
+    def launch_dkdv(spec) -> None:
+        bmap, leaves = kv_candidates[spec]
+        runs = _device_map(bmap, q.device, transposed=True)  # the dK/dV order: query tiles per key tile
+        args = _common_args(spec, leaves, q, k, v, kv_valid, attn_mask, runs, scale, softcap)
+        args.update(grads, DK=dk, DV=dv,
+                    stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
+                    stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3))  # fmt: skip
+        _launch(spec, (-(-sk // spec.block_n), b * hkv), args, q.device)
+
+    launch_first(list(kv_candidates), launch_dkdv, str(q.device))
     return dq, dk, dv
 
 
-def arch_spec(spec, capability: tuple[int, int]):
-    """The spec this launcher runs on a GPU of compute ``capability`` (``attnopt kernels build`` compiles it for
-    each target): the same tiles on every GPU."""
-    return spec
+def arch_spec(spec: SparseKernelSpec, capability: tuple[int, int]) -> SparseKernelSpec:
+    """The spec this launcher runs on a GPU of compute ``capability`` for the kernel ``spec`` names: its tiles
+    from :func:`attnopt.kernels.sparse.tiles.configs` (``attnopt kernels build`` compiles it per target; the
+    spec's block-map flags, ``bits`` and ``head_maps``, do not depend on the tiles)."""
+    bm, bn, warps, stages = configs(spec.direction, spec.dtype, spec.head_dim, spec.head_dim_v, tuple(capability))[0]
+    return dataclasses.replace(spec, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
