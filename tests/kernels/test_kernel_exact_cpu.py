@@ -19,9 +19,9 @@ SHAPES = [  # (B, Hq, Hkv, Sq, Sk)
 
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
-    """Blocks of 4 keys, so that every test shape spans several blocks (and causal skips some)."""
-    monkeypatch.setattr(cpu_blockwise, "SCORE_BUDGET", 1)
-    monkeypatch.setattr(cpu_blockwise, "MIN_BLOCK", 4)
+    """Tiles of 4 x 4, so that every test shape spans several tiles (and causal skips some)."""
+    monkeypatch.setattr(cpu_blockwise, "TILE_BUDGET", 1)
+    monkeypatch.setattr(cpu_blockwise, "MIN_TILE", 4)
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
 
 
@@ -51,6 +51,8 @@ def inputs(shape, d=8, dv=8, dtype=torch.float64, seed=0):
 def check_against_reference(got_fwd, got_bwd, q, k, v, mask, causal, softcap=0.0, dropout_p=0.0, seed=None,
                             mask_grad=False, dout=None, tol=1e-10):
     out, lse = got_fwd
+    if dropout_p and tol < 1e-6:
+        tol = 1e-6  # the reference's backward scales its dropout keep-mask in fp32 (bool / float)
     ref_out, ref_lse = R.attention_forward(q, k, v, mask, dropout_p, causal, 0.3, seed, softcap)
     assert torch.equal(lse == float("-inf"), ref_lse == float("-inf"))
     torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
@@ -198,10 +200,39 @@ def test_gradcheck_blockwise_softcap_gqa():
     assert torch.autograd.gradcheck(f, (q, k, v, mask))
 
 
-def test_blocks_skip_what_causal_hides():
-    """Top-left causal with Sq < Sk never computes the keys beyond the last query."""
+def test_tiles_skip_what_causal_hides():
+    """Top-left causal with Sq < Sk never computes the keys beyond the last query; bottom-right skips the
+    keys beyond each query tile's last row."""
     q, k, v, _ = inputs((1, 1, 1, 8, 64))
     pb = cpu_blockwise.prepare(q, k, v, None, TL, 0.3, 0.0, 0.0, None)
-    assert [n0 for n0, _, _ in pb.blocks()] == [0, 4]
+    assert [list(pb.key_tiles(r0, r1)) for r0, r1 in pb.query_tiles()] == [[(0, 4)], [(0, 4), (4, 8)]]
     pb = cpu_blockwise.prepare(q, k, v, None, BR, 0.3, 0.0, 0.0, None)
-    assert [r0 for _, _, r0 in pb.blocks()][:14] == [0] * 14 and list(pb.blocks())[-1] == (60, 64, 4)
+    assert [len(list(pb.key_tiles(r0, r1))) for r0, r1 in pb.query_tiles()] == [15, 16]
+
+
+def test_tiles_skip_what_the_mask_hides_for_every_batch_and_head():
+    q, k, v, _ = inputs((2, 2, 1, 8, 16))
+    band = (torch.arange(16)[None, :] - torch.arange(8)[:, None]).abs() <= 2  # [Sq, Sk] a band of width 5
+    for mask in (band, torch.zeros(8, 16).masked_fill(~band, torch.finfo(torch.float32).min)):
+        pb = cpu_blockwise.prepare(q, k, v, mask, NONE, 0.3, 0.0, 0.0, None)
+        assert [list(pb.key_tiles(r0, r1)) for r0, r1 in pb.query_tiles()] == [[(0, 4), (4, 8)], [(0, 4), (4, 8), (8, 12)]]
+    padding = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    padding[0, ..., 6:] = False
+    pb = cpu_blockwise.prepare(q, k, v, padding, NONE, 0.3, 0.0, 0.0, None)
+    assert len(list(pb.key_tiles(0, 4))) == 4  # batch 1 sees every key
+    padding[1, ..., 6:] = False
+    pb = cpu_blockwise.prepare(q, k, v, padding, NONE, 0.3, 0.0, 0.0, None)
+    assert list(pb.key_tiles(0, 4)) == [(0, 4), (4, 8)]
+
+
+def test_a_row_of_finite_fills_keeps_every_tile():
+    """A row that sees only finfo.min fills averages V over them: no tile of it may be skipped."""
+    q, k, v, _ = inputs((1, 1, 1, 8, 16))
+    mask = torch.zeros(8, 16)
+    mask[:, 4:] = torch.finfo(torch.float32).min
+    assert list(cpu_blockwise.prepare(q, k, v, mask, NONE, 0.3, 0.0, 0.0, None).key_tiles(0, 4)) == [(0, 4)]
+    mask[3, :4] = torch.finfo(torch.float32).min
+    pb = cpu_blockwise.prepare(q, k, v, mask, NONE, 0.3, 0.0, 0.0, None)
+    assert len(list(pb.key_tiles(0, 4))) == 4
+    fwd = cpu_blockwise.forward(q, k, v, mask, NONE, 0.3)
+    torch.testing.assert_close(fwd[0][0, 0, 3], v[0, 0].mean(dim=0))

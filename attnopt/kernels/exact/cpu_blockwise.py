@@ -1,116 +1,161 @@
-r"""Exact attention on CPU in plain PyTorch ops, one block of keys at a time (FlashAttention-2's algorithm).
+r"""Exact attention on CPU in plain PyTorch ops, tile by tile (FlashAttention-2's algorithm).
 
-The forward walks the keys in blocks of :func:`block_size` columns, keeps each query row's running max ``m``
-and sum ``l`` and rescales the output accumulator (the online softmax); it returns ``out`` and
-``lse = m + log l``. The backward recomputes each block's probabilities from ``lse`` (``P = exp(S - lse)``)
-and accumulates ``dQ``, ``dK``, ``dV`` (and the additive mask's gradient). Every tensor op is vectorized
-over batch and heads; the largest temporary is one block of scores ``[B, Hq, Sq, block]``, never
-``[Sq, Sk]``. It computes every feature of the exact op (see :mod:`attnopt.kernels.exact.reference` for the
-semantics): masks (bool or additive, any broadcast shape), the causal alignments (key blocks and query rows
-a causal mask hides entirely are skipped), softcap, GQA without repeating k and v (queries are viewed as
-``[B, Hkv, group, Sq, D]``), dropout and fully masked rows (zeros, ``lse = -inf``).
+The queries are cut in tiles of rows and the keys in tiles of columns (:func:`tile_size`: one tile of scores
+``[B, Hq, rows, cols]`` fits in cache). For each query tile the forward walks the key tiles, keeps each row's
+running max ``m`` and sum ``l`` and rescales the output accumulator (the online softmax); it returns ``out``
+and ``lse = m + log l``. The backward recomputes each tile's probabilities from ``lse``
+(``P = exp(S - lse)``) and accumulates ``dQ``, ``dK``, ``dV`` (and the additive mask's gradient). Every tensor
+op is vectorized over batch and heads; the largest temporaries are tiles, never ``[Sq, Sk]``.
+
+It computes every feature of the exact op (see :mod:`attnopt.kernels.exact.reference` for the semantics):
+masks (bool or additive, any broadcast shape), both causal alignments, softcap, GQA without repeating k and v
+(the queries are laid out ``[B, Hkv, Sq·G, D]``, row ``i`` of group member ``g`` at ``i·G + g``, so a query
+tile of every head of a group is one matmul against one key tile), dropout and fully masked rows (zeros,
+``lse = -inf``).
+
+Tiles that no query sees are skipped: beyond the causal diagonal, and where the mask hides every entry for
+every batch and head (:func:`_live_tiles`; a fill ``<= HIDDEN_BELOW`` such as ``finfo.min`` counts as hidden
+in rows that see a key with an ordinary score, whose softmax gives such fills a weight of exactly 0).
 
 Dropout draws the reference's keep-mask (``torch.rand`` of ``[B, Hq, Sq, Sk]`` from a generator seeded by
-``seed``), so that the CPU op stays a pure function of its seed: only with ``dropout_p > 0`` is an
-``[Sq, Sk]``-sized tensor (the bool keep-mask) allocated.
+``seed``), so the CPU op stays a pure function of its seed: only with ``dropout_p > 0`` is an ``[Sq, Sk]``
+tensor (the bool keep-mask) allocated.
 
-A row whose every key is hidden by a huge finite fill (``finfo.min``) averages V, and fp32 cannot hold its
-``lse = m + log l``; the backward renormalizes such rows (``lse < HIDDEN_BELOW``) by their recomputed sum, as
-the reference's softmax does.
+A row whose every key is hidden by a huge finite fill averages V, and fp32 cannot hold its ``lse = m + log l``;
+the backward renormalizes such rows (``lse < HIDDEN_BELOW``) by their recomputed sum, as the reference does.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype
 
-SCORE_BUDGET = 1 << 21  # elements of one block of scores [B, Hq, Sq, block]: 8 MiB in fp32
-MIN_BLOCK, MAX_BLOCK = 32, 512
+TILE_BUDGET = 1 << 18  # elements of one tile of scores [B, Hq, rows, cols]: 1 MiB in fp32, cache-sized
+MIN_TILE, MAX_TILE = 16, 1024
 
 
-def block_size(rows: int, sk: int) -> int:
-    """Keys per block: a power of two whose block of scores (``rows`` = B·Hq·Sq rows) fits ``SCORE_BUDGET``."""
-    want = SCORE_BUDGET // max(rows, 1)
-    size = 1 << max(int(math.log2(max(want, 1))), 0)
-    return max(MIN_BLOCK, min(MAX_BLOCK, size, 1 << max(sk - 1, 0).bit_length()))
+def tile_size(batch_heads: int, sq: int, sk: int) -> tuple[int, int]:
+    """``(rows, cols)``: powers of two with ``batch_heads · rows · cols <= TILE_BUDGET`` (within the bounds)."""
+    side = 1 << max(int(math.log2(max(TILE_BUDGET // max(batch_heads, 1), 1))) // 2, 0)
+    side = max(MIN_TILE, min(MAX_TILE, side))
+    return min(side, _pow2_ceil(sq)), min(side, _pow2_ceil(sk))
+
+
+def _pow2_ceil(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 @dataclass
 class _Problem:
-    """One call's operands in the blockwise layout: q as [B, Hkv, G, Sq, D] in the accumulation dtype."""
+    """One call's operands in the tiled layout, in the accumulation dtype."""
 
-    q: Tensor  # [B, Hkv, G, Sq, D]
+    q: Tensor  # [B, Hkv, Sq·G, D], scaled: scores are q @ kᵀ
     k: Tensor  # [B, Hkv, Sk, D]
     v: Tensor  # [B, Hkv, Sk, Dv]
-    scale: float
+    group: int
     softcap: float
     offset: Optional[int]  # key j is visible to query i iff j <= i + offset; None without a causal mask
-    additive: Optional[Tensor]  # the additive mask as [Mb, Mh, 1|G, Mq, Mk] (acc dtype), or None
-    hidden: Optional[Tensor]  # ~bool mask as [Mb, Mh, 1|G, Mq, Mk], or None
-    drop: Optional[Tensor]  # dropout scale (keep / (1 - p)) per element as [B, Hkv, G, Sq, Sk] bool, or None
+    additive: Optional[Tensor]  # the additive mask as [Mb, 1|Hkv, Mq, 1|G, Mk], or None
+    hidden: Optional[Tensor]  # ~bool mask as [Mb, 1|Hkv, Mq, 1|G, Mk], or None
+    drop: Optional[Tensor]  # dropout keep-mask as [B, Hkv, Sq, G, Sk], or None
     dropout_p: float
+    rows: int  # query rows per tile
+    cols: int  # keys per tile
+    live: Optional[Tensor]  # [tiles of Sq or 1, tiles of Sk or 1] bool: some entry visible, or None
 
     @property
     def sq(self) -> int:
-        return self.q.shape[3]
+        return self.q.shape[2] // self.group
 
     @property
     def sk(self) -> int:
         return self.k.shape[2]
 
-    def first_row(self, n0: int) -> int:
-        """The first query row that sees key ``n0`` (every later row sees it too)."""
-        return 0 if self.offset is None else min(max(0, n0 - self.offset), self.sq)
+    def key_tiles(self, r0: int, r1: int) -> Iterator[tuple[int, int]]:
+        """The key tiles ``[c0, c1)`` that some row of ``[r0, r1)`` may see."""
+        end = self.sk if self.offset is None else min(self.sk, r1 + self.offset)
+        for c0 in range(0, max(end, 0), self.cols):
+            if self.live is None or self.live[min(r0 // self.rows, self.live.shape[0] - 1),
+                                              min(c0 // self.cols, self.live.shape[1] - 1)]:
+                yield c0, min(c0 + self.cols, self.sk)
 
-    def blocks(self):
-        """``(n0, n1, r0)`` for each key block ``[n0, n1)`` some row ``>= r0`` sees."""
-        step = block_size(self.q.shape[0] * self.q.shape[1] * self.q.shape[2] * self.sq, self.sk)
-        for n0 in range(0, self.sk, step):
-            r0 = self.first_row(n0)
-            if r0 >= self.sq:
-                return
-            yield n0, min(n0 + step, self.sk), r0
-
-
-def _mask5(mask: Tensor, hkv: int, group: int) -> Tensor:
-    """A mask broadcasting to [B, Hq, Sq, Sk] as a 5-D view [Mb, Mh, 1|G, Mq, Mk] broadcasting to the query layout."""
-    m4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if m4.shape[1] == 1:
-        return m4.unsqueeze(2)
-    return m4.reshape(m4.shape[0], hkv, group, m4.shape[2], m4.shape[3])
+    def query_tiles(self) -> Iterator[tuple[int, int]]:
+        for r0 in range(0, self.sq, self.rows):
+            yield r0, min(r0 + self.rows, self.sq)
 
 
-def _rows_cols(t: Optional[Tensor], r0: int, n0: int, n1: int) -> Optional[Tensor]:
-    """Rows ``r0:`` and keys ``n0:n1`` of a broadcastable 5-D tensor (dims of size 1 stay)."""
+def _mask5(mask4: Tensor, hkv: int, group: int) -> Tensor:
+    """A [Mb, Mh, Mq, Mk] mask as a view [Mb, 1|Hkv, Mq, 1|G, Mk] broadcasting to the query layout."""
+    if mask4.shape[1] == 1:
+        return mask4.unsqueeze(3)
+    return mask4.reshape(mask4.shape[0], hkv, group, mask4.shape[2], mask4.shape[3]).permute(0, 1, 3, 2, 4)
+
+
+def _tile(t: Optional[Tensor], r0: int, r1: int, c0: int, c1: int) -> Optional[Tensor]:
+    """Rows ``[r0, r1)`` and keys ``[c0, c1)`` of a broadcastable [*, *, rows, *, keys] tensor."""
     if t is None:
         return None
-    rows = slice(r0, None) if t.shape[3] > 1 else slice(None)
-    cols = slice(n0, n1) if t.shape[4] > 1 else slice(None)
-    return t[:, :, :, rows, cols]
+    rows = slice(r0, r1) if t.shape[2] > 1 else slice(None)
+    cols = slice(c0, c1) if t.shape[4] > 1 else slice(None)
+    return t[:, :, rows, :, cols]
 
 
 def prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed) -> _Problem:
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
+    g = hq // hkv
     acc = acc_dtype(q)
     offset = None if causal == CAUSAL_NONE else (sk - sq if causal == CAUSAL_BOTTOM_RIGHT else 0)
+    mask4 = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     additive = hidden = drop = None
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            hidden = _mask5(~attn_mask, hkv, hq // hkv)  # on the mask's own shape
-        else:
-            additive = _mask5(attn_mask.to(acc), hkv, hq // hkv)
+    if mask4 is not None and mask4.dtype == torch.bool:
+        hidden = _mask5(~mask4, hkv, g)  # on the mask's own shape
+    elif mask4 is not None:
+        additive = _mask5(mask4.to(acc), hkv, g)
     if dropout_p > 0.0:
-        drop = _dropout_keep((b, hq, sq, sk), dropout_p, seed).view(b, hkv, hq // hkv, sq, sk)
-    return _Problem(q.to(acc).reshape(b, hkv, hq // hkv, sq, d), k.to(acc), v.to(acc), scale, softcap, offset,
-                    additive, hidden, drop, dropout_p)
+        drop = _dropout_keep((b, hq, sq, sk), dropout_p, seed).view(b, hkv, g, sq, sk).permute(0, 1, 3, 2, 4)
+    rows, cols = tile_size(b * hq, sq, sk)
+    q_rows = (q.to(acc) * scale).reshape(b, hkv, g, sq, d).transpose(2, 3).reshape(b, hkv, sq * g, d)
+    live = None if mask4 is None else _live_tiles(mask4, offset, sq, rows, cols)
+    return _Problem(q_rows, k.to(acc), v.to(acc), g, softcap, offset, additive, hidden, drop, dropout_p, rows, cols,
+                    live)
+
+
+def _live_tiles(mask4: Tensor, offset: Optional[int], sq: int, rows: int, cols: int) -> Optional[Tensor]:
+    """[tiles of Mq, tiles of Mk] bool: whether the tile has an entry some batch and head sees; None when every
+    tile may (a mask with one entry per row or key, or a row that only finite fills would leave empty)."""
+    mq, mk = mask4.shape[2], mask4.shape[3]
+    if mq * mk == 1:
+        return None
+    if mask4.dtype == torch.bool:
+        normal = mask4
+    else:
+        normal = mask4 > HIDDEN_BELOW
+        if not _rows_see_a_normal_key(normal, offset, sq):
+            return None  # such a row averages its finite fills: every tile of it counts
+    seen = normal.any(dim=1).any(dim=0).to(torch.uint8)  # [Mq, Mk]: visible to some batch and head
+    rq, rk = (rows if mq > 1 else 1), (cols if mk > 1 else 1)
+    seen = F.pad(seen, (0, -mk % rk, 0, -mq % rq))
+    return seen.reshape(-(-mq // rq), rq, -(-mk // rk), rk).amax(dim=3).amax(dim=1).bool()
+
+
+def _rows_see_a_normal_key(normal: Tensor, offset: Optional[int], sq: int) -> bool:
+    """Whether every row (of every batch and head) that sees any key sees one whose mask entry is above
+    HIDDEN_BELOW; ``normal`` is [Mb, Mh, Mq, Mk] with Mq 1 or ``sq``."""
+    seen = normal.any(dim=-1)  # [Mb, Mh, Mq]
+    if offset is not None:
+        first = normal.to(torch.uint8).argmax(dim=-1)  # [Mb, Mh, Mq]: the first normal key
+        i = torch.arange(sq)
+        seen = (seen & (first <= i + offset)) | (i + offset < 0)  # [Mb, Mh, Sq]; rows before any key: dead anyway
+    return bool(seen.all())
 
 
 def _dropout_keep(shape, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
@@ -122,28 +167,37 @@ def _dropout_keep(shape, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
     return torch.rand(shape, generator=gen) >= dropout_p
 
 
-def _scores(pb: _Problem, n0: int, n1: int, r0: int) -> tuple[Tensor, Optional[Tensor]]:
-    """``(s, t)``: the masked scores of rows ``r0:`` and keys ``[n0, n1)`` as [B, Hkv, G, R, n] and, with a
-    softcap, ``t = tanh(scale · QKᵀ / cap)`` (for the backward)."""
-    kb = pb.k[:, :, None, n0:n1]  # [B, Hkv, 1, n, D]
-    s = torch.matmul(pb.q[:, :, :, r0:], kb.transpose(-2, -1))  # [B, Hkv, G, R, n]
+def _scores(pb: _Problem, r0: int, r1: int, c0: int, c1: int) -> tuple[Tensor, Optional[Tensor]]:
+    """``(s, t)``: the masked scores of query rows ``[r0, r1)`` (every head of each group) and keys ``[c0, c1)``
+    as [B, Hkv, R·G, C] and, with a softcap, ``t = tanh(scale · QKᵀ / cap)`` (for the backward)."""
+    g = pb.group
+    s = torch.matmul(pb.q[:, :, r0 * g: r1 * g], pb.k[:, :, c0:c1].transpose(-2, -1))  # [B, Hkv, R·G, C]
     t = None
     if pb.softcap > 0.0:
-        t = s.mul_(pb.scale / pb.softcap).tanh_()
+        t = s.div_(pb.softcap).tanh_()
         s = t * pb.softcap
-    else:
-        s.mul_(pb.scale)
+    s5 = s.view(s.shape[0], s.shape[1], r1 - r0, g, c1 - c0)
     if pb.additive is not None:
-        s.add_(_rows_cols(pb.additive, r0, n0, n1))
+        s5.add_(_tile(pb.additive, r0, r1, c0, c1))
     if pb.hidden is not None:
-        s.masked_fill_(_rows_cols(pb.hidden, r0, n0, n1), float("-inf"))
-    if pb.offset is not None:
-        diag_end = min(pb.sq, max(r0, n1 - 1 - pb.offset))  # rows >= diag_end see the whole block
-        if diag_end > r0:
-            i = torch.arange(r0, diag_end)[:, None]
-            j = torch.arange(n0, n1)[None, :]
-            s[:, :, :, : diag_end - r0].masked_fill_(j > i + pb.offset, float("-inf"))
+        s5.masked_fill_(_tile(pb.hidden, r0, r1, c0, c1), float("-inf"))
+    if pb.offset is not None and c1 - 1 > r0 + pb.offset:  # the tile crosses the causal diagonal
+        i = torch.arange(r0, r1)[:, None, None]
+        s5.masked_fill_(torch.arange(c0, c1) > i + pb.offset, float("-inf"))
     return s, t
+
+
+def _split_rows(t: Tensor, shape) -> Tensor:
+    """[B, Hkv, Sq·G, X] -> [B, Hq, Sq, X] (heads back in SDPA's order)."""
+    b, hkv, rows, x = t.shape
+    g = shape[1] // hkv
+    return t.reshape(b, hkv, rows // g, g, x).transpose(2, 3).reshape(b, hkv * g, rows // g, x)
+
+
+def _dropped(pb: _Problem, p: Tensor, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+    """``p ⊙ keep / (1 - dropout_p)`` on one tile."""
+    keep = _tile(pb.drop, r0, r1, c0, c1).reshape(p.shape)
+    return p * keep / (1.0 - pb.dropout_p)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, causal: int = CAUSAL_NONE,
@@ -151,41 +205,43 @@ def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
             seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32 or fp64)``, the reference's conventions."""
     pb = prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed)
-    b, hkv, g, sq, _ = pb.q.shape
-    m = pb.q.new_full((b, hkv, g, sq), float("-inf"))  # running row max
-    l = pb.q.new_zeros((b, hkv, g, sq))  # running row sum of exp(s - m)
-    acc = pb.q.new_zeros((b, hkv, g, sq, pb.v.shape[-1]))  # running unnormalized output
-    for n0, n1, r0 in pb.blocks():
-        s, _ = _scores(pb, n0, n1, r0)
-        m_old = m[..., r0:]
-        m_new = torch.maximum(m_old, s.amax(dim=-1))
-        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet
-        p = s.sub_(m_safe[..., None]).exp_()  # [B, Hkv, G, R, n]
-        alpha = torch.exp(m_old - m_safe)
-        l[..., r0:] = l[..., r0:] * alpha + p.sum(dim=-1)
-        if pb.drop is not None:
-            p = p * _rows_cols(pb.drop, r0, n0, n1) / (1.0 - pb.dropout_p)
-        acc[..., r0:, :] = acc[..., r0:, :] * alpha[..., None] + torch.matmul(p, pb.v[:, :, None, n0:n1])
-        m[..., r0:] = m_new
-    m = m.masked_fill(m == float("-inf"), 0.0)
-    out = acc / l.masked_fill(l == 0, 1.0)[..., None]  # rows without a visible key: acc = 0 -> 0
-    lse = m + torch.log(l)  # log 0 = -inf for those rows
-    hq = hkv * g
-    return out.reshape(b, hq, sq, -1).to(q.dtype), lse.reshape(b, hq, sq)
+    b, hkv, n, _ = pb.q.shape
+    out = pb.q.new_empty((b, hkv, n, pb.v.shape[-1]))
+    lse = pb.q.new_empty((b, hkv, n))
+    g = pb.group
+    for r0, r1 in pb.query_tiles():
+        m = pb.q.new_full((b, hkv, (r1 - r0) * g), float("-inf"))  # running row max
+        l = torch.zeros_like(m)  # running row sum of exp(s - m)
+        acc = pb.q.new_zeros((b, hkv, (r1 - r0) * g, pb.v.shape[-1]))  # running unnormalized output
+        for c0, c1 in pb.key_tiles(r0, r1):
+            s, _ = _scores(pb, r0, r1, c0, c1)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet
+            p = s.sub_(m_safe[..., None]).exp_()  # [B, Hkv, R·G, C]
+            alpha = torch.exp(m - m_safe)
+            l.mul_(alpha).add_(p.sum(dim=-1))
+            if pb.drop is not None:
+                p = _dropped(pb, p, r0, r1, c0, c1)
+            acc.mul_(alpha[..., None]).add_(torch.matmul(p, pb.v[:, :, c0:c1]))
+            m = m_new
+        out[:, :, r0 * g: r1 * g] = acc / l.masked_fill(l == 0, 1.0)[..., None]  # no visible key: acc = 0 -> 0
+        lse[:, :, r0 * g: r1 * g] = m.masked_fill(m == float("-inf"), 0.0) + torch.log(l)  # log 0 = -inf there
+    shape = q.shape
+    return _split_rows(out, shape).to(q.dtype), _split_rows(lse[..., None], shape)[..., 0]
 
 
-def _row_scale(pb: _Problem, lse: Tensor) -> Optional[Tensor]:
-    """1 / Σ_j exp(s - lse) for rows whose ``lse`` lost ``log l`` to a huge finite fill (``lse < HIDDEN_BELOW``),
-    1 elsewhere, as [B, Hkv, G, Sq]; None when no row needs it (one pass over the keys otherwise)."""
+def _row_scale(pb: _Problem, lse: Tensor, r0: int, r1: int) -> Optional[Tensor]:
+    """1 / Σ_j exp(s - lse) for the rows of ``[r0, r1)`` whose ``lse`` lost ``log l`` to a huge finite fill
+    (``lse < HIDDEN_BELOW``), 1 for the others; None when no row of the tile needs it."""
     if pb.additive is None:
         return None
     lost = torch.isfinite(lse) & (lse < HIDDEN_BELOW)
     if not bool(lost.any()):
         return None
     total = torch.zeros_like(lse)
-    for n0, n1, r0 in pb.blocks():
-        s, _ = _scores(pb, n0, n1, r0)
-        total[..., r0:] += s.sub_(lse[..., r0:, None]).exp_().sum(dim=-1)
+    for c0, c1 in pb.key_tiles(r0, r1):
+        s, _ = _scores(pb, r0, r1, c0, c1)
+        total += s.sub_(lse[..., None]).exp_().sum(dim=-1)
     return torch.where(lost, 1.0 / total, torch.ones_like(total))
 
 
@@ -195,10 +251,10 @@ def _reduce_to(t: Tensor, shape) -> Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def _merge_group(t: Tensor) -> Tensor:
-    """[B, Hkv, G, R, X] -> [B, Hkv, G·R, X] (a copy only when the rows are a strided slice)."""
-    b, hkv, g, r, x = t.shape
-    return t.reshape(b, hkv, g * r, x)
+def _rows_layout(t: Tensor, hkv: int) -> Tensor:
+    """[B, Hq, Sq, X] -> [B, Hkv, Sq·G, X], the query layout of :class:`_Problem`."""
+    b, hq, sq, x = t.shape
+    return t.reshape(b, hkv, hq // hkv, sq, x).transpose(2, 3).reshape(b, hkv, sq * (hq // hkv), x)
 
 
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -208,35 +264,41 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     """``(dq, dk, dv, dmask)`` of :func:`forward` from its ``out`` and ``lse``; ``dmask`` (the additive mask's
     gradient, in its own shape and dtype) is None unless ``mask_grad``."""
     pb = prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed)
-    b, hkv, g, sq, _ = pb.q.shape
-    acc = pb.q.dtype
-    lse5 = lse.to(acc).reshape(b, hkv, g, sq)
-    row_scale = _row_scale(pb, lse5)
-    lse5 = lse5.masked_fill(lse5 == float("-inf"), float("inf"))  # rows without a visible key: P = 0
-    do5 = dout.to(acc).reshape(b, hkv, g, sq, -1)
-    delta = (do5 * out.to(acc).reshape(do5.shape)).sum(dim=-1)  # [B, Hkv, G, Sq]
+    hkv, g, acc = k.shape[1], pb.group, pb.q.dtype
+    lse_r = _rows_layout(lse.to(acc)[..., None], hkv)[..., 0]  # [B, Hkv, Sq·G]
+    do_r = _rows_layout(dout.to(acc), hkv)
+    delta = (do_r * _rows_layout(out.to(acc), hkv)).sum(dim=-1)  # [B, Hkv, Sq·G]
     dq, dk, dv = torch.zeros_like(pb.q), torch.zeros_like(pb.k), torch.zeros_like(pb.v)
     dmask = torch.zeros_like(pb.additive) if mask_grad else None
-    for n0, n1, r0 in pb.blocks():
-        s, t = _scores(pb, n0, n1, r0)
-        p = s.sub_(lse5[..., r0:, None]).exp_()  # [B, Hkv, G, R, n]
-        if row_scale is not None:
-            p.mul_(row_scale[..., r0:, None])
-        dp = torch.matmul(do5[:, :, :, r0:], pb.v[:, :, None, n0:n1].transpose(-2, -1))  # [B, Hkv, G, R, n]
-        pd = p
-        if pb.drop is not None:
-            keep = _rows_cols(pb.drop, r0, n0, n1) / (1.0 - dropout_p)
-            pd, dp = p * keep, dp.mul_(keep)
-        dv[:, :, n0:n1] += torch.matmul(_merge_group(pd).transpose(-2, -1), _merge_group(do5[:, :, :, r0:]))
-        ds = dp.sub_(delta[..., r0:, None]).mul_(p)  # dS = P (dP - delta)
-        if dmask is not None:
-            _rows_cols(dmask, r0, n0, n1).add_(_reduce_to(ds, _rows_cols(dmask, r0, n0, n1).shape))
-        if t is not None:
-            ds.mul_(1.0 - t * t)
-        dq[:, :, :, r0:] += torch.matmul(ds, pb.k[:, :, None, n0:n1])
-        dk[:, :, n0:n1] += torch.matmul(_merge_group(ds).transpose(-2, -1), _merge_group(pb.q[:, :, :, r0:]))
-    hq = hkv * g
-    dq = (dq * scale).reshape(b, hq, sq, -1).to(q.dtype)
+    for r0, r1 in pb.query_tiles():
+        rows = slice(r0 * g, r1 * g)
+        row_scale = _row_scale(pb, lse_r[:, :, rows], r0, r1)
+        lse_t = lse_r[:, :, rows].masked_fill(lse_r[:, :, rows] == float("-inf"), float("inf"))  # dead rows: P = 0
+        for c0, c1 in pb.key_tiles(r0, r1):
+            s, t = _scores(pb, r0, r1, c0, c1)
+            p = s.sub_(lse_t[..., None]).exp_()  # [B, Hkv, R·G, C]
+            if row_scale is not None:
+                p.mul_(row_scale[..., None])
+            dp = torch.matmul(do_r[:, :, rows], pb.v[:, :, c0:c1].transpose(-2, -1))  # [B, Hkv, R·G, C]
+            pd = p
+            if pb.drop is not None:
+                pd, dp = _dropped(pb, p, r0, r1, c0, c1), _dropped(pb, dp, r0, r1, c0, c1)
+            dv[:, :, c0:c1] += torch.matmul(pd.transpose(-2, -1), do_r[:, :, rows])
+            ds = dp.sub_(delta[:, :, rows, None]).mul_(p)  # dS = P (dP - delta)
+            if dmask is not None:
+                target = _tile(dmask, r0, r1, c0, c1)
+                target += _reduce_to(ds.view(ds.shape[0], hkv, r1 - r0, g, c1 - c0), target.shape)
+            if t is not None:
+                ds.mul_(1.0 - t * t)
+            dq[:, :, rows] += torch.matmul(ds, pb.k[:, :, c0:c1])
+            dk[:, :, c0:c1] += torch.matmul(ds.transpose(-2, -1), pb.q[:, :, rows])
+    dq = _split_rows(dq * scale, q.shape).to(q.dtype)
     if dmask is not None:
-        dmask = dmask.reshape(attn_mask.shape).to(attn_mask.dtype)
-    return dq, (dk * scale).to(k.dtype), dv.to(v.dtype), dmask
+        dmask = _mask_shape(dmask, attn_mask.shape).to(attn_mask.dtype)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dmask
+
+
+def _mask_shape(dmask5: Tensor, shape) -> Tensor:
+    """The [Mb, 1|Hkv, Mq, 1|G, Mk] gradient back in the mask's own shape."""
+    mb, h, mq, g, mk = dmask5.shape
+    return dmask5.permute(0, 1, 3, 2, 4).reshape(mb, h * g, mq, mk).reshape(shape)
