@@ -28,8 +28,10 @@ the backward renormalizes such rows (``lse < HIDDEN_BELOW``) by their recomputed
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +40,7 @@ from torch import Tensor
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype
 
-TILE_BUDGET = 1 << 18  # elements of one tile of scores [B, Hq, rows, cols]: 1 MiB in fp32, cache-sized
+TILE_BUDGET = 1 << 20  # elements of one tile of scores [B, Hq, rows, cols]: 4 MiB in fp32
 MIN_TILE, MAX_TILE = 16, 1024
 
 
@@ -51,6 +53,48 @@ def tile_size(batch_heads: int, sq: int, sk: int) -> tuple[int, int]:
 
 def _pow2_ceil(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+_POOL: list[ThreadPoolExecutor] = []
+_POOL_LOCK = threading.Lock()
+
+
+def workers() -> int:
+    """How many query tiles run at once: torch's intra-op thread count (each tile's ops then run on one thread)."""
+    return max(torch.get_num_threads(), 1)
+
+
+def parallel_rows(tiles: list, work: Callable[[int, object], None]) -> None:
+    """Runs ``work(worker, tile)`` for every tile, the tiles dealt round-robin to :func:`workers` threads.
+
+    Each op of a tile is small (one tile); run on torch's intra-op threads, every op would pay a barrier of
+    all threads, which on a loaded machine costs more than the op (measured: 5x slower on 2 busy cores).
+    So the tiles run in parallel instead, each worker's ops on one thread: ``torch.set_num_threads(1)``
+    while the workers run (the pool's threads start then, and keep one thread per op), restored after.
+    Worker ``w`` always gets the tiles ``w, w + n, ...``, so the results do not depend on scheduling.
+    """
+    n = min(workers(), len(tiles))
+    if n <= 1:
+        for tile in tiles:
+            work(0, tile)
+        return
+    threads = torch.get_num_threads()
+    with _POOL_LOCK:  # one blockwise call at a time owns the pool and the thread setting
+        torch.set_num_threads(1)
+        try:
+            if not _POOL or _POOL[0]._max_workers < n:
+                _POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="attnopt-cpu")]
+            jobs = [_POOL[0].submit(_deal, work, w, tiles[w::n]) for w in range(n)]
+            for job in jobs:
+                job.result()
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _deal(work: Callable[[int, object], None], worker: int, tiles: list) -> None:
+    with torch.inference_mode(False), torch.no_grad():
+        for tile in tiles:
+            work(worker, tile)
 
 
 @dataclass
@@ -200,6 +244,27 @@ def _dropped(pb: _Problem, p: Tensor, r0: int, r1: int, c0: int, c1: int) -> Ten
     return p * keep / (1.0 - pb.dropout_p)
 
 
+def _forward_rows(pb: _Problem, out: Tensor, lse: Tensor, r0: int, r1: int) -> None:
+    """Writes the rows ``[r0, r1)`` (every head of each group) of ``out`` and ``lse``: the online softmax."""
+    b, hkv, g = pb.q.shape[0], pb.q.shape[1], pb.group
+    m = pb.q.new_full((b, hkv, (r1 - r0) * g), float("-inf"))  # running row max
+    l = torch.zeros_like(m)  # running row sum of exp(s - m)
+    acc = pb.q.new_zeros((b, hkv, (r1 - r0) * g, pb.v.shape[-1]))  # running unnormalized output
+    for c0, c1 in pb.key_tiles(r0, r1):
+        s, _ = _scores(pb, r0, r1, c0, c1)
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet
+        p = s.sub_(m_safe[..., None]).exp_()  # [B, Hkv, R·G, C]
+        alpha = torch.exp(m - m_safe)
+        l.mul_(alpha).add_(p.sum(dim=-1))
+        if pb.drop is not None:
+            p = _dropped(pb, p, r0, r1, c0, c1)
+        acc.mul_(alpha[..., None]).add_(torch.matmul(p, pb.v[:, :, c0:c1]))
+        m = m_new
+    out[:, :, r0 * g: r1 * g] = acc / l.masked_fill(l == 0, 1.0)[..., None]  # no visible key: acc = 0 -> 0
+    lse[:, :, r0 * g: r1 * g] = m.masked_fill(m == float("-inf"), 0.0) + torch.log(l)  # log 0 = -inf there
+
+
 def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, causal: int = CAUSAL_NONE,
             scale: float = 1.0, softcap: float = 0.0, dropout_p: float = 0.0,
             seed: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -208,26 +273,8 @@ def forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None,
     b, hkv, n, _ = pb.q.shape
     out = pb.q.new_empty((b, hkv, n, pb.v.shape[-1]))
     lse = pb.q.new_empty((b, hkv, n))
-    g = pb.group
-    for r0, r1 in pb.query_tiles():
-        m = pb.q.new_full((b, hkv, (r1 - r0) * g), float("-inf"))  # running row max
-        l = torch.zeros_like(m)  # running row sum of exp(s - m)
-        acc = pb.q.new_zeros((b, hkv, (r1 - r0) * g, pb.v.shape[-1]))  # running unnormalized output
-        for c0, c1 in pb.key_tiles(r0, r1):
-            s, _ = _scores(pb, r0, r1, c0, c1)
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            m_safe = m_new.masked_fill(m_new == float("-inf"), 0.0)  # rows with nothing visible yet
-            p = s.sub_(m_safe[..., None]).exp_()  # [B, Hkv, R·G, C]
-            alpha = torch.exp(m - m_safe)
-            l.mul_(alpha).add_(p.sum(dim=-1))
-            if pb.drop is not None:
-                p = _dropped(pb, p, r0, r1, c0, c1)
-            acc.mul_(alpha[..., None]).add_(torch.matmul(p, pb.v[:, :, c0:c1]))
-            m = m_new
-        out[:, :, r0 * g: r1 * g] = acc / l.masked_fill(l == 0, 1.0)[..., None]  # no visible key: acc = 0 -> 0
-        lse[:, :, r0 * g: r1 * g] = m.masked_fill(m == float("-inf"), 0.0) + torch.log(l)  # log 0 = -inf there
-    shape = q.shape
-    return _split_rows(out, shape).to(q.dtype), _split_rows(lse[..., None], shape)[..., 0]
+    parallel_rows(list(pb.query_tiles()), lambda worker, tile: _forward_rows(pb, out, lse, *tile))
+    return _split_rows(out, q.shape).to(q.dtype), _split_rows(lse[..., None], q.shape)[..., 0]
 
 
 def _row_scale(pb: _Problem, lse: Tensor, r0: int, r1: int) -> Optional[Tensor]:
@@ -257,6 +304,43 @@ def _rows_layout(t: Tensor, hkv: int) -> Tensor:
     return t.reshape(b, hkv, hq // hkv, sq, x).transpose(2, 3).reshape(b, hkv, sq * (hq // hkv), x)
 
 
+@dataclass
+class _Grads:
+    """One worker's gradient accumulators (the keys' and the mask's are shared by query tiles: one set per worker)."""
+
+    dk: Tensor  # [B, Hkv, Sk, D]
+    dv: Tensor  # [B, Hkv, Sk, Dv]
+    dmask: Optional[Tensor]  # like _Problem.additive, or None
+
+
+def _backward_rows(pb: _Problem, saved: tuple[Tensor, Tensor, Tensor], dq: Tensor, grads: _Grads, r0: int,
+                   r1: int) -> None:
+    """Accumulates the gradients of the rows ``[r0, r1)``: their ``dq`` rows, and into ``grads``."""
+    lse_r, do_r, delta = saved  # [B, Hkv, Sq·G], [B, Hkv, Sq·G, Dv], [B, Hkv, Sq·G]
+    hkv, g = pb.q.shape[1], pb.group
+    rows = slice(r0 * g, r1 * g)
+    row_scale = _row_scale(pb, lse_r[:, :, rows], r0, r1)
+    lse_t = lse_r[:, :, rows].masked_fill(lse_r[:, :, rows] == float("-inf"), float("inf"))  # dead rows: P = 0
+    for c0, c1 in pb.key_tiles(r0, r1):
+        s, t = _scores(pb, r0, r1, c0, c1)
+        p = s.sub_(lse_t[..., None]).exp_()  # [B, Hkv, R·G, C]
+        if row_scale is not None:
+            p.mul_(row_scale[..., None])
+        dp = torch.matmul(do_r[:, :, rows], pb.v[:, :, c0:c1].transpose(-2, -1))  # [B, Hkv, R·G, C]
+        pd = p
+        if pb.drop is not None:
+            pd, dp = _dropped(pb, p, r0, r1, c0, c1), _dropped(pb, dp, r0, r1, c0, c1)
+        grads.dv[:, :, c0:c1] += torch.matmul(pd.transpose(-2, -1), do_r[:, :, rows])
+        ds = dp.sub_(delta[:, :, rows, None]).mul_(p)  # dS = P (dP - delta)
+        if grads.dmask is not None:
+            target = _tile(grads.dmask, r0, r1, c0, c1)
+            target += _reduce_to(ds.view(ds.shape[0], hkv, r1 - r0, g, c1 - c0), target.shape)
+        if t is not None:
+            ds.mul_(1.0 - t * t)
+        dq[:, :, rows] += torch.matmul(ds, pb.k[:, :, c0:c1])
+        grads.dk[:, :, c0:c1] += torch.matmul(ds.transpose(-2, -1), pb.q[:, :, rows])
+
+
 def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
              attn_mask: Optional[Tensor] = None, causal: int = CAUSAL_NONE, scale: float = 1.0, softcap: float = 0.0,
              dropout_p: float = 0.0, seed: Optional[Tensor] = None,
@@ -264,38 +348,21 @@ def backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Te
     """``(dq, dk, dv, dmask)`` of :func:`forward` from its ``out`` and ``lse``; ``dmask`` (the additive mask's
     gradient, in its own shape and dtype) is None unless ``mask_grad``."""
     pb = prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed)
-    hkv, g, acc = k.shape[1], pb.group, pb.q.dtype
+    hkv, acc = k.shape[1], pb.q.dtype
     lse_r = _rows_layout(lse.to(acc)[..., None], hkv)[..., 0]  # [B, Hkv, Sq·G]
     do_r = _rows_layout(dout.to(acc), hkv)
     delta = (do_r * _rows_layout(out.to(acc), hkv)).sum(dim=-1)  # [B, Hkv, Sq·G]
-    dq, dk, dv = torch.zeros_like(pb.q), torch.zeros_like(pb.k), torch.zeros_like(pb.v)
-    dmask = torch.zeros_like(pb.additive) if mask_grad else None
-    for r0, r1 in pb.query_tiles():
-        rows = slice(r0 * g, r1 * g)
-        row_scale = _row_scale(pb, lse_r[:, :, rows], r0, r1)
-        lse_t = lse_r[:, :, rows].masked_fill(lse_r[:, :, rows] == float("-inf"), float("inf"))  # dead rows: P = 0
-        for c0, c1 in pb.key_tiles(r0, r1):
-            s, t = _scores(pb, r0, r1, c0, c1)
-            p = s.sub_(lse_t[..., None]).exp_()  # [B, Hkv, R·G, C]
-            if row_scale is not None:
-                p.mul_(row_scale[..., None])
-            dp = torch.matmul(do_r[:, :, rows], pb.v[:, :, c0:c1].transpose(-2, -1))  # [B, Hkv, R·G, C]
-            pd = p
-            if pb.drop is not None:
-                pd, dp = _dropped(pb, p, r0, r1, c0, c1), _dropped(pb, dp, r0, r1, c0, c1)
-            dv[:, :, c0:c1] += torch.matmul(pd.transpose(-2, -1), do_r[:, :, rows])
-            ds = dp.sub_(delta[:, :, rows, None]).mul_(p)  # dS = P (dP - delta)
-            if dmask is not None:
-                target = _tile(dmask, r0, r1, c0, c1)
-                target += _reduce_to(ds.view(ds.shape[0], hkv, r1 - r0, g, c1 - c0), target.shape)
-            if t is not None:
-                ds.mul_(1.0 - t * t)
-            dq[:, :, rows] += torch.matmul(ds, pb.k[:, :, c0:c1])
-            dk[:, :, c0:c1] += torch.matmul(ds.transpose(-2, -1), pb.q[:, :, rows])
-    dq = _split_rows(dq * scale, q.shape).to(q.dtype)
-    if dmask is not None:
-        dmask = _mask_shape(dmask, attn_mask.shape).to(attn_mask.dtype)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dmask
+    tiles = list(pb.query_tiles())
+    dq = torch.zeros_like(pb.q)
+    grads = [_Grads(torch.zeros_like(pb.k), torch.zeros_like(pb.v),
+                    torch.zeros_like(pb.additive) if mask_grad else None)
+             for _ in range(max(min(workers(), len(tiles)), 1))]
+    parallel_rows(tiles, lambda w, tile: _backward_rows(pb, (lse_r, do_r, delta), dq, grads[w], *tile))
+    dk, dv = sum(gr.dk for gr in grads[1:]) + grads[0].dk, sum(gr.dv for gr in grads[1:]) + grads[0].dv
+    dmask = None
+    if mask_grad:
+        dmask = _mask_shape(sum(gr.dmask for gr in grads[1:]) + grads[0].dmask, attn_mask.shape).to(attn_mask.dtype)
+    return _split_rows(dq * scale, q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dmask
 
 
 def _mask_shape(dmask5: Tensor, shape) -> Tensor:
