@@ -33,6 +33,7 @@ is reported with its error. JSON to stdout and ``--out``.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -443,6 +444,9 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         result[name] = sections[name](args)
         result[f"{name}_section_s"] = round(time.perf_counter() - t0, 1)
+        if args.out:  # the sections done so far, should a later one not finish
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2, default=str)
     write_json(result, args.out)
     return 0
 
