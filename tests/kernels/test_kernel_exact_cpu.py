@@ -236,3 +236,17 @@ def test_a_row_of_finite_fills_keeps_every_tile():
     assert len(list(pb.key_tiles(0, 4))) == 4
     fwd = cpu_blockwise.forward(q, k, v, mask, NONE, 0.3)
     torch.testing.assert_close(fwd[0][0, 0, 3], v[0, 0].mean(dim=0))
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_worker_threads_share_the_callers_mode(mode, monkeypatch):
+    """The tiles run on two worker threads (one intra-op thread each), in the caller's inference mode, and give
+    the single-threaded result bit for bit; torch's thread count is restored."""
+    q, k, v, _ = inputs((1, 4, 2, 23, 29), dtype=torch.float32)
+    monkeypatch.setattr(cpu_blockwise, "workers", lambda: 1)
+    want = cpu_blockwise.forward(q, k, v, None, BR, 0.3, 5.0)
+    monkeypatch.setattr(cpu_blockwise, "workers", lambda: 2)
+    threads = torch.get_num_threads()
+    with torch.inference_mode() if mode == "inference" else torch.no_grad():
+        got = torch.ops.attnopt.attention(q, k, v, None, 0.0, BR, 0.3, None, 5.0)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.get_num_threads() == threads

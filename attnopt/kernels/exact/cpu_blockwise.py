@@ -84,15 +84,16 @@ def parallel_rows(tiles: list, work: Callable[[int, object], None]) -> None:
         try:
             if not _POOL or _POOL[0]._max_workers < n:
                 _POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="attnopt-cpu")]
-            jobs = [_POOL[0].submit(_deal, work, w, tiles[w::n]) for w in range(n)]
+            inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
+            jobs = [_POOL[0].submit(_deal, work, w, tiles[w::n], inference) for w in range(n)]
             for job in jobs:
                 job.result()
         finally:
             torch.set_num_threads(threads)
 
 
-def _deal(work: Callable[[int, object], None], worker: int, tiles: list) -> None:
-    with torch.inference_mode(False), torch.no_grad():
+def _deal(work: Callable[[int, object], None], worker: int, tiles: list, inference: bool) -> None:
+    with torch.inference_mode(inference), torch.no_grad():
         for tile in tiles:
             work(worker, tile)
 
