@@ -271,16 +271,31 @@ def _summary(row: dict, modes) -> str:
 # Sparse and linear
 
 
-def _flex_masked(mask, sq: int, sk: int, heads: int):
-    """Compiled FlexAttention with the block mask of an attnopt mask descriptor (its predicate as mask_mod)."""
+def _flex_masked(mask_mod, sq: int, sk: int, heads):
+    """Compiled FlexAttention with the block mask of ``mask_mod`` (``heads`` None: the same for every head)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    def mask_mod(b, h, q_idx, kv_idx):
-        return mask.allows(q_idx, kv_idx, sq, sk, h)
-
-    block_mask = create_block_mask(mask_mod, None, heads if mask.head_dependent else None, sq, sk, device="cpu")
+    block_mask = create_block_mask(mask_mod, None, heads, sq, sk, device="cpu")
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+
+
+def _window(w: int):
+    return lambda b, h, i, j: (j <= i) & (i - j < w)
+
+
+def _neighborhood(side: int, kernel: int):
+    """NATTEN's 2-D neighborhood on a side x side grid (the window shifted, not clipped, at the borders)."""
+    def mask_mod(b, h, i, j):
+        r0 = torch.clamp(i // side - kernel // 2, 0, side - kernel)
+        c0 = torch.clamp(i % side - kernel // 2, 0, side - kernel)
+        kr, kc = j // side, j % side
+        return (kr >= r0) & (kr < r0 + kernel) & (kc >= c0) & (kc < c0 + kernel)
+    return mask_mod
+
+
+def _strided(stride: int, w: int):
+    return lambda b, h, i, j: ((j % stride == h) | (i - j < w)) & (j <= i)
 
 
 def sparse_section(args) -> list[dict]:
@@ -288,15 +303,16 @@ def sparse_section(args) -> list[dict]:
     from attnopt.kernels.linear.reference import feature_map
 
     s, heads = args.sparse_seq, 8
-    cases = [
-        (f"causal window 256, S{s}", masks.SlidingWindow(255, 0), s, "causal"),
-        (f"causal window 1024, S{s}", masks.SlidingWindow(1023, 0), s, "causal"),
-        ("2-D neighborhood 64x64 kernel 13, S4096", masks.Neighborhood(13, grid=(64, 64)), 4096, "dense"),
+    cases = [  # (name, attnopt's mask, FlexAttention's mask_mod and heads, S, the dense SDPA to compare)
+        (f"causal window 256, S{s}", masks.SlidingWindow(255, 0), (_window(256), None), s, "causal"),
+        (f"causal window 1024, S{s}", masks.SlidingWindow(1023, 0), (_window(1024), None), s, "causal"),
+        ("2-D neighborhood 64x64 kernel 13, S4096", masks.Neighborhood(13, grid=(64, 64)), (_neighborhood(64, 13), None),
+         4096, "dense"),
         (f"strided heads (stride 8) + causal window 256, S{s}",
-         masks.Strided(heads, masks.SlidingWindow(255, 0)) & masks.causal(), s, "causal"),
+         masks.Strided(heads, masks.SlidingWindow(255, 0)) & masks.causal(), (_strided(heads, 256), heads), s, "causal"),
     ]
     rows = []
-    for name, mask, seq, dense in cases:
+    for name, mask, flex_mask, seq, dense in cases:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, heads, seq, 64, generator=gen) for _ in range(3))
         key, scale = mask.key(), 64 ** -0.5
@@ -308,8 +324,9 @@ def sparse_section(args) -> list[dict]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         flex = {}
 
-        def flex_step(bwd, mask=mask, seq=seq, flex=flex, qkv=(q, k, v)):
-            flex.setdefault("fn", _flex_masked(mask, seq, seq, heads))
+        def flex_step(bwd, flex_mask=flex_mask, seq=seq, flex=flex, qkv=(q, k, v)):
+            if "fn" not in flex:
+                flex["fn"] = _flex_masked(flex_mask[0], seq, seq, flex_mask[1])
             return _step(flex["fn"], qkv, bwd)
         providers = {"attnopt": lambda bwd, f=sparse, qkv=(q, k, v): _step(f, qkv, bwd), "flex": flex_step,
                      f"sdpa ({dense})": lambda bwd, f=sdpa, qkv=(q, k, v): _step(f, qkv, bwd)}
@@ -339,7 +356,8 @@ def _linear_row(s: int, heads: int, args, feature_map) -> dict:
     flex = {}
 
     def flex_step(bwd):
-        flex.setdefault("fn", _flex_provider(q.shape, k.shape, CAUSAL_TOP_LEFT))
+        if "fn" not in flex:
+            flex["fn"] = _flex_provider(q.shape, k.shape, CAUSAL_TOP_LEFT)
         return _step(flex["fn"], (q, k, v), bwd)
     providers = {"attnopt": lambda bwd: _step(linear, (q, k, v), bwd), "flex (causal softmax)": flex_step,
                  "sdpa (causal)": lambda bwd: _step(sdpa, (q, k, v), bwd)}
