@@ -306,10 +306,11 @@ def sparse_section(args) -> list[dict]:
     cases = [  # (name, attnopt's mask, FlexAttention's mask_mod and heads, S, the dense SDPA to compare)
         (f"causal window 256, S{s}", masks.SlidingWindow(255, 0), (_window(256), None), s, "causal"),
         (f"causal window 1024, S{s}", masks.SlidingWindow(1023, 0), (_window(1024), None), s, "causal"),
-        ("2-D neighborhood 64x64 kernel 13, S4096", masks.Neighborhood(13, grid=(64, 64)), (_neighborhood(64, 13), None),
-         4096, "dense"),
+        ("2-D neighborhood 64x64 kernel 13, S4096", masks.Neighborhood(13, grid=(64, 64)),
+         (_neighborhood(64, 13), None), 4096, "dense"),
         (f"strided heads (stride 8) + causal window 256, S{s}",
-         masks.Strided(heads, masks.SlidingWindow(255, 0)) & masks.causal(), (_strided(heads, 256), heads), s, "causal"),
+         masks.Strided(heads, masks.SlidingWindow(255, 0)) & masks.causal(), (_strided(heads, 256), heads), s,
+         "causal"),
     ]
     rows = []
     for name, mask, flex_mask, seq, dense in cases:
@@ -455,7 +456,7 @@ def parse(argv=None):
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
-    p.add_argument("--quick", action="store_true", help="S = 512 and 2048 models, op S 2048, bias S 1024, sparse S 2048")
+    p.add_argument("--quick", action="store_true", help="models S 512 and 2048, op S 2048, bias S 1024, sparse S 2048")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if args.quick:

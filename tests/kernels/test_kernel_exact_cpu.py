@@ -44,7 +44,8 @@ def make_mask(kind, b, hq, sq, sk, dtype, gen):
 def inputs(shape, d=8, dv=8, dtype=torch.float64, seed=0):
     b, hq, hkv, sq, sk = shape
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, hq, sq, d, generator=gen, dtype=dtype), torch.randn(b, hkv, sk, d, generator=gen, dtype=dtype),
+    return (torch.randn(b, hq, sq, d, generator=gen, dtype=dtype),
+            torch.randn(b, hkv, sk, d, generator=gen, dtype=dtype),
             torch.randn(b, hkv, sk, dv, generator=gen, dtype=dtype), gen)
 
 
@@ -215,7 +216,8 @@ def test_tiles_skip_what_the_mask_hides_for_every_batch_and_head():
     band = (torch.arange(16)[None, :] - torch.arange(8)[:, None]).abs() <= 2  # [Sq, Sk] a band of width 5
     for mask in (band, torch.zeros(8, 16).masked_fill(~band, torch.finfo(torch.float32).min)):
         pb = cpu_blockwise.prepare(q, k, v, mask, NONE, 0.3, 0.0, 0.0, None)
-        assert [list(pb.key_tiles(r0, r1)) for r0, r1 in pb.query_tiles()] == [[(0, 4), (4, 8)], [(0, 4), (4, 8), (8, 12)]]
+        tiles = [list(pb.key_tiles(r0, r1)) for r0, r1 in pb.query_tiles()]
+        assert tiles == [[(0, 4), (4, 8)], [(0, 4), (4, 8), (8, 12)]]
     padding = torch.ones(2, 1, 1, 16, dtype=torch.bool)
     padding[0, ..., 6:] = False
     pb = cpu_blockwise.prepare(q, k, v, padding, NONE, 0.3, 0.0, 0.0, None)
