@@ -172,7 +172,7 @@ def _flex_provider(q_shape, k_shape, causal, bias=None, softcap=0.0, gqa=False):
     return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask, enable_gqa=gqa)
 
 
-def op_cases(op_seq: int, bias_seq: int, quick: bool) -> list[dict]:
+def op_cases(op_seq: int, bias_seq: int) -> list[dict]:
     """(name, Sq, Sk, Hkv, causal, bias kind, softcap, eager): the exact cases of the ``op`` section."""
     return [
         dict(name="full", sq=op_seq, sk=op_seq, hkv=8, causal=CAUSAL_NONE),
@@ -237,7 +237,7 @@ def op_providers(case: dict, q, k, v, bias) -> dict:
 
 def op_section(args) -> list[dict]:
     rows = []
-    for case in op_cases(args.op_seq, args.bias_seq, args.quick):
+    for case in op_cases(args.op_seq, args.bias_seq):
         q, k, v, bias = _op_inputs(case)
         providers = op_providers(case, q, k, v, bias)
         row = dict(case=case["name"], shape=f"B1 Hq8 Hkv{case['hkv']} Sq{case['sq']} Sk{case['sk']} D64 fp32")
