@@ -426,7 +426,7 @@ def _model_row(name: str, impl: str, seq: int, args) -> dict:
                     model(*z.args, **z.kwargs)
             return run
         return step
-    times = bench({name: make(model) for name, model in providers.items()}, args.repeat)
+    times = bench({name: make(model) for name, model in providers.items()}, args.model_repeat)
     row["forward"] = times
     for name in ("exact", "auto"):
         if "ms" in times.get(name, {}) and "ms" in times["original"]:
@@ -455,6 +455,7 @@ def parse(argv=None):
     p.add_argument("--sparse-seq", type=int, default=8192)
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--model-repeat", type=int, default=9, help="rounds per model (a model call is cheap, noisy)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--quick", action="store_true", help="models S 512 and 2048, op S 2048, bias S 1024, sparse S 2048")
     p.add_argument("--out", default=None)
