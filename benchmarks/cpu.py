@@ -167,6 +167,7 @@ def _flex_provider(q_shape, k_shape, causal, bias=None, softcap=0.0, gqa=False):
             score = score + bias[0, h if bias.shape[1] > 1 else 0, i, j]
         return score
 
+    torch._dynamo.reset()  # a fresh compile per case: past the recompile limit flex_attention would run unfused
     compiled = torch.compile(flex_attention, dynamic=False)
     mod = score_mod if (softcap or bias is not None) else None
     return lambda q, k, v: compiled(q, k, v, score_mod=mod, block_mask=block_mask, enable_gqa=gqa)
@@ -275,6 +276,7 @@ def _flex_masked(mask_mod, sq: int, sk: int, heads):
     """Compiled FlexAttention with the block mask of ``mask_mod`` (``heads`` None: the same for every head)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    torch._dynamo.reset()  # a fresh compile per case: past the recompile limit flex_attention would run unfused
     block_mask = create_block_mask(mask_mod, None, heads, sq, sk, device="cpu")
     compiled = torch.compile(flex_attention, dynamic=False)
     return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
