@@ -74,14 +74,14 @@ def parallel_rows(tiles: list, work: Callable[[int, object], None]) -> None:
     Worker ``w`` always gets the tiles ``w, w + n, ...``, so the results do not depend on scheduling.
     """
     n = min(workers(), len(tiles))
+    if n <= 1:  # one tile: torch's intra-op threads share each op
+        for tile in tiles:
+            work(0, tile)
+        return
     threads = torch.get_num_threads()
     with _POOL_LOCK:  # one blockwise call at a time owns the pool and the thread setting
         torch.set_num_threads(1)
         try:
-            if n <= 1:  # one tile (a short sequence): its ops on one thread too (barriers cost more)
-                for tile in tiles:
-                    work(0, tile)
-                return
             if not _POOL or _POOL[0]._max_workers < n:
                 _POOL[:] = [ThreadPoolExecutor(max_workers=n, thread_name_prefix="attnopt-cpu")]
             inference = torch.is_inference_mode_enabled()  # thread-local: the workers take the caller's
