@@ -14,7 +14,8 @@ Sections (``--sections``, comma-separated):
 * ``op``: exact attention, B1 H8 D64 fp32: full and causal at ``--op-seq``; additive mask, GQA (8 query heads,
   2 key/value heads), softcap (Gemma 2: causal, cap 50), bottom-right causal (Sq = S/2, Sk = S) and a score bias
   (a per-head [1, H, S, S] additive bias, as T5 or ALiBi sites pass) at ``--bias-seq``. Providers: the attnopt
-  op as an optimized model runs it (``torch.ops.attnopt.attention``), SDPA (``F.scaled_dot_product_attention``,
+  op as an optimized model runs it (``torch.ops.attnopt.attention``), ``attnopt-blockwise`` (the op with dispatch
+  off: the blockwise kernel, where SDPA would run; it backs the dispatch rule), SDPA (``F.scaled_dot_product_attention``,
   where it can express the case), compiled FlexAttention (``torch.compile(flex_attention)`` with a score_mod
   and block mask) and the eager code the site replaces (materialized scores, as the models write it); forward
   and forward+backward (``--modes``).
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from _common import write_json
 
 import attnopt
+from attnopt.kernels.exact import dispatch
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 
 MODELS = ("llama", "mistral", "gemma2", "bert", "vit", "gpt2")
@@ -215,8 +217,13 @@ def op_providers(case: dict, q, k, v, bias) -> dict:
     def op(q, k, v):
         return torch.ops.attnopt.attention(q, k, v, bias, 0.0, causal, scale, None, softcap)[0]
 
+    def blockwise(q, k, v):
+        with dispatch.disabled():  # on CPU: attnopt's blockwise kernel even where SDPA's runs (backs the rule)
+            return op(q, k, v)
+
     providers = {"attnopt": lambda bwd: _step(op, (q, k, v), bwd)}
     if not softcap:
+        providers["attnopt-blockwise"] = lambda bwd: _step(blockwise, (q, k, v), bwd)
         is_causal = causal == CAUSAL_TOP_LEFT
         sdpa_mask = bias if causal != CAUSAL_BOTTOM_RIGHT else keep
 
