@@ -257,9 +257,9 @@ class Attention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
-def test_report_says_the_reference_runs_on_cpu():
+def test_report_says_what_runs_on_cpu():
     opt = attnopt.optimize(Attention().eval(), "exact", qkv(sq=9, sk=9))
     rep = attnopt.report(opt)
     (site,) = rep.sites
-    assert site.decision == "exact" and site.runs == "reference (CPU)"
-    assert "reference (CPU)" in rep.render(width=200) and '"runs": "reference' in rep.to_json()
+    assert site.decision == "exact" and site.runs == "sdpa-flash (CPU)"
+    assert "sdpa-flash (CPU)" in rep.render(width=200) and '"runs": "sdpa-flash (CPU)' in rep.to_json()

@@ -20,8 +20,12 @@ mask, any floating or boolean mask tensor (not with the flash backend, which tak
 that still refuses the tensors at run time (alignment, head dim) is skipped when measuring, and the
 attnopt kernel runs instead.
 
-Without CUDA nothing is measured: the decision is the reference (``backend="reference"``). Dispatch
-is off (attnopt's kernel always runs) with ``ATTNOPT_SDPA_DISPATCH=0`` or inside :func:`disabled`.
+On CPU nothing is measured: rules decide (:func:`cpu_refusal`). SDPA's CPU flash kernel (``SDPA_CPU``, what
+``F.scaled_dot_product_attention`` runs on CPU) takes every call it can compute exactly, GQA and every causal
+alignment included (:mod:`attnopt.kernels.exact.cpu` adapts them); attnopt's blockwise kernel (``BLOCKWISE``)
+runs the rest. ``benchmarks/cpu.py`` backs the rule: on the calls both can run, SDPA's C++ kernel is the
+faster. Dispatch is off (attnopt's kernel, or the blockwise kernel on CPU, always runs) with
+``ATTNOPT_SDPA_DISPATCH=0`` or inside :func:`disabled`.
 :func:`record` collects the decisions made while it is active, for the report.
 """
 
@@ -44,6 +48,8 @@ from attnopt.codegen.tuning import bucket
 
 ATTNOPT = "attnopt"
 REFERENCE = "reference"
+SDPA_CPU = "sdpa-flash-cpu"  # aten._scaled_dot_product_flash_attention_for_cpu, SDPA's own CPU kernel
+BLOCKWISE = "blockwise"  # attnopt's CPU kernel in torch ops (kernels.exact.cpu_blockwise)
 SDPA_BACKENDS = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 ENV_VAR = "ATTNOPT_SDPA_DISPATCH"  # "0" turns dispatch off: the attnopt kernel always runs
 
@@ -67,6 +73,10 @@ class Decision:
         """One line for the report, e.g. ``attnopt kernel, 1.31x vs sdpa-flash``."""
         if self.backend == REFERENCE:
             return "reference (CPU)"
+        if self.backend == SDPA_CPU:
+            return "sdpa-flash (CPU)"
+        if self.backend == BLOCKWISE:
+            return f"blockwise (CPU: {self.note})" if self.note else "blockwise (CPU)"
         if self.backend == ATTNOPT:
             if self.versus is None:
                 return f"attnopt kernel ({self.note})" if self.note else "attnopt kernel"
@@ -259,14 +269,16 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
     """The implementation to run for this call: see the module docstring.
 
     Sites SDPA cannot run (softcap, dropout, GQA, ...) go to attnopt without measuring, with the reason
-    in :attr:`Decision.note`; CPU tensors go to the reference unless ``env`` is given. ``timer``
+    in :attr:`Decision.note`; CPU tensors follow :func:`cpu_refusal` unless ``env`` is given. ``timer``
     (default ``triton.testing.do_bench``) times a callable in milliseconds; ``env`` (default: the
     tensors' GPU) names the device in the dispatch key. Passing both runs the decision on any device.
     """
+    off = "SDPA dispatch off" if _DISABLED.get() else f"{ENV_VAR}=0"
     if not q.is_cuda and env is None:
-        return note(Decision(REFERENCE))
+        refusal = cpu_refusal(q, k, v, attn_mask, dropout_p, softcap) if enabled() else off
+        return note(Decision(BLOCKWISE, note=refusal) if refusal else Decision(SDPA_CPU))
     if not enabled():
-        return note(Decision(ATTNOPT, note="SDPA dispatch off" if _DISABLED.get() else f"{ENV_VAR}=0"))
+        return note(Decision(ATTNOPT, note=off))
     site = Site.of(q, k, v, attn_mask, causal, dropout_p, backward)
     refusal = "softcap: SDPA has none" if softcap > 0.0 else site.sdpa_refusal()
     if refusal:
@@ -280,6 +292,24 @@ def choose(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.T
 
         timer = do_bench
     return note(decide(site, env, lambda name: _time(name, q, k, v, attn_mask, causal, scale, backward, timer)))
+
+
+def cpu_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                dropout_p: float, softcap: float) -> str:
+    """Why SDPA's CPU flash kernel cannot compute this call exactly (the blockwise kernel runs it), or ""."""
+    if softcap > 0.0:
+        return "softcap: SDPA has none"
+    if dropout_p > 0.0:
+        return "dropout: SDPA cannot replay attnopt's seeded mask"
+    if v.shape[-1] != q.shape[-1]:
+        return "value head dim differs from the query's: SDPA's CPU kernel needs them equal"
+    if q.numel() == 0 or k.shape[2] == 0:
+        return "empty sequence"
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype}"
+    if attn_mask is not None and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+        return f"a {attn_mask.dtype} additive mask with {q.dtype} inputs: SDPA would round it to {q.dtype}"
+    return ""
 
 
 def normalize_lse(lse: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """attnopt's torch custom ops: ``torch.ops.attnopt.attention`` and its backward.
 
 Both ops have a fake implementation (so ``torch.compile`` and ``torch.export`` trace them without
-running them), a CPU implementation (the plain PyTorch reference, :mod:`attnopt.kernels.exact.reference`) and a CUDA
+running them), a CPU implementation (:mod:`attnopt.kernels.exact.cpu`: SDPA's CPU flash kernel where it computes
+the call exactly, attnopt's blockwise kernel elsewhere; never the ``[Sq, Sk]`` reference) and a CUDA
 implementation that launches the Triton kernel generated for the call's spec.
 
 The CUDA forward first asks :mod:`attnopt.kernels.exact.dispatch` whether an SDPA backend runs the
@@ -23,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnopt.kernels.exact import dispatch, reference, triton_impl
+from attnopt.kernels.exact import cpu, dispatch, reference, triton_impl
 from attnopt.kernels.exact.padding import key_padding_lengths
 from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
 
@@ -71,8 +72,7 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, attn_mask)
-    dispatch.note(dispatch.Decision(dispatch.REFERENCE))
-    return contiguous(*reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
+    return contiguous(*cpu.forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
 
 
 @attention_fwd.register_fake
@@ -118,9 +118,8 @@ def attention_bwd(
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
-    dq, dk, dv, dmask = reference.attention_backward(
-        dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
-    )
+    dq, dk, dv, dmask = cpu.backward(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad,
+                                     softcap)
     return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
 
 
