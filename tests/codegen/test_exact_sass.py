@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-TUTORIAL_INSTRUCTIONS = 520  # the tutorial's interior loop at 128x128, D128, bf16 on sm_90a (issue 14's review)
+TUTORIAL_INSTRUCTIONS = 520  # the tutorial's interior loop at 128x128, D128, bf16 on sm_90a (measured by the review)
 
 _SCRIPT = """
 import json, sys
@@ -43,7 +43,7 @@ def test_no_spill_no_serialized_wgmma_and_shared_within_the_limit(records, name)
 
 
 def test_forward_interior_loop_matches_the_tutorial(records):
-    """Before issue 14: 16 HGMMA each followed by a WARPGROUP.DEPBAR (32 warpgroup ops) and 664 instructions."""
+    """Before the fix: 16 HGMMA each followed by a WARPGROUP.DEPBAR (32 warpgroup ops) and 664 instructions."""
     rec = records["fwd_d128_c0"]
     assert rec["tiles"] == [128, 128, 8, 3]
     loop = next(lp for lp in rec["loops"] if lp["hgmma"])

@@ -1,4 +1,4 @@
-"""The CI gate of issue 14: attnopt's kernels compiled for sm_80 and sm_90a without a GPU (``attnopt kernels build``).
+"""The CI gate: attnopt's kernels compiled for sm_80 and sm_90a without a GPU (``attnopt kernels build``).
 
 One subprocess (Triton's compiler, not the interpreter conftest.py selects) builds a representative subset:
 every family, forward and backward, including the kernels the issue's review flagged. A kernel fails on a
@@ -21,17 +21,9 @@ ARCHS = ("sm_80", "sm_90a")
 SUBSET = ("exact_d128.fwd", "exact_d128.bwd_dq", "exact_d128.bwd_dkdv", "sparse_window_d128.dkdv",
           "linear_d128.grad", "sigmoid_d64.fwd", "sigmoid_d128.bwd_kv")  # fmt: skip
 
-# (arch, name) -> the finding that still breaks a gate (issue 14's review, reproduced by this build)
-FINDINGS = {
-    ("sm_90a", "exact_d128.fwd"): "C7515: wgmma serialized (every HGMMA followed by a WARPGROUP.DEPBAR)",
-    ("sm_90a", "exact_d128.bwd_dq"): "C7515: wgmma serialized (strided key loop)",
-    ("sm_90a", "exact_d128.bwd_dkdv"): "C7515: wgmma serialized (strided query loop)",
-    ("sm_80", "sparse_window_d128.dkdv"): "8 B spill: fixed 64x64 tiles, 4 warps on every GPU",
-    ("sm_90a", "sparse_window_d128.dkdv"): "80 B spill and C7512 serialized wgmma: fixed 64x64 tiles, 4 warps",
-    ("sm_80", "linear_d128.grad"): "229,376 B shared > 166,912 B (cannot launch on A100) and 1004 B spill",
-    ("sm_90a", "linear_d128.grad"): "425,984 B shared > 232,448 B (cannot launch on H100) and 296 B spill",
-    ("sm_90a", "sigmoid_d128.bwd_kv"): "148 B spill",
-}
+# (arch, name) -> a finding that still breaks a gate, as an xfail(strict=True) naming it (none today: every
+# finding of the review is fixed; a new one goes here with its reason until it is)
+FINDINGS: dict[tuple[str, str], str] = {}
 
 def _tools_installed() -> bool:
     try:
@@ -117,10 +109,8 @@ def test_resource_gates(built, arch, name):
     assert rec["problems"] == [], f"{arch} {name}: {rec['problems']} {rec.get('error', '')}"
 
 
-@pytest.mark.xfail(strict=True, reason="32 warpgroup ops and 778 instructions per iteration vs the tutorial's 3 and "
-                   "534: every HGMMA waits for the previous (C7515)")  # fmt: skip
 def test_exact_forward_interior_loop_within_the_tutorials(built):
-    """Issue 14: the exact forward's interior loop (D128 bf16 non-causal, sm_90a) has at most the warpgroup ops of
+    """The exact forward's interior loop (D128 bf16 non-causal, sm_90a) has at most the warpgroup ops of
     Triton's fused-attention tutorial forward at the same tiles and at most 1.05x its instructions."""
     cmp = built["compare"]
     ours, theirs = cmp["attnopt"]["interior_loop"], cmp["tutorial"]["interior_loop"]
