@@ -321,9 +321,10 @@ def test_site_of_tensors():
     assert s.head_dim_v == 32 and s.same_length and s.backward
 
 
-def test_choose_on_cpu_is_the_reference():
+def test_choose_on_cpu_never_runs_the_reference():
     q = torch.zeros(1, 2, 8, 16)
-    assert dispatch.choose(q, q, q) == dispatch.Decision("reference")
+    assert dispatch.choose(q, q, q).backend == dispatch.SDPA_CPU  # SDPA's CPU flash kernel, where it is exact
+    assert dispatch.choose(q, q, q, softcap=5.0).backend != "reference"  # the tiled kernel for what it cannot run
 
 
 def test_fallback_after_a_rejected_configuration():

@@ -252,3 +252,20 @@ def test_worker_threads_share_the_callers_mode(mode, monkeypatch):
     with torch.inference_mode() if mode == "inference" else torch.no_grad():
         got = torch.ops.attnopt.attention(q, k, v, None, 0.0, BR, 0.3, None, 5.0)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.get_num_threads() == threads
+
+
+def test_keys_stored_transposed_are_read_as_keys():
+    """A key view with a strided head dim (keys stored [B, H, D, S], transposed) gives the contiguous keys' output
+    and gradients: the CPU path once read such a view as if its rows were contiguous."""
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.randn(2, 3, 9, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g)
+    k_stored = torch.randn(2, 3, 8, 11, generator=g)
+    views = [k_stored.transpose(-1, -2).detach().requires_grad_(True),
+             k_stored.transpose(-1, -2).contiguous().requires_grad_(True)]  # fmt: skip
+    outs = []
+    for k in views:
+        out, _ = torch.ops.attnopt.attention(q, k, v, None, 0.0, 0, 0.35, None)
+        out.sum().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(views[0].grad, views[1].grad)

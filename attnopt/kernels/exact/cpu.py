@@ -32,8 +32,15 @@ from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype
 _NEG_INF = float("-inf")
 
 
+def _unit_rows(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Each tensor with a unit stride along its last (head) dim: both implementations read rows of D contiguous
+    elements; a view whose head dim is strided (keys stored [B, H, D, S] and transposed) is copied once."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
 def forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of the exact op on CPU, by the implementation :func:`dispatch.choose` picks (and records)."""
+    q, k, v = _unit_rows(q, k, v)
     decision = dispatch.choose(q, k, v, attn_mask, causal, scale, dropout_p, softcap)
     if decision.backend == dispatch.SDPA_CPU:
         return sdpa_forward(q, k, v, attn_mask, causal, scale)
@@ -42,6 +49,7 @@ def forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap) -> tupl
 
 def backward(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap):
     """``(dq, dk, dv, dmask or None)`` on CPU: SDPA's flash backward where it is exact, else blockwise."""
+    dout, q, k, v, out = _unit_rows(dout, q, k, v, out)
     refusal = dispatch.cpu_refusal(q, k, v, attn_mask, dropout_p, softcap) or _backward_refusal(attn_mask, lse,
                                                                                                  mask_grad)
     if not refusal and dispatch.enabled():
