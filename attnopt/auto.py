@@ -74,6 +74,7 @@ class _Calibrator:
         self.namer = SiteNamer(model)
         self.assignment: dict[str, Variant] = {}
         self.contexts: list[Context] = []
+        self.operands: dict[int, dict] = {}  # graph index -> its sites' operand values (see _operand_values)
 
     def __call__(self, gm: GraphModule, example_inputs: list):
         ctx = Context(Policy(), graph_index=len(self.contexts), example_inputs=list(example_inputs),
@@ -112,12 +113,21 @@ class _Calibrator:
         if not found or validation_skip(found[0][0].example_inputs):
             return "", [None] * len(variants)
         ctx, r = found[0]
-        recorder = Recorder(ctx.original, set(r.match.operands()))
+        values = self._operand_values(ctx)
+        args = [values[o] for o in r.match.operands()]
+        device = device_of(args)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            recorder.run(*[concrete(x) for x in ctx.example_inputs])
-            args = [recorder.values[o] for o in r.match.operands()]
-            device = device_of(args)
             return device_label(device), [_time_variant(v, r.match, args, device) for v in variants]
+
+    def _operand_values(self, ctx: Context) -> dict:
+        """The operands of every site of ``ctx``'s graph on the example inputs: one run of the graph, kept for
+        the timings of all its sites."""
+        if ctx.graph_index not in self.operands:
+            recorder = Recorder(ctx.original, {o for r in ctx.records for o in r.match.operands()})
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                recorder.run(*[concrete(x) for x in ctx.example_inputs])
+            self.operands[ctx.graph_index] = recorder.values
+        return self.operands[ctx.graph_index]
 
     def own_masks(self, names: set[str]) -> dict[str, masks.Mask]:
         """The masks of sites ``names`` on the example inputs, where they are structured (what exact-sparse
