@@ -63,6 +63,10 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
         mask = attn_mask
     q, k, v, squeeze = _batched(q, k, v)
     _check_heads(q, k)
+    if is_block_mask(mask) and tuple(mask.seq_lengths) != (q.shape[2], k.shape[2]):
+        raise ValueError(f"attnopt.attention: the BlockMask was built for Sq, Sk = {tuple(mask.seq_lengths)}; the call "
+                         f"has {q.shape[2]}, {k.shape[2]}: build it with create_block_mask(mask_mod, B, H, "
+                         f"{q.shape[2]}, {k.shape[2]})")  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     variant = _as_variant(variant)
     if score_mod is not None:
