@@ -102,11 +102,17 @@ def _check_heads(q, k) -> None:
                          "multiple of Hkv")  # fmt: skip
 
 
+@torch.compiler.assume_constant_result
+def _parsed(text: str):
+    """The variant of a policy string (parsed in plain Python: a constant under dynamo)."""
+    return parse_variant(text)
+
+
 def _as_variant(variant: Any):
     if variant is None:
         return Exact()
     if isinstance(variant, str):
-        variant = parse_variant(variant)
+        variant = _parsed(variant)
     if isinstance(variant, Keep):
         return Exact()
     if not isinstance(variant, (Exact, Sparse, Linear, Sigmoid)):
