@@ -123,7 +123,9 @@ def _as_variant(variant: Any):
 
 def is_descriptor(mask) -> bool:
     """Whether ``mask`` is a mask descriptor, a FlexAttention BlockMask or a mask_mod (not a tensor, not None)."""
-    return isinstance(mask, masks.Mask) or is_block_mask(mask) or (callable(mask) and not isinstance(mask, torch.Tensor))
+    if isinstance(mask, masks.Mask) or is_block_mask(mask):
+        return True
+    return callable(mask) and not isinstance(mask, torch.Tensor)
 
 
 def as_descriptor(mask) -> masks.Mask:

@@ -97,7 +97,8 @@ def test_block_mask_full_blocks_skip_the_mask_mod_as_in_flex_attention():
     q, k, v = _qkv(S, S, batch=1)  # (compiled FlexAttention reads this one-row BlockMask out of bounds for B > 1)
     nb = S // 16
     kv_num = torch.tensor([[[1, 1, 1, 0]]], dtype=torch.int32)  # partial: block (r, r) for rows 0-2
-    kv_idx = ((torch.arange(nb)[None, :] + torch.arange(nb)[:, None]) % nb).to(torch.int32)[None, None]  # row r: r first
+    # row r lists block r first (its one partial block)
+    kv_idx = ((torch.arange(nb)[None, :] + torch.arange(nb)[:, None]) % nb).to(torch.int32)[None, None]
     full_num = torch.tensor([[[0, 1, 1, 1]]], dtype=torch.int32)  # full: block (r, 0) for rows 1-3
     full_idx = torch.zeros(1, 1, nb, nb, dtype=torch.int32)
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=16, mask_mod=causal_mask,
