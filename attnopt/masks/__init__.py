@@ -16,6 +16,7 @@ Importing this package needs torch only (sympy and matplotlib are imported when 
 from attnopt.masks.base import EMPTY, FULL, PARTIAL, And, Mask, Or, from_dict, lookup
 from attnopt.masks.blockmap import KIND_BITS, KIND_FULL, KIND_PARTIAL, BlockMap, build
 from attnopt.masks.general import BlockSparse, MaskMod, from_mask_mod
+from attnopt.masks.flex import from_block_mask
 from attnopt.masks.sliding_window import SlidingWindow, TopLeft, causal
 from attnopt.masks.document import Document
 from attnopt.masks.neighborhood import Neighborhood
@@ -27,5 +28,5 @@ from attnopt.masks.residue import ResidueOrder, residue_order
 __all__ = [
     "EMPTY", "FULL", "KIND_BITS", "KIND_FULL", "KIND_PARTIAL", "PARTIAL", "And", "BlockMap", "BlockSparse",
     "Blocked", "Document", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "ResidueOrder", "SlidingWindow",
-    "Strided", "TopLeft", "build", "causal", "from_dict", "from_mask_mod", "lookup", "residue_order",
+    "Strided", "TopLeft", "build", "causal", "from_block_mask", "from_dict", "from_mask_mod", "lookup", "residue_order",
 ]  # fmt: skip

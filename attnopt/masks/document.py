@@ -77,12 +77,24 @@ class Document(Mask):
                              f"the attention has Sq={sq}, Sk={sk} (pack the sequences end to end, no padding)")  # fmt: skip
 
     def predicate(self, q, k, h, sq, sk, ops):
+        if ops.name == "torch":  # on tensors: each position's document by binary search
+            return self._same_document(q, k)
         cq, ck = _bounds(self.lengths).tolist(), _bounds(self.keys).tolist()
         out = ops.true_like(q, k)
         for a, b in zip(cq[1:-1], ck[1:-1]):  # same document: on the same side of every boundary
             out = out & ((q < a) == (k < b))
         if self.causal:
             out = out & (k - self._end_offset(q, cq, ck) <= q)
+        return out
+
+    def _same_document(self, q, k):
+        """The element test on int64 position tensors (what the Triton form spells out boundary by boundary)."""
+        cq, ck = _bounds(self.lengths).to(q.device), _bounds(self.keys).to(q.device)
+        dq, dk = self._docs(q, cq), self._docs(k, ck)
+        out = dq == dk
+        if self.causal:
+            d = dq.clamp(max=len(self.lengths) - 1)
+            out = out & (k - (ck[d + 1] - cq[d + 1]) <= q)
         return out
 
     @staticmethod

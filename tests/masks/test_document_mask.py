@@ -89,6 +89,7 @@ TRITON_MASKS = {
     "document_causal": (masks.Document((10, 17, 10), causal=True), 37, 37),
     "document_cross_causal": (masks.Document((10, 17, 10), (5, 20, 12), causal=True), 37, 37),
     "document_cross": (masks.Document((19, 26), (12, 7)), 45, 19),
+    "document_empty_documents": (masks.Document((10, 0, 17, 0, 10), (5, 3, 20, 0, 9), causal=True), 37, 37),
     "top_left_window": (masks.TopLeft(masks.SlidingWindow(4, 3)), 19, 45),
 }
 
