@@ -51,7 +51,8 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
     ``score_mod(score, b, h, q_idx, kv_idx)``: FlexAttention's score modification, compiled into the exact kernels.
     ``variant``: None or :class:`attnopt.Exact` (the same function), :class:`attnopt.Sparse` (its mask on top of
     ``mask``), :class:`attnopt.Linear`, :class:`attnopt.Sigmoid`, or a policy string (``"linear:relu"``).
-    ``return_lse``: also return the log-sum-exp of the scaled scores, [B, Hq, Sq] fp32 (softmax variants only).
+    ``return_lse``: also return the log-sum-exp of the scaled scores, [B, Hq, Sq] fp32 (softmax variants only),
+    detached: the kernels' backward differentiates the output only.
     ``dropout_p``: attention dropout (exact attention with a tensor mask or none).
     """
     if positional:
@@ -84,7 +85,7 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
     if lse is None:
         raise ValueError(f"attnopt.attention: return_lse=True needs a softmax variant; {variant.name} attention has no "
                          "log-sum-exp (drop return_lse, or use variant=None / Exact / Sparse)")  # fmt: skip
-    return out, lse
+    return out, lse.detach()  # the kernels' backward differentiates the output only: the lse carries no gradient
 
 
 def _batched(q, k, v):

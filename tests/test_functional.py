@@ -142,6 +142,7 @@ def test_return_lse_is_the_log_sum_exp_of_the_visible_scaled_scores():
     for kwargs in (dict(mask=WINDOW), dict(mask=dense)):
         out, lse = attnopt.attention(q, k, v, return_lse=True, **kwargs)
         torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
+        assert not lse.requires_grad  # the backward ignores it: never a silently missing gradient
         torch.testing.assert_close(out, _sdpa(q, k, v, dense), atol=1e-5, rtol=1e-5)
 
 
