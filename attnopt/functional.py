@@ -52,7 +52,7 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
     ``variant``: None or :class:`attnopt.Exact` (the same function), :class:`attnopt.Sparse` (its mask on top of
     ``mask``), :class:`attnopt.Linear`, :class:`attnopt.Sigmoid`, or a policy string (``"linear:relu"``).
     ``return_lse``: also return the log-sum-exp of the scaled scores, [B, Hq, Sq] fp32 (softmax variants only),
-    detached: the kernels' backward differentiates the output only.
+    differentiable (one more kernel call when q or k requires grad).
     ``dropout_p``: attention dropout (exact attention with a tensor mask or none).
     """
     if positional:
@@ -77,7 +77,9 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
     elif isinstance(variant, Sigmoid):
         out, lse = _sigmoid(q, k, v, mask, variant, is_causal, scale, dropout_p), None
     else:
-        out, lse = _softmax(q, k, v, mask, variant, is_causal, scale, dropout_p)
+        run = _softmax(q, k, mask, variant, is_causal, scale, dropout_p)
+        out, lse = run(q, k, v, dropout_p)
+        lse = _lse_with_gradient(run, q, k, lse, scale, mask) if return_lse else lse
     if squeeze:
         out, lse = out.squeeze(0), None if lse is None else lse.squeeze(0)
     if not return_lse:
@@ -85,7 +87,7 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
     if lse is None:
         raise ValueError(f"attnopt.attention: return_lse=True needs a softmax variant; {variant.name} attention has no "
                          "log-sum-exp (drop return_lse, or use variant=None / Exact / Sparse)")  # fmt: skip
-    return out, lse.detach()  # the kernels' backward differentiates the output only: the lse carries no gradient
+    return out, lse
 
 
 def _batched(q, k, v):
@@ -188,29 +190,46 @@ def _no_dropout(dropout_p: float, what: str) -> None:
                          "exact attention with a tensor mask or none)")  # fmt: skip
 
 
-def _softmax(q, k, v, mask, variant, is_causal, scale, dropout_p):
-    """Exact and sparse attention: ``(out, lse)``."""
+def _softmax(q, k, mask, variant, is_causal, scale, dropout_p):
+    """Exact and sparse attention: the checked call, ``run(q, k, v, dropout_p) -> (out, lse)`` (a closure, so the
+    lse's gradient can call it again)."""
     sq, sk, hq = q.shape[2], k.shape[2], q.shape[1]
     extra = variant.mask if isinstance(variant, Sparse) else None  # a descriptor, or "auto" (the site's own mask)
     if extra == "auto":
         extra = None
+    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
     if extra is None and isinstance(variant, Sparse) and not is_descriptor(mask):
         _no_dropout(dropout_p, "exact-sparse attention (Sparse('auto'))")
         tensor = _tensor_mask(mask, is_causal)
-        causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
-        return torch.ops.attnopt.sparse_attention_auto(q, k, v, tensor, causal, scale)
+        return lambda q, k, v, p: torch.ops.attnopt.sparse_attention_auto(q, k, v, tensor, causal, scale)
     descriptor = mask if is_descriptor(mask) else None
     if descriptor is None and extra is None:
         tensor = _tensor_mask(mask, is_causal)
-        seed = new_seed() if dropout_p > 0.0 else None
-        causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
-        return torch.ops.attnopt.attention(q, k, v, tensor, float(dropout_p), causal, scale, seed)
+        return lambda q, k, v, p: torch.ops.attnopt.attention(q, k, v, tensor, float(p), causal, scale,
+                                                              new_seed() if p > 0.0 else None)  # fmt: skip
     _no_dropout(dropout_p, "attention under a mask descriptor (the sparse kernels)")
     tensor = None if descriptor is not None else _tensor_mask(mask, False)
     if tensor is not None and tensor.dim() < 4:  # the sparse op reads a 4-D mask; SDPA broadcasts leading dims
         tensor = tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
     key = _mask_key(descriptor, extra, bool(is_causal), sq, sk, hq)
-    return torch.ops.attnopt.sparse_attention(q, k, v, tensor, None, key, scale)
+    return lambda q, k, v, p: torch.ops.attnopt.sparse_attention(q, k, v, tensor, None, key, scale)
+
+
+def _lse_with_gradient(run, q, k, lse, scale: float, mask):
+    """``lse`` carrying its gradient (the ops' backward differentiates the output only).
+
+    ``d lse_i / d s_ij = P_ij`` with ``s = scale·q kᵀ``: dq_i gets ``scale·dlse_i·(P k)_i`` and dk_j
+    ``scale·Σ_i dlse_i P_ij q_i``. One more call with the keys as values gives ``P k``, and its backward through
+    those values ``Pᵀ(scale·dlse·q)``; the surrogate below has exactly these gradients and is zero in value.
+    A floating-point mask that requires grad would need ``dlse_i P_ij`` as well: its lse stays detached.
+    """
+    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad):
+        return lse.detach()
+    if isinstance(mask, torch.Tensor) and mask.requires_grad:
+        return lse.detach()
+    pk, _ = run(q.detach(), k.detach(), k, 0.0)  # [B, Hq, Sq, D]: P k, differentiable through its values only
+    surrogate = scale * ((q * pk.detach()).sum(-1) + (q.detach() * pk).sum(-1))
+    return lse.detach() + (surrogate - surrogate.detach()).to(lse.dtype)
 
 
 def _tensor_mask(mask, is_causal: bool):

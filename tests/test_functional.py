@@ -72,6 +72,18 @@ def test_each_variant_compiles_with_no_graph_break(name):
     _assert_same(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v), (q, k, v), atol=0)
 
 
+@pytest.mark.parametrize("mask", [None, WINDOW])
+def test_lse_and_its_gradient_compile_with_no_graph_break(mask):
+    q, k, v = _qkv()
+
+    def f(q, k, v):
+        out, lse = attnopt.attention(q, k, v, mask=mask, is_causal=True, return_lse=True)
+        return out.sum(-1) + lse
+
+    torch._dynamo.reset()
+    _assert_same(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v), (q, k, v), atol=0)
+
+
 def test_descriptors_built_inside_the_compiled_function_are_read_field_by_field():
     """dynamo cannot hand over an object it built: the descriptor crosses as its fields, never as defaults (a
     SlidingWindow rebuilt from its class defaults would be full attention)."""
@@ -134,16 +146,23 @@ def test_top_left_and_bottom_right_causal(sq, sk):
         assert torch.all(got[:, :, ~rows] == 0)
 
 
-def test_return_lse_is_the_log_sum_exp_of_the_visible_scaled_scores():
+@pytest.mark.parametrize("how", ["descriptor", "tensor", "exact_sparse"])
+def test_return_lse_is_the_log_sum_exp_of_the_visible_scaled_scores_with_its_gradient(how):
+    """Forward and backward of ``out`` and ``lse`` together (a merge of partial attentions differentiates both)."""
     q, k, v = _qkv()
-    dense = WINDOW.dense(24, 24)
+    dense = masks.causal().dense(24, 24) if how == "exact_sparse" else WINDOW.dense(24, 24)
+    kwargs = {"descriptor": dict(mask=WINDOW), "tensor": dict(mask=dense),
+              "exact_sparse": dict(variant="sparse", is_causal=True)}[how]  # fmt: skip
     scores = (q @ k.repeat_interleave(2, dim=1).transpose(-2, -1)) / math.sqrt(8)
-    want = torch.logsumexp(scores.masked_fill(~dense, float("-inf")), dim=-1)
-    for kwargs in (dict(mask=WINDOW), dict(mask=dense)):
-        out, lse = attnopt.attention(q, k, v, return_lse=True, **kwargs)
-        torch.testing.assert_close(lse, want, atol=1e-5, rtol=1e-5)
-        assert not lse.requires_grad  # the backward ignores it: never a silently missing gradient
-        torch.testing.assert_close(out, _sdpa(q, k, v, dense), atol=1e-5, rtol=1e-5)
+    want_lse = torch.logsumexp(scores.masked_fill(~dense, float("-inf")), dim=-1)
+    out, lse = attnopt.attention(q, k, v, return_lse=True, **kwargs)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, _sdpa(q, k, v, dense), atol=1e-5, rtol=1e-5)
+    weight = torch.randn(lse.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad((out.sum(-1) + lse * weight).sum(), (q, k, v))
+    want = torch.autograd.grad((_sdpa(q, k, v, dense).sum(-1) + want_lse * weight).sum(), (q, k, v))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_variant_reads_a_tensor_mask_on_its_tiles():
