@@ -22,10 +22,33 @@ import attnopt.kernels.sparse.ops  # noqa: F401  (registers torch.ops.attnopt.sp
 from attnopt.masks import Neighborhood
 
 
+# Spatial tiles hold at most this many tokens (a kernel tile's rows): the sparse ops run the grid's tokens tile by tile,
+# so a query tile's neighborhood is a few dense key tiles, as in NATTEN's fused kernels.
+TILE_TOKENS = 64
+
+
+def spatial_tile(grid: tuple) -> tuple | None:
+    """The tile shape the ops reorder a 2-D or 3-D grid's tokens into (None: row-major): sides doubled in turn, from
+    the last axis, while they divide the grid and the tile holds at most :data:`TILE_TOKENS` tokens (near-square
+    tiles: an isotropic neighborhood then spans the fewest)."""
+    if len(grid) < 2:
+        return None
+    tile = [1] * len(grid)
+    grown = True
+    while grown:
+        grown = False
+        for a in reversed(range(len(grid))):
+            if grid[a] % (2 * tile[a]) == 0 and 2 * math.prod(tile) <= TILE_TOKENS:
+                tile[a] *= 2
+                grown = True
+    return tuple(tile) if math.prod(tile) > 1 else None
+
+
 @torch.compiler.assume_constant_result
 def _mask_key(kernel_size, stride, dilation, is_causal, grid: tuple, extra: int) -> str:
     """The sparse op's key of the neighborhood (global tokens: the additional keys, first); a constant under dynamo."""
-    mask = Neighborhood(kernel_size, dilation, stride, is_causal, grid=grid, global_tokens=extra)
+    mask = Neighborhood(kernel_size, dilation, stride, is_causal, grid=grid, global_tokens=extra,
+                        tile=spatial_tile(grid))  # fmt: skip
     mask.check(math.prod(grid) + extra, math.prod(grid) + extra, 1)
     return mask.key()
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attnopt
+from attnopt.natten import spatial_tile
 
 
 def _axis_keys(x: int, n: int, kernel: int, dilation: int, stride: int, causal: bool) -> set:
@@ -83,6 +84,17 @@ def test_matches_the_dense_reference(name):
     dout = torch.randn(got.shape, generator=g)
     for a, b in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_grids_run_in_spatial_tiles_where_they_divide():
+    """(The cases above run both ways: (8, 8), (9, 10), (4, 5, 6) and (5, 4, 6) in tiles, (7, 9) row-major.)"""
+    assert spatial_tile((8, 8)) == (8, 8)
+    assert spatial_tile((32, 32)) == (8, 8)
+    assert spatial_tile((16, 64)) == (8, 8)
+    assert spatial_tile((9, 10)) == (1, 2)
+    assert spatial_tile((4, 5, 6)) == (4, 1, 2)
+    assert spatial_tile((7, 9)) is None
+    assert spatial_tile((13,)) is None
 
 
 def test_reference_semantics_on_a_line():
