@@ -30,11 +30,12 @@ def is_block_mask(obj) -> bool:
 
 
 def _dense(num_blocks: torch.Tensor, indices: torch.Tensor, columns: int) -> torch.Tensor:
-    """bool [B, H, query blocks, columns]: the key blocks listed in ``indices[..., :num_blocks]``."""
+    """bool [B, H, query blocks, columns]: the key blocks listed in ``indices[..., :num_blocks]``, on the BlockMask's
+    device (where its mask_mod's tensors live: the wrapper is evaluated there)."""
     listed = torch.arange(indices.shape[-1], device=indices.device) < num_blocks.unsqueeze(-1)
     cols = torch.where(listed, indices.long(), columns)  # unlisted entries go to a spare column, dropped below
     out = torch.zeros(*indices.shape[:-1], columns + 1, dtype=torch.bool, device=indices.device)
-    return out.scatter(-1, cols, True)[..., :columns].cpu()
+    return out.scatter(-1, cols, True)[..., :columns]
 
 
 def from_block_mask(block_mask) -> MaskMod:

@@ -6,6 +6,8 @@ compared with eager attention under the dense mask FlexAttention's ``create_mask
 All in fp32, within 1e-5.
 """
 
+import functools
+
 import pytest
 import torch
 from attn_gym.masks import (causal_mask, generate_dilated_sliding_window, generate_doc_mask_mod,
@@ -15,6 +17,7 @@ from attn_gym.masks import (causal_mask, generate_dilated_sliding_window, genera
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 import attnopt
+from attnopt.masks.general import closure_device
 
 S, B, H, D = 64, 2, 2, 16
 OFFSETS = torch.tensor([0, 10, 30, 64])
@@ -118,3 +121,21 @@ def test_block_mask_of_other_lengths_is_refused():
     block_mask = create_block_mask(causal_mask, None, None, 2 * S, 2 * S, device="cpu")
     with pytest.raises(ValueError, match=r"BlockMask.*128.*64"):
         attnopt.attention(q, k, v, mask=block_mask)
+
+
+def test_mask_mods_closing_over_device_tensors_are_evaluated_on_that_device():
+    """FlexAttention evaluates a mask_mod on its inputs' device; attnopt finds the device of the tensors a mask_mod
+    closes over (through nested closures and partials) and evaluates it there ("meta" stands in for a GPU)."""
+    doc_ids = torch.zeros(S, dtype=torch.long, device="meta")
+
+    def same_doc(b, h, q_idx, kv_idx):
+        return doc_ids[q_idx] == doc_ids[kv_idx]
+
+    def by_argument(b, h, q_idx, kv_idx, ids):
+        return ids[q_idx] == ids[kv_idx]
+
+    assert closure_device(same_doc) == torch.device("meta")
+    assert closure_device(generate_doc_mask_mod(same_doc, OFFSETS)) == torch.device("meta")
+    assert closure_device(functools.partial(by_argument, ids=doc_ids)) == torch.device("meta")
+    assert closure_device(generate_doc_mask_mod(causal_mask, OFFSETS)) is None  # CPU tensors: evaluated in place
+    assert closure_device(causal_mask) is None
