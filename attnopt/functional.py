@@ -70,6 +70,9 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
                          f"{q.shape[2]}, {k.shape[2]})")  # fmt: skip
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     variant = _as_variant(variant)
+    if return_lse and isinstance(variant, (Linear, Sigmoid)):
+        raise ValueError(f"attnopt.attention: return_lse=True needs a softmax variant; {variant.name} attention has no "
+                         "log-sum-exp (drop return_lse, or use variant=None / Exact / Sparse)")  # fmt: skip
     if score_mod is not None:
         out, lse = _score_mod(q, k, v, score_mod, mask, variant, is_causal, scale, enable_gqa, dropout_p)
     elif isinstance(variant, Linear):
@@ -82,12 +85,7 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
         lse = _lse_with_gradient(run, q, k, lse, scale, mask) if return_lse else lse
     if squeeze:
         out, lse = out.squeeze(0), None if lse is None else lse.squeeze(0)
-    if not return_lse:
-        return out
-    if lse is None:
-        raise ValueError(f"attnopt.attention: return_lse=True needs a softmax variant; {variant.name} attention has no "
-                         "log-sum-exp (drop return_lse, or use variant=None / Exact / Sparse)")  # fmt: skip
-    return out, lse
+    return (out, lse) if return_lse else out
 
 
 def _batched(q, k, v):
