@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import operator
 from typing import Any
 
 import torch
@@ -80,7 +81,7 @@ def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_
     elif isinstance(variant, Sigmoid):
         out, lse = _sigmoid(q, k, v, mask, variant, is_causal, scale, dropout_p), None
     else:
-        run = _softmax(q, k, mask, variant, is_causal, scale, dropout_p)
+        run = _softmax(mask, variant, is_causal, scale, dropout_p)
         out, lse = run(q, k, v, dropout_p)
         lse = _lse_with_gradient(run, q, k, lse, scale, mask) if return_lse else lse
     if squeeze:
@@ -164,22 +165,34 @@ def _rebuilt(portable) -> masks.Mask:
     return as_descriptor(portable)
 
 
-def _mask_key(mask, extra, is_causal: bool, sq: int, sk: int, heads: int) -> str:
+def static(value):
+    """``value`` (ints, or dicts, lists and tuples of them) with every symbolic int made a plain one: dynamo's automatic
+    dynamic shapes turns the sizes, and the int fields of a mask passed to a compiled function, into symbols when a
+    call recompiles; a mask is a constant of the graph (the compiled call then guards on those values)."""
+    if isinstance(value, dict):
+        return {key: static(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [static(item) for item in value]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+        return value
+    return operator.index(value)  # (int() leaves a symbol symbolic under dynamo; operator.index specializes it)
+
+
+def _mask_key(mask, extra, is_causal: bool) -> str:
     """The sparse op's key of ``mask`` and ``extra`` (descriptors or None; one at least), with top-left causal when
-    ``is_causal``, checked against the sizes."""
-    return _constant_key(_portable(mask), _portable(extra), is_causal, sq, sk, heads)
+    ``is_causal``. The op checks it against the call's sizes (which may stay symbolic under dynamo)."""
+    return _constant_key(static(_portable(mask)), static(_portable(extra)), is_causal)
 
 
 @torch.compiler.assume_constant_result
-def _constant_key(mask, extra, is_causal: bool, sq: int, sk: int, heads: int) -> str:
-    """:func:`_mask_key`'s work, a constant under dynamo: the descriptors are rebuilt, checked and serialized here, in
-    plain Python, once per compilation."""
+def _constant_key(mask, extra, is_causal: bool) -> str:
+    """:func:`_mask_key`'s work, a constant under dynamo: the descriptors are rebuilt and serialized here, in plain
+    Python, once per compilation."""
     parts = [_rebuilt(m) for m in (mask, extra) if m is not None]
     if is_causal:
         parts.append(masks.causal("top-left"))
-    full = parts[0] if len(parts) == 1 else masks.And(tuple(parts))
-    full.check(sq, sk, heads)
-    return full.key()
+    return (parts[0] if len(parts) == 1 else masks.And(tuple(parts))).key()
 
 
 def _no_dropout(dropout_p: float, what: str) -> None:
@@ -188,10 +201,9 @@ def _no_dropout(dropout_p: float, what: str) -> None:
                          "exact attention with a tensor mask or none)")  # fmt: skip
 
 
-def _softmax(q, k, mask, variant, is_causal, scale, dropout_p):
+def _softmax(mask, variant, is_causal, scale, dropout_p):
     """Exact and sparse attention: the checked call, ``run(q, k, v, dropout_p) -> (out, lse)`` (a closure, so the
     lse's gradient can call it again)."""
-    sq, sk, hq = q.shape[2], k.shape[2], q.shape[1]
     extra = variant.mask if isinstance(variant, Sparse) else None  # a descriptor, or "auto" (the site's own mask)
     if extra == "auto":
         extra = None
@@ -209,7 +221,7 @@ def _softmax(q, k, mask, variant, is_causal, scale, dropout_p):
     tensor = None if descriptor is not None else _tensor_mask(mask, False)
     if tensor is not None and tensor.dim() < 4:  # the sparse op reads a 4-D mask; SDPA broadcasts leading dims
         tensor = tensor.reshape((1,) * (4 - tensor.dim()) + tuple(tensor.shape))
-    key = _mask_key(descriptor, extra, bool(is_causal), sq, sk, hq)
+    key = _mask_key(descriptor, extra, bool(is_causal))
     return lambda q, k, v, p: torch.ops.attnopt.sparse_attention(q, k, v, tensor, None, key, scale)
 
 

@@ -84,6 +84,22 @@ def test_lse_and_its_gradient_compile_with_no_graph_break(mask):
     _assert_same(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), f(q, k, v), (q, k, v), atol=0)
 
 
+def test_a_compiled_call_follows_new_sizes_and_new_masks():
+    """A recompile makes sizes and a mask's int fields symbolic (automatic dynamic shapes): the mask, a constant of the
+    graph, is specialized on its values, the sizes stay symbolic, and every call equals eager."""
+
+    def f(q, mask):
+        return attnopt.attention(q, q, q, mask=mask)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for s, mask in ((16, masks.SlidingWindow(3, 0)), (24, masks.SlidingWindow(3, 0)), (32, masks.SlidingWindow(1, 1)),
+                    (32, masks.SlidingWindow(2, 5)), (30, masks.Document((10, 20), causal=True)),
+                    (30, masks.Document((15, 15), causal=True)), (30, _even_keys)):  # fmt: skip
+        q = torch.randn(1, 2, s, 8, generator=torch.Generator().manual_seed(s))
+        torch.testing.assert_close(compiled(q, mask), f(q, mask), atol=0, rtol=0)
+
+
 def test_descriptors_built_inside_the_compiled_function_are_read_field_by_field():
     """dynamo cannot hand over an object it built: the descriptor crosses as its fields, never as defaults (a
     SlidingWindow rebuilt from its class defaults would be full attention)."""

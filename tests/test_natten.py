@@ -115,7 +115,11 @@ def test_compiles_with_no_graph_break_and_checks_its_inputs():
         return attnopt.na2d(x, x, x, 3, dilation=2, additional_keys=x[:, 0], additional_values=x[:, 1])
 
     torch._dynamo.reset()
-    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="aot_eager")(x), f(x))
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), f(x))
+    for grid in ((6, 8), (8, 10)):  # new sizes recompile with symbolic shapes: the grid is made static
+        y = torch.randn(1, *grid, 2, 8)
+        torch.testing.assert_close(compiled(y), f(y))
     with pytest.raises(ValueError, match=r"na2d takes q, k, v \[B, X, Y, heads, D\]"):
         attnopt.na2d(x[0], x[0], x[0], 3)
     with pytest.raises(ValueError, match="kernel_size x dilation = 4 x 2 exceeds"):
