@@ -82,9 +82,10 @@ def neighborhood_attention(q, k, v, kernel_size, stride=1, dilation=1, is_causal
         qh = torch.cat([qh.new_zeros(b, hq, extra, qh.shape[-1]), qh], dim=2)
         kh = torch.cat([additional_keys.transpose(1, 2), kh], dim=2)
         vh = torch.cat([additional_values.transpose(1, 2), vh], dim=2)
-    # The grid is part of the mask (a constant of a compiled graph): symbolic sizes are made static here.
-    key = _mask_key(_as_args(kernel_size), _as_args(stride), _as_args(dilation), _as_args(is_causal), static(spatial),
-                    static(extra))  # fmt: skip
+    # The mask is a constant of a compiled graph: symbolic ints (the grid, or arguments that changed between calls)
+    # are made static here.
+    args = static((_as_args(kernel_size), _as_args(stride), _as_args(dilation), _as_args(is_causal), spatial, extra))
+    key = _mask_key(*args)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = torch.ops.attnopt.sparse_attention(qh, kh, vh, None, None, key, scale)
     return out[:, :, extra:].transpose(1, 2).reshape(b, *spatial, hq, v.shape[-1])

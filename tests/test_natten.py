@@ -120,6 +120,13 @@ def test_compiles_with_no_graph_break_and_checks_its_inputs():
     for grid in ((6, 8), (8, 10)):  # new sizes recompile with symbolic shapes: the grid is made static
         y = torch.randn(1, *grid, 2, 8)
         torch.testing.assert_close(compiled(y), f(y))
+
+    def g(x, kernel_size):
+        return attnopt.na2d(x, x, x, kernel_size)
+
+    compiled = torch.compile(g, fullgraph=True, backend="aot_eager")
+    for kernel_size in (3, 5, (3, 5)):  # a changed int argument recompiles as a symbol: made static too
+        torch.testing.assert_close(compiled(x, kernel_size), g(x, kernel_size))
     with pytest.raises(ValueError, match=r"na2d takes q, k, v \[B, X, Y, heads, D\]"):
         attnopt.na2d(x[0], x[0], x[0], 3)
     with pytest.raises(ValueError, match="kernel_size x dilation = 4 x 2 exceeds"):
