@@ -222,6 +222,17 @@ def test_varlen_attention_matches_each_document_alone(lengths, kv_lengths, causa
     _assert_same(got, _per_document(q, k, v, lengths, kv, causal), (q, k, v))
 
 
+def test_varlen_attention_compiles_for_each_packing():
+    def f(q, cu):
+        return attnopt.varlen_attention(q, q, q, cu, is_causal=True)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    for cu in ([0, 5, 12, 20], [0, 7, 20], [0, 10, 20, 30]):
+        q = torch.randn(cu[-1], 2, 8, generator=torch.Generator().manual_seed(len(cu)))
+        torch.testing.assert_close(compiled(q, cu), f(q, cu), atol=0, rtol=0)
+
+
 def test_document_tiles_across_documents_are_never_visited():
     """A block map of a packed batch visits only tiles where a document meets itself."""
     mask = masks.Document((64, 64, 128), causal=True)
