@@ -3,6 +3,7 @@
     report = attnopt.inspect(model, args)           # every attention site, and what attnopt would do
     fast = attnopt.optimize(model, "exact", args)   # same function, attention through attnopt's kernels
     torch.compile(model, backend="attnopt")         # as a dynamo backend, then Inductor
+    out = attnopt.attention(q, k, v, mask=..., variant=...)  # the kernels on raw tensors (docs/functional.md)
 
 Importing attnopt is light: it registers the ``torch.ops.attnopt`` custom ops and imports neither
 triton nor CUDA; kernels are generated and compiled when first needed.
@@ -69,3 +70,9 @@ from attnopt import masks  # noqa: E402
 from attnopt.kernels.sparse import ops as _sparse_ops  # noqa: E402,F401  (registers torch.ops.attnopt.sparse_*)
 
 __all__ += ["masks"]
+
+# The functional API: every variant on raw tensors, NATTEN-style neighborhood attention, packed sequences.
+from attnopt.functional import varlen_attention  # noqa: E402
+from attnopt.natten import na1d, na2d, na3d  # noqa: E402
+
+__all__ += ["na1d", "na2d", "na3d", "varlen_attention"]

@@ -1,8 +1,8 @@
-"""The public entry points: ``inspect``, ``optimize``, ``report``, ``generate`` and ``attention``."""
+"""The public entry points: ``inspect``, ``optimize``, ``report``, ``generate`` and ``attention`` (the functional
+entry point, :func:`attnopt.functional.attention`)."""
 
 from __future__ import annotations
 
-import math
 import statistics
 from typing import Any
 
@@ -15,9 +15,8 @@ from attnopt.capture import (RECOMPILE_LIMIT, CaptureError, InputError, check_mo
                              normalize, output_deviation, run_captured, run_eager)  # fmt: skip
 from attnopt.cost import annotate
 from attnopt.errors import AttnoptError, GraphDeviationError  # noqa: F401  (attnopt.api.AttnoptError, re-exported)
-from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
-from attnopt.policy import Exact, Policy, as_policy
+from attnopt.functional import attention  # noqa: F401  (attnopt.api.attention, re-exported)
+from attnopt.policy import Policy, as_policy
 from attnopt.report import Report
 from attnopt.timing import call_times, device_label, device_of
 from attnopt.variants.registry import generation_mode
@@ -200,31 +199,3 @@ def report(module: nn.Module) -> Report:
     if isinstance(module, OptimizedModule):
         return module.attnopt_report
     raise TypeError(f"attnopt.report takes a module returned by attnopt.optimize, got {type(module).__name__}")
-
-
-def attention(q, k, v, attn_mask=None, is_causal: bool = False, scale: float | None = None, variant: Any = None,
-              dropout_p: float = 0.0):  # fmt: skip
-    """attnopt's kernels called directly, with SDPA's layout and semantics.
-
-    q [..., Hq, Sq, D], k [..., Hkv, Sk, D], v [..., Hkv, Sk, Dv] (Hq % Hkv == 0: GQA needs no repeat);
-    ``attn_mask`` boolean (True = attend) or floating-point additive (an integer mask is refused, as by SDPA:
-    ``attn_mask.bool()`` makes a 0/1 keep-mask boolean); ``is_causal`` is SDPA's (top-left aligned).
-    """
-    if variant is not None and not isinstance(as_policy(variant).default, Exact):
-        raise NotImplementedError(
-            f"attnopt.attention runs exact attention only, not {variant!r}; apply other variants to a model with "
-            "attnopt.optimize(model, policy)"
-        )
-    check_mask_dtype(attn_mask)
-    if is_causal and attn_mask is not None:
-        raise ValueError("attnopt.attention: pass either attn_mask or is_causal=True, not both (as SDPA)")
-    if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
-        raise ValueError(f"attnopt.attention takes 3-D or 4-D q, k, v; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
-    squeeze = q.dim() == 3
-    if squeeze:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = new_seed() if dropout_p > 0.0 else None
-    causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
-    out, _ = torch.ops.attnopt.attention(q, k, v, attn_mask, float(dropout_p), causal, scale, seed)
-    return out.squeeze(0) if squeeze else out

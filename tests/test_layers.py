@@ -30,7 +30,8 @@ LAYERS = {
     "attnopt.capture": 3, "attnopt.passes": 3, "attnopt.backend": 3, "attnopt.breaks": 3, "attnopt.report": 3,
     "attnopt.naming": 3, "attnopt.auto": 3,
     # 4, front: the API, io (convert, artifact, export, inputs, targets), integrations (hf, generation), cli.
-    "attnopt": 4, "attnopt.api": 4, "attnopt.generation": 4, "attnopt.hf": 4, "attnopt.convert": 4,
+    "attnopt": 4, "attnopt.api": 4, "attnopt.functional": 4, "attnopt.natten": 4, "attnopt.generation": 4,
+    "attnopt.hf": 4, "attnopt.convert": 4,
     "attnopt.convert_source": 4, "attnopt.convert_write": 4, "attnopt.convert_check": 4,
     "attnopt.artifact": 4, "attnopt.export": 4, "attnopt.export_dims": 4, "attnopt.onnx_functions": 4,
     "attnopt.inputs": 4, "attnopt.targets": 4, "attnopt.zoo": 4, "attnopt.cli": 4, "attnopt.cli_errors": 4,

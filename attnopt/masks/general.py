@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -203,7 +203,16 @@ class MaskMod(Mask):
 
     def _call(self, b, h, q, k, per_element: bool = True) -> torch.Tensor:
         """The callable on broadcastable index tensors: per element through vmap (the result has the broadcast
-        shape), else (or with ``per_element`` False) in one call on the tensors themselves."""
+        shape), else (or with ``per_element`` False) in one call on the tensors themselves. A callable closing over
+        tensors on another device (document ids on the GPU) is called there, as FlexAttention calls it on its
+        inputs' device; the result comes back to the indices' device."""
+        device = closure_device(self.fn)
+        if device is None or device == q.device:
+            return self._call_here(b, h, q, k, per_element)
+        moved = (torch.as_tensor(x).to(device) for x in (b, h, q, k))
+        return self._call_here(*moved, per_element).to(q.device)
+
+    def _call_here(self, b, h, q, k, per_element: bool) -> torch.Tensor:
         if per_element:
             try:
                 out = _per_element(self.fn, (b, h, q, k))
@@ -249,6 +258,29 @@ class MaskMod(Mask):
 
     def __str__(self):
         return f"mask_mod({self.name})"
+
+
+def closure_device(fn, depth: int = 0) -> torch.device | None:
+    """The device of the first non-CPU tensor ``fn`` closes over (closure cells, default arguments, a
+    ``functools.partial``'s arguments, and the callables among them, a few levels deep), or None."""
+    if depth > 3:
+        return None
+    values = list(getattr(fn, "__defaults__", None) or ())
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # an empty cell (a name assigned after the closure was made)
+            pass
+    if isinstance(fn, partial):
+        values += [fn.func, *fn.args, *fn.keywords.values()]
+    for x in values:
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            return x.device
+        if callable(x) and not isinstance(x, (type, torch.Tensor)):
+            found = closure_device(x, depth + 1)
+            if found is not None:
+                return found
+    return None
 
 
 def _per_element(fn: Callable, args: tuple) -> torch.Tensor:

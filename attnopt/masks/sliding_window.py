@@ -103,9 +103,48 @@ class SlidingWindow(Mask):
         return f"SlidingWindow({self.left}, {self.right}{dil})"
 
 
-def causal() -> SlidingWindow:
-    """Plain causal attention, bottom-right aligned: ``SlidingWindow(None, 0)``."""
-    return SlidingWindow(None, 0)
+ALIGNS = ("bottom-right", "top-left")
+
+
+def causal(align: str = "bottom-right") -> Mask:
+    """Plain causal attention: bottom-right aligned ``SlidingWindow(None, 0)`` (query i sees keys up to
+    ``i + Sk - Sq``, FlashAttention-2's convention), or top-left aligned ``TopLeft(SlidingWindow(None, 0))``
+    (keys up to ``i``: SDPA's ``is_causal``, FlexAttention's ``q_idx >= kv_idx``). Both agree when Sq == Sk."""
+    if align not in ALIGNS:
+        raise ValueError(f"causal(align=...) takes one of {ALIGNS}; got {align!r}")
+    return SlidingWindow(None, 0) if align == "bottom-right" else TopLeft(SlidingWindow(None, 0))
+
+
+@register_type
+@dataclass(frozen=True)
+class TopLeft(Mask):
+    """``window`` aligned top-left: query i stands at key position i (not ``i + Sk - Sq``), so query i sees keys
+    ``i - left <= j <= i + right``. The same as ``window`` when Sq == Sk; ``causal("top-left")`` is SDPA's
+    ``is_causal``."""
+
+    window: SlidingWindow = SlidingWindow(None, 0)
+
+    shift_invariant = True
+
+    def __post_init__(self):
+        if not isinstance(self.window, SlidingWindow):
+            raise TypeError(f"TopLeft aligns a SlidingWindow; got {self.window!r}")
+
+    # The window evaluated as if Sq were Sk: its offset Sk - Sq is then 0.
+    def predicate(self, q, k, h, sq, sk, ops):
+        return self.window.predicate(q, k, h, sk, sk, ops)
+
+    def tile_status(self, qs, qe, ks, ke, sq, sk, heads):
+        return self.window.tile_status(qs, qe, ks, ke, sk, sk, heads)
+
+    def residue_status(self, qs, qe, ks, ke, stride, residue, sq, sk, heads):
+        return self.window.residue_status(qs, qe, ks, ke, stride, residue, sk, sk, heads)
+
+    def key_span(self, qs, qe, sq, sk):
+        return self.window.key_span(qs, qe, sk, sk)
+
+    def __str__(self):
+        return f"{self.window} (top-left)"
 
 
 def as_window(owner: str, window) -> SlidingWindow:

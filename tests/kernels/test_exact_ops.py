@@ -134,12 +134,6 @@ def test_integer_mask_is_refused_like_sdpa(dtype):
                                F.scaled_dot_product_attention(q, k, v, attn_mask=keep.bool()))
 
 
-def test_direct_call_is_exact_only():
-    q, k, v = _qkv()
-    with pytest.raises(NotImplementedError, match="exact attention only.*attnopt.optimize"):
-        attnopt.attention(q, k, v, variant="linear")
-
-
 def test_fully_masked_row_with_finite_fill_is_a_mean_not_a_sum():
     """Every score of row 0 is finfo.min: softmax is uniform, so the output is mean(V) (as eager computes)."""
     q, k, v = _qkv(dtype=torch.float32)
