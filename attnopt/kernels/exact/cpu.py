@@ -74,10 +74,26 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _bias(mask4: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """SDPA's additive form of a mask: a bool mask (True = attend) as 0 / -inf of ``dtype``, on its own shape."""
-    if mask4 is None or mask4.is_floating_point():
+    """SDPA's additive form of a mask: a bool mask (True = attend) as 0 / -inf of ``dtype`` in one pass (a
+    ``where``, as SDPA converts it), on the mask's own shape or its one shared query row (:func:`_shared_rows`)."""
+    if mask4 is None:
+        return None
+    mask4 = _shared_rows(mask4)
+    if mask4.is_floating_point():
         return mask4
-    return torch.zeros(mask4.shape, dtype=dtype).masked_fill_(~mask4, _NEG_INF)
+    return torch.where(mask4, torch.zeros((), dtype=dtype), torch.full((), _NEG_INF, dtype=dtype))
+
+
+def _shared_rows(mask4: Tensor) -> Tensor:
+    """``mask4[:, :, :1]`` ([Mb, Mh, 1, Mk]) when every query row of the mask is the same, else ``mask4``.
+
+    Models broadcast a key-padding mask to [B, 1, Sq, Sk] before attention (BERT); SDPA's kernel then reads
+    Sq x Sk mask values where Sk suffice (and a bool mask is converted whole). ``torch.equal`` stops at the
+    first difference, so a mask whose rows differ (causal, per-row) costs a few bytes of reading.
+    """
+    if mask4.shape[2] > 1 and mask4.stride(2) != 0 and torch.equal(mask4, mask4[:, :, :1].expand(mask4.shape)):
+        return mask4[:, :, :1]
+    return mask4
 
 
 def _dead_rows(mask4: Optional[Tensor], is_causal: bool, lse: Tensor) -> Optional[Tensor]:
