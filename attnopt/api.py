@@ -19,7 +19,7 @@ from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
 from attnopt.policy import Exact, Policy, as_policy
 from attnopt.report import Report
-from attnopt.timing import call_times, device_label, device_of
+from attnopt.timing import device_label, device_of, interleaved_times
 from attnopt.variants.registry import generation_mode
 
 
@@ -176,12 +176,14 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
 
 
 def _forward_times(model: nn.Module, optimized: OptimizedModule, args: tuple, kwargs: dict) -> dict:
-    """The median forward milliseconds of ``model`` and ``optimized`` on the example inputs (no grad)."""
+    """The median forward milliseconds of ``model`` and ``optimized`` on the example inputs (no grad), measured
+    as ``attnopt bench`` measures an artifact (:func:`attnopt.timing.interleaved_times`, its runs and warm-up)."""
     device = device_of((args, kwargs))
     with torch.no_grad():
-        original = statistics.median(call_times(lambda: model(*args, **kwargs), device))
-        rewritten = statistics.median(call_times(lambda: optimized(*args, **kwargs), device))
-    return {"device": device_label(device), "original_ms": original, "optimized_ms": rewritten}
+        times = interleaved_times({"original": (lambda: model(*args, **kwargs), device),
+                                   "optimized": (lambda: optimized(*args, **kwargs), device)})
+    return {"device": device_label(device), "original_ms": statistics.median(times["original"]),
+            "optimized_ms": statistics.median(times["optimized"])}
 
 
 def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> Any:

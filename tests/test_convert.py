@@ -320,3 +320,27 @@ def test_auto_policy_with_progress_bars(tmp_path):
     assert manifest["policy"]["default"]["variant"] == "auto" and manifest["policy"]["max_error"] == 0.01
     assert manifest["calibrated_policy"] is not None and manifest["validation"]["budget"] == 0.01
     assert all(s["decision"] != "keep" for s in manifest["sites"])
+
+
+def test_report_speed_is_what_bench_measures(tmp_path):
+    """The report's measured model speedup (recorded in the manifest at conversion) and ``attnopt bench`` on the
+    artifact time the same thing the same way: same inputs, same module, interleaved calls, median of 10 after 3
+    warm-up. BERT with eager attention at S=512, where the exact rewrite is ~3x faster on CPU, so that the two
+    measured speedups disagreeing by more than 1.5x (a noisy shared machine) means they measure different things."""
+    from attnopt import convert_check
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    zoo.build("bert", "eager", max_position_embeddings=512).model.save_pretrained(src)
+    res = _convert(src, "--policy", "exact", "--out", out, "--attn", "eager",
+                   "--inputs", "input_ids:1x512:int64,attention_mask:1x512:int64")
+    assert res.exit_code == 0, res.output
+    timing = json.loads((out / "attnopt.json").read_text())["timing"]
+    assert timing["device"] == "cpu"
+    reported = timing["original_ms"] / timing["optimized_ms"]
+    result = convert_check.bench(out)
+    assert result["report_timing"] == timing
+    measured = result["rows"][1]["speedup"]
+    assert reported > 1.5 and measured > 1.5, (reported, measured)
+    assert 1 / 1.5 < reported / measured < 1.5, (reported, measured)
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["bench", str(out), "--runs", "1", "--warmup", "0"])
+    assert "the conversion's report measured on cpu" in res.output
