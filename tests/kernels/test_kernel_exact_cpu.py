@@ -274,7 +274,8 @@ def test_keys_stored_transposed_are_read_as_keys():
 @pytest.mark.parametrize("dv, runs", [(8, "sdpa-flash (CPU)"), (5, "blockwise")])
 def test_out_has_the_layout_of_q_as_the_fake_says(dv, runs):
     """A model's q is a transposed [B, S, H, D] view: ``out`` comes back in that layout (free to transpose back,
-    as SDPA's is), the fake promises the same strides, and the values and gradients are the reference's."""
+    as SDPA's is), the fake promises the same strides, each gradient has its input's layout, and the values and
+    gradients are the reference's."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 9, 3, 8, generator=g, dtype=torch.float64).transpose(1, 2)  # [B, H, S, D] view of BSHD
     k, v = torch.randn(2, 3, 11, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 11, dv, generator=g,
@@ -287,6 +288,7 @@ def test_out_has_the_layout_of_q_as_the_fake_says(dv, runs):
         fake = torch.ops.attnopt.attention(*(mode.from_tensor(t) for t in (q, k, v)), None, 0.0, NONE, 0.3, None)
     assert fwd[0].stride() == fake[0].stride() and fwd[1].stride() == fake[1].stride()
     assert fwd[0].transpose(1, 2).is_contiguous() == (dv == 8)
+    assert [g.stride() for g in bwd[:3]] == [torch.empty_like(x).stride() for x in (q, k, v)]  # each its input's
     check_against_reference(fwd, bwd, q, k, v, None, NONE, dout=dout)
 
 

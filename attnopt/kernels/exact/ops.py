@@ -12,8 +12,8 @@ probabilities from ``lse``. A mask that is pure right key-padding (see
 :mod:`attnopt.kernels.exact.padding`) reaches the kernels as per-row key lengths instead.
 
 Layout is SDPA's: q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] with Hq % Hkv == 0 (GQA is
-native: k and v are never repeated). ``out`` has q's dim order (:func:`empty_out`, as SDPA's own ``out``);
-``lse`` and the gradients are contiguous. ``causal`` is one of the ``CAUSAL_*`` codes of the reference;
+native: k and v are never repeated). ``out`` has q's dim order (:func:`empty_out`, as SDPA's own ``out``),
+each gradient its input's; ``lse`` is contiguous. ``causal`` is one of the ``CAUSAL_*`` codes of the reference;
 ``softcap`` > 0 applies ``cap * tanh(s / cap)`` to the scaled scores before the mask (Gemma 2).
 Dropout is driven by a 0-d int64 ``seed`` tensor so the backward replays the forward's mask.
 """
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from attnopt.kernels.exact import cpu, dispatch, reference, triton_impl
 from attnopt.kernels.exact.padding import key_padding_lengths
-from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
+from attnopt.kernels.layout import acc_dtype, check_qkv, empty
 
 _NAMESPACE = "attnopt"
 
@@ -145,7 +145,18 @@ def attention_bwd(
     """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
     dq, dk, dv, dmask = cpu.backward(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad,
                                      softcap)
-    return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
+    return _grads(q, k, v, dq, dk, dv, dmask)
+
+
+def _grads(q, k, v, dq, dk, dv, dmask) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward's results in the layout its fake promises: each gradient in its input's layout
+    (``torch.empty_like``: SDPA's CPU backward writes [B, S, H, D]-ordered gradients, which a model's transposed
+    q, k, v views take without a copy), ``dmask`` contiguous (an empty tensor for none)."""
+    grads = []
+    for g, x in ((dq, q), (dk, k), (dv, v)):
+        want = torch.empty_like(x)
+        grads.append(g if g.stride() == want.stride() else want.copy_(g))
+    return (*grads, dmask.contiguous() if dmask is not None else q.new_empty(0))
 
 
 @attention_bwd.register_kernel("cuda")
@@ -155,19 +166,19 @@ def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_g
         dq, dk, dv, dmask = reference.attention_backward(
             dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
         )
-        return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
+        return _grads(q, k, v, dq, dk, dv, dmask)
     kv_lens = None
     if not mask_grad:
         attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     g = triton_impl.backward(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
                              seed=seed, mask_grad=mask_grad, kv_lens=kv_lens)
-    return contiguous(g.dq, g.dk, g.dv, g.dmask if g.dmask is not None else q.new_empty(0))
+    return _grads(q, k, v, g.dq, g.dk, g.dv, g.dmask)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
     dmask = empty(attn_mask) if mask_grad else q.new_empty(0)
-    return empty(q), empty(k), empty(v), dmask
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
