@@ -287,8 +287,11 @@ def agreement(fns: dict, inputs) -> dict:
 def op_section(args) -> list[dict]:
     rows = []
     for case in op_cases(args.op_seq, args.bias_seq):
+        if args.op_cases and case["name"].split(" ")[0].split(",")[0] not in args.op_cases:
+            continue
         q, k, v, bias = _op_inputs(case)
         providers, fns = op_providers(case, q, k, v, bias)
+        providers = {n: p for n, p in providers.items() if not args.op_providers or n in args.op_providers}
         row = dict(case=case["name"], shape=f"B1 Hq8 Hkv{case['hkv']} Sq{case['sq']} Sk{case['sk']} D64 fp32")
         if "sdpa" in fns:
             row["max_abs_diff_vs_attnopt"] = agreement(fns, (q, k, v))
@@ -300,7 +303,7 @@ def op_section(args) -> list[dict]:
                 row[mode]["duel"] = pair | {"attnopt_vs_sdpa": duel(pair, "attnopt", "sdpa")}
             if args.memory and case.get("eager"):
                 row[mode]["peak_mib"] = {name: _safe(lambda: peak_mib(providers[name](mode == "fwd+bwd")))
-                                         for name in ("attnopt", "eager")}
+                                         for name in ("attnopt", "eager") if name in providers}
         rows.append(row)
         print(f"# op {row['case']}: " + _summary(row, args.modes), flush=True)
     return rows
@@ -433,6 +436,10 @@ def parse(argv=None):
     p.add_argument("--bench-seq", type=int, default=2048, help="sequence length of the bench section")
     p.add_argument("--op-seq", type=int, default=8192, help="full and causal exact cases")
     p.add_argument("--bias-seq", type=int, default=4096, help="mask, GQA, softcap, bottom-right and bias cases")
+    p.add_argument("--op-cases", default="", help="only these op cases, by their first word (full, causal, "
+                   "additive, GQA, softcap, bottom-right, score); default all")
+    p.add_argument("--op-providers", default="", help="only these op providers (attnopt, attnopt-blockwise, sdpa, "
+                   "flex, eager); default all")
     p.add_argument("--sparse-seq", type=int, default=8192)
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--repeat", type=int, default=3)
@@ -448,6 +455,8 @@ def parse(argv=None):
     args.sections = [s for s in args.sections.split(",") if s]
     args.models = [m for m in args.models.split(",") if m]
     args.auto_models = [m for m in args.auto_models.split(",") if m]
+    args.op_cases = [c for c in args.op_cases.split(",") if c]
+    args.op_providers = [c for c in args.op_providers.split(",") if c]
     args.bench_models = [m for m in args.bench_models.split(",") if m]
     args.model_seqs = [int(s) for s in str(args.model_seqs).split(",") if s]
     args.modes = [m for m in args.modes.split(",") if m]
