@@ -228,8 +228,9 @@ def _op_inputs(case: dict):
     return q, k, v, bias
 
 
-def op_providers(case: dict, q, k, v, bias) -> dict:
-    """``{name: make(backward) -> step}`` for one exact case."""
+def op_providers(case: dict, q, k, v, bias) -> tuple[dict, dict]:
+    """``{name: make(backward) -> step}`` for one exact case, and ``{name: fn(q, k, v) -> out}`` of the op and
+    SDPA (where SDPA expresses the case), for :func:`agreement`."""
     causal, softcap, scale = case["causal"], case.get("softcap", 0.0), 64 ** -0.5
     sq, sk = case["sq"], case["sk"]
     keep = None
