@@ -77,26 +77,26 @@ def attention_fwd(
     return _result(q, v, *cpu.forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
 
 
-def empty_out(q: Tensor, v: Tensor) -> Tensor:
-    """An empty ``out`` in the op's output layout: q's own dim order (``torch.empty_like(q)``, as SDPA's kernels
-    allocate it) when Dv == D, else contiguous.
+def empty_out(q: Tensor, v: Tensor, device: Optional[str] = None) -> Tensor:
+    """An empty ``out`` in the op's output layout (on ``device``, default q's): q's own dim order
+    (``torch.empty_like(q)``, as SDPA's kernels allocate it) when Dv == D, else contiguous.
 
     A model passes q as a transposed [B, S, H, D] view and transposes ``out`` back before its output
     projection; an ``out`` in that same layout makes both transposes free, where a contiguous one cost two
     copies of ``out`` per call.
     """
     if v.shape[-1] == q.shape[-1]:
-        return torch.empty_like(q)
+        return torch.empty_like(q, device=device)
     b, hq, sq, _ = q.shape
-    return empty(q, (b, hq, sq, v.shape[-1]))
+    return q.new_empty((b, hq, sq, v.shape[-1]), device=device)
 
 
 def _result(q: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` in the layout the fake promises: ``out`` as :func:`empty_out` (copied only when an
-    implementation wrote another layout), ``lse`` contiguous."""
-    want = empty_out(q, v)
-    if out.stride() != want.stride():
-        out = want.copy_(out)
+    implementation wrote another layout: the layout is checked on a meta tensor, allocating nothing), ``lse``
+    contiguous."""
+    if out.stride() != empty_out(q, v, "meta").stride():
+        out = empty_out(q, v).copy_(out)
     return out, lse.contiguous()
 
 
@@ -154,8 +154,7 @@ def _grads(q, k, v, dq, dk, dv, dmask) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     q, k, v views take without a copy), ``dmask`` contiguous (an empty tensor for none)."""
     grads = []
     for g, x in ((dq, q), (dk, k), (dv, v)):
-        want = torch.empty_like(x)
-        grads.append(g if g.stride() == want.stride() else want.copy_(g))
+        grads.append(g if g.stride() == torch.empty_like(x, device="meta").stride() else torch.empty_like(x).copy_(g))
     return (*grads, dmask.contiguous() if dmask is not None else q.new_empty(0))
 
 
