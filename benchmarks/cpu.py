@@ -20,7 +20,8 @@ Sections (``--sections``, comma-separated; default all four):
   where it can express the case), compiled FlexAttention (``torch.compile(flex_attention)`` with a score_mod
   and block mask) and the eager code the site replaces (materialized scores, as the models write it); forward
   and forward+backward (``--modes``). Full and causal also run ``--duel-repeat`` rounds of the op against SDPA
-  alone (``duel``: ratios of the best rounds, of the medians and the median per-round ratio), and every case
+  alone (``duel``: ratios of the best rounds, of the medians and the median per-round ratio), with SDPA a second
+  time as a control (``control_vs_sdpa``: the same ratios between two runs of SDPA, the noise floor), and every case
   records the largest difference of the op's output and q, k, v gradients from SDPA's (``max_abs_diff_vs_attnopt``).
 * ``sparse``: causal sliding windows 256 and 1024, a 2-D neighborhood (64x64 grid, kernel 13) and strided
   heads (stride H, causal window 256) at ``--sparse-seq``: ``torch.ops.attnopt.sparse_attention`` beside compiled
@@ -299,9 +300,13 @@ def op_section(args) -> list[dict]:
         for mode in args.modes:
             times = bench(providers, args.repeat, backward=mode == "fwd+bwd")
             row[mode] = with_ratios(times, "sdpa")
-            if case.get("duel") and args.duel_repeat:
-                pair = bench({n: providers[n] for n in ("attnopt", "sdpa")}, args.duel_repeat, mode == "fwd+bwd")
-                row[mode]["duel"] = pair | {"attnopt_vs_sdpa": duel(pair, "attnopt", "sdpa")}
+            if case.get("duel") and args.duel_repeat and "sdpa" in providers:
+                # "sdpa (control)" is SDPA again: its ratio to SDPA is the noise floor of the attnopt-SDPA ratio
+                trio = {n: providers[n] for n in ("attnopt", "sdpa") if n in providers}
+                trio["sdpa (control)"] = providers["sdpa"]
+                times = bench(trio, args.duel_repeat, mode == "fwd+bwd")
+                row[mode]["duel"] = times | {"attnopt_vs_sdpa": duel(times, "attnopt", "sdpa"),
+                                             "control_vs_sdpa": duel(times, "sdpa (control)", "sdpa")}
             if args.memory and case.get("eager"):
                 row[mode]["peak_mib"] = {name: _safe(lambda: peak_mib(providers[name](mode == "fwd+bwd")))
                                          for name in ("attnopt", "eager") if name in providers}
@@ -323,7 +328,8 @@ def _summary(row: dict, modes) -> str:
         ratios = {k: v for k, v in row.get(mode, {}).items() if k.startswith("attnopt_vs_")}
         parts.append(f"{mode} " + ", ".join(f"{k[11:]} {v}x" for k, v in ratios.items()))
         if "duel" in row.get(mode, {}):
-            parts[-1] += f" (duel vs sdpa: {row[mode]['duel']['attnopt_vs_sdpa']})"
+            d = row[mode]["duel"]
+            parts[-1] += f" (duel vs sdpa: {d['attnopt_vs_sdpa']}; sdpa's control: {d['control_vs_sdpa']})"
     return "; ".join(parts)
 
 
