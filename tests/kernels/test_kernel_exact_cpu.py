@@ -303,8 +303,11 @@ def test_a_mask_with_one_row_repeated_reaches_sdpa_as_that_row():
     assert torch.equal(bias == 0, pad)
     rows_differ = make_mask("bool", 2, 4, 9, 13, q.dtype, gen)
     assert cpu._bias(rows_differ, q.dtype).shape == rows_differ.shape
-    additive = torch.zeros(1, 1, 9, 13, dtype=q.dtype).masked_fill(~pad[:1], float("-inf"))
+    additive = torch.zeros(1, 1, 9, 13, dtype=q.dtype).masked_fill(~pad[-1:], float("-inf"))  # the padded batch
     assert cpu._bias(additive, q.dtype).shape == (1, 1, 1, 13)
-    for m in (repeated, rows_differ):
+    # a padding mask of unpadded inputs hides nothing: SDPA runs without one (as the model's own call would)
+    assert cpu._bias(torch.ones(2, 1, 1, 13, dtype=torch.bool), q.dtype) is None
+    assert cpu._bias(torch.zeros(2, 1, 9, 13, dtype=q.dtype), q.dtype) is None
+    for m in (repeated, rows_differ, torch.ones(2, 1, 1, 13, dtype=torch.bool)):
         fwd, bwd, dout, _ = run_op(q, k, v, m, TL)
         check_against_reference(fwd, bwd, q, k, v, m, TL, dout=dout)

@@ -75,10 +75,13 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 def _bias(mask4: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """SDPA's additive form of a mask: a bool mask (True = attend) as 0 / -inf of ``dtype`` in one pass (a
-    ``where``, as SDPA converts it), on the mask's own shape or its one shared query row (:func:`_shared_rows`)."""
+    ``where``, as SDPA converts it), on the mask's own shape or its one shared query row (:func:`_shared_rows`);
+    None for a shared row that hides nothing."""
     if mask4 is None:
         return None
     mask4 = _shared_rows(mask4)
+    if mask4.shape[2] == 1 and bool((mask4 if mask4.dtype == torch.bool else mask4 == 0).all()):
+        return None  # one row hiding no key (a padding mask of unpadded inputs): SDPA without a mask, as a model's own
     if mask4.is_floating_point():
         return mask4
     return torch.where(mask4, torch.zeros((), dtype=dtype), torch.full((), _NEG_INF, dtype=dtype))
