@@ -301,6 +301,10 @@ def test_a_mask_with_one_row_repeated_reaches_sdpa_as_that_row():
     bias = cpu._bias(cpu._mask4(repeated), q.dtype)
     assert bias.shape == (2, 1, 1, 13) and bias.dtype == q.dtype
     assert torch.equal(bias == 0, pad)
+    assert cpu._bias(cpu._mask4(pad.expand(2, 1, 9, 13)), q.dtype).shape == (2, 1, 1, 13)  # an expanded view
+    nan_rows = torch.zeros(1, 1, 9, 13, dtype=q.dtype).masked_fill(~pad[-1:], float("-inf"))
+    nan_rows[..., 0] = float("nan")  # NaN never compares equal: the mask stays whole
+    assert cpu._bias(nan_rows, q.dtype).shape == (1, 1, 9, 13)
     rows_differ = make_mask("bool", 2, 4, 9, 13, q.dtype, gen)
     assert cpu._bias(rows_differ, q.dtype).shape == rows_differ.shape
     additive = torch.zeros(1, 1, 9, 13, dtype=q.dtype).masked_fill(~pad[-1:], float("-inf"))  # the padded batch
