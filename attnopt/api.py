@@ -18,7 +18,7 @@ from attnopt.errors import AttnoptError, GraphDeviationError  # noqa: F401  (att
 from attnopt.functional import attention  # noqa: F401  (attnopt.api.attention, re-exported)
 from attnopt.policy import Policy, as_policy
 from attnopt.report import Report
-from attnopt.timing import call_times, device_label, device_of
+from attnopt.timing import device_label, device_of, interleaved_times
 from attnopt.variants.registry import generation_mode
 
 
@@ -175,12 +175,14 @@ def optimize(model: nn.Module, policy: Any = "exact", args: Any = (), kwargs: di
 
 
 def _forward_times(model: nn.Module, optimized: OptimizedModule, args: tuple, kwargs: dict) -> dict:
-    """The median forward milliseconds of ``model`` and ``optimized`` on the example inputs (no grad)."""
+    """The median forward milliseconds of ``model`` and ``optimized`` on the example inputs (no grad), measured
+    as ``attnopt bench`` measures an artifact (:func:`attnopt.timing.interleaved_times`, its runs and warm-up)."""
     device = device_of((args, kwargs))
     with torch.no_grad():
-        original = statistics.median(call_times(lambda: model(*args, **kwargs), device))
-        rewritten = statistics.median(call_times(lambda: optimized(*args, **kwargs), device))
-    return {"device": device_label(device), "original_ms": original, "optimized_ms": rewritten}
+        times = interleaved_times({"original": (lambda: model(*args, **kwargs), device),
+                                   "optimized": (lambda: optimized(*args, **kwargs), device)})
+    return {"device": device_label(device), "original_ms": statistics.median(times["original"]),
+            "optimized_ms": statistics.median(times["optimized"])}
 
 
 def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> Any:

@@ -204,7 +204,12 @@ def bench(artifact, runs, warmup, device, as_json) -> None:
     for r in result["rows"]:
         table.add_row(r["name"], r["device"], f"{r['median_ms']:.3f}", f"{r['min_ms']:.3f}", f"{r['speedup']:.2f}x",
                       f"{r['deviation']:.1e}")  # fmt: skip
-    Console(width=terminal_width()).print(table)
+    console = Console(width=terminal_width())
+    console.print(table)
+    if result.get("report_timing"):
+        t = result["report_timing"]
+        console.print(f"the conversion's report measured on {t['device']}: original {t['original_ms']:.3f} ms, "
+                      f"attnopt {t['optimized_ms']:.3f} ms ({t['original_ms'] / t['optimized_ms']:.2f}x)", markup=False)
 
 
 @main.group()

@@ -20,7 +20,7 @@ from attnopt.convert_source import ConvertError, Source
 from attnopt.convert_write import Steps
 from attnopt.passes import TOLERANCE, deviation
 from attnopt.policy import Policy
-from attnopt.timing import call_times
+from attnopt.timing import interleaved_times
 
 
 def _budget(policy: Policy, max_error: float | None, outputs: tuple) -> float:
@@ -144,18 +144,40 @@ def bench(path: str | os.PathLike, runs: int = 10, warmup: int = 3, device: str 
           progress: bool = False) -> dict:  # fmt: skip
     """Times the original model against the converted forms in artifact ``path`` on the local device.
 
-    Each row: median and min milliseconds over ``runs`` calls after ``warmup`` calls, speedup of the
-    median over the original's, and the largest relative output deviation from the original.
+    Each row: median and min milliseconds over ``runs`` calls after ``warmup`` calls (the rows' calls interleaved,
+    :func:`attnopt.timing.interleaved_times`, as the report's model times were measured at conversion), speedup
+    of the median over the original's, and the largest relative output deviation from the original.
+    ``report_timing`` is what the conversion's report measured on the same sample inputs (None when it did not).
     """
     if runs < 1 or warmup < 0:
         raise ConvertError("--runs must be >= 1 and --warmup >= 0")
     art = A.open_artifact(path)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = _bench_rows(art, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    steps = Steps(1, progress)
+    with steps, torch.no_grad():
+        steps.step(f"bench {len(rows)} rows, {runs} interleaved rounds")
+        times = interleaved_times({name: (fn, torch.device(where)) for name, where, fn in rows}, runs, warmup)
+        outs = {name: tuple(t.cpu() for t in fn()) for name, _, fn in rows}
+        steps.done()
+    want = outs[rows[0][0]]
+    results = [{"name": name, "device": where, "median_ms": statistics.median(times[name]), "min_ms": min(times[name]),
+                "deviation": _max_dev(outs[name], want)} for name, where, _ in rows]  # fmt: skip
+    base = results[0]["median_ms"]
+    for r in results:
+        r["speedup"] = base / r["median_ms"] if r["median_ms"] > 0 else float("nan")
+    return {"artifact": str(art.path), "model": art.manifest["model"]["class"], "runs": runs, "warmup": warmup,
+            "inputs": [str(I.InputSpec(s["name"], tuple(s["shape"]), s["dtype"])) for s in art.manifest["inputs"]["specs"]],
+            "rows": results, "report_timing": art.manifest.get("timing")}  # fmt: skip
+
+
+def _bench_rows(art: A.Artifact, dev: torch.device) -> list[tuple[str, str, Callable]]:
+    """``(name, device, fn)`` per form to time: the original model and attnopt's module on ``dev``, the exports
+    the artifact holds on the CPU."""
     args, kwargs = art.sample_inputs()
     to = lambda x: x.to(dev) if isinstance(x, torch.Tensor) else x  # noqa: E731
     d_args, d_kwargs = tuple(to(a) for a in args), {k: to(v) for k, v in kwargs.items()}
     original = art.build_model().to(dev)
-    converted = A.load(path, check=False).to(dev)  # its own copy of the weights, captured at the first call
+    converted = A.load(art.path, check=False).to(dev)  # its own copy of the weights, captured at the first call
     rows = [("original (PyTorch)", str(dev), lambda: E.flatten_output(original(*d_args, **d_kwargs))),
             ("attnopt (attnopt.load)", str(dev), lambda: E.flatten_output(converted(*d_args, **d_kwargs)))]  # fmt: skip
     tensor_kwargs = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
@@ -170,21 +192,4 @@ def bench(path: str | os.PathLike, runs: int = 10, warmup: int = 3, device: str 
         if session is not None:
             mode = art.manifest["exports"]["onnx"].get("attention", "standard")
             rows.append((f"onnxruntime ({mode} attention)", "cpu", lambda: E.run_onnx(session, args, kwargs)))
-    steps = Steps(len(rows), progress)
-    results = []
-    with steps, torch.no_grad():
-        want = None
-        for name, where, fn in rows:
-            steps.step(f"bench {name}")
-            times = call_times(fn, torch.device(where), runs, warmup)
-            out = tuple(t.cpu() for t in fn())
-            want = out if want is None else want
-            results.append({"name": name, "device": where, "median_ms": statistics.median(times), "min_ms": min(times),
-                            "deviation": _max_dev(out, want)})  # fmt: skip
-            steps.done()
-    base = results[0]["median_ms"]
-    for r in results:
-        r["speedup"] = base / r["median_ms"] if r["median_ms"] > 0 else float("nan")
-    return {"artifact": str(art.path), "model": art.manifest["model"]["class"], "runs": runs, "warmup": warmup,
-            "inputs": [str(I.InputSpec(s["name"], tuple(s["shape"]), s["dtype"])) for s in art.manifest["inputs"]["specs"]],
-            "rows": results}  # fmt: skip
+    return rows

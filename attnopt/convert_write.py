@@ -264,6 +264,7 @@ def build_manifest(source: Source, staging: Path, written: list[str], inputs_ent
         "sites": sites,
         "misses": [asdict(m) for m in report.misses],
         "output_deviation": report.output_deviation,
+        "timing": report.timing,  # the report's measured forward times (attnopt bench shows them beside its own)
         "notes": source.notes + list(report.notes),
         "exports": {},
         "validation": None,

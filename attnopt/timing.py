@@ -49,6 +49,21 @@ def call_times(fn: Callable[[], Any], device: torch.device, runs: int = 10, warm
     return times
 
 
+def interleaved_times(fns: dict[str, tuple[Callable[[], Any], torch.device]], runs: int = 10,
+                      warmup: int = 3) -> dict[str, list[float]]:
+    """Milliseconds of each of ``runs`` calls of every ``fn`` (``fns``: name -> (fn, device)), after ``warmup``
+    untimed calls of each: the calls go round-robin, one of each per round, so that a change of the machine's
+    load while measuring hits every fn alike (measured one after the other, a load spike lands on one of them
+    only). How the report's model times (``optimize(..., measure=True)``) and ``attnopt bench`` measure."""
+    for fn, device in fns.values():
+        call_times(fn, device, runs=0, warmup=warmup)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, (fn, device) in fns.items():
+            times[name] += call_times(fn, device, runs=1, warmup=0)
+    return times
+
+
 def median_ms(fn: Callable[[], Any], device: torch.device, budget_s: float = 0.05, most: int = 25) -> float:
     """The median milliseconds of ``fn`` within about ``budget_s`` of timed calls (at least 3, at most ``most``),
     after one warm-up call: cheap enough to run per attention site on the example inputs."""

@@ -1,16 +1,17 @@
 """attnopt on CPU beside what a user would otherwise run, in one process: zoo models, the exact op, sparse and linear.
 
-    python benchmarks/cpu.py --out cpu.json                       # every section (long: model S=8192 included)
-    python benchmarks/cpu.py --quick                              # small sizes, a few minutes
+    python benchmarks/cpu.py --out cpu.json        # everything the issue's "Done when" needs (~10 min, 2 quiet cores)
+    python benchmarks/cpu.py --quick                # small sizes, a few minutes
     python benchmarks/cpu.py --sections op --op-seq 8192 --bias-seq 4096
-    python benchmarks/cpu.py --sections model --models llama,gemma2 --model-seqs 2048 --auto
+    python benchmarks/cpu.py --sections model --models llama,gemma2 --model-seqs 2048,8192 --auto-models all
 
-Sections (``--sections``, comma-separated):
+Sections (``--sections``, comma-separated; default all four):
 
-* ``model``: each zoo model (Llama, Mistral, Gemma 2, BERT, ViT, GPT-2; every attention implementation
-  transformers offers for it) at the ``--model-seqs`` lengths (positions and image size overridden to fit;
-  batch 1, the zoo's example inputs with its padded tail): the original forward, ``attnopt.optimize(model,
-  "exact")`` and, with ``--auto``, ``optimize(model, "auto:1e-2")`` (slow: it calibrates); ratio = original / optimized.
+* ``model`` (:mod:`cpu_models`): each zoo model (Llama, Mistral, Gemma 2, BERT, ViT, GPT-2; every attention
+  implementation transformers offers for it) at the ``--model-seqs`` lengths (positions and image size overridden
+  to fit; batch 1, the zoo's example inputs with its padded tail): the original forward, ``attnopt.optimize(model,
+  "exact")`` and, for ``--auto-models``, ``optimize(model, "auto:1e-2")`` (slow: it calibrates), interleaved
+  ``--model-repeat`` rounds; ratio = original / optimized (best rounds, and medians), ``auto_vs_exact``.
 * ``op``: exact attention, B1 H8 D64 fp32: full and causal at ``--op-seq``; additive mask, GQA (8 query heads,
   2 key/value heads), softcap (Gemma 2: causal, cap 50), bottom-right causal (Sq = S/2, Sk = S) and a score bias
   (a per-head [1, H, S, S] additive bias, as T5 or ALiBi sites pass) at ``--bias-seq``. Providers: the attnopt
@@ -18,14 +19,21 @@ Sections (``--sections``, comma-separated):
   off: the blockwise kernel, where SDPA would run; it backs the dispatch rule), SDPA (``F.scaled_dot_product_attention``,
   where it can express the case), compiled FlexAttention (``torch.compile(flex_attention)`` with a score_mod
   and block mask) and the eager code the site replaces (materialized scores, as the models write it); forward
-  and forward+backward (``--modes``).
+  and forward+backward (``--modes``). Full and causal also run ``--duel-repeat`` rounds of the op against SDPA
+  alone (``duel``: ratios of the best rounds, of the medians and the median per-round ratio), with SDPA a second
+  time as a control (``control_vs_sdpa``: the same ratios between two runs of SDPA, the noise floor), and every case
+  records the largest difference of the op's output and q, k, v gradients from SDPA's (``max_abs_diff_vs_attnopt``).
 * ``sparse``: causal sliding windows 256 and 1024, a 2-D neighborhood (64x64 grid, kernel 13) and strided
   heads (stride H, causal window 256) at ``--sparse-seq``: ``torch.ops.attnopt.sparse_attention`` beside compiled
   FlexAttention with the same block mask and dense SDPA; causal linear attention beside SDPA causal; forward
   and forward+backward.
+* ``bench`` (:mod:`cpu_models`): for ``--bench-models`` at ``--bench-seq``, ``attnopt convert`` (policy exact) of
+  the saved zoo model and ``attnopt bench`` of the artifact: the report's measured speedup (recorded at
+  conversion) beside bench's, ``report_over_bench`` their ratio.
 
 Times: each case's providers run interleaved ``--repeat`` rounds after a warm-up (so a change of the machine's
-load hits them alike); the best round is reported, with the median. Peak memory (Linux): the resident memory one
+load hits them alike; the order flips every round); the best round is reported, with the median and every
+round. Peak memory (Linux): the resident memory one
 warm call adds at its peak, every thread and every allocation included (SDPA's internal buffers too): freed heap
 memory is returned to the system (``malloc_trim``), the high-water mark reset (``/proc/self/clear_refs``), and
 ``VmHWM`` after the call less ``VmRSS`` before it. A provider that fails
@@ -39,17 +47,16 @@ import json
 import platform
 import statistics
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 from _common import write_json
 
-import attnopt
+import attnopt  # noqa: F401  (registers torch.ops.attnopt)
 from attnopt.kernels.exact import dispatch
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 
-MODELS = ("llama", "mistral", "gemma2", "bert", "vit", "gpt2")
+MODELS = ("llama", "mistral", "gemma2", "bert", "vit", "gpt2")  # the model section's zoo models
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,7 +64,10 @@ MODELS = ("llama", "mistral", "gemma2", "bert", "vit", "gpt2")
 
 
 def bench(providers: dict, repeat: int, backward: bool = False) -> dict:
-    """``{name: {"ms", "median_ms"} or {"error"}}``: interleaved rounds, best and median."""
+    """``{name: {"ms", "median_ms", "rounds"} or {"error"}}``: interleaved rounds, best, median and every round.
+
+    The order of the providers flips every round (A B, B A, ...): a provider never always runs right after the
+    same other one (whose freed memory, cache state or thread wake-up it would inherit)."""
     steps, result = {}, {}
     for name, make in providers.items():
         try:
@@ -67,14 +77,29 @@ def bench(providers: dict, repeat: int, backward: bool = False) -> dict:
         except Exception as exc:  # a provider that cannot run the case is reported, not fatal
             result[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
     times = {name: [] for name in steps}
+    order = list(steps)
     for _ in range(repeat):
-        for name, step in steps.items():
+        for name in order:
             t0 = time.perf_counter()
-            step()
+            steps[name]()
             times[name].append((time.perf_counter() - t0) * 1e3)
+        order.reverse()
     for name, ts in times.items():
-        result[name] = {"ms": round(min(ts), 2), "median_ms": round(statistics.median(ts), 2)}
+        result[name] = {"ms": round(min(ts), 2), "median_ms": round(statistics.median(ts), 2),
+                        "rounds": [round(t, 2) for t in ts]}
     return result
+
+
+def duel(times: dict, subject: str, other: str) -> dict | None:
+    """Three estimates of ``other``'s time over ``subject``'s (> 1: subject faster) from interleaved rounds: the
+    ratio of the best rounds (each provider's least-disturbed call), of the medians, and the median of the
+    per-round ratios (each round's two calls ran back to back, under the same load)."""
+    a, b = times.get(subject, {}), times.get(other, {})
+    if "rounds" not in a or "rounds" not in b:
+        return None
+    paired = [y / x for x, y in zip(a["rounds"], b["rounds"])]
+    return {"best": round(b["ms"] / a["ms"], 4), "median": round(b["median_ms"] / a["median_ms"], 4),
+            "paired_median": round(statistics.median(paired), 4), "rounds": len(paired)}
 
 
 def peak_mib(step) -> float:
@@ -178,8 +203,8 @@ def _flex_provider(q_shape, k_shape, causal, bias=None, softcap=0.0, gqa=False):
 def op_cases(op_seq: int, bias_seq: int) -> list[dict]:
     """(name, Sq, Sk, Hkv, causal, bias kind, softcap, eager): the exact cases of the ``op`` section."""
     return [
-        dict(name="full", sq=op_seq, sk=op_seq, hkv=8, causal=CAUSAL_NONE),
-        dict(name="causal", sq=op_seq, sk=op_seq, hkv=8, causal=CAUSAL_TOP_LEFT),
+        dict(name="full", sq=op_seq, sk=op_seq, hkv=8, causal=CAUSAL_NONE, duel=True),
+        dict(name="causal", sq=op_seq, sk=op_seq, hkv=8, causal=CAUSAL_TOP_LEFT, duel=True),
         dict(name="additive mask", sq=bias_seq, sk=bias_seq, hkv=8, causal=CAUSAL_NONE, bias="mask", eager=True),
         dict(name="GQA causal (8 q heads, 2 kv heads)", sq=bias_seq, sk=bias_seq, hkv=2, causal=CAUSAL_TOP_LEFT,
              eager=True),
@@ -204,8 +229,9 @@ def _op_inputs(case: dict):
     return q, k, v, bias
 
 
-def op_providers(case: dict, q, k, v, bias) -> dict:
-    """``{name: make(backward) -> step}`` for one exact case."""
+def op_providers(case: dict, q, k, v, bias) -> tuple[dict, dict]:
+    """``{name: make(backward) -> step}`` for one exact case, and ``{name: fn(q, k, v) -> out}`` of the op and
+    SDPA (where SDPA expresses the case), for :func:`agreement`."""
     causal, softcap, scale = case["causal"], case.get("softcap", 0.0), 64 ** -0.5
     sq, sk = case["sq"], case["sk"]
     keep = None
@@ -222,6 +248,7 @@ def op_providers(case: dict, q, k, v, bias) -> dict:
             return op(q, k, v)
 
     providers = {"attnopt": lambda bwd: _step(op, (q, k, v), bwd)}
+    fns = {"attnopt": op}
     if not softcap:
         providers["attnopt-blockwise"] = lambda bwd: _step(blockwise, (q, k, v), bwd)
         is_causal = causal == CAUSAL_TOP_LEFT
@@ -230,6 +257,7 @@ def op_providers(case: dict, q, k, v, bias) -> dict:
         def sdpa(q, k, v):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=is_causal, enable_gqa=gqa)
         providers["sdpa"] = lambda bwd: _step(sdpa, (q, k, v), bwd)
+        fns["sdpa"] = sdpa
     flex = {}
 
     def flex_step(bwd):
@@ -240,21 +268,48 @@ def op_providers(case: dict, q, k, v, bias) -> dict:
     if case.get("eager"):
         providers["eager"] = lambda bwd: _step(lambda q, k, v: _eager(q, k, v, bias, keep, scale, softcap), (q, k, v),
                                                bwd)
-    return providers
+    return providers, fns
+
+
+def agreement(fns: dict, inputs) -> dict:
+    """The largest absolute difference from the first of ``fns`` (name -> fn) of each other one's output and of
+    its gradients of q, k and v (dout = ones): the providers compared compute the same thing on the same inputs."""
+    results = {}
+    for name, fn in fns.items():
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+        results[name] = [out.detach()] + [t.grad for t in leaves]
+    first, *others = results
+    return {name: {"out": float((results[name][0] - results[first][0]).abs().max()),
+                   "grads": max(float((g - h).abs().max()) for g, h in zip(results[name][1:], results[first][1:]))}
+            for name in others}
 
 
 def op_section(args) -> list[dict]:
     rows = []
     for case in op_cases(args.op_seq, args.bias_seq):
+        if args.op_cases and case["name"].split(" ")[0].split(",")[0] not in args.op_cases:
+            continue
         q, k, v, bias = _op_inputs(case)
-        providers = op_providers(case, q, k, v, bias)
+        providers, fns = op_providers(case, q, k, v, bias)
+        providers = {n: p for n, p in providers.items() if not args.op_providers or n in args.op_providers}
         row = dict(case=case["name"], shape=f"B1 Hq8 Hkv{case['hkv']} Sq{case['sq']} Sk{case['sk']} D64 fp32")
+        if "sdpa" in fns:
+            row["max_abs_diff_vs_attnopt"] = agreement(fns, (q, k, v))
         for mode in args.modes:
             times = bench(providers, args.repeat, backward=mode == "fwd+bwd")
             row[mode] = with_ratios(times, "sdpa")
+            if case.get("duel") and args.duel_repeat and "sdpa" in providers:
+                # "sdpa (control)" is SDPA again: its ratio to SDPA is the noise floor of the attnopt-SDPA ratio
+                trio = {n: providers[n] for n in ("attnopt", "sdpa") if n in providers}
+                trio["sdpa (control)"] = providers["sdpa"]
+                times = bench(trio, args.duel_repeat, mode == "fwd+bwd")
+                row[mode]["duel"] = times | {"attnopt_vs_sdpa": duel(times, "attnopt", "sdpa"),
+                                             "control_vs_sdpa": duel(times, "sdpa (control)", "sdpa")}
             if args.memory and case.get("eager"):
                 row[mode]["peak_mib"] = {name: _safe(lambda: peak_mib(providers[name](mode == "fwd+bwd")))
-                                         for name in ("attnopt", "eager")}
+                                         for name in ("attnopt", "eager") if name in providers}
         rows.append(row)
         print(f"# op {row['case']}: " + _summary(row, args.modes), flush=True)
     return rows
@@ -272,6 +327,9 @@ def _summary(row: dict, modes) -> str:
     for mode in modes:
         ratios = {k: v for k, v in row.get(mode, {}).items() if k.startswith("attnopt_vs_")}
         parts.append(f"{mode} " + ", ".join(f"{k[11:]} {v}x" for k, v in ratios.items()))
+        if "duel" in row.get(mode, {}):
+            d = row[mode]["duel"]
+            parts[-1] += f" (duel vs sdpa: {d['attnopt_vs_sdpa']}; sdpa's control: {d['control_vs_sdpa']})"
     return "; ".join(parts)
 
 
@@ -374,97 +432,27 @@ def _linear_row(s: int, heads: int, args, feature_map) -> dict:
     return _sparse_row(f"causal linear (elu features), S{s}", "linear", providers, args)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Zoo models
-
-
-def build_model(name: str, impl: str, seq: int):
-    """Zoo model ``name`` sized for ``seq`` tokens (positions, image size, sliding window), batch 1."""
-    from attnopt import zoo
-
-    if name == "gpt2":
-        overrides = dict(n_positions=seq)
-    elif name == "vit":
-        side = int((seq - 1) ** 0.5)  # patches per side: side² + 1 (CLS) tokens
-        overrides = dict(image_size=8 * side)
-    else:
-        overrides = dict(max_position_embeddings=seq)
-    if name in ("mistral", "gemma2"):
-        overrides["sliding_window"] = 4096  # the released models' window (the zoo's 8 is for tests)
-    return zoo.build(name, impl, batch=1, seq=seq, **overrides)
-
-
-def model_section(args) -> list[dict]:
-    from attnopt import zoo
-
-    rows = []
-    for name in args.models:
-        for impl in zoo.implementations(name):
-            for seq in args.model_seqs:
-                rows.append(_safe_row(lambda: _model_row(name, impl, seq, args), dict(model=name, attn=impl, seq=seq)))
-                print(f"# model {name} {impl} S{seq}: {_model_summary(rows[-1])}", flush=True)
-    return rows
-
-
-def _safe_row(fn, row: dict) -> dict:
-    try:
-        return fn()
-    except Exception as exc:
-        traceback.print_exc()
-        return row | {"error": f"{type(exc).__name__}: {exc}"[:300]}
-
-
-def _model_row(name: str, impl: str, seq: int, args) -> dict:
-    z = build_model(name, impl, seq)
-    row = dict(model=name, attn=impl, seq=seq)
-    providers = {"original": z.model}
-    t0 = time.perf_counter()
-    providers["exact"] = attnopt.optimize(z.model, "exact", z.args, z.kwargs)
-    row["optimize_s"] = round(time.perf_counter() - t0, 2)
-    row["runs"] = sorted({site.runs for site in attnopt.report(providers["exact"]).sites})
-    if args.auto:
-        t0 = time.perf_counter()
-        providers["auto"] = attnopt.optimize(z.model, "auto:1e-2", z.args, z.kwargs)
-        row["auto_optimize_s"] = round(time.perf_counter() - t0, 2)
-        row["auto_decisions"] = sorted({site.decision for site in attnopt.report(providers["auto"]).sites})
-
-    def make(model):
-        def step(_backward=False):
-            def run():
-                with torch.no_grad():
-                    model(*z.args, **z.kwargs)
-            return run
-        return step
-    times = bench({name: make(model) for name, model in providers.items()}, args.model_repeat)
-    row["forward"] = times
-    for name in ("exact", "auto"):
-        if "ms" in times.get(name, {}) and "ms" in times["original"]:
-            row[f"{name}_speed_vs_original"] = round(times["original"]["ms"] / times[name]["ms"], 3)
-    return row
-
-
-def _model_summary(row: dict) -> str:
-    if "error" in row:
-        return row["error"]
-    ratios = ", ".join(f"{k} {row[k]}x" for k in ("exact_speed_vs_original", "auto_speed_vs_original") if k in row)
-    return f"original {row['forward']['original'].get('ms')} ms; {ratios}; runs {row.get('runs')}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sections", default="model,op,sparse", help="comma-separated: model, op, sparse")
+    p.add_argument("--sections", default="model,op,sparse,bench", help="comma-separated: model, op, sparse, bench")
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--model-seqs", default="512,2048,8192")
-    p.add_argument("--auto", action="store_true", help="also optimize(model, 'auto:1e-2') (calibrates: slow)")
+    p.add_argument("--model-seqs", default="2048", help="e.g. 512,2048,8192 (8192 is slow: eager materializes)")
+    p.add_argument("--auto-models", default="llama", help="models also optimized with 'auto:1e-2' (calibrates: "
+                   "slow); 'all' or '' for none")
+    p.add_argument("--bench-models", default="llama,bert,vit", help="models of the bench section")
+    p.add_argument("--bench-seq", type=int, default=2048, help="sequence length of the bench section")
     p.add_argument("--op-seq", type=int, default=8192, help="full and causal exact cases")
     p.add_argument("--bias-seq", type=int, default=4096, help="mask, GQA, softcap, bottom-right and bias cases")
+    p.add_argument("--op-cases", default="", help="only these op cases, by their first word (full, causal, "
+                   "additive, GQA, softcap, bottom-right, score); default all")
+    p.add_argument("--op-providers", default="", help="only these op providers (attnopt, attnopt-blockwise, sdpa, "
+                   "flex, eager); default all")
     p.add_argument("--sparse-seq", type=int, default=8192)
     p.add_argument("--modes", default="fwd,fwd+bwd")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--model-repeat", type=int, default=9, help="rounds per model (a model call is cheap, noisy)")
+    p.add_argument("--duel-repeat", type=int, default=9, help="rounds of attnopt against SDPA alone, full and "
+                   "causal (identical kernels: their ratio needs many rounds); 0 skips")
+    p.add_argument("--model-repeat", type=int, default=21, help="rounds per model (a model call is cheap, noisy)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory runs")
     p.add_argument("--quick", action="store_true", help="models S 512 and 2048, op S 2048, bias S 1024, sparse S 2048")
     p.add_argument("--out", default=None)
@@ -473,6 +461,10 @@ def parse(argv=None):
         args.model_seqs, args.op_seq, args.bias_seq, args.sparse_seq = "512,2048", 2048, 1024, 2048
     args.sections = [s for s in args.sections.split(",") if s]
     args.models = [m for m in args.models.split(",") if m]
+    args.auto_models = [m for m in args.auto_models.split(",") if m]
+    args.op_cases = [c for c in args.op_cases.split(",") if c]
+    args.op_providers = [c for c in args.op_providers.split(",") if c]
+    args.bench_models = [m for m in args.bench_models.split(",") if m]
     args.model_seqs = [int(s) for s in str(args.model_seqs).split(",") if s]
     args.modes = [m for m in args.modes.split(",") if m]
     return args
@@ -483,7 +475,9 @@ def main(argv=None) -> int:
     result = dict(machine=dict(platform=platform.platform(), processor=platform.processor(),
                                threads=torch.get_num_threads(), torch=torch.__version__),
                   args={k: v for k, v in vars(args).items() if k != "out"})
-    sections = dict(op=op_section, sparse=sparse_section, model=model_section)
+    from cpu_models import bench_section, model_section
+
+    sections = dict(op=op_section, sparse=sparse_section, model=model_section, bench=bench_section)
     for name in args.sections:
         t0 = time.perf_counter()
         result[name] = sections[name](args)

@@ -320,3 +320,37 @@ def test_auto_policy_with_progress_bars(tmp_path):
     assert manifest["policy"]["default"]["variant"] == "auto" and manifest["policy"]["max_error"] == 0.01
     assert manifest["calibrated_policy"] is not None and manifest["validation"]["budget"] == 0.01
     assert all(s["decision"] != "keep" for s in manifest["sites"])
+
+
+def test_report_speed_is_what_bench_measures(tmp_path, monkeypatch):
+    """The report's measured model speedup (recorded in the manifest at conversion) and ``attnopt bench`` on the
+    artifact time the same thing the same way: the original and attnopt's module on the same sample inputs, through
+    the same interleaved timing with the same runs and warm-up. BERT with eager attention at S=512, where the
+    exact rewrite is several times faster on CPU: both must see it faster, within 2.5x of each other (eager
+    BERT's own time moves up to 2x between measurements in one process with the allocator's state, so a tighter
+    bound would test the allocator; a different original, inputs or compile time in the clock is off by more)."""
+    from attnopt import api, convert_check, timing
+
+    calls = []
+
+    def recorded(fns, runs=10, warmup=3):
+        calls.append((len(fns), runs, warmup))
+        return timing.interleaved_times(fns, runs, warmup)
+    monkeypatch.setattr(api, "interleaved_times", recorded)
+    monkeypatch.setattr(convert_check, "interleaved_times", recorded)
+    src, out = tmp_path / "src", tmp_path / "out"
+    zoo.build("bert", "eager", max_position_embeddings=512).model.save_pretrained(src)
+    res = _convert(src, "--policy", "exact", "--out", out, "--attn", "eager",
+                   "--inputs", "input_ids:1x512:int64,attention_mask:1x512:int64")
+    assert res.exit_code == 0, res.output
+    timing_ = json.loads((out / "attnopt.json").read_text())["timing"]
+    assert timing_["device"] == "cpu"
+    reported = timing_["original_ms"] / timing_["optimized_ms"]
+    result = convert_check.bench(out)
+    assert calls == [(2, 10, 3), (2, 10, 3)]  # the report's (original, optimized), bench's (original, attnopt)
+    assert result["report_timing"] == timing_
+    measured = result["rows"][1]["speedup"]
+    assert reported > 1.0 and measured > 1.0, (reported, measured)
+    assert 1 / 2.5 < reported / measured < 2.5, (reported, measured)
+    res = CliRunner(env={"COLUMNS": "200"}).invoke(main, ["bench", str(out), "--runs", "1", "--warmup", "0"])
+    assert "the conversion's report measured on cpu" in res.output

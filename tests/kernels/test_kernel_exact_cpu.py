@@ -269,3 +269,49 @@ def test_keys_stored_transposed_are_read_as_keys():
         outs.append(out)
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(views[0].grad, views[1].grad)
+
+
+@pytest.mark.parametrize("dv, runs", [(8, "sdpa-flash (CPU)"), (5, "blockwise")])
+def test_out_has_the_layout_of_q_as_the_fake_says(dv, runs):
+    """A model's q is a transposed [B, S, H, D] view: ``out`` comes back in that layout (free to transpose back,
+    as SDPA's is), the fake promises the same strides, each gradient has its input's layout, and the values and
+    gradients are the reference's."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 9, 3, 8, generator=g, dtype=torch.float64).transpose(1, 2)  # [B, H, S, D] view of BSHD
+    k, v = torch.randn(2, 3, 11, 8, generator=g, dtype=torch.float64), torch.randn(2, 3, 11, dv, generator=g,
+                                                                                   dtype=torch.float64)
+    fwd, bwd, dout, decisions = run_op(q, k, v)
+    assert decisions[0].describe().startswith(runs)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.attnopt.attention(*(mode.from_tensor(t) for t in (q, k, v)), None, 0.0, NONE, 0.3, None)
+    assert fwd[0].stride() == fake[0].stride() and fwd[1].stride() == fake[1].stride()
+    assert fwd[0].transpose(1, 2).is_contiguous() == (dv == 8)
+    assert [g.stride() for g in bwd[:3]] == [torch.empty_like(x).stride() for x in (q, k, v)]  # each its input's
+    check_against_reference(fwd, bwd, q, k, v, None, NONE, dout=dout)
+
+
+def test_a_mask_with_one_row_repeated_reaches_sdpa_as_that_row():
+    """BERT broadcasts its key-padding mask to [B, 1, Sq, Sk]: SDPA's kernel gets the [B, 1, 1, Sk] row (bool
+    converted to 0 / -inf), a mask whose rows differ stays whole; results match the reference either way."""
+    q, k, v, gen = inputs(SHAPES[0])
+    pad = make_mask("padding", 2, 4, 9, 13, q.dtype, gen)
+    repeated = pad.expand(2, 1, 9, 13).contiguous()
+    bias = cpu._bias(cpu._mask4(repeated), q.dtype)
+    assert bias.shape == (2, 1, 1, 13) and bias.dtype == q.dtype
+    assert torch.equal(bias == 0, pad)
+    assert cpu._bias(cpu._mask4(pad.expand(2, 1, 9, 13)), q.dtype).shape == (2, 1, 1, 13)  # an expanded view
+    nan_rows = torch.zeros(1, 1, 9, 13, dtype=q.dtype).masked_fill(~pad[-1:], float("-inf"))
+    nan_rows[..., 0] = float("nan")  # NaN never compares equal: the mask stays whole
+    assert cpu._bias(nan_rows, q.dtype).shape == (1, 1, 9, 13)
+    rows_differ = make_mask("bool", 2, 4, 9, 13, q.dtype, gen)
+    assert cpu._bias(rows_differ, q.dtype).shape == rows_differ.shape
+    additive = torch.zeros(1, 1, 9, 13, dtype=q.dtype).masked_fill(~pad[-1:], float("-inf"))  # the padded batch
+    assert cpu._bias(additive, q.dtype).shape == (1, 1, 1, 13)
+    # a padding mask of unpadded inputs hides nothing: SDPA runs without one (as the model's own call would)
+    assert cpu._bias(torch.ones(2, 1, 1, 13, dtype=torch.bool), q.dtype) is None
+    assert cpu._bias(torch.zeros(2, 1, 9, 13, dtype=q.dtype), q.dtype) is None
+    for m in (repeated, rows_differ, torch.ones(2, 1, 1, 13, dtype=torch.bool)):
+        fwd, bwd, dout, _ = run_op(q, k, v, m, TL)
+        check_against_reference(fwd, bwd, q, k, v, m, TL, dout=dout)

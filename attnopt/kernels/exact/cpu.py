@@ -74,10 +74,40 @@ def _mask4(attn_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _bias(mask4: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """SDPA's additive form of a mask: a bool mask (True = attend) as 0 / -inf of ``dtype``, on its own shape."""
-    if mask4 is None or mask4.is_floating_point():
+    """SDPA's additive form of a mask: a bool mask (True = attend) as 0 / -inf of ``dtype`` in one pass (a
+    ``where``, as SDPA converts it), on the mask's own shape or its one shared query row (:func:`_shared_rows`);
+    None for a mask that hides nothing (:func:`_hides_nothing`)."""
+    if mask4 is None or _hides_nothing(mask4):
+        return None
+    mask4 = _shared_rows(mask4)
+    if mask4.is_floating_point():
         return mask4
-    return torch.zeros(mask4.shape, dtype=dtype).masked_fill_(~mask4, _NEG_INF)
+    return torch.where(mask4, torch.zeros((), dtype=dtype), torch.full((), _NEG_INF, dtype=dtype))
+
+
+def _hides_nothing(mask4: Tensor) -> bool:
+    """Whether the mask hides no key at all: the padding mask of unpadded inputs, which a traced model
+    materializes where its own eager call passes none. Its first row is read first (a mask hiding a key there, as
+    causal or padded ones do, costs that row); then one vectorized reduction (min and max) over the mask."""
+    if mask4.dtype == torch.bool:
+        return bool(mask4[0, 0, 0].all()) and int(mask4.view(torch.uint8).min()) == 1
+    return bool((mask4[0, 0, 0] == 0).all()) and float(mask4.amin()) == 0.0 == float(mask4.amax())
+
+
+def _shared_rows(mask4: Tensor) -> Tensor:
+    """``mask4[:, :, :1]`` ([Mb, Mh, 1, Mk]) when every query row of the mask is the same, else ``mask4``.
+
+    Models broadcast a key-padding mask to [B, 1, Sq, Sk] before attention (BERT); SDPA's kernel then reads
+    Sq x Sk mask values where Sk suffice (and a bool mask is converted whole). The first and last rows are
+    compared first (a mask whose rows differ, causal or per-row, costs two rows), then each key's column min
+    and max over the rows (one vectorized pass; a NaN never compares equal, so such a mask stays whole).
+    """
+    if mask4.shape[2] == 1 or mask4.stride(2) == 0:  # one row, or one row broadcast (an expanded view)
+        return mask4[:, :, :1]
+    if not torch.equal(mask4[:, :, :1], mask4[:, :, -1:]):
+        return mask4
+    values = mask4.view(torch.uint8) if mask4.dtype == torch.bool else mask4
+    return mask4[:, :, :1] if torch.equal(values.amin(dim=2), values.amax(dim=2)) else mask4
 
 
 def _dead_rows(mask4: Optional[Tensor], is_causal: bool, lse: Tensor) -> Optional[Tensor]:

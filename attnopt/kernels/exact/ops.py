@@ -12,7 +12,8 @@ probabilities from ``lse``. A mask that is pure right key-padding (see
 :mod:`attnopt.kernels.exact.padding`) reaches the kernels as per-row key lengths instead.
 
 Layout is SDPA's: q [B, Hq, Sq, D], k [B, Hkv, Sk, D], v [B, Hkv, Sk, Dv] with Hq % Hkv == 0 (GQA is
-native: k and v are never repeated). ``causal`` is one of the ``CAUSAL_*`` codes of the reference;
+native: k and v are never repeated). ``out`` has q's dim order (:func:`empty_out`, as SDPA's own ``out``),
+each gradient its input's; ``lse`` is contiguous. ``causal`` is one of the ``CAUSAL_*`` codes of the reference;
 ``softcap`` > 0 applies ``cap * tanh(s / cap)`` to the scaled scores before the mask (Gemma 2).
 Dropout is driven by a 0-d int64 ``seed`` tensor so the backward replays the forward's mask.
 """
@@ -26,7 +27,7 @@ from torch import Tensor
 
 from attnopt.kernels.exact import cpu, dispatch, reference, triton_impl
 from attnopt.kernels.exact.padding import key_padding_lengths
-from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
+from attnopt.kernels.layout import acc_dtype, check_qkv, empty
 
 _NAMESPACE = "attnopt"
 
@@ -70,16 +71,40 @@ def attention_fwd(
     seed: Optional[Tensor],
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
-    """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
+    """Returns (out [B, Hq, Sq, Dv] in q's layout (:func:`empty_out`), lse [B, Hq, Sq] fp32, fp64 for fp64
+    inputs)."""
     _check(q, k, v, attn_mask)
-    return contiguous(*cpu.forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
+    return _result(q, v, *cpu.forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
+
+
+def empty_out(q: Tensor, v: Tensor, device: Optional[str] = None) -> Tensor:
+    """An empty ``out`` in the op's output layout (on ``device``, default q's): q's own dim order
+    (``torch.empty_like(q)``, as SDPA's kernels allocate it) when Dv == D, else contiguous.
+
+    A model passes q as a transposed [B, S, H, D] view and transposes ``out`` back before its output
+    projection; an ``out`` in that same layout makes both transposes free, where a contiguous one cost two
+    copies of ``out`` per call.
+    """
+    if v.shape[-1] == q.shape[-1]:
+        return torch.empty_like(q, device=device)
+    b, hq, sq, _ = q.shape
+    return q.new_empty((b, hq, sq, v.shape[-1]), device=device)
+
+
+def _result(q: Tensor, v: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` in the layout the fake promises: ``out`` as :func:`empty_out` (copied only when an
+    implementation wrote another layout: the layout is checked on a meta tensor, allocating nothing), ``lse``
+    contiguous."""
+    if out.stride() != empty_out(q, v, "meta").stride():
+        out = empty_out(q, v).copy_(out)
+    return out, lse.contiguous()
 
 
 @attention_fwd.register_fake
 def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     b, hq, sq, _ = q.shape
-    return empty(q, (b, hq, sq, v.shape[-1])), empty(q, (b, hq, sq), acc_dtype(q))
+    return empty_out(q, v), empty(q, (b, hq, sq), acc_dtype(q))
 
 
 @attention_fwd.register_kernel("cuda")
@@ -87,18 +112,18 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
     if q.dtype == torch.float64:
         # The generated kernels take fp16, bf16 and fp32; fp64 runs the reference on the GPU.
-        return contiguous(*reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
+        return _result(q, v, *reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
     decision = dispatch.choose(q, k, v, attn_mask, causal, scale, dropout_p, softcap)
     if decision.backend in dispatch.SDPA_BACKENDS:
         try:
-            return contiguous(*dispatch.sdpa_forward(decision.backend, q, k, v, attn_mask, causal, scale))
+            return _result(q, v, *dispatch.sdpa_forward(decision.backend, q, k, v, attn_mask, causal, scale))
         except RuntimeError:
             pass  # a shape of the bucket this backend refuses (alignment, head dim): attnopt's kernel runs it
     attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     # Dropout draws its mask with the kernels' Philox generator: a different mask than the CPU reference's for
     # the same seed, replayed exactly by the CUDA backward.
-    return contiguous(*triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
-                                           seed=seed, kv_lens=kv_lens))
+    return _result(q, v, *triton_impl.forward(q, k, v, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
+                                              seed=seed, kv_lens=kv_lens))
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::attention_backward", mutates_args=())
@@ -120,28 +145,39 @@ def attention_bwd(
     """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
     dq, dk, dv, dmask = cpu.backward(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad,
                                      softcap)
-    return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
+    return _grads(q, k, v, dq, dk, dv, dmask)
+
+
+def _grads(q, k, v, dq, dk, dv, dmask) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The backward's results in the layout its fake promises: each gradient in its input's layout
+    (``torch.empty_like``: SDPA's CPU backward writes [B, S, H, D]-ordered gradients, which a model's transposed
+    q, k, v views take without a copy), ``dmask`` contiguous (an empty tensor for none)."""
+    grads = []
+    for g, x in ((dq, q), (dk, k), (dv, v)):
+        grads.append(g if g.stride() == torch.empty_like(x, device="meta").stride() else torch.empty_like(x).copy_(g))
+    return (*grads, dmask.contiguous() if dmask is not None else q.new_empty(0))
 
 
 @attention_bwd.register_kernel("cuda")
 def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
+    dout = dout.contiguous()  # the CUDA kernels read rows of a contiguous dout (the CPU ones take its strides)
     if q.dtype == torch.float64:
         dq, dk, dv, dmask = reference.attention_backward(
             dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap
         )
-        return contiguous(dq, dk, dv, dmask if dmask is not None else q.new_empty(0))
+        return _grads(q, k, v, dq, dk, dv, dmask)
     kv_lens = None
     if not mask_grad:
         attn_mask, kv_lens = _key_padding(q, k, attn_mask)
     g = triton_impl.backward(dout, q, k, v, out, lse, attn_mask, causal, scale, softcap=softcap, dropout_p=dropout_p,
                              seed=seed, mask_grad=mask_grad, kv_lens=kv_lens)
-    return contiguous(g.dq, g.dk, g.dv, g.dmask if g.dmask is not None else q.new_empty(0))
+    return _grads(q, k, v, g.dq, g.dk, g.dv, g.dmask)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
     dmask = empty(attn_mask) if mask_grad else q.new_empty(0)
-    return empty(q), empty(k), empty(v), dmask
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -156,7 +192,7 @@ def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
     dropout_p, causal, scale, softcap = ctx.params
     dq, dk, dv, dmask = attention_bwd(
-        dout.contiguous(), q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, ctx.mask_grad, softcap
+        dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, ctx.mask_grad, softcap
     )
     return dq, dk, dv, dmask if ctx.mask_grad else None, None, None, None, None, None
 
