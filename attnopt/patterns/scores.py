@@ -16,15 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import torch
 from torch.fx import Node
 
 from attnopt.patterns.canonical import (ADD, BADDBMM, CAST, CLAMP_MIN, DIV, EINSUM, MASKED_FILL, MATMUL, MUL, NEG,
                                         RESHAPE, SUB, TANH, WHERE, Op, classify, is_symbolic_scalar, scalar_value,
-                                        shape)  # fmt: skip
+                                        shape, tensor_meta)  # fmt: skip
 from attnopt.patterns.causal import mask_fill
-from attnopt.patterns.layout import eq, is_one
-from attnopt.patterns.match import Miss, ScalarExpr
+from attnopt.patterns.layout import eq, is_one, is_sym
+from attnopt.patterns.match import Miss, Region, ScalarExpr
 from attnopt.patterns.operands import MAX_DEPTH, describe, same_shape, shape_of
+from attnopt.patterns.updates import Updates, find_updates
 
 
 def _broadcasts_along_keys(t, scores_shape: tuple) -> bool:
@@ -61,6 +63,8 @@ class Scores:
     scalars: list = field(default_factory=list)  # (node, power, ctx lead): numbers and tensors
     softcap: ScalarExpr | None = None
     inplace: set = field(default_factory=set)
+    writes: set = field(default_factory=set)  # in-place writes into the scores, read into terms and masks
+    kept: str | None = None  # why the site must stay as written (an in-place change that is no bias or mask)
 
 
 # A step: (the op, its node, the node's shape, the scores read so far) -> the node below, towards q @ kᵀ.
@@ -260,14 +264,45 @@ PRODUCTS: dict[str, Callable[[Op, Node, tuple, Scores], None]] = {MATMUL: _produ
                                                                   BADDBMM: _baddbmm}  # fmt: skip
 
 
-def walk_scores(x) -> Scores:
-    """Reads the score expression below the softmax; raises :class:`Miss` when it is not one."""
+def _updated(x: Node, xs: tuple, st: Scores, upd: Updates) -> None:
+    """The in-place updates of ``x`` (:mod:`attnopt.patterns.updates`) as terms and masks, last one first."""
+    st.inplace |= upd.nodes
+    st.writes |= upd.writes
+    reasons = [upd.reason] if upd.reason else []
+    if st.softcap is not None or st.scalars or not st.factor > 0:
+        reasons.append(f"the scores changed in place ({describe(x)}) are then capped or scaled by a tensor")
+    if any(is_sym(d) for d in xs):
+        reasons.append(f"the scores changed in place ({describe(x)}) have dynamic sizes")
+    for ev in reversed(upd.events):
+        value = ev.value
+        if ev.kind == "mask" and ev.index is None and value is None:
+            reasons.append(f"{describe(ev.at)} fills every score")
+        elif ev.index is None and not _broadcasts_into(value, xs):
+            reasons.append(f"{describe(ev.at)} changes the scores by a tensor that does not broadcast to them")
+        elif ev.kind == "add" and ev.index is None and scalar_value(value) is not None:
+            continue  # a constant shift: softmax is shift-invariant
+        elif ev.kind == "add":
+            node = value if ev.index is None else Region(value, xs, ev.index, tensor_meta(x).dtype)
+            st.terms.append((node, st.factor * ev.sign, (), xs[:-2]))
+        else:
+            node = value if ev.index is None else Region(True if value is None else value, xs, ev.index, torch.bool)
+            st.masks.append((node, False, ev.fill * st.factor, xs[:-2]))
+    st.kept = st.kept or (reasons[0] if reasons else None)
+
+
+def walk_scores(x, reader: Node | None = None) -> Scores:
+    """Reads the score expression below the softmax (``reader``: the node reading ``x``, for its in-place
+    updates); raises :class:`Miss` when it is not one."""
     st = Scores()
     for _ in range(MAX_DEPTH):
         op = classify(x)
         if op is None:
             raise Miss(f"scores come from {describe(x)}, not from q @ kᵀ")
         xs = shape_of(x)
+        upd = find_updates(x, reader) if reader is not None else None
+        if upd is not None:
+            _updated(x, xs, st, upd)
+        reader = x
         if op.attrs.get("inplace"):
             target = op.inputs[0]
             if not isinstance(target, Node) or len(target.users) != 1:

@@ -83,18 +83,28 @@ def test_a_kept_attention_map_keeps_the_site(keep_map):
     assert rel_err(opt(q, k, v), Attention()(q, k, v)) < 1e-5
 
 
-def test_an_in_place_mutation_of_the_scores_keeps_the_site():
+@pytest.mark.parametrize("change", ["masked_fill_", "mul_"])
+def test_an_in_place_mutation_of_the_scores_is_read_or_keeps_the_site(change):
+    """The statement form (``s`` read after the mutation): a masked_fill_ with -inf is a mask and the site is
+    rewritten; a scaling by a tensor that varies along the keys is neither a bias nor a mask: kept, saying so."""
+
     class InPlace(nn.Module):
         def forward(self, q, k, v, mask):
             s = q @ k.transpose(-2, -1)
-            s.masked_fill_(~mask, float("-inf"))  # the statement form: `s` is read after the mutation
+            if change == "masked_fill_":
+                s.masked_fill_(~mask, float("-inf"))
+            else:
+                s.mul_(mask.float() + 0.5)
             return s.softmax(-1) @ v
 
     q, k, v = _qkv()
     mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
     opt = attnopt.optimize(InPlace(), "exact", (q, k, v, mask))
     (site,) = attnopt.report(opt).sites
-    assert site.decision == "keep" and "masked_fill_" in site.reason
+    if change == "masked_fill_":
+        assert site.decision == "exact", site.reason
+    else:
+        assert site.decision == "keep" and "mul_" in site.reason and "neither" in site.reason, site.reason
     assert rel_err(opt(q, k, v, mask), InPlace()(q, k, v, mask)) < 1e-6
 
 

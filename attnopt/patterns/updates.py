@@ -1,0 +1,187 @@
+"""In-place updates of the scores, read as what they add or mask.
+
+Vision models change their scores in place: ``attn[:, :, i:, i:] += rel_pos`` (a bias over a region),
+``attn[..., :n] = float("-inf")`` (a mask over a region), ``attn.masked_fill_(m, -inf)``. Dynamo records
+such a statement as a view of the scores (``getitem``), an in-place op on it (``iadd``, ``add_``,
+``masked_fill_``) and a ``setitem`` writing it back, or a ``setitem`` of a new value; the softmax then reads
+the scores node itself. :func:`find_updates` collects these statements on one node of the score path, in
+graph order, as :class:`Event` s: an addition over a region is a bias that is zero elsewhere, an assignment of
+-inf or a large negative number over a region is a mask. Any other change (a scaling of a region, an
+assignment of a tensor) is not equivalent to either: the site is kept, with that reason.
+
+Updates are read only on a tensor the scores computation allocated (a product or an arithmetic result), so
+the writes touch nothing but the site's own scores and die with it (:attr:`Updates.writes`).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, NamedTuple
+
+import torch
+from torch.fx import Node
+
+from attnopt.patterns.canonical import (ADD, BADDBMM, CLAMP_MIN, DIV, EINSUM, MASKED_FILL, MATMUL, MUL, NEG, SUB,
+                                        TANH, WHERE, classify, tensor_meta)  # fmt: skip
+from attnopt.patterns.causal import mask_fill
+from attnopt.patterns.operands import describe, value_users
+
+# Ops whose result is a tensor of their own (never a view of an input): their scores may be updated in place.
+_FRESH = {MATMUL, EINSUM, BADDBMM, MUL, DIV, ADD, SUB, NEG, MASKED_FILL, WHERE, TANH, CLAMP_MIN}
+
+
+class Event(NamedTuple):
+    """One change of the scores: ``kind`` "add" (``value`` times ``sign`` added over the region) or "mask"
+    (the region, where ``value`` is True or everywhere when ``value`` is None, set to ``fill``).
+    ``index`` is the region (basic indexing), None for the whole tensor; ``at`` the node making the change."""
+
+    kind: str
+    value: Any
+    index: tuple | None
+    sign: float
+    fill: float | None
+    at: Node
+
+
+class Updates(NamedTuple):
+    events: list  # in graph order
+    nodes: set  # every node of the update statements (they die with the site)
+    writes: set  # the nodes among them that write (in-place ops, setitem): only into the site's scores
+    reason: str | None  # why the updates are neither a bias nor a mask (the site is then kept)
+
+
+def is_basic_index(idx: Any) -> bool:
+    """Slices of ints, ints and Ellipsis: a region every element of which is written once."""
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    for i in idx:
+        if isinstance(i, slice):
+            if not all(p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in (i.start, i.stop, i.step)):
+                return False
+        elif not (i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool))):
+            return False
+    return True
+
+
+def _setitem_of(u: Node, x: Node) -> bool:
+    return u.op == "call_function" and u.target is operator.setitem and len(u.args) == 3 and u.args[0] is x
+
+
+def _view_of(u: Node, x: Node) -> bool:
+    return (u.op == "call_function" and u.target is operator.getitem and len(u.args) == 2 and u.args[0] is x
+            and isinstance(tensor_meta(u), torch.Tensor))  # fmt: skip
+
+
+def _inplace_on(u: Node, x: Node) -> bool:
+    if u.op == "call_method" and u.target in ("fill_", "zero_", "copy_", "clamp_", "exp_", "mul_", "div_") \
+            and u.args and u.args[0] is x:
+        return True
+    op = classify(u)
+    return op is not None and bool(op.attrs.get("inplace")) and bool(op.inputs) and op.inputs[0] is x
+
+
+def _mutates(v: Node) -> bool:
+    """Whether a view ``v`` of the scores is written through."""
+    return any(_inplace_on(w, v) for w in v.users)
+
+
+class _Reader:
+    """Collects the update statements on one node ``x``."""
+
+    def __init__(self, x: Node):
+        self.x = x
+        self.events: list[Event] = []
+        self.nodes: set = set()
+        self.writes: set = set()
+        self.reason: str | None = None
+        self.written_back: dict = {}  # in-place result on a view -> the view's index
+
+    def refuse(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def inplace(self, w: Node, index: tuple | None) -> None:
+        """``w`` changes the scores (or the region ``index`` of them) in place."""
+        self.nodes.add(w)
+        self.writes.add(w)
+        op = classify(w)
+        kind = op.kind if op is not None and op.attrs.get("inplace") else None
+        if kind in (ADD, SUB):
+            self.events.append(Event("add", op.inputs[1], index, -1.0 if kind == SUB else 1.0, None, w))
+        elif kind == MASKED_FILL and mask_fill(op.inputs[2]) is not None:
+            self.events.append(Event("mask", op.inputs[1], index, 1.0, mask_fill(op.inputs[2]), w))
+        elif w.op == "call_method" and w.target == "fill_" and len(w.args) == 2 and mask_fill(w.args[1]) is not None:
+            self.events.append(Event("mask", None, index, 1.0, mask_fill(w.args[1]), w))
+        else:
+            self.refuse(f"{describe(w)} changes the scores in place, neither adding a bias nor filling a mask")
+        if index is not None:
+            self.written_back[w] = index
+
+    def view(self, v: Node) -> None:
+        idx = v.args[1]
+        self.nodes.add(v)
+        if not is_basic_index(idx):
+            self.refuse(f"the scores are written through {describe(v)}, an index that is not slices and integers")
+        for w in v.users:
+            if _inplace_on(w, v):
+                self.inplace(w, idx)
+            elif self._written_sum(w) is None:
+                self.refuse(f"the region {idx} of the scores ({describe(v)}) is also read by {describe(w)}")
+
+    def _written_sum(self, w: Node) -> tuple | None:
+        """(the setitem, t, sign, the view) when ``w`` = view ± t is written back into the view's region, and that is
+        all ``w`` does."""
+        users = value_users(w)
+        op = classify(w)
+        if op is None or op.kind not in (ADD, SUB) or op.attrs.get("inplace") or len(users) != 1:
+            return None
+        u = users[0]
+        if not _setitem_of(u, self.x) or u.args[2] is not w:
+            return None
+        for i, sign in ((0, 1.0), (1, 1.0 if op.kind == ADD else None)):
+            a = op.inputs[i]
+            if sign is not None and isinstance(a, Node) and _view_of(a, self.x) and a.args[1] == u.args[1]:
+                return u, op.inputs[1 - i], sign if op.kind == ADD else -1.0, a
+        return None
+
+    def setitem(self, u: Node) -> None:
+        idx, val = u.args[1], u.args[2]
+        self.nodes.add(u)
+        self.writes.add(u)
+        if not is_basic_index(idx):
+            self.refuse(f"{describe(u)} writes the scores at an index that is not slices and integers")
+        elif isinstance(val, Node) and self.written_back.get(val, None) == idx:
+            return  # the in-place result written back onto itself
+        elif isinstance(val, Node) and self._written_sum(val) is not None and self._written_sum(val)[0] is u:
+            _, t, sign, view = self._written_sum(val)
+            self.nodes |= {val, view}
+            self.events.append(Event("add", t, idx, sign, None, u))
+        elif mask_fill(val) is not None:
+            self.events.append(Event("mask", None, idx, 1.0, mask_fill(val), u))
+        else:
+            what = describe(val)
+            self.refuse(f"{describe(u)} assigns {what} to a region of the scores, neither adding a bias nor a mask fill")
+
+
+def find_updates(x: Any, reader: Node) -> Updates | None:
+    """The in-place updates of ``x`` made before ``reader`` (the next node of the score path) reads it; None
+    when there are none."""
+    if not isinstance(x, Node):
+        return None
+    statements = [u for u in x.users if u is not reader and (
+        _setitem_of(u, x) or _inplace_on(u, x) or (_view_of(u, x) and _mutates(u)))]  # fmt: skip
+    if not statements:
+        return None
+    r = _Reader(x)
+    for u in sorted(statements):
+        if _setitem_of(u, x):
+            r.setitem(u)
+        elif _inplace_on(u, x):
+            r.inplace(u, None)
+        else:
+            r.view(u)
+    op = classify(x)
+    if op is None or op.kind not in _FRESH or op.attrs.get("inplace"):
+        r.refuse(f"the scores changed in place ({describe(x)}) may be a view of another tensor")
+    late = [n for n in r.nodes if n > reader]
+    if late:
+        r.refuse(f"the scores are changed in place by {describe(min(late))} after {describe(reader)} reads them")
+    return Updates(sorted(r.events, key=lambda e: e.at), r.nodes, r.writes, r.reason)
