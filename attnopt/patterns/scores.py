@@ -26,7 +26,7 @@ from attnopt.patterns.causal import mask_fill
 from attnopt.patterns.layout import eq, is_one, is_sym
 from attnopt.patterns.match import Miss, Region, ScalarExpr
 from attnopt.patterns.operands import MAX_DEPTH, describe, same_shape, shape_of
-from attnopt.patterns.updates import Updates, find_updates
+from attnopt.patterns.updates import Updates, find_updates, is_fresh
 
 
 def _broadcasts_along_keys(t, scores_shape: tuple) -> bool:
@@ -308,6 +308,8 @@ def walk_scores(x, reader: Node | None = None) -> Scores:
             if not isinstance(target, Node) or len(target.users) != 1:
                 raise Miss(f"{describe(x)} mutates scores that are also read elsewhere")
             st.inplace.add(x)
+            if is_fresh(x):  # it writes only into the site's own scores
+                st.writes.add(x)
         if op.kind in PRODUCTS:
             st.product = x
             PRODUCTS[op.kind](op, x, xs, st)

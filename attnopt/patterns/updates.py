@@ -161,6 +161,21 @@ class _Reader:
             self.refuse(f"{describe(u)} assigns {what} to a region of the scores, neither adding a bias nor a mask fill")
 
 
+def is_fresh(x: Any) -> bool:
+    """Whether ``x`` is a tensor of its own: an op result that is not a view, or the in-place result of one
+    on such a tensor that nothing else reads."""
+    for _ in range(16):
+        op = classify(x)
+        if op is None or op.kind not in _FRESH:
+            return False
+        if not op.attrs.get("inplace"):
+            return True
+        x = op.inputs[0]
+        if not isinstance(x, Node) or len(x.users) != 1:
+            return False
+    return False
+
+
 def find_updates(x: Any, reader: Node) -> Updates | None:
     """The in-place updates of ``x`` made before ``reader`` (the next node of the score path) reads it; None
     when there are none."""
@@ -178,10 +193,9 @@ def find_updates(x: Any, reader: Node) -> Updates | None:
             r.inplace(u, None)
         else:
             r.view(u)
-    op = classify(x)
-    if op is None or op.kind not in _FRESH or op.attrs.get("inplace"):
+    if not is_fresh(x):
         r.refuse(f"the scores changed in place ({describe(x)}) may be a view of another tensor")
-    late = [n for n in r.nodes if n > reader]
+    late = [n for n in r.writes if n > reader]
     if late:
         r.refuse(f"the scores are changed in place by {describe(min(late))} after {describe(reader)} reads them")
     return Updates(sorted(r.events, key=lambda e: e.at), r.nodes, r.writes, r.reason)
