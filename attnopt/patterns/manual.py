@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import networkx as nx
 from torch.fx import Node
 
-from attnopt.patterns.canonical import SOFTMAX, Op, classify, shape, tensor_meta
+from attnopt.patterns.canonical import CAST, SOFTMAX, TRANSPOSE, Op, classify, shape, tensor_meta
 from attnopt.patterns.causal import split_causal
 from attnopt.patterns.layout import LayoutError, convert, eq, is_one
 from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, ScalarExpr, SizeOf, Term
@@ -138,10 +138,13 @@ def _kv_heads(ops: Operands, views: _Views) -> dict:
     """k and v with repeats read through (native GQA) or a single head expanded; the fields they give."""
     hq, hkv, hv = views.heads
     k_node, v_node, k_ops, v_ops = ops.k, ops.v, views.k_ops, views.v_ops
-    if not k_ops and not v_ops and not ops.k_transposed:
-        rk, rv = unrepeat(k_node), unrepeat(v_node)
+    k_transposed = ops.k_transposed
+    if not k_ops and not v_ops:
+        # keys given pre-transposed ([.., D, Sk]) as a transposed copy of repeated keys: read through both
+        k_seen = _untransposed(k_node) if k_transposed else k_node
+        rk, rv = unrepeat(k_seen), unrepeat(v_node)
         if rk is not None and rv is not None and eq(rk[1], rv[1]):
-            (k_node, hkv), (v_node, hv) = rk, rv
+            (k_node, hkv), (v_node, hv), k_transposed = rk, rv, False
     if not eq(hkv, hv):
         if is_one(hkv) and isinstance(hv, int):
             k_ops, hkv = k_ops + (("expand", (-1, hv, -1, -1)),), hv
@@ -151,7 +154,15 @@ def _kv_heads(ops: Operands, views: _Views) -> dict:
             raise Miss(f"keys have {hkv} heads but values have {hv}")
     if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
         raise Miss(f"{hq} query heads are not a multiple of {hkv} key/value heads")
-    return {"k": k_node, "v": v_node, "k_ops": k_ops, "v_ops": v_ops, "hkv": hkv}
+    return {"k": k_node, "v": v_node, "k_ops": k_ops, "v_ops": v_ops, "hkv": hkv, "k_transposed": k_transposed}
+
+
+def _untransposed(k: Any) -> Any:
+    """``k`` [.., D, Sk] read as the [.., Sk, D] tensor it transposes (through ``contiguous``), else None."""
+    op = classify(k)
+    while op is not None and op.kind == CAST and op.attrs.get("dtype") is None:
+        op = classify(op.inputs[0])
+    return op.inputs[0] if op is not None and op.kind == TRANSPOSE else None
 
 
 def _scale(st: Scores, folded: float) -> dict:
@@ -237,7 +248,7 @@ def _match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch:
         "batch": as_int(views.q_lead[0]),
         "layout": _layout_name(ops),
     }
-    m = AttentionMatch(kind="manual", output=r.pv, q=ops.q, dropout_p=r.dropout_p, k_transposed=ops.k_transposed,
+    m = AttentionMatch(kind="manual", output=r.pv, q=ops.q, dropout_p=r.dropout_p,
                        q_ops=views.q_ops, out_ops=views.out_ops, info=info, **kv, **scale, **masks)  # fmt: skip
     m = replace(m, dead_writes=frozenset(st.writes))
     return _escape(m, dag, st.product, softmax, st.inplace, st.kept)

@@ -21,13 +21,16 @@ from typing import Any, NamedTuple
 import torch
 from torch.fx import Node
 
-from attnopt.patterns.canonical import (ADD, BADDBMM, CLAMP_MIN, DIV, EINSUM, MASKED_FILL, MATMUL, MUL, NEG, SUB,
-                                        TANH, WHERE, classify, tensor_meta)  # fmt: skip
+from attnopt.patterns.canonical import (ADD, BADDBMM, CAST, CLAMP_MIN, DIV, EINSUM, EXPAND, MASKED_FILL, MATMUL, MUL,
+                                        NEG, PERMUTE, RESHAPE, SUB, TANH, TRANSPOSE, WHERE, classify,
+                                        tensor_meta)  # fmt: skip
 from attnopt.patterns.causal import mask_fill
 from attnopt.patterns.operands import describe, value_users
 
 # Ops whose result is a tensor of their own (never a view of an input): their scores may be updated in place.
 _FRESH = {MATMUL, EINSUM, BADDBMM, MUL, DIV, ADD, SUB, NEG, MASKED_FILL, WHERE, TANH, CLAMP_MIN}
+# Ops whose result may share its input's memory: fresh when the input is and nothing else reads the input.
+_VIEWS = {RESHAPE, CAST, TRANSPOSE, PERMUTE, EXPAND}
 
 
 class Event(NamedTuple):
@@ -162,13 +165,13 @@ class _Reader:
 
 
 def is_fresh(x: Any) -> bool:
-    """Whether ``x`` is a tensor of its own: an op result that is not a view, or the in-place result of one
-    on such a tensor that nothing else reads."""
+    """Whether ``x`` is a tensor of its own: an op result that is not a view, or the in-place result or a view
+    of one that nothing else reads."""
     for _ in range(16):
         op = classify(x)
-        if op is None or op.kind not in _FRESH:
+        if op is None or op.kind not in _FRESH | _VIEWS:
             return False
-        if not op.attrs.get("inplace"):
+        if op.kind in _FRESH and not op.attrs.get("inplace"):
             return True
         x = op.inputs[0]
         if not isinstance(x, Node) or len(x.users) != 1:
