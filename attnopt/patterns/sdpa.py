@@ -48,7 +48,7 @@ def _arguments(node: Node) -> dict:
     if qm.dim() < 3 or km.dim() != qm.dim() or vm.dim() != qm.dim():
         raise Miss(f"q/k/v of ranks {qm.dim()}/{km.dim()}/{vm.dim()}; only q, k and v of one rank (3 or more) "
                    "are rewritten")
-    if qm.dim() > 4:
+    if _folds(qm, km, vm):
         _check_folded_batch(qm, km, vm)
     elif qm.dim() == 4 and (not eq(qm.shape[0], km.shape[0]) or hint(qm.shape[1]) % hint(km.shape[1]) != 0):
         raise Miss(f"q batch/heads {tuple(qm.shape[:2])} incompatible with k {tuple(km.shape[:2])}")
@@ -59,6 +59,12 @@ def _arguments(node: Node) -> dict:
     if not is_symbolic_scalar(a["scale"]) and a["scale"] is not None and not isinstance(a["scale"], (int, float)):
         raise Miss("scale is not a number in the graph")
     return a
+
+
+def _folds(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> bool:
+    """Rank 5 and more, or rank 4 with k/v broadcast along the batch: the batch dims fold (and expand) into one."""
+    return qm.dim() > 4 or (qm.dim() == 4 and any(is_one(t.shape[0]) and not eq(t.shape[0], qm.shape[0])
+                                                  for t in (km, vm)))  # fmt: skip
 
 
 def _check_folded_batch(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> None:
@@ -105,8 +111,8 @@ def _operands(a: dict, qm: torch.Tensor, km: torch.Tensor) -> dict:
     """q, k and v with their views to [B, H, S, D] (a 3-D call is a batch of one), repeats read through."""
     hq, hkv = (qm.shape[1], km.shape[1]) if qm.dim() == 4 else (qm.shape[0], km.shape[0])
     fields = {"q": a["query"], "k": a["key"], "v": a["value"]}
-    if qm.dim() > 4:  # [*batch, H, S, D]: the batch dims fold into one
-        vm = tensor_meta(a["value"])
+    vm = tensor_meta(a["value"])
+    if _folds(qm, km, vm):  # [*batch, H, S, D]: the batch dims fold into one
         return {**fields, "q_ops": _fold(a["query"], qm, qm), "k_ops": _fold(a["key"], km, qm),
                 "v_ops": _fold(a["value"], vm, qm), "out_ops": (("unflatten", (0, _unfold_sizes(a["query"], qm))),),
                 "heads": (qm.shape[-3], km.shape[-3])}  # fmt: skip

@@ -164,6 +164,19 @@ class _Reader:
             self.refuse(f"{describe(u)} assigns {what} to a region of the scores, neither adding a bias nor a mask fill")
 
 
+def _depends_on(value: Any, x: Node, limit: int = 256) -> bool:
+    """Whether ``x`` is among the inputs of ``value`` (a bounded search: an unfinished one counts as yes)."""
+    seen, stack = set(), [value] if isinstance(value, Node) else []
+    while stack:
+        n = stack.pop()
+        if n is x or len(seen) > limit:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
 def is_fresh(x: Any) -> bool:
     """Whether ``x`` is a tensor of its own: an op result that is not a view, or the in-place result or a view
     of one that nothing else reads."""
@@ -198,6 +211,9 @@ def find_updates(x: Any, reader: Node) -> Updates | None:
             r.view(u)
     if not is_fresh(x):
         r.refuse(f"the scores changed in place ({describe(x)}) may be a view of another tensor")
+    for ev in r.events:
+        if _depends_on(ev.value, x):
+            r.refuse(f"{describe(ev.at)} changes the scores by a value computed from the scores themselves")
     late = [n for n in r.writes if n > reader]
     if late:
         r.refuse(f"the scores are changed in place by {describe(min(late))} after {describe(reader)} reads them")

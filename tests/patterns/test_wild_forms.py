@@ -136,7 +136,7 @@ def sdpa(m, q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@pytest.mark.parametrize("rank", [5, 6])
+@pytest.mark.parametrize("rank", [4, 5, 6])
 @pytest.mark.parametrize("case", ["plain", "broadcast_kv", "float_mask", "bool_mask", "gqa"])
 def test_sdpa_of_rank_above_four_folds_the_batch(case, rank):
     lead = LEADS[rank]
@@ -246,6 +246,12 @@ def update_assigned_tensor(m, q, k, v, rel):
     return attn.softmax(-1) @ v
 
 
+def update_from_itself(m, q, k, v, rel):
+    attn = _scores(q, k)
+    attn[..., 0] += attn[..., 1]  # one key's scores added to another's: not a bias
+    return attn.softmax(-1) @ v
+
+
 def update_after_read(m, q, k, v, rel):
     attn = _scores(q, k)
     p = attn.softmax(-1)
@@ -255,6 +261,7 @@ def update_after_read(m, q, k, v, rel):
 
 @pytest.mark.parametrize("fn, reason", [(update_scaled_region, "neither adding a bias nor a mask fill"),
                                         (update_assigned_tensor, "neither adding a bias nor a mask fill"),
+                                        (update_from_itself, "computed from the scores themselves"),
                                         (update_after_read, "in place by iadd")])  # fmt: skip
 def test_an_update_that_is_no_bias_or_mask_keeps_the_site_with_its_reason(fn, reason):
     args, _ = _updated(4)
