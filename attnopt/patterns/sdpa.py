@@ -17,7 +17,7 @@ from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.patterns.canonical import SDPA, bind_call, is_symbolic_scalar, tensor_meta
 from attnopt.patterns.causal import split_causal
 from attnopt.patterns.layout import LayoutError, as_static, eq, hint, is_one, is_sym, prod
-from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, ScalarExpr, SizeOf, Term
+from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, ScalarExpr, Term
 from attnopt.patterns.operands import as_int, describe, seq_major, term_ops, unrepeat
 
 _SIGNATURE = inspect.Signature(
@@ -85,19 +85,12 @@ def _fold(x: Node, xm: torch.Tensor, qm: torch.Tensor) -> tuple:
     return ops + (("flatten", (0, lead - 1)),)
 
 
-def _unfold_sizes(q: Node, qm: torch.Tensor) -> tuple:
-    """Sizes for ``unflatten`` back to q's batch dims: static ones as ints, the first dynamic one -1, the
-    others read off q at run time."""
-    sizes, free = [], True
-    for i, x in enumerate(qm.shape[:-3]):
-        if not is_sym(x):
-            sizes.append(int(as_static(x)))
-        elif free:
-            sizes.append(-1)
-            free = False
-        else:
-            sizes.append(SizeOf(q, i))
-    return tuple(sizes)
+def _unfold_sizes(qm: torch.Tensor) -> tuple:
+    """Sizes for ``unflatten`` back to q's batch dims: static ones as ints, the one dynamic one -1."""
+    dynamic = [x for x in qm.shape[:-3] if is_sym(x)]
+    if len(dynamic) > 1:
+        raise Miss(f"q has {len(dynamic)} dynamic batch dims {tuple(qm.shape[:-3])}; only one can fold into the batch")
+    return tuple(-1 if is_sym(x) else int(as_static(x)) for x in qm.shape[:-3])
 
 
 def _scale(a: dict) -> dict:
@@ -114,7 +107,7 @@ def _operands(a: dict, qm: torch.Tensor, km: torch.Tensor) -> dict:
     vm = tensor_meta(a["value"])
     if _folds(qm, km, vm):  # [*batch, H, S, D]: the batch dims fold into one
         return {**fields, "q_ops": _fold(a["query"], qm, qm), "k_ops": _fold(a["key"], km, qm),
-                "v_ops": _fold(a["value"], vm, qm), "out_ops": (("unflatten", (0, _unfold_sizes(a["query"], qm))),),
+                "v_ops": _fold(a["value"], vm, qm), "out_ops": (("unflatten", (0, _unfold_sizes(qm))),),
                 "heads": (qm.shape[-3], km.shape[-3])}  # fmt: skip
     if qm.dim() == 3:  # [N, S, D]: a batch of one with N heads
         unsqueeze = (("unsqueeze", (0,)),)

@@ -361,3 +361,25 @@ def test_softmaxes_that_are_not_attention_are_named_misses(kind, what):
     assert misses and all(m.reason.startswith(what) for m in misses), [m.reason for m in misses]
     with torch.no_grad():
         assert torch.equal(got, module(*args))
+
+
+# ---------------------------------------------------------------------------------------- dynamic shapes
+def test_the_forms_under_dynamic_shapes_are_rewritten_or_missed_with_a_reason():
+    from _detect_helpers import pipeline_backend
+
+    def compiled(fn, *args):
+        ctxs = []
+        torch._dynamo.reset()
+        with torch.no_grad():
+            got = torch.compile(fn, backend=pipeline_backend(ctxs), dynamic=True, fullgraph=True)(*args)
+            assert rel_err(got, fn(*args)) < 1e-6
+        return [s for c in ctxs for s in c.sites], [m.reason for c in ctxs for m in c.misses]
+
+    (site,), _ = compiled(lambda q, k, v: v_left_matmul(None, q, k, v), *_channels_first(4))
+    assert site.decision == "exact"
+    qkv5 = (rand(2, 3, H, S, D, seed=i) for i in range(3))
+    found, (miss,) = compiled(lambda q, k, v: sdpa(None, q, k, v), *qkv5)
+    assert not found and "dynamic batch dims" in miss
+    args, _ = _updated(4)
+    (site,), _ = compiled(lambda *a: update_add_region(None, *a)[0], *args)
+    assert site.decision == "keep" and "dynamic sizes" in site.reason
