@@ -96,11 +96,15 @@ class Region:
     shape: tuple
     index: tuple
     dtype: torch.dtype
+    inner: tuple | None = None  # the region regrouped to this shape is where ``node`` broadcasts (None: the region)
 
 
-def place_region(value: Any, like: torch.Tensor, shape: tuple, index: tuple, dtype: torch.dtype) -> torch.Tensor:
+def place_region(value: Any, like: torch.Tensor, shape: tuple, index: tuple, dtype: torch.dtype,
+                 inner: tuple | None = None) -> torch.Tensor:
     """The tensor a :class:`Region` describes, on ``like``'s device (what the emitted graph runs)."""
     out = torch.zeros(shape, dtype=dtype, device=like.device)
+    if inner is not None:
+        value = torch.as_tensor(value, dtype=dtype, device=like.device).expand(inner).reshape(out[index].shape)
     out[index] = value
     return out
 
@@ -186,7 +190,7 @@ def _unplaced(x: Any) -> Any:
 def _term_value(graph: Graph, x: Any, m: AttentionMatch, lookup: Callable[[Any], Any]) -> Any:
     """A term or mask operand in ``graph``: the node, or the :class:`Region` tensor built next to q."""
     if isinstance(x, Region):
-        return graph.call_function(place_region, (lookup(x.node), lookup(m.q), x.shape, x.index, x.dtype))
+        return graph.call_function(place_region, (lookup(x.node), lookup(m.q), x.shape, x.index, x.dtype, x.inner))
     return lookup(x)
 
 

@@ -282,7 +282,7 @@ def _updated(x: Node, xs: tuple, st: Scores, upd: Updates) -> None:
         elif ev.kind == "add" and ev.index is None and scalar_value(value) is not None:
             continue  # a constant shift: softmax is shift-invariant
         elif ev.kind == "add":
-            node = value if ev.index is None else Region(value, xs, ev.index, tensor_meta(x).dtype)
+            node = value if ev.index is None else Region(value, xs, ev.index, tensor_meta(x).dtype, ev.inner)
             st.terms.append((node, st.factor * ev.sign, (), xs[:-2]))
         else:
             node = value if ev.index is None else Region(True if value is None else value, xs, ev.index, torch.bool)

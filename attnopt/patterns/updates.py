@@ -22,7 +22,7 @@ import torch
 from torch.fx import Node
 
 from attnopt.patterns.canonical import (ADD, BADDBMM, CAST, CLAMP_MIN, DIV, EINSUM, EXPAND, MASKED_FILL, MATMUL, MUL,
-                                        NEG, PERMUTE, RESHAPE, SUB, TANH, TRANSPOSE, WHERE, classify,
+                                        NEG, PERMUTE, RESHAPE, SUB, TANH, TRANSPOSE, WHERE, classify, shape,
                                         tensor_meta)  # fmt: skip
 from attnopt.patterns.causal import mask_fill
 from attnopt.patterns.operands import describe, value_users
@@ -36,7 +36,8 @@ _VIEWS = {RESHAPE, CAST, TRANSPOSE, PERMUTE, EXPAND}
 class Event(NamedTuple):
     """One change of the scores: ``kind`` "add" (``value`` times ``sign`` added over the region) or "mask"
     (the region, where ``value`` is True or everywhere when ``value`` is None, set to ``fill``).
-    ``index`` is the region (basic indexing), None for the whole tensor; ``at`` the node making the change."""
+    ``index`` is the region (basic indexing), None for the whole tensor; ``at`` the node making the change;
+    ``inner`` the shape the value is added in when the region is regrouped for it (``region.view(..) + t``)."""
 
     kind: str
     value: Any
@@ -44,6 +45,7 @@ class Event(NamedTuple):
     sign: float
     fill: float | None
     at: Node
+    inner: tuple | None = None
 
 
 class Updates(NamedTuple):
@@ -97,6 +99,8 @@ class _Reader:
         self.writes: set = set()
         self.reason: str | None = None
         self.written_back: dict = {}  # in-place result on a view -> the view's index
+        self.sums: dict = {}  # setitem -> the terms it adds over its region
+        self.chains: set = set()  # the nodes computing those sums
 
     def refuse(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -126,24 +130,37 @@ class _Reader:
         for w in v.users:
             if _inplace_on(w, v):
                 self.inplace(w, idx)
-            elif self._written_sum(w) is None:
+            elif w not in self.chains:
                 self.refuse(f"the region {idx} of the scores ({describe(v)}) is also read by {describe(w)}")
 
-    def _written_sum(self, w: Node) -> tuple | None:
-        """(the setitem, t, sign, the view) when ``w`` = view ± t is written back into the view's region, and that is
-        all ``w`` does."""
-        users = value_users(w)
-        op = classify(w)
-        if op is None or op.kind not in (ADD, SUB) or op.attrs.get("inplace") or len(users) != 1:
-            return None
-        u = users[0]
-        if not _setitem_of(u, self.x) or u.args[2] is not w:
-            return None
-        for i, sign in ((0, 1.0), (1, 1.0 if op.kind == ADD else None)):
-            a = op.inputs[i]
-            if sign is not None and isinstance(a, Node) and _view_of(a, self.x) and a.args[1] == u.args[1]:
-                return u, op.inputs[1 - i], sign if op.kind == ADD else -1.0, a
-        return None
+    def sum_chain(self, u: Node) -> None:
+        """Reads ``x[idx] = view(x[idx] ± t1 ± t2 ..)`` (views regrouping the region between the additions): the
+        terms, each with the shape it is added in, into ``self.sums[u]``; its nodes into ``self.chains``."""
+        idx, n = u.args[1], u.args[2]
+        terms, nodes, sign = [], set(), 1.0
+        for _ in range(16):
+            if not isinstance(n, Node) or (n is not u.args[2] and len(value_users(n)) != 1):
+                return
+            if _view_of(n, self.x) and n.args[1] == idx:
+                if terms:
+                    self.sums[u] = terms
+                    self.chains |= nodes | {n}
+                return
+            op = classify(n)
+            if op is None or op.attrs.get("inplace") or op.kind not in (RESHAPE, ADD, SUB):
+                return
+            nodes.add(n)
+            if op.kind == RESHAPE:
+                n = op.inputs[0]
+                continue
+            a, b = op.inputs
+            if op.kind == SUB and _depends_on(b, self.x):
+                return
+            chain, t = (a, b) if _depends_on(a, self.x) else (b, a)
+            if _depends_on(t, self.x) or shape(chain) != shape(n):
+                return
+            terms.append((t, sign * (-1.0 if op.kind == SUB and t is b else 1.0), tuple(shape(n))))
+            n = chain
 
     def setitem(self, u: Node) -> None:
         idx, val = u.args[1], u.args[2]
@@ -153,10 +170,10 @@ class _Reader:
             self.refuse(f"{describe(u)} writes the scores at an index that is not slices and integers")
         elif isinstance(val, Node) and self.written_back.get(val, None) == idx:
             return  # the in-place result written back onto itself
-        elif isinstance(val, Node) and self._written_sum(val) is not None and self._written_sum(val)[0] is u:
-            _, t, sign, view = self._written_sum(val)
-            self.nodes |= {val, view}
-            self.events.append(Event("add", t, idx, sign, None, u))
+        elif u in self.sums:
+            for t, sign, inner in self.sums[u]:
+                self.events.append(Event("add", t, idx, sign, None, u, inner))
+            self.nodes |= self.chains
         elif mask_fill(val) is not None:
             self.events.append(Event("mask", None, idx, 1.0, mask_fill(val), u))
         else:
@@ -202,6 +219,9 @@ def find_updates(x: Any, reader: Node) -> Updates | None:
     if not statements:
         return None
     r = _Reader(x)
+    for u in statements:
+        if _setitem_of(u, x):
+            r.sum_chain(u)
     for u in sorted(statements):
         if _setitem_of(u, x):
             r.setitem(u)

@@ -205,15 +205,25 @@ def update_whole(m, q, k, v, rel):
     return attn.softmax(-1) @ v, attn
 
 
+def update_regrouped(m, q, k, v, rel):
+    """Decomposed relative positions (MViTv2): the grid part of the scores regrouped [qh, qw, kh, kw] for the sum."""
+    attn = _scores(q, k)
+    lead = attn.shape[:-2]
+    grid = attn[..., 1:, 1:].view(*lead, 2, 2, 2, 2) + m.rel_h[:, :, :, None] + m.rel_w[:, :, None, :]
+    attn[..., 1:, 1:] = grid.view(*lead, 4, 4)
+    return attn.softmax(-1) @ v, attn
+
+
 UPDATES = {"add_region": update_add_region, "fill_region": update_fill_region,
-           "rewritten_sum": update_rewritten_sum, "whole": update_whole}  # fmt: skip
+           "rewritten_sum": update_rewritten_sum, "whole": update_whole, "regrouped": update_regrouped}  # fmt: skip
 
 
 def _updated(rank):
     lead = LEADS[rank] + (H,)
     q, k, v = rand(*lead, S, D, seed=1), rand(*lead, S, D, seed=2), rand(*lead, S, D, seed=3)
     keep = torch.ones(S, S).tril()
-    return (q, k, v, rand(H, S - 1, S - 1, seed=4)), {"keep": keep}
+    rel_hw = {"rel_h": rand(2, 2, 2, seed=5), "rel_w": rand(2, 2, 2, seed=6)}  # [qh, qw, kh] and [qh, qw, kw]
+    return (q, k, v, rand(H, S - 1, S - 1, seed=4)), {"keep": keep, **rel_hw}
 
 
 @pytest.mark.parametrize("rank", [4, 5, 6])
