@@ -181,16 +181,21 @@ class _Reader:
             self.refuse(f"{describe(u)} assigns {what} to a region of the scores, neither adding a bias nor a mask fill")
 
 
-def _depends_on(value: Any, x: Node, limit: int = 256) -> bool:
-    """Whether ``x`` is among the inputs of ``value`` (a bounded search: an unfinished one counts as yes)."""
-    seen, stack = set(), [value] if isinstance(value, Node) else []
+def _depends_on(value: Any, x: Node, limit: int = 512) -> bool:
+    """Whether ``x`` is among the inputs of ``value``. Only nodes after ``x`` in the graph can be computed from
+    it, so the search stays between the two (a search that does not finish counts as yes)."""
+    if value is x:
+        return True
+    seen, stack = set(), [value] if isinstance(value, Node) and value > x else []
     while stack:
         n = stack.pop()
-        if n is x or len(seen) > limit:
+        if len(seen) > limit:
             return True
         if n not in seen:
             seen.add(n)
-            stack.extend(n.all_input_nodes)
+            stack.extend(a for a in n.all_input_nodes if a is x or a > x)
+        if x in n.all_input_nodes:
+            return True
     return False
 
 

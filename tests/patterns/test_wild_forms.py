@@ -131,6 +131,29 @@ def test_sagan_self_attention(escape):
         assert_exact(sagan, x, **buffers)
 
 
+def conv_attn_block(m, x, spelling, escape=False):
+    """The attention block of convolutional autoencoders (VQGAN, latent diffusion): 1x1-conv q, k, v on a
+    feature map, the probabilities permuted and multiplied from the right of the values."""
+    b, c, hh, ww = x.shape
+    q = (x * m.wq).reshape(b, c, hh * ww).permute(0, 2, 1)
+    k, v = (x * m.wk).reshape(b, c, hh * ww), x.reshape(b, c, hh * ww)
+    w_ = torch.bmm(q, k) if spelling == "bmm" else torch.einsum("bij,bjk->bik", q, k)
+    w_ = F.softmax(w_ * int(c) ** (-0.5), dim=2)
+    w_t = w_.permute(0, 2, 1)
+    h_ = (torch.bmm(v, w_t) if spelling == "bmm" else torch.einsum("bij,bjk->bik", v, w_t)).reshape(b, c, hh, ww)
+    return (x + h_, w_) if escape else x + h_
+
+
+@pytest.mark.parametrize("spelling", ["bmm", "einsum"])
+@pytest.mark.parametrize("escape", [False, True])
+def test_convolutional_attention_block(spelling, escape):
+    x, buffers = rand(2, 4, 3, 3), {"wq": rand(4, 1, 1, seed=5), "wk": rand(4, 1, 1, seed=6)}
+    if escape:
+        assert_kept(lambda m, x: conv_attn_block(m, x, spelling, True), x, reason="probabilities", **buffers)
+    else:
+        assert_exact(lambda m, x: conv_attn_block(m, x, spelling), x, **buffers)
+
+
 # ------------------------------------------------------------------------------------ more than four dims
 def sdpa(m, q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
