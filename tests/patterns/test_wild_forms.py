@@ -306,6 +306,33 @@ def test_an_update_that_is_no_bias_or_mask_keeps_the_site_with_its_reason(fn, re
         torch.testing.assert_close(g, w, rtol=0, atol=0)  # every write still happens
 
 
+def decomposed_rel_pos(m, q, k, v, escape=False):
+    """SAM / ViTDet: relative positions along each axis of a 2x2 grid, added with the scores regrouped
+    [.., qh, qw, kh, kw] and regrouped back; a padding mask over the regrouped keys too."""
+    attn = _scores(q, k)
+    lead = attn.shape[:-2]
+    r_q = q.reshape(*lead, 2, 2, D)
+    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, m.rh)
+    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, m.rw)
+    grid = attn.view(*lead, 2, 2, 2, 2) + rel_h[..., :, :, :, None] + rel_w[..., :, :, None, :]
+    grid = grid.masked_fill(m.pad == 0, float("-inf"))  # [kh, kw]: the last key hidden
+    attn = grid.view(*lead, 4, 4)
+    p = attn.softmax(dim=-1)
+    return (p @ v, p) if escape else p @ v
+
+
+@pytest.mark.parametrize("rank", [3, 4, 5])
+@pytest.mark.parametrize("escape", [False, True])
+def test_scores_regrouped_for_decomposed_relative_positions(rank, escape):
+    lead = {3: (2,), 4: (2, H), 5: (2, 3, H)}[rank]
+    args = rand(*lead, 4, D, seed=1), rand(*lead, 4, D, seed=2), rand(*lead, 4, D, seed=3)
+    buffers = {"rh": rand(2, 2, D, seed=4), "rw": rand(2, 2, D, seed=5), "pad": torch.tensor([[1, 1], [1, 0]])}
+    if escape:
+        assert_kept(lambda m, *a: decomposed_rel_pos(m, *a, escape=True), *args, reason="probabilities", **buffers)
+    else:
+        assert_exact(decomposed_rel_pos, *args, **buffers)
+
+
 # ------------------------------------------------------------------------------------------ per-head loops
 def head_loop(m, q, k, v, escape_head=None):
     """One small attention per head, each with its own bias; the outputs concatenated along the channels."""
