@@ -66,11 +66,12 @@ def _is_scores_product(n: Node) -> bool:
 
 
 def _mixes_heads(n: Node) -> bool:
-    """A permute moving a leading (head) dim into the last two, or an einsum renaming or contracting one."""
+    """A permute moving a leading (head) dim last (for a linear over the heads), or an einsum renaming or
+    contracting one."""
     op = classify(n)
     if op is not None and op.kind == PERMUTE:
         rank = len(op.attrs["dims"])
-        return any(d < rank - 2 for d in op.attrs["dims"][-2:])
+        return op.attrs["dims"][-1] < rank - 2
     if op is not None and op.kind == EINSUM and len(op.inputs) == 2:
         parsed = einsum_letters(op.attrs["equation"], [ndim(x) or 0 for x in op.inputs])
         if parsed is None:
