@@ -131,6 +131,11 @@ def _factorized_or_outlook(softmax: Node) -> str | None:
     if op.attrs["dim"] != (rank or 0) - 1 or other_softmax or any(_feeds_product(p) for p in products):
         return (f"factorized attention: a softmax over the keys (or queries) alone (dim {op.attrs['dim']}), "
                 "multiplied with the values before the queries; there are no query-key scores")
+    pooled = [p for p in products if classify(p).kind == MATMUL and softmax in _ancestors(classify(p).inputs[1], 4)
+              and softmax not in _ancestors(classify(p).inputs[0], 4)]  # fmt: skip
+    if pooled:  # x @ softmax(c): a weighted sum over the softmax's dim (global context pooling)
+        return (f"separable attention: a softmax over a context-score vector (dim {op.attrs['dim']}) pooling the "
+                f"values in {describe(pooled[0])}; there are no query-key scores")  # fmt: skip
     return ("outlook attention: the attention weights are projected from the input, with no query-key scores, "
             f"and multiplied by the values in {describe(products[0])}")
 

@@ -401,6 +401,8 @@ class Special(nn.Module):
         if self.kind == "separable":  # a context vector (MobileViTv2)
             scores = self.ctx(q).softmax(dim=-2)  # [B, H, S, 1]
             return v * (k * scores).sum(dim=-2, keepdim=True)
+        if self.kind == "context_pooling":  # global context pooling (GCNet): values @ softmax over the tokens
+            return v.transpose(-2, -1) @ self.ctx(q).squeeze(-1).softmax(dim=-1).unsqueeze(-1)
         # outlook (VOLO): weights projected from the input, no query-key scores
         a = self.outlook(q).reshape(*q.shape[:2], S, 9, 9).softmax(-1)  # S tokens, 9x9 local weights
         return a @ torch.cat([v, v], -2)[..., :9, :].unsqueeze(2)
@@ -411,6 +413,7 @@ class Special(nn.Module):
                                         ("gated", "two softmaxes gated together"),
                                         ("factorized", "factorized attention"),
                                         ("separable", "separable attention"),
+                                        ("context_pooling", "separable attention"),
                                         ("outlook", "outlook attention")])  # fmt: skip
 def test_softmaxes_that_are_not_attention_are_named_misses(kind, what):
     module = Special(kind).eval()
