@@ -41,16 +41,18 @@ def _forward(softmax: Node, through=_PASS) -> list[Node]:
     return out
 
 
-def _ancestors(x, depth: int = _DEPTH) -> list[Node]:
-    seen, frontier = [], [x] if isinstance(x, Node) else []
+def _ancestors(x, depth: int = _DEPTH, limit: int = 256) -> list[Node]:
+    """The nodes up to ``depth`` steps above ``x`` (at most ``limit`` of them), nearest first."""
+    seen: dict = {}
+    frontier = [x] if isinstance(x, Node) else []
     for _ in range(depth):
         nxt = []
         for n in frontier:
-            if n not in seen:
-                seen.append(n)
+            if n not in seen and len(seen) < limit:
+                seen[n] = None
                 nxt.extend(n.all_input_nodes)
         frontier = nxt
-    return seen
+    return list(seen)
 
 
 def _is_scores_product(n: Node) -> bool:

@@ -206,3 +206,22 @@ def test_correct_sites_are_not_rolled_back(name):
     rep = attnopt.report(opt)
     assert rep.sites and all(s.decision == "exact" and "rolled back" not in s.reason for s in rep.sites)
     assert all(s.deviation is not None and s.deviation < 1e-5 for s in rep.sites)
+
+
+def test_a_rolled_back_site_keeps_its_in_place_writes(monkeypatch):
+    """The writes a site reads into its bias and mask go only with its rewrite: rolled back, they all run."""
+
+    class Updated(nn.Module):
+        def forward(self, q, k, v, rel):
+            s = q @ k.transpose(-2, -1)
+            s[..., 1:, 1:] += rel
+            s[..., :2] = float("-inf")
+            return s.softmax(-1) @ v
+
+    q, k, v = _qkv()
+    rel = torch.randn(4, 6, 6)
+    monkeypatch.setitem(passes.TOLERANCE, torch.float32, -1.0)  # every site deviates: all are rolled back
+    opt = attnopt.optimize(Updated(), "exact", (q, k, v, rel))
+    (site,) = attnopt.report(opt).sites
+    assert site.decision == "keep" and site.reason.startswith("rolled back"), site.reason
+    assert torch.equal(opt(q, k, v, rel), Updated()(q, k, v, rel))
