@@ -184,11 +184,13 @@ def manual(m, q, k, v, escape=False):
     return (p @ v, p) if escape else p @ v
 
 
-@pytest.mark.parametrize("rank", [5, 6])
+@pytest.mark.parametrize("rank", [4, 5, 6])
 @pytest.mark.parametrize("escape", [False, True])
-def test_attention_written_at_rank_above_four(rank, escape):
+@pytest.mark.parametrize("kv_broadcast", [False, True])  # keys and values shared along the first dim
+def test_attention_written_at_rank_above_four(rank, escape, kv_broadcast):
     lead = LEADS[rank] + (H,)
-    args = rand(*lead, S, D, seed=1), rand(*lead, 7, D, seed=2), rand(*lead, 7, D, seed=3)
+    kv_lead = (1,) + lead[1:] if kv_broadcast else lead
+    args = rand(*lead, S, D, seed=1), rand(*kv_lead, 7, D, seed=2), rand(*kv_lead, 7, D, seed=3)
     if escape:
         assert_kept(lambda m, *a: manual(m, *a, escape=True), *args, reason="probabilities")
     else:
