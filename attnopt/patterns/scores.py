@@ -298,21 +298,25 @@ def _updated(x: Node, xs: tuple, st: Scores, upd: Updates) -> None:
     st.inplace |= upd.nodes
     st.writes |= upd.writes
     reasons = [upd.reason] if upd.reason else []
-    if st.softcap is not None or st.scalars or not st.factor > 0:
-        reasons.append(f"the scores changed in place ({describe(x)}) are then capped or scaled by a tensor")
+    if st.softcap is not None:
+        reasons.append(f"the scores changed in place ({describe(x)}) are then capped")
     if any(is_sym(d) for d in xs) or st.zone is not None:
         reasons.append(f"the scores changed in place ({describe(x)}) have dynamic sizes or regrouped dims")
+    scalars = tuple((n, p) for n, p, _ in st.scalars)
+    if any(ctx is not None and not same_shape(ctx, xs[:-2]) and not _layout_free(n) for n, _, ctx in st.scalars):
+        reasons.append(f"the scores changed in place ({describe(x)}) are then scaled by a tensor in another layout")
     for ev in reversed(upd.events):
         value = ev.value
-        if ev.kind == "mask" and ev.index is None and value is None:
-            reasons.append(f"{describe(ev.at)} fills every score")
+        if ev.kind == "mask" and (st.scalars or not st.factor > 0 or (ev.index is None and value is None)):
+            reasons.append(f"{describe(ev.at)} masks scores that are then scaled by {st.factor} or a tensor, "
+                           "or fills every score")  # fmt: skip
         elif ev.index is None and not _broadcasts_into(value, xs):
             reasons.append(f"{describe(ev.at)} changes the scores by a tensor that does not broadcast to them")
         elif ev.kind == "add" and ev.index is None and scalar_value(value) is not None:
             continue  # a constant shift: softmax is shift-invariant
         elif ev.kind == "add":
             node = value if ev.index is None else Region(value, xs, ev.index, tensor_meta(x).dtype, ev.inner)
-            st.terms.append((node, st.factor * ev.sign, (), xs[:-2]))
+            st.terms.append((node, st.factor * ev.sign, scalars, xs[:-2]))
         else:
             node = value if ev.index is None else Region(True if value is None else value, xs, ev.index, torch.bool)
             st.masks.append((node, False, ev.fill * st.factor, xs[:-2]))
