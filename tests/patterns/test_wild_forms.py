@@ -203,8 +203,9 @@ def _scores(q, k):
 
 
 def update_add_region(m, q, k, v, rel):  # relative positions added over part of the scores (e.g. a class token)
-    attn = _scores(q, k)
+    attn = q @ k.transpose(-2, -1)
     attn[..., 1:, 1:] += rel
+    attn = attn * m.temp  # then a per-head temperature
     return attn.softmax(-1) @ v, attn
 
 
@@ -248,7 +249,8 @@ def _updated(rank):
     q, k, v = rand(*lead, S, D, seed=1), rand(*lead, S, D, seed=2), rand(*lead, S, D, seed=3)
     keep = torch.ones(S, S).tril()
     rel_hw = {"rel_h": rand(2, 2, 2, seed=5), "rel_w": rand(2, 2, 2, seed=6)}  # [qh, qw, kh] and [qh, qw, kw]
-    return (q, k, v, rand(H, S - 1, S - 1, seed=4)), {"keep": keep, **rel_hw}
+    temp = rand(H, 1, 1, seed=7).abs() + 0.1
+    return (q, k, v, rand(H, S - 1, S - 1, seed=4)), {"keep": keep, "temp": temp, **rel_hw}
 
 
 @pytest.mark.parametrize("rank", [4, 5, 6])
