@@ -188,7 +188,9 @@ def rewrite(gm: GraphModule, ctx: Context) -> PassResult:
             new = _emitter(r)(graph, r.match, lookup)
         old.replace_all_uses_with(new)
         env[r.match.output] = new  # a later site may read this one's output as an operand
-    graph.eliminate_dead_code(is_impure_node=is_impure)
+    # The in-place writes a site read into its bias and masks write only into its own scores: dead with them.
+    dead_writes = {env[n] for r in chosen for n in r.match.dead_writes}
+    graph.eliminate_dead_code(is_impure_node=lambda n: n not in dead_writes and is_impure(n))
     graph.lint()
     out = GraphModule(ctx.original, graph, class_name=type(ctx.original).__name__)
     return PassResult(out, True, f"{len(chosen)} site(s) rewritten")

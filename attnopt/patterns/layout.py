@@ -118,8 +118,8 @@ def convert(x_lead: tuple, ctx: tuple, dst: tuple, kind: str, refs: tuple | None
     to the lead ``dst`` (a regrouping of ``ctx``), and the resulting lead.
 
     ``kind`` says what broadcasting may stay broadcast: ``"term"`` (masks, biases: any size-1 dim
-    stays 1 where a whole group is 1), ``"kv"`` (keys/values: additionally a group ``[Hkv, G]`` with
-    only the trailing dims broadcast merges into ``Hkv`` heads, the GQA grouping), ``"full"`` (q and
+    stays 1 where a whole group is 1), ``"kv"`` (keys/values: the same but along the heads only, and
+    a group ``[Hkv, G]`` with only the trailing dims broadcast merges into ``Hkv`` heads, the GQA grouping), ``"full"`` (q and
     outputs: everything is expanded). A group that is partly broadcast otherwise is expanded.
     ``refs`` (one per ``dst`` dim, or None) are run-time sizes (``SizeOf``) for the symbolic sizes a
     view needs beyond the one it can write -1.
@@ -146,8 +146,8 @@ def convert(x_lead: tuple, ctx: tuple, dst: tuple, kind: str, refs: tuple | None
         ones = all(is_one(x) for x in xs)
         if all(full):
             new = ds
-        elif ones and kind != "full":
-            new = (1,) * (b1 - b0)
+        elif ones and kind != "full" and not (kind == "kv" and b0 == 0 and b1 > b0):
+            new = (1,) * (b1 - b0)  # (keys and values are expanded along the batch: the kernel takes no broadcast)
         elif kind == "kv" and b1 - b0 == 1 and b0 > 0 and full == sorted(full, reverse=True):
             new = (prod(xs),)  # GQA: [Hkv, G] with G broadcast is Hkv heads, each shared by G queries
         else:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import networkx as nx
 from torch.fx import Node
 
-from attnopt.patterns.canonical import SOFTMAX, Op, classify, shape, tensor_meta
+from attnopt.patterns.canonical import CAST, SOFTMAX, TRANSPOSE, Op, classify, shape, tensor_meta
 from attnopt.patterns.causal import split_causal
 from attnopt.patterns.layout import LayoutError, convert, eq, is_one
 from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, ScalarExpr, SizeOf, Term
@@ -36,6 +36,7 @@ from attnopt.patterns.operands import (apply_shape, as_int, canonical_lead, comp
                                        unrepeat)  # fmt: skip
 from attnopt.patterns.products import Operands, find_pv, pv_operands, qk_operands
 from attnopt.patterns.scores import Scores, walk_scores
+from attnopt.patterns.special import diagnose
 
 
 class _Read(NamedTuple):
@@ -82,9 +83,9 @@ def _softmax_over_keys(softmax: Node) -> Op:
 
 def _read(softmax: Node, op: Op) -> _Read:
     """The ``@ V`` product, the score expression and the operands of both products."""
-    pv, probs, dropout_p = find_pv(softmax)
-    st = walk_scores(op.inputs[0])
-    ops = Operands(**qk_operands(st.product), **pv_operands(pv, probs))
+    found = find_pv(softmax)
+    st = walk_scores(op.inputs[0], softmax)
+    ops = Operands(**qk_operands(st.product), **pv_operands(found))
     q, q_ops = compose_permutes(ops.q, ops.q_ops)
     k, k_ops = (ops.k, ops.k_ops) if ops.k_transposed else compose_permutes(ops.k, ops.k_ops)
     v, v_ops = compose_permutes(ops.v, ops.v_ops)
@@ -93,7 +94,7 @@ def _read(softmax: Node, op: Op) -> _Read:
     q, folded = fold_scalar(q, 1.0)
     k, folded = fold_scalar(k, folded)
     ops = replace(ops, q=q, q_ops=q_ops, k=k, k_ops=k_ops, v=v, v_ops=v_ops)
-    return _Read(ops, st, pv, dropout_p, folded)
+    return _Read(ops, st, found.pv, found.dropout_p, folded)
 
 
 def _lead(ops: Operands) -> tuple[Operands, _Lead]:
@@ -137,10 +138,13 @@ def _kv_heads(ops: Operands, views: _Views) -> dict:
     """k and v with repeats read through (native GQA) or a single head expanded; the fields they give."""
     hq, hkv, hv = views.heads
     k_node, v_node, k_ops, v_ops = ops.k, ops.v, views.k_ops, views.v_ops
-    if not k_ops and not v_ops and not ops.k_transposed:
-        rk, rv = unrepeat(k_node), unrepeat(v_node)
+    k_transposed = ops.k_transposed
+    if not k_ops and not v_ops:
+        # keys given pre-transposed ([.., D, Sk]) as a transposed copy of repeated keys: read through both
+        k_seen = _untransposed(k_node) if k_transposed else k_node
+        rk, rv = unrepeat(k_seen), unrepeat(v_node)
         if rk is not None and rv is not None and eq(rk[1], rv[1]):
-            (k_node, hkv), (v_node, hv) = rk, rv
+            (k_node, hkv), (v_node, hv), k_transposed = rk, rv, False
     if not eq(hkv, hv):
         if is_one(hkv) and isinstance(hv, int):
             k_ops, hkv = k_ops + (("expand", (-1, hv, -1, -1)),), hv
@@ -150,7 +154,15 @@ def _kv_heads(ops: Operands, views: _Views) -> dict:
             raise Miss(f"keys have {hkv} heads but values have {hv}")
     if isinstance(hq, int) and isinstance(hkv, int) and hq % hkv:
         raise Miss(f"{hq} query heads are not a multiple of {hkv} key/value heads")
-    return {"k": k_node, "v": v_node, "k_ops": k_ops, "v_ops": v_ops, "hkv": hkv}
+    return {"k": k_node, "v": v_node, "k_ops": k_ops, "v_ops": v_ops, "hkv": hkv, "k_transposed": k_transposed}
+
+
+def _untransposed(k: Any) -> Any:
+    """``k`` [.., D, Sk] read as the [.., Sk, D] tensor it transposes (through ``contiguous``), else None."""
+    op = classify(k)
+    while op is not None and op.kind == CAST and op.attrs.get("dtype") is None:
+        op = classify(op.inputs[0])
+    return op.inputs[0] if op is not None and op.kind == TRANSPOSE else None
 
 
 def _scale(st: Scores, folded: float) -> dict:
@@ -181,7 +193,8 @@ def _masks(st: Scores, sq: Any, sk: Any, cb: tuple, refs: tuple | None) -> dict:
     return {"q_scalars": q_scalars, "causal": causal, "additive": additive, "bool_masks": bool_masks}
 
 
-def _escape(m: AttentionMatch, dag: nx.DiGraph, product: Node, softmax: Node, inplace: set) -> AttentionMatch:
+def _escape(m: AttentionMatch, dag: nx.DiGraph, product: Node, softmax: Node, inplace: set,
+            kept: str | None = None) -> AttentionMatch:
     """``m`` with its interior (the nodes the replacement makes dead) and why it must be kept, if it must."""
     pv = m.output
     region = (nx.descendants(dag, product) & nx.ancestors(dag, pv)) | {product} | inplace
@@ -189,8 +202,8 @@ def _escape(m: AttentionMatch, dag: nx.DiGraph, product: Node, softmax: Node, in
         if operand in region or operand is pv:
             raise Miss(f"{describe(operand)} feeds the attention and depends on its scores")
     order = dag.graph.get("order") or {n: i for i, n in enumerate(softmax.graph.nodes)}
-    escape = None
-    for n in sorted(region, key=order.__getitem__):
+    escape = kept
+    for n in sorted(region, key=order.__getitem__) if escape is None else ():
         outside = [u for u in n.users if u not in region and u is not pv]
         if outside:
             what = "probabilities" if n is softmax or nx.has_path(dag, softmax, n) else "scores"
@@ -202,8 +215,16 @@ def _escape(m: AttentionMatch, dag: nx.DiGraph, product: Node, softmax: Node, in
 def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch:
     """The attention site whose softmax is ``softmax``; raises :class:`Miss` with the reason if none.
 
-    ``dag`` is the graph's data-flow DAG (nodes -> users), used for escape analysis.
+    ``dag`` is the graph's data-flow DAG (nodes -> users), used for escape analysis. A softmax that is not plain
+    attention is a :class:`Miss` whose reason names its kind (:func:`attnopt.patterns.special.diagnose`).
     """
+    try:
+        return _match(softmax, dag)
+    except Miss as miss:
+        raise Miss(diagnose(softmax, str(miss))) from None
+
+
+def _match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch:
     r = _read(softmax, _softmax_over_keys(softmax))
     ops, st = r.ops, r.scores
     sq, sk = shape_of(st.product)[-2:]
@@ -227,9 +248,10 @@ def match(softmax: Node, dag: nx.DiGraph) -> AttentionMatch:
         "batch": as_int(views.q_lead[0]),
         "layout": _layout_name(ops),
     }
-    m = AttentionMatch(kind="manual", output=r.pv, q=ops.q, dropout_p=r.dropout_p, k_transposed=ops.k_transposed,
+    m = AttentionMatch(kind="manual", output=r.pv, q=ops.q, dropout_p=r.dropout_p,
                        q_ops=views.q_ops, out_ops=views.out_ops, info=info, **kv, **scale, **masks)  # fmt: skip
-    return _escape(m, dag, st.product, softmax, st.inplace)
+    m = replace(m, dead_writes=frozenset(st.writes))
+    return _escape(m, dag, st.product, softmax, st.inplace, st.kept)
 
 
 def _layout_name(ops: Operands) -> str:

@@ -87,6 +87,28 @@ class Term:
     ops: Ops = ()
 
 
+@dataclass(frozen=True)
+class Region:
+    """``node`` (a tensor or a number) written over ``index`` (basic indexing) of a tensor of ``shape`` that is
+    0 (False) elsewhere: a bias or a mask that covers part of the scores (``attn[:, :, i:, i:] += rel``)."""
+
+    node: Any
+    shape: tuple
+    index: tuple
+    dtype: torch.dtype
+    inner: tuple | None = None  # the region regrouped to this shape is where ``node`` broadcasts (None: the region)
+
+
+def place_region(value: Any, like: torch.Tensor, shape: tuple, index: tuple, dtype: torch.dtype,
+                 inner: tuple | None = None) -> torch.Tensor:
+    """The tensor a :class:`Region` describes, on ``like``'s device (what the emitted graph runs)."""
+    out = torch.zeros(shape, dtype=dtype, device=like.device)
+    if inner is not None:
+        value = torch.as_tensor(value, dtype=dtype, device=like.device).expand(inner).reshape(out[index].shape)
+    out[index] = value
+    return out
+
+
 @dataclass
 class BoolMask:
     node: Any  # a Node (or constant tensor) holding the boolean mask
@@ -134,6 +156,9 @@ class AttentionMatch:
     custom_emit: Callable[[Graph, Callable[[Any], Any]], Node] | None = None
     extra_operands: list = field(default_factory=list)  # operands of a custom emitter
     info: dict = field(default_factory=dict)  # site facts for the report (heads, head_dims, seq, batch, layout)
+    # In-place writes into the site's own scores (``attn[..., :n] = -inf``): read into the bias and masks above,
+    # they write nothing else, so the replacement makes them dead although they write.
+    dead_writes: frozenset = frozenset()
 
     def operands(self) -> list[Node]:
         """Nodes outside the match that the replacement reads."""
@@ -141,9 +166,9 @@ class AttentionMatch:
             return list(dict.fromkeys(self.extra_operands))
         vals = [self.q, self.k, self.v]
         for t in self.additive:
-            vals += [t.node, *(n for n, _ in t.scalars), *_op_refs(t.ops)]
+            vals += [_unplaced(t.node), *(n for n, _ in t.scalars), *_op_refs(t.ops)]
         for bm in self.bool_masks:
-            vals += [bm.node, *_op_refs(bm.ops)]
+            vals += [_unplaced(bm.node), *_op_refs(bm.ops)]
         for expr in (self.scale_expr, self.softcap_expr):
             vals += [n for n, _ in expr.factors] if expr is not None else []
         for n, _, ops in self.q_scalars:
@@ -156,6 +181,17 @@ class AttentionMatch:
     def mask_kind(self) -> str:
         kinds = (["bool"] if self.bool_masks else []) + (["additive"] if self.additive else [])
         return "+".join(kinds) or "none"
+
+
+def _unplaced(x: Any) -> Any:
+    return x.node if isinstance(x, Region) else x
+
+
+def _term_value(graph: Graph, x: Any, m: AttentionMatch, lookup: Callable[[Any], Any]) -> Any:
+    """A term or mask operand in ``graph``: the node, or the :class:`Region` tensor built next to q."""
+    if isinstance(x, Region):
+        return graph.call_function(place_region, (lookup(x.node), lookup(m.q), x.shape, x.index, x.dtype, x.inner))
+    return lookup(x)
 
 
 def _op_refs(ops: Ops) -> list:
@@ -240,13 +276,13 @@ def emit_mask(graph: Graph, m: AttentionMatch, lookup: Callable[[Any], Any]) -> 
     """The combined mask of ``m`` in the canonical layout: bool (True = attend) or additive float."""
     floats = []
     for t in m.additive:
-        x = _scaled(graph, lookup(t.node), t.scalars, lookup)
+        x = _scaled(graph, _term_value(graph, t.node, m, lookup), t.scalars, lookup)
         if t.factor != 1.0:
             x = graph.call_function(operator.mul, (x, t.factor))
         floats.append(apply_ops(graph, x, t.ops, lookup))
     keep, finite = None, []
     for bm in m.bool_masks:
-        t = apply_ops(graph, lookup(bm.node), bm.ops, lookup)
+        t = apply_ops(graph, _term_value(graph, bm.node, m, lookup), bm.ops, lookup)
         t = t if bm.attend_when else graph.call_function(operator.invert, (t,))
         if math.isfinite(bm.fill):
             finite.append((t, bm.fill))

@@ -16,7 +16,7 @@ from torch.fx import Node
 from attnopt.patterns.canonical import (CAST, DIV, EXPAND, MUL, PERMUTE, REPEAT_INTERLEAVE, RESHAPE, TRANSPOSE,
                                         classify, scalar_value, shape)  # fmt: skip
 from attnopt.patterns.layout import convert, eq, hint, is_one, permutation_ops, prod
-from attnopt.patterns.match import Miss
+from attnopt.patterns.match import Miss, Region
 
 # How far a walk through the graph goes (score expressions, the way from the softmax to the @ V).
 MAX_DEPTH = 64
@@ -149,7 +149,7 @@ def canonical_lead(score_lead: tuple) -> tuple:
 
 
 def term_ops(node, ctx: tuple, cb: tuple, s: tuple | None = None, refs: tuple | None = None) -> tuple:
-    s = shape(node) if s is None else s
+    s = node.shape if isinstance(node, Region) else shape(node) if s is None else s
     if s is None:
         return ()  # a Python number broadcasts as it is
     pre = (("unsqueeze", (0,)),) * max(0, 2 - len(s))
@@ -160,7 +160,7 @@ def term_ops(node, ctx: tuple, cb: tuple, s: tuple | None = None, refs: tuple | 
 
 def product_shape(node, scalars: tuple) -> tuple | None:
     """The shape of a term times its tensor scalings (their broadcast)."""
-    shapes = [shape(x) for x in [node] + [n for n, _ in scalars]]
+    shapes = [x.shape if isinstance(x, Region) else shape(x) for x in [node] + [n for n, _ in scalars]]
     shapes = [sh for sh in shapes if sh is not None]
     return tuple(torch.broadcast_shapes(*shapes)) if shapes else None
 

@@ -8,7 +8,7 @@ product's batch dims followed by ``[S, D]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from torch.fx import Node
 
@@ -131,21 +131,38 @@ def qk_operands(product: Node) -> dict:
     return {**QK_READERS[op.kind](product, op), "score_lead": shape_of(product)[:-2]}
 
 
-def find_pv(softmax: Node) -> tuple[Node, Node, float]:
-    """The ``probs @ v`` product reached from ``softmax`` through casts, dropout and views; the node
-    feeding it; the dropout p."""
-    frontier, dropout_p = [softmax], 0.0
+class PV(NamedTuple):
+    """The ``@ V`` product of a softmax: the product, the node feeding it, the dropout p, and whether the
+    probabilities reach it transposed (``v @ pᵀ``: values on the left, channels-first output)."""
+
+    pv: Node
+    probs: Node
+    dropout_p: float
+    transposed: bool
+
+
+def _pv_of(user: Node, op: Op, n: Node, transposed: bool) -> bool:
+    """Whether ``user`` is the ``@ V`` product of ``n``: ``p @ v``, ``v @ pᵀ``, or a two-operand einsum."""
+    if op.kind == MATMUL:
+        return op.inputs[1 if transposed else 0] is n and op.inputs[0] is not op.inputs[1]
+    return op.kind == EINSUM and len(op.inputs) == 2 and n in op.inputs and op.inputs[0] is not op.inputs[1]
+
+
+def find_pv(softmax: Node) -> PV:
+    """The ``probs @ v`` product reached from ``softmax`` through casts, dropout, views and one swap of the
+    last two dims (``v @ probs.transpose(-2, -1)``)."""
+    frontier, dropout_p = [(softmax, False)], 0.0
     for _ in range(MAX_DEPTH):
         nxt = []
-        for n in frontier:
+        for n, transposed in frontier:
             for user in n.users:
                 op = classify(user)
-                if op is None:
+                if op is None or not op.inputs:
                     continue
-                if op.kind == MATMUL and op.inputs[0] is n:
-                    return user, n, dropout_p
-                if op.kind == EINSUM and len(op.inputs) == 2 and n in op.inputs and op.inputs[0] is not op.inputs[1]:
-                    return user, n, dropout_p
+                if _pv_of(user, op, n, transposed):
+                    return PV(user, n, dropout_p, transposed)
+                if op.kind == TRANSPOSE and op.inputs[0] is n and not transposed:
+                    nxt.append((user, True))
                 if op.kind in (CAST, DROPOUT, RESHAPE) and op.inputs[0] is n:
                     if op.kind == RESHAPE:
                         a, b = shape(n), shape(user)
@@ -155,7 +172,7 @@ def find_pv(softmax: Node) -> tuple[Node, Node, float]:
                         if dropout_p:
                             raise Miss("two dropouts on the probabilities")
                         dropout_p = float(op.attrs["p"])
-                    nxt.append(user)
+                    nxt.append((user, transposed))
         if not nxt:
             break
         frontier = nxt
@@ -163,7 +180,11 @@ def find_pv(softmax: Node) -> tuple[Node, Node, float]:
     raise Miss(f"the probabilities are not multiplied by V (softmax feeds {users})")
 
 
-def _pv_einsum(pv: Node, op: Op, probs: Node, ps: tuple) -> dict:
+def _swap_last(rank: int) -> tuple:
+    return permutation_ops(list(range(rank - 2)) + [rank - 1, rank - 2])
+
+
+def _pv_einsum(pv: Node, op: Op, probs: Node, ps: tuple, transposed: bool) -> dict:
     i = op.inputs.index(probs)
     v = op.inputs[1 - i]
     parsed = einsum_letters(op.attrs["equation"], [len(shape_of(x)) for x in op.inputs])
@@ -171,7 +192,7 @@ def _pv_einsum(pv: Node, op: Op, probs: Node, ps: tuple) -> dict:
         raise Miss(f"einsum equation {op.attrs['equation']!r} is not understood")
     ins, lo = parsed
     lp, lv = ins[i], ins[1 - i]
-    ql, kl, batch = lp[-2], lp[-1], lp[:-2]
+    ql, kl, batch = (lp[-1], lp[-2], lp[:-2]) if transposed else (lp[-2], lp[-1], lp[:-2])
     ds = [c for c in lv if c in lo and c not in lp]
     if (kl not in lv or kl in lo or len(ds) != 1 or ql not in lo or any(c not in lo for c in batch)
             or any(c not in batch + kl + ds[0] for c in lv) or len(lo) != len(batch) + 2):  # fmt: skip
@@ -181,21 +202,25 @@ def _pv_einsum(pv: Node, op: Op, probs: Node, ps: tuple) -> dict:
             "out_ops": permutation_ops([canon.index(c) for c in lo])}  # fmt: skip
 
 
-def _pv_matmul(pv: Node, op: Op, probs: Node, ps: tuple) -> dict:
-    v = op.inputs[1]
+def _pv_matmul(pv: Node, op: Op, probs: Node, ps: tuple, transposed: bool) -> dict:
+    v = op.inputs[0 if transposed else 1]
     vs = shape_of(v)
     if len(vs) < 2 or len(vs) > len(ps):
         raise Miss(f"V of shape {vs} does not fit probabilities of shape {ps}")
     if not same_shape(shape_of(pv)[:-2], ps[:-2]):
         raise Miss(f"V of shape {vs} broadcasts the probabilities of shape {ps}")
+    if transposed:  # v [.., Dv, Sk] @ pᵀ: out [.., Dv, Sq] is (p @ vᵀ)ᵀ, contiguous as matmul writes it
+        return {"v": v, "v_ops": _swap_last(len(vs)), "out_ops": _swap_last(len(ps)) + (("contiguous", ()),)}
     return {"v": v}
 
 
 # How v is read off each kind of ``probs @ v`` product (the kinds find_pv stops at).
-PV_READERS: dict[str, Callable[[Node, Op, Node, tuple], dict]] = {EINSUM: _pv_einsum, MATMUL: _pv_matmul}
+PV_READERS: dict[str, Callable[[Node, Op, Node, tuple, bool], dict]] = {EINSUM: _pv_einsum, MATMUL: _pv_matmul}
 
 
-def pv_operands(pv: Node, probs: Node) -> dict:
+def pv_operands(found: PV) -> dict:
     """The :class:`Operands` fields read off the ``probs @ v`` product: v, the output's lead and permutation."""
-    op, ps = classify(pv), shape_of(probs)
-    return {"out_lead": ps[:-2], **PV_READERS[op.kind](pv, op, probs, ps)}
+    op, ps = classify(found.pv), shape_of(found.probs)
+    if found.transposed:
+        ps = ps[:-2] + (ps[-1], ps[-2])
+    return {"out_lead": ps[:-2], **PV_READERS[op.kind](found.pv, op, found.probs, ps, found.transposed)}

@@ -16,15 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
+import torch
 from torch.fx import Node
 
 from attnopt.patterns.canonical import (ADD, BADDBMM, CAST, CLAMP_MIN, DIV, EINSUM, MASKED_FILL, MATMUL, MUL, NEG,
                                         RESHAPE, SUB, TANH, WHERE, Op, classify, is_symbolic_scalar, scalar_value,
-                                        shape)  # fmt: skip
+                                        shape, tensor_meta)  # fmt: skip
 from attnopt.patterns.causal import mask_fill
-from attnopt.patterns.layout import eq, is_one
-from attnopt.patterns.match import Miss, ScalarExpr
+from attnopt.patterns.layout import eq, is_one, is_sym
+from attnopt.patterns.match import Miss, Region, ScalarExpr
 from attnopt.patterns.operands import MAX_DEPTH, describe, same_shape, shape_of
+from attnopt.patterns.updates import Updates, find_updates, is_fresh
 
 
 def _broadcasts_along_keys(t, scores_shape: tuple) -> bool:
@@ -61,6 +63,18 @@ class Scores:
     scalars: list = field(default_factory=list)  # (node, power, ctx lead): numbers and tensors
     softcap: ScalarExpr | None = None
     inplace: set = field(default_factory=set)
+    writes: set = field(default_factory=set)  # in-place writes into the scores, read into terms and masks
+    kept: str | None = None  # why the site must stay as written (an in-place change that is no bias or mask)
+    zone: tuple | None = None  # the scores' shape while the walk is inside a regrouping of their dims (see _reshape)
+
+
+def _zoned(t: Any, x: Node, xs: tuple, st: Scores, dtype: torch.dtype | None = None) -> tuple:
+    """A term or mask ``t`` met at ``x`` as (operand, its lead): inside a regrouping of the scores' dims, the
+    :class:`Region` that is ``t`` broadcast to ``x``'s shape and regrouped back to the scores' shape."""
+    if st.zone is None:
+        return t, xs[:-2]
+    region = Region(t, st.zone, (Ellipsis,), dtype or tensor_meta(x).dtype, tuple(xs))
+    return region, st.zone[:-2]
 
 
 # A step: (the op, its node, the node's shape, the scores read so far) -> the node below, towards q @ kᵀ.
@@ -72,10 +86,19 @@ def _through(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
 
 
 def _reshape(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
+    """A view keeping the query/key dims is read through. One regrouping them (``s.view(B, qh, qw, kh, kw)``
+    for decomposed relative positions) opens a zone, closed by the view back to the scores' shape: terms and
+    masks met inside are broadcast in the regrouped shape and regrouped back (row-major, as the views do)."""
     src = op.inputs[0]
     ss = shape_of(src)
-    if len(ss) < 2 or not same_shape(ss[-2:], xs[-2:]):
-        raise Miss(f"{describe(x)} reshapes the query/key dims of the scores")
+    if st.zone is None and len(ss) >= 2 and same_shape(ss[-2:], xs[-2:]):
+        return src
+    if st.zone is None:
+        if any(ctx is not None for _, _, ctx in st.scalars):
+            raise Miss(f"{describe(x)} regroups the query/key dims of scores scaled by a tensor")
+        st.zone = xs
+    elif same_shape(ss, st.zone):
+        st.zone = None
     return src
 
 
@@ -98,8 +121,13 @@ def _masked_fill(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
     if fill is None:
         raise Miss(f"masked_fill with {value!r} is not a mask (not -inf or a large negative constant)")
     _check_mask_context(x, st, cond, xs)
-    st.masks.append((cond, False, fill * st.factor, xs[:-2]))
+    _add_mask(st, cond, False, fill * st.factor, x, xs)
     return base
+
+
+def _add_mask(st: Scores, cond: Any, attend: bool, fill: float, x: Node, xs: tuple) -> None:
+    node, ctx = _zoned(cond, x, xs, st, torch.bool)
+    st.masks.append((node, attend, fill, ctx))
 
 
 def _where(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
@@ -107,11 +135,11 @@ def _where(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
     fa, fb = mask_fill(a), mask_fill(b)
     if fb is not None and distance_to_product(a) is not None:
         _check_mask_context(x, st, cond, xs)
-        st.masks.append((cond, True, fb * st.factor, xs[:-2]))
+        _add_mask(st, cond, True, fb * st.factor, x, xs)
         return a
     if fa is not None and distance_to_product(b) is not None:
         _check_mask_context(x, st, cond, xs)
-        st.masks.append((cond, False, fa * st.factor, xs[:-2]))
+        _add_mask(st, cond, False, fa * st.factor, x, xs)
         return b
     raise Miss(f"{describe(x)} selects between values that are not scores and a mask fill")
 
@@ -166,6 +194,8 @@ def _scaling(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
         raise Miss(f"{describe(x)} multiplies two score-like products")
     if not _broadcasts_along_keys(other, xs) or not same_shape(shape_of(scores), xs):
         raise Miss(f"scores are scaled by a tensor that varies along the keys ({describe(other)})")
+    if st.zone is not None:
+        raise Miss(f"scores are scaled by a tensor ({describe(other)}) while their dims are regrouped")
     st.scalars.append((other, power, xs[:-2]))
     return scores
 
@@ -198,11 +228,14 @@ def _additive(op: Op, x: Node, xs: tuple, st: Scores) -> Any:
         raise Miss(f"{describe(x)} adds a term inside the softcap, which the kernel applies before its mask")
     if not _broadcasts_into(term, xs):
         raise Miss(f"the term added in {describe(x)} does not broadcast to the scores")
-    if not _broadcasts_along_keys(term, xs):  # else a row constant (e.g. the row max): shift-invariant
+    # a term constant along the keys is a row constant (e.g. the row max): shift-invariant, unless the keys
+    # are regrouped (then it varies along the scores' keys)
+    if st.zone is not None or not _broadcasts_along_keys(term, xs):
         for n, _, ctx in st.scalars:
             if ctx is not None and not same_shape(ctx, xs[:-2]) and not _layout_free(n):
                 raise Miss(f"the term added in {describe(x)} is scaled by a tensor in another layout")
-        st.terms.append((term, term_factor, tuple((n, p) for n, p, _ in st.scalars), xs[:-2]))
+        node, ctx = _zoned(term, x, xs, st)
+        st.terms.append((node, term_factor, tuple((n, p) for n, p, _ in st.scalars), ctx))
     if sub and scores is b:
         st.factor = -st.factor
     return scores
@@ -260,19 +293,58 @@ PRODUCTS: dict[str, Callable[[Op, Node, tuple, Scores], None]] = {MATMUL: _produ
                                                                   BADDBMM: _baddbmm}  # fmt: skip
 
 
-def walk_scores(x) -> Scores:
-    """Reads the score expression below the softmax; raises :class:`Miss` when it is not one."""
+def _updated(x: Node, xs: tuple, st: Scores, upd: Updates) -> None:
+    """The in-place updates of ``x`` (:mod:`attnopt.patterns.updates`) as terms and masks, last one first."""
+    st.inplace |= upd.nodes
+    st.writes |= upd.writes
+    reasons = [upd.reason] if upd.reason else []
+    if st.softcap is not None:
+        reasons.append(f"the scores changed in place ({describe(x)}) are then capped")
+    if any(is_sym(d) for d in xs) or st.zone is not None:
+        reasons.append(f"the scores changed in place ({describe(x)}) have dynamic sizes or regrouped dims")
+    scalars = tuple((n, p) for n, p, _ in st.scalars)
+    if any(ctx is not None and not same_shape(ctx, xs[:-2]) and not _layout_free(n) for n, _, ctx in st.scalars):
+        reasons.append(f"the scores changed in place ({describe(x)}) are then scaled by a tensor in another layout")
+    for ev in reversed(upd.events):
+        value = ev.value
+        if ev.kind == "mask" and (st.scalars or not st.factor > 0 or (ev.index is None and value is None)):
+            reasons.append(f"{describe(ev.at)} masks scores that are then scaled by {st.factor} or a tensor, "
+                           "or fills every score")  # fmt: skip
+        elif ev.index is None and not _broadcasts_into(value, xs):
+            reasons.append(f"{describe(ev.at)} changes the scores by a tensor that does not broadcast to them")
+        elif ev.kind == "add" and ev.index is None and scalar_value(value) is not None:
+            continue  # a constant shift: softmax is shift-invariant
+        elif ev.kind == "add":
+            node = value if ev.index is None else Region(value, xs, ev.index, tensor_meta(x).dtype, ev.inner)
+            st.terms.append((node, st.factor * ev.sign, scalars, xs[:-2]))
+        else:
+            node = value if ev.index is None else Region(True if value is None else value, xs, ev.index, torch.bool)
+            st.masks.append((node, False, ev.fill * st.factor, xs[:-2]))
+    st.kept = st.kept or (reasons[0] if reasons else None)
+
+
+def walk_scores(x, reader: Node | None = None) -> Scores:
+    """Reads the score expression below the softmax (``reader``: the node reading ``x``, for its in-place
+    updates); raises :class:`Miss` when it is not one."""
     st = Scores()
     for _ in range(MAX_DEPTH):
         op = classify(x)
         if op is None:
             raise Miss(f"scores come from {describe(x)}, not from q @ kᵀ")
         xs = shape_of(x)
+        upd = find_updates(x, reader) if reader is not None else None
+        if upd is not None:
+            _updated(x, xs, st, upd)
+        reader = x
         if op.attrs.get("inplace"):
             target = op.inputs[0]
             if not isinstance(target, Node) or len(target.users) != 1:
                 raise Miss(f"{describe(x)} mutates scores that are also read elsewhere")
             st.inplace.add(x)
+            if is_fresh(x):  # it writes only into the site's own scores
+                st.writes.add(x)
+        if op.kind in PRODUCTS and st.zone is not None:
+            raise Miss(f"the scores are regrouped to {tuple(st.zone)} and not back before the softmax")
         if op.kind in PRODUCTS:
             st.product = x
             PRODUCTS[op.kind](op, x, xs, st)

@@ -16,7 +16,7 @@ from torch.fx import Node
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.patterns.canonical import SDPA, bind_call, is_symbolic_scalar, tensor_meta
 from attnopt.patterns.causal import split_causal
-from attnopt.patterns.layout import LayoutError, eq, hint
+from attnopt.patterns.layout import LayoutError, as_static, eq, hint, is_one, is_sym, prod
 from attnopt.patterns.match import AttentionMatch, BoolMask, Miss, ScalarExpr, Term
 from attnopt.patterns.operands import as_int, describe, seq_major, term_ops, unrepeat
 
@@ -45,9 +45,12 @@ def _arguments(node: Node) -> dict:
     qm, km, vm = tensor_meta(a["query"]), tensor_meta(a["key"]), tensor_meta(a["value"])
     if qm is None or km is None or vm is None:
         raise Miss("q/k/v have no recorded shape")
-    if qm.dim() not in (3, 4) or km.dim() != qm.dim() or vm.dim() != qm.dim():
-        raise Miss(f"q/k of rank {qm.dim()}/{km.dim()}; only 3-D and 4-D layouts are rewritten")
-    if qm.dim() == 4 and (not eq(qm.shape[0], km.shape[0]) or hint(qm.shape[1]) % hint(km.shape[1]) != 0):
+    if qm.dim() < 3 or km.dim() != qm.dim() or vm.dim() != qm.dim():
+        raise Miss(f"q/k/v of ranks {qm.dim()}/{km.dim()}/{vm.dim()}; only q, k and v of one rank (3 or more) "
+                   "are rewritten")
+    if _folds(qm, km, vm):
+        _check_folded_batch(qm, km, vm)
+    elif qm.dim() == 4 and (not eq(qm.shape[0], km.shape[0]) or hint(qm.shape[1]) % hint(km.shape[1]) != 0):
         raise Miss(f"q batch/heads {tuple(qm.shape[:2])} incompatible with k {tuple(km.shape[:2])}")
     if qm.dim() == 3 and not eq(qm.shape[0], km.shape[0]):
         raise Miss(f"q batch {qm.shape[0]} differs from k batch {km.shape[0]}")
@@ -56,6 +59,38 @@ def _arguments(node: Node) -> dict:
     if not is_symbolic_scalar(a["scale"]) and a["scale"] is not None and not isinstance(a["scale"], (int, float)):
         raise Miss("scale is not a number in the graph")
     return a
+
+
+def _folds(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> bool:
+    """Rank 5 and more, or rank 4 with k/v broadcast along the batch: the batch dims fold (and expand) into one."""
+    return qm.dim() > 4 or (qm.dim() == 4 and any(is_one(t.shape[0]) and not eq(t.shape[0], qm.shape[0])
+                                                  for t in (km, vm)))  # fmt: skip
+
+
+def _check_folded_batch(qm: torch.Tensor, km: torch.Tensor, vm: torch.Tensor) -> None:
+    """Rank 5 and more: the dims before the heads fold into one batch; k and v may broadcast along them."""
+    for name, t in (("k", km), ("v", vm)):
+        for a, b in zip(t.shape[:-3], qm.shape[:-3]):
+            if not (eq(a, b) or (is_one(a) and not is_sym(b))):
+                raise Miss(f"{name} batch dims {tuple(t.shape[:-3])} do not broadcast to q's {tuple(qm.shape[:-3])}")
+    if not eq(km.shape[-3], vm.shape[-3]) or hint(qm.shape[-3]) % hint(km.shape[-3]) != 0:
+        raise Miss(f"q heads {qm.shape[-3]} incompatible with k/v heads {km.shape[-3]}/{vm.shape[-3]}")
+
+
+def _fold(x: Node, xm: torch.Tensor, qm: torch.Tensor) -> tuple:
+    """The view program taking ``x`` [*batch, H, S, D] (batch broadcasting to q's) to [prod(batch), H, S, D]."""
+    lead = qm.dim() - 3
+    expand = tuple(-1 if eq(a, b) else int(b) for a, b in zip(xm.shape[:lead], qm.shape[:lead]))
+    ops = (("expand", expand + (-1, -1, -1)),) if any(e != -1 for e in expand) else ()
+    return ops + (("flatten", (0, lead - 1)),)
+
+
+def _unfold_sizes(qm: torch.Tensor) -> tuple:
+    """Sizes for ``unflatten`` back to q's batch dims: static ones as ints, the one dynamic one -1."""
+    dynamic = [x for x in qm.shape[:-3] if is_sym(x)]
+    if len(dynamic) > 1:
+        raise Miss(f"q has {len(dynamic)} dynamic batch dims {tuple(qm.shape[:-3])}; only one can fold into the batch")
+    return tuple(-1 if is_sym(x) else int(as_static(x)) for x in qm.shape[:-3])
 
 
 def _scale(a: dict) -> dict:
@@ -69,6 +104,11 @@ def _operands(a: dict, qm: torch.Tensor, km: torch.Tensor) -> dict:
     """q, k and v with their views to [B, H, S, D] (a 3-D call is a batch of one), repeats read through."""
     hq, hkv = (qm.shape[1], km.shape[1]) if qm.dim() == 4 else (qm.shape[0], km.shape[0])
     fields = {"q": a["query"], "k": a["key"], "v": a["value"]}
+    vm = tensor_meta(a["value"])
+    if _folds(qm, km, vm):  # [*batch, H, S, D]: the batch dims fold into one
+        return {**fields, "q_ops": _fold(a["query"], qm, qm), "k_ops": _fold(a["key"], km, qm),
+                "v_ops": _fold(a["value"], vm, qm), "out_ops": (("unflatten", (0, _unfold_sizes(qm))),),
+                "heads": (qm.shape[-3], km.shape[-3])}  # fmt: skip
     if qm.dim() == 3:  # [N, S, D]: a batch of one with N heads
         unsqueeze = (("unsqueeze", (0,)),)
         return {**fields, "q_ops": unsqueeze, "k_ops": unsqueeze, "v_ops": unsqueeze,
@@ -96,7 +136,7 @@ def _masks(a: dict, qm: torch.Tensor, km: torch.Tensor) -> dict:
     causal = CAUSAL_TOP_LEFT if a["is_causal"] else CAUSAL_NONE
     if not a["is_causal"]:
         causal, masks, terms = split_causal(masks, terms, sq, sk)
-    cb = lead if qm.dim() == 4 else (1, lead[0])
+    cb = lead if qm.dim() == 4 else (1, lead[0]) if qm.dim() == 3 else (prod(lead[:-1]), lead[-1])
     try:
         additive = [Term(n, f, s, term_ops(n, ctx, cb)) for n, f, s, ctx in terms]
         bool_masks = [BoolMask(n, at, fill, term_ops(n, ctx, cb)) for n, at, fill, ctx in masks]
@@ -116,8 +156,16 @@ def match(node: Node, dag: nx.DiGraph | None = None) -> AttentionMatch:
         "heads": (as_int(hq), as_int(hkv)),
         "head_dims": (as_int(qm.shape[-1]), as_int(vm.shape[-1])),
         "seq": (as_int(qm.shape[-2]), as_int(km.shape[-2])),
-        "batch": as_int(qm.shape[0]) if qm.dim() == 4 else None,
-        "layout": "(B*H)SD" if qm.dim() == 3 else ("BSHD" if seq_major(qm) else "BHSD"),
+        "batch": as_int(prod(qm.shape[:-3])) if qm.dim() >= 4 else None,
+        "layout": _layout_name(qm),
     }
     return AttentionMatch(kind="sdpa", output=node, dropout_p=float(a["dropout_p"]), info=info, **operands,
                           **_scale(a), **masks)  # fmt: skip
+
+
+def _layout_name(qm: torch.Tensor) -> str:
+    if qm.dim() == 3:
+        return "(B*H)SD"
+    if qm.dim() > 4:
+        return f"BHSD with {qm.dim() - 3} batch dims folded"
+    return "BSHD" if seq_major(qm) else "BHSD"

@@ -83,18 +83,28 @@ def test_a_kept_attention_map_keeps_the_site(keep_map):
     assert rel_err(opt(q, k, v), Attention()(q, k, v)) < 1e-5
 
 
-def test_an_in_place_mutation_of_the_scores_keeps_the_site():
+@pytest.mark.parametrize("change", ["masked_fill_", "mul_"])
+def test_an_in_place_mutation_of_the_scores_is_read_or_keeps_the_site(change):
+    """The statement form (``s`` read after the mutation): a masked_fill_ with -inf is a mask and the site is
+    rewritten; a scaling by a tensor that varies along the keys is neither a bias nor a mask: kept, saying so."""
+
     class InPlace(nn.Module):
         def forward(self, q, k, v, mask):
             s = q @ k.transpose(-2, -1)
-            s.masked_fill_(~mask, float("-inf"))  # the statement form: `s` is read after the mutation
+            if change == "masked_fill_":
+                s.masked_fill_(~mask, float("-inf"))
+            else:
+                s.mul_(mask.float() + 0.5)
             return s.softmax(-1) @ v
 
     q, k, v = _qkv()
     mask = torch.ones(2, 1, 7, 7, dtype=torch.bool).tril()
     opt = attnopt.optimize(InPlace(), "exact", (q, k, v, mask))
     (site,) = attnopt.report(opt).sites
-    assert site.decision == "keep" and "masked_fill_" in site.reason
+    if change == "masked_fill_":
+        assert site.decision == "exact", site.reason
+    else:
+        assert site.decision == "keep" and "mul_" in site.reason and "neither" in site.reason, site.reason
     assert rel_err(opt(q, k, v, mask), InPlace()(q, k, v, mask)) < 1e-6
 
 
@@ -196,3 +206,22 @@ def test_correct_sites_are_not_rolled_back(name):
     rep = attnopt.report(opt)
     assert rep.sites and all(s.decision == "exact" and "rolled back" not in s.reason for s in rep.sites)
     assert all(s.deviation is not None and s.deviation < 1e-5 for s in rep.sites)
+
+
+def test_a_rolled_back_site_keeps_its_in_place_writes(monkeypatch):
+    """The writes a site reads into its bias and mask go only with its rewrite: rolled back, they all run."""
+
+    class Updated(nn.Module):
+        def forward(self, q, k, v, rel):
+            s = q @ k.transpose(-2, -1)
+            s[..., 1:, 1:] += rel
+            s[..., :2] = float("-inf")
+            return s.softmax(-1) @ v
+
+    q, k, v = _qkv()
+    rel = torch.randn(4, 6, 6)
+    monkeypatch.setitem(passes.TOLERANCE, torch.float32, -1.0)  # every site deviates: all are rolled back
+    opt = attnopt.optimize(Updated(), "exact", (q, k, v, rel))
+    (site,) = attnopt.report(opt).sites
+    assert site.decision == "keep" and site.reason.startswith("rolled back"), site.reason
+    assert torch.equal(opt(q, k, v, rel), Updated()(q, k, v, rel))
