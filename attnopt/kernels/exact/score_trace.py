@@ -230,10 +230,11 @@ def trace(score_mod, mask=None, seq_q: int = 0, seq_k: int = 0) -> Traced:
 
 
 def _trace(score_mod, mask, seq_q: int, seq_k: int) -> Traced:
-    fn = score_mod if score_mod is not None else (lambda score, b, h, q_idx, kv_idx: score)
+    inner = score_mod if score_mod is not None else (lambda score, b, h, q_idx, kv_idx: score)
+    fn = inner
     if mask is not None:
 
-        def fn(score, b, h, q_idx, kv_idx, inner=fn):
+        def fn(score, b, h, q_idx, kv_idx):
             keep = mask.predicate(q_idx, kv_idx, h, seq_q, seq_k, TORCH)
             return torch.where(keep, inner(score, b, h, q_idx, kv_idx), -math.inf)
 
