@@ -57,7 +57,7 @@ def collection(batch=2, seed=0):
         return torch.where(q_idx >= kv_idx, score, -float("inf"))
 
     def per_head_scale(score, b, h, q_idx, kv_idx):
-        return score * head_scale[h]
+        return head_scale[h] * score  # the score on the right: d(a * score) = a
 
     def blocks(score, b, h, q_idx, kv_idx):  # floor division and remainder on indices; a 2-D bias on blocks
         same = (q_idx // 8) == (kv_idx // 8)

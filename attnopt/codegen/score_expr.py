@@ -180,9 +180,9 @@ class _Gradient:
     def mul(self, a, b):
         if a is None or b is None:
             return None
-        if a == 1.0:
+        if not isinstance(a, str) and a == 1.0:
             return b
-        return b if b == 1.0 and not isinstance(b, str) else self.emit("mul", a, b)
+        return a if not isinstance(b, str) and b == 1.0 else self.emit("mul", a, b)
 
     def add(self, a, b):
         if a is None or b is None:
