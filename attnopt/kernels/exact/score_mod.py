@@ -27,7 +27,7 @@ from torch import Tensor
 
 from attnopt.codegen.score_expr import parse
 from attnopt.kernels.exact import score_mod_cpu, triton_impl
-from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
+from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.score_trace import ScoreModError, trace
 from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
 from attnopt.masks import Mask, causal
@@ -62,7 +62,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, mask: Optional[Mask
 
 
 def _offset(causal_mode: int, q: Tensor, k: Tensor) -> Optional[int]:
-    return k.shape[2] - q.shape[2] if causal_mode == CAUSAL_BOTTOM_RIGHT else None
+    """Key ``j`` is visible to query ``i`` iff ``j <= i + offset`` (None: every key)."""
+    return {CAUSAL_NONE: None, CAUSAL_TOP_LEFT: 0, CAUSAL_BOTTOM_RIGHT: k.shape[2] - q.shape[2]}[causal_mode]
 
 
 @torch.library.custom_op("attnopt::score_mod_attention", mutates_args=())
@@ -131,3 +132,5 @@ def _backward(ctx, dout, _dlse):
 
 
 score_mod_attention.register_autograd(_backward, setup_context=_setup_context)
+
+OP = torch.ops.attnopt.score_mod_attention.default  # what a rewritten graph calls (attnopt.patterns.score_terms)

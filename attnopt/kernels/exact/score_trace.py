@@ -44,6 +44,8 @@ ATEN_OPS.update({
     aten.bitwise_not.default: "not", aten.gelu.default: "gelu", aten.index.Tensor: "load",
     aten.clamp.default: "clamp", aten._to_copy.default: "to", aten.full_like.default: "const",
     aten.scalar_tensor.default: "const", aten.where.self: "where",
+    # in-place forms (``x += y`` on a value the function computed): make_fx refers later uses to their result
+    aten.add_.Tensor: "add", aten.sub_.Tensor: "sub", aten.mul_.Tensor: "mul", aten.div_.Tensor: "div",
     **{getattr(aten, c).Tensor: c for c in ("lt", "le", "gt", "ge", "eq", "ne")},
     **{getattr(aten, c).Scalar: c for c in ("lt", "le", "gt", "ge", "eq", "ne")},
 })  # fmt: skip
@@ -241,9 +243,13 @@ def _trace(score_mod, mask, seq_q: int, seq_k: int) -> Traced:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     inputs = [torch.zeros(1)] + [torch.zeros(1, dtype=torch.int32) for _ in range(4)]
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
     try:
-        gm = make_fx(fn, tracing_mode="fake", decomposition_table=torch._decomp.core_aten_decompositions(),
-                     _allow_non_fake_inputs=True)(*inputs)
+        # Its own fake mode: inside a compiler backend the ambient tracing context's mode refuses real tensors.
+        with torch._guards.tracing(None), unset_fake_temporarily():
+            gm = make_fx(fn, tracing_mode="fake", decomposition_table=torch._decomp.core_aten_decompositions(),
+                         _allow_non_fake_inputs=True)(*inputs)
     except ScoreModError:
         raise
     except Exception as e:
