@@ -8,7 +8,8 @@ the site allocates nothing of size ``Sq · Sk``. One form is recognized by its s
 
 * **T5's relative position bias** ``embedding(bucket(arange(Sk)[None, :] - arange(Sq)[:, None]), W)
   .permute(2, 0, 1).unsqueeze(0)``: the expression computes ``W[bucket(kv_idx - q_idx), h]`` (the bucket
-  function is the model's own subgraph, traced), so the model's ``[1, H, Sq, Sk]`` bias is never built.
+  function is the model's own subgraph, traced), so the model's ``[1, H, Sq, Sk]`` bias is never built;
+* **a zero bias** ``torch.zeros(...)`` (T5's cross-attention "position bias"): dropped, never built.
 
 Other terms are read as they are. A site keeps its plain emission when it has bool masks, dropout, softcap,
 a graph-valued scale or scalars on a term, or when a term cannot be traced.
@@ -26,6 +27,12 @@ from attnopt.kernels.exact.score_mod import OP
 from attnopt.kernels.exact.score_trace import ScoreModError, trace
 from attnopt.patterns.canonical import tensor_meta
 from attnopt.patterns.match import AttentionMatch, Term, apply_ops, emit_operands, emit_output
+
+
+def _is_zeros(term: Term) -> bool:
+    node = term.node
+    return isinstance(node, Node) and node.op == "call_function" and node.target is torch.zeros and not (
+        set(node.kwargs) - {"dtype", "device"})
 
 
 def _t5_table(term: Term):
@@ -103,6 +110,7 @@ def with_score_terms(m: AttentionMatch) -> AttentionMatch:
     if not _eligible(m):
         return m
     tables = [_t5_table(t) for t in m.additive]
+    tables = [("zeros", None) if table is None and _is_zeros(t) else table for t, table in zip(m.additive, tables)]
     if len(m.additive) < 2 and not any(tables):
         return m  # one plain term is the op's additive mask already: nothing is summed
     try:
@@ -115,6 +123,8 @@ def _rewritten(m: AttentionMatch, tables: list) -> AttentionMatch:
     stand_ins: list[tuple[torch.Tensor, object]] = []  # (tensor the trace sees, what the emitter passes)
     parts = []
     for term, table in zip(m.additive, tables):
+        if table is not None and table[0] == "zeros":
+            continue  # adds nothing
         if table is not None:
             weight, bucket = table
             meta = tensor_meta(weight)
