@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from attnopt.codegen.score_expr import ARITY, POW_EXPONENTS, Buffer, Node, ScoreExpr
 from attnopt.masks.expr import TORCH
@@ -240,11 +242,7 @@ def _trace(score_mod, mask, seq_q: int, seq_k: int) -> Traced:
             keep = mask.predicate(q_idx, kv_idx, h, seq_q, seq_k, TORCH)
             return torch.where(keep, inner(score, b, h, q_idx, kv_idx), -math.inf)
 
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     inputs = [torch.zeros(1)] + [torch.zeros(1, dtype=torch.int32) for _ in range(4)]
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     try:
         # Its own fake mode: inside a compiler backend the ambient tracing context's mode refuses real tensors.
         with torch._guards.tracing(None), unset_fake_temporarily():
