@@ -4,15 +4,18 @@ The exact op takes one additive mask: a site with several terms (Bloom: ALiBi ``
 mask ``[B, 1, Sq, Sk]``; T5: the position bias and the mask) would add them into a ``[B, H, Sq, Sk]`` tensor. With
 :func:`with_score_terms` the site instead runs ``torch.ops.attnopt.score_mod_attention`` whose expression reads
 each term at ``(b, h, q_idx, kv_idx)`` through its broadcast strides (:mod:`attnopt.kernels.exact.score_mod`), so
-the site allocates nothing of size ``Sq · Sk``. One form is recognized by its subgraph (a table row):
+the site allocates nothing of size ``Sq · Sk``. It applies to sites with one of these terms (table rows):
+
+* **a per-head key bias** (ALiBi as Bloom computes it, ``[B·H, 1, Sk]``) beside another term: read as it is;
 
 * **T5's relative position bias** ``embedding(bucket(arange(Sk)[None, :] - arange(Sq)[:, None]), W)
   .permute(2, 0, 1).unsqueeze(0)``: the expression computes ``W[bucket(kv_idx - q_idx), h]`` (the bucket
   function is the model's own subgraph, traced), so the model's ``[1, H, Sq, Sk]`` bias is never built;
 * **a zero bias** ``torch.zeros(...)`` (T5's cross-attention "position bias"): dropped, never built.
 
-Other terms are read as they are. A site keeps its plain emission when it has bool masks, dropout, softcap,
-a graph-valued scale or scalars on a term, or when a term cannot be traced.
+The other terms of such a site are read as they are. Other sites keep the plain emission (and stay open to the
+other variants, which take the canonical operands), as does a site with bool masks, dropout, softcap, a
+graph-valued scale or scalars on a term, or a term the tracer cannot follow.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ def _is_zeros(term: Term) -> bool:
     node = term.node
     return isinstance(node, Node) and node.op == "call_function" and node.target is torch.zeros and not (
         set(node.kwargs) - {"dtype", "device"})
+
+
+def _is_key_bias(term: Term) -> bool:
+    """A bias of one row per head, ``[..., H > 1, 1, Sk > 1]`` (ALiBi, Bloom's ``[B·H, 1, Sk]``)."""
+    meta = tensor_meta(term.node)
+    shape = tuple(meta.shape) if meta is not None else ()
+    return len(shape) >= 3 and shape[-2] == 1 and shape[-1] != 1 and shape[-3] != 1
 
 
 def _t5_table(term: Term):
@@ -111,8 +121,9 @@ def with_score_terms(m: AttentionMatch) -> AttentionMatch:
         return m
     tables = [_t5_table(t) for t in m.additive]
     tables = [("zeros", None) if table is None and _is_zeros(t) else table for t, table in zip(m.additive, tables)]
-    if len(m.additive) < 2 and not any(tables):
-        return m  # one plain term is the op's additive mask already: nothing is summed
+    key_bias = len(m.additive) >= 2 and any(_is_key_bias(t) for t in m.additive)
+    if not key_bias and not any(tables):
+        return m
     try:
         return _rewritten(m, tables)
     except (ScoreModError, RuntimeError, TypeError, ValueError, AttributeError):

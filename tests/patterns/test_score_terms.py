@@ -34,6 +34,14 @@ def test_zoo_sites_run_the_score_mod_and_match(name):
     assert _ops(opt, z.kwargs) == {"attnopt::score_mod_attention": len(sites)}
 
 
+def test_other_sites_keep_the_plain_emission():
+    """Swin's relative position bias beside its window mask is neither form: the plain op, open to every variant."""
+    z = zoo.build("swin", "eager")
+    with torch.no_grad():
+        opt = attnopt.optimize(z.model, "exact", z.args, z.kwargs)
+    assert set(_ops(opt, z.kwargs)) == {"attnopt::attention"}
+
+
 def test_t5_bias_table_gets_its_gradient():
     """The relative attention bias table is read in the kernel: its gradient still reaches it. In float64: the
     table's gradient is small (about 1e-9 here), so fp32 rounding of the forward would dominate it."""

@@ -15,9 +15,9 @@ from attnopt.codegen.spec import KernelSpec
 
 
 def score_mod_lines(spec: KernelSpec, tile, ind: str, ld_ok: str) -> list[str]:
-    """``s``, the base-2 scores of a ``tile`` (a :class:`render_common.Tile`) from the score_mod of the natural
-    scores ``sm_score = scale * qk``; the backward
-    kernels also compute ``dmod``, its derivative (:meth:`attnopt.codegen.score_expr.ScoreExpr.gradient`)."""
+    """``s``, the base-2 scores of a ``tile`` (a ``render_common.Tile``) from the score_mod of the natural scores
+    ``sm_score = scale * qk``; the backward kernels also compute ``dmod``, its derivative
+    (:meth:`attnopt.codegen.score_expr.ScoreExpr.gradient`). ``ld_ok`` is the tile's in-range test for loads."""
     expr = parse(spec.score_mod)
     env = dict(score="sm_score", b="off_b.to(tl.int32)", h="off_h.to(tl.int32)", q_idx=f"rows{tile.r}",
                kv_idx=f"cols{tile.c}")
