@@ -142,3 +142,12 @@ def test_error_for_slice_of_captured_tensor():
 def test_gqa_needs_enable_gqa():
     with pytest.raises(ValueError, match="enable_gqa"):
         sm.attention(*inputs(hq=4, hkv=2), MODS["alibi"][0])
+
+
+def test_opcheck():
+    """The custom op's fake implementation, schema and autograd registration (torch.library.opcheck)."""
+    score_mod, tensors = MODS["relative_table"]
+    q, k, v = inputs(hq=4, hkv=2, sq=9, sk=11)
+    traced = trace(score_mod)
+    args = (q, k, v, traced.expr.text(), list(traced.buffers), 0.3, CAUSAL_BOTTOM_RIGHT)
+    torch.library.opcheck(torch.ops.attnopt.score_mod_attention.default, args)
