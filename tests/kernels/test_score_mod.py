@@ -151,3 +151,22 @@ def test_opcheck():
     traced = trace(score_mod)
     args = (q, k, v, traced.expr.text(), list(traced.buffers), 0.3, CAUSAL_BOTTOM_RIGHT)
     torch.library.opcheck(torch.ops.attnopt.score_mod_attention.default, args)
+
+
+def test_compiles_without_graph_break_and_recompiles_for_other_constants():
+    """torch.compile(fullgraph=True): the trace is a constant of the graph, guarded on what it depends on (the
+    function's code and captured numbers), so another softcap value recompiles rather than reusing the first."""
+    from attn_gym.mods import generate_tanh_softcap
+
+    def f(q, k, v, score_mod):
+        return sm.attention(q, k, v, score_mod, mask=masks.causal())[0]
+
+    compiled = torch.compile(f, fullgraph=True)
+    q, k, v = (t.detach() for t in inputs(sq=9, sk=9))
+    for score_mod in (MODS["t5"][0], MODS["graphormer_edge"][0], generate_tanh_softcap(1), generate_tanh_softcap(5),
+                      generate_tanh_softcap(0.5), generate_tanh_softcap(3.0)):
+        torch.testing.assert_close(compiled(q, k, v, score_mod), f(q, k, v, score_mod), **TOL)
+    window = torch.compile(lambda q, k, v: sm.attention(q, k, v, MODS["alibi"][0], mask=masks.SlidingWindow(3, 0)),
+                           fullgraph=True)
+    with pytest.raises(Exception, match="masks.causal"):
+        window(q, k, v)  # refused, not run with a mask whose fields torch.compile lost

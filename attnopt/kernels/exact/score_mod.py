@@ -28,9 +28,9 @@ from torch import Tensor
 from attnopt.codegen.score_expr import parse
 from attnopt.kernels.exact import score_mod_cpu, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.kernels.exact.score_trace import ScoreModError, trace
+from attnopt.kernels.exact.score_trace import ScoreModError, buffer_paths, closure_values, resolve, trace
 from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
-from attnopt.masks import Mask, causal
+from attnopt.masks import Mask, SlidingWindow
 
 __all__ = ["ScoreModError", "attention"]
 
@@ -49,16 +49,45 @@ def attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, mask: Optional[Mask
         raise ValueError(f"q has {hq} heads and k, v {k.shape[1]}: pass enable_gqa=True for grouped-query attention")
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask must be an attnopt.masks descriptor or None; got {type(mask).__name__}")
-    sk = k.shape[2]
     causal_mode = CAUSAL_NONE
-    if mask is not None:
-        mask.check(sq, sk, hq)
-        if mask == causal():
-            causal_mode, mask = CAUSAL_BOTTOM_RIGHT, None
-    traced = trace(score_mod, mask, sq, sk)
+    if _is_causal(mask):
+        causal_mode, mask = CAUSAL_BOTTOM_RIGHT, None
+    elif mask is not None and torch.compiler.is_compiling():
+        # torch.compile hands a mask built inside the compiled function to the constant plan with its fields
+        # lost (torch 2.13), which would be a silent wrong answer: refuse instead.
+        raise NotImplementedError("under torch.compile, attnopt.attention with a score_mod takes mask=None or "
+                                  "masks.causal(); apply another mask outside the compiled function")
+    text, paths, values = _plan(score_mod, mask, sq, k.shape[2], hq)
+    for now, planned in zip(closure_values(score_mod), values):
+        if now != planned:  # never true in eager; under torch.compile this comparison is the guard on the value
+            raise RuntimeError("score_mod's captured values changed between planning and the call")
+    if paths is None:  # a captured tensor outside the function's closure (a global): found by tracing again
+        buffers = list(trace(score_mod, mask, sq, k.shape[2]).buffers)
+    else:
+        buffers = [resolve(score_mod, path) for path in paths]
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    buffers = [t.to(q.device) for t in traced.buffers]
-    return torch.ops.attnopt.score_mod_attention(q, k, v, traced.expr.text(), buffers, scale, causal_mode)
+    buffers = [t.to(q.device) for t in buffers]
+    return torch.ops.attnopt.score_mod_attention(q, k, v, text, buffers, scale, causal_mode)
+
+
+def _is_causal(mask) -> bool:
+    """Plain causal (``masks.causal()``, bottom-right), which the kernels run as their causal mode; read field by
+    field, which torch.compile follows."""
+    return (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0 and mask.dilation == 1)
+
+
+@torch._dynamo.assume_constant_result
+def _plan(score_mod, mask: Optional[Mask], sq: int, sk: int, heads: int) -> tuple:
+    """``(expression text, closure paths of its buffers, captured plain values)``; ``mask`` is traced in.
+
+    Under ``torch.compile`` this is a constant of the compiled graph (traced once, when the graph is built), so
+    calls compile without a graph break. The caller compares the plain values the function captures (traced into
+    the text as literals) with the planned ones: that comparison makes the compiled code guard on them, so the
+    same code over another number recompiles instead of reusing a stale expression."""
+    if mask is not None:
+        mask.check(sq, sk, heads)
+    traced = trace(score_mod, mask, sq, sk)
+    return traced.expr.text(), buffer_paths(score_mod, traced), closure_values(score_mod)
 
 
 def _offset(causal_mode: int, q: Tensor, k: Tensor) -> Optional[int]:

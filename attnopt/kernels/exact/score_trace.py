@@ -200,22 +200,59 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.data_ptr() == b.data_ptr())
 
 
-def _captured(fn, depth: int = 0) -> list[torch.Tensor]:
-    """The tensors in ``fn``'s closure (and nested functions' closures): the originals of the graph's constants,
-    so gradients reach them (make_fx may hold a detached alias)."""
+def captured(fn, path: tuple = (), depth: int = 0) -> list[tuple[tuple, torch.Tensor]]:
+    """``(path, tensor)`` of each tensor in ``fn``'s closure (and nested functions' closures, and lists or tuples
+    there): the originals of the graph's constants, so gradients reach them (make_fx may hold a detached alias).
+    A path is ``(cell number, item number or None, cell number, ...)``, read back by :func:`resolve`."""
     out = []
-    for cell in getattr(fn, "__closure__", None) or ():
+    for i, cell in enumerate(getattr(fn, "__closure__", None) or ()):
         try:
             value = cell.cell_contents
         except ValueError:
             continue
         if isinstance(value, torch.Tensor):
-            out.append(value)
+            out.append(((*path, i, None), value))
         elif isinstance(value, (list, tuple)):
-            out += [v for v in value if isinstance(v, torch.Tensor)]
+            out += [((*path, i, j), v) for j, v in enumerate(value) if isinstance(v, torch.Tensor)]
         elif callable(value) and depth < 4:
-            out += _captured(value, depth + 1)
+            out += captured(value, (*path, i, None), depth + 1)
     return out
+
+
+def resolve(fn, path: tuple) -> torch.Tensor:
+    """The tensor at ``path`` (see :func:`captured`) in ``fn``'s closure: plain attribute reads, which
+    ``torch.compile`` follows (the tensors become graph inputs)."""
+    value = fn
+    for i in range(0, len(path), 2):
+        value = value.__closure__[path[i]].cell_contents
+        if path[i + 1] is not None:
+            value = value[path[i + 1]]
+    return value
+
+
+def closure_values(fn, depth: int = 0) -> tuple:
+    """The plain values (numbers, strings) ``fn`` and the functions it closes over capture: the expression
+    depends on them besides the tensors (they are traced in as literals)."""
+    out = []
+    for cell in getattr(fn, "__closure__", None) or ():
+        value = cell.cell_contents
+        if isinstance(value, (bool, int, float, str)):
+            out.append(value)
+        elif callable(value) and not isinstance(value, torch.Tensor) and depth < 4:
+            out += closure_values(value, depth + 1)
+    return tuple(out)
+
+
+def buffer_paths(score_mod, traced: Traced) -> tuple | None:
+    """The closure path of each of ``traced``'s buffers in ``score_mod``, or None if one is not in its closure."""
+    found = captured(score_mod)
+    paths = []
+    for buf in traced.buffers:
+        path = next((p for p, t in found if t is buf), None)
+        if path is None:
+            return None
+        paths.append(path)
+    return tuple(paths)
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -256,7 +293,7 @@ def _trace(score_mod, mask, seq_q: int, seq_k: int) -> Traced:
                 "score_mod branches on a tensor value (a Python if/and/or/bool()/.item() on score or an index), "
                 "which no kernel can compile; write the branch as torch.where(condition, a, b)") from e
         raise ScoreModError(f"tracing score_mod failed ({type(e).__name__}: {e}); {_FIX}") from e
-    originals = _captured(score_mod) + (_captured(mask.predicate.__func__) if mask is not None else [])
+    originals = [t for _, t in captured(score_mod)]
     return _Converter(gm, originals).run()
 
 
