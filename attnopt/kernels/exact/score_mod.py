@@ -10,7 +10,10 @@
   blockwise torch path (:mod:`attnopt.kernels.exact.score_mod_cpu`).
 
 Neither builds an ``[Sq, Sk]`` tensor. The op takes the expression's text and the captured tensors, so
-``torch.compile`` and ``torch.export`` see one custom op with a fake implementation.
+``torch.compile`` and ``torch.export`` see one custom op with a fake implementation. Under ``torch.compile``
+(``fullgraph=True`` works) the trace is a constant of the compiled graph (:func:`_plan`), the captured tensors
+are read through their closure paths (graph inputs) and the captured numbers are guarded on; there the mask
+must be None or ``masks.causal()``.
 
 Masks: ``mask`` is an :mod:`attnopt.masks` descriptor. Plain causal (``masks.causal()``, bottom-right aligned)
 runs as the kernels' causal mode (tiles above the diagonal are skipped); any other descriptor's predicate is
