@@ -27,6 +27,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from attnopt.codegen.score_expr import parse
+
 CAUSAL_NONE = 0
 CAUSAL_TOP_LEFT = 1
 CAUSAL_BOTTOM_RIGHT = 2
@@ -71,6 +73,9 @@ class KernelSpec:
     ``strided_kv``: the forward reads K and V through per-element pointers (any strides and alignment,
     every GPU) instead of tensor descriptors (TMA on sm_90+: 16-byte aligned bases and row strides, unit
     head-dim stride), see :mod:`attnopt.kernels.exact.render_fwd`; the backward kernels always use pointers.
+    ``score_mod``: the canonical text of a traced score modification (:mod:`attnopt.codegen.score_expr`)
+    applied to each scaled score before the mask, ``""`` for none; it names the kernel, and a spec without
+    one serializes exactly as before the field existed (same JSON, key and source).
     """
 
     variant: str = "exact"
@@ -87,6 +92,7 @@ class KernelSpec:
     group: int = 1
     write_ds: bool = False
     strided_kv: bool = False
+    score_mod: str = ""
     block_m: int
     block_n: int
     num_warps: int
@@ -113,6 +119,7 @@ class KernelSpec:
             value = getattr(self, name)
             if not _is_int(value) or not 1 <= value <= MAX_HEAD_DIM:
                 raise ValueError(f"KernelSpec.{name} must be an int in 1..{MAX_HEAD_DIM}; got {value!r}")
+        self._check_score_mod()
         if not _is_int(self.group) or not 1 <= self.group <= MAX_GROUP:
             raise ValueError(f"KernelSpec.group must be an int in 1..{MAX_GROUP}; got {self.group!r}")
         for name in ("block_m", "block_n"):
@@ -123,6 +130,17 @@ class KernelSpec:
             raise ValueError(f"KernelSpec.num_warps must be one of {NUM_WARPS}; got {self.num_warps!r}")
         if not _is_int(self.num_stages) or not 1 <= self.num_stages <= MAX_STAGES:
             raise ValueError(f"KernelSpec.num_stages must be an int in 1..{MAX_STAGES}; got {self.num_stages!r}")
+
+    def _check_score_mod(self) -> None:
+        if not isinstance(self.score_mod, str):
+            raise ValueError(f"KernelSpec.score_mod must be a str; got {self.score_mod!r}")
+        if not self.score_mod:
+            return
+        if self.softcap or self.bias != "none":
+            raise ValueError("KernelSpec.score_mod excludes softcap and bias (write them into the score_mod)")
+        if self.direction == "bwd_pre":
+            raise ValueError("KernelSpec.score_mod must be empty for direction 'bwd_pre' (it reads no scores)")
+        parse(self.score_mod)  # ValueError for text that is not a score expression
 
     @property
     def block_d(self) -> int:
@@ -140,7 +158,10 @@ class KernelSpec:
         return 4 if self.dtype == "float32" else 2
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if not self.score_mod:
+            del data["score_mod"]  # specs without one keep their JSON, key and kernel name
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> KernelSpec:

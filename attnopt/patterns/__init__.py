@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 from attnopt.patterns import manual, mha, sdpa
 from attnopt.patterns.canonical import ENCODER_LAYER, MHA, NATIVE_MHA, SDPA, SOFTMAX, classify
 from attnopt.patterns.match import AttentionMatch, Miss
+from attnopt.patterns.score_terms import with_score_terms
 
 
 @dataclass
@@ -79,7 +80,7 @@ MATCHERS: dict[str, Matcher] = {
 
 def _detection(node: Node, matcher: Matcher, dag: nx.DiGraph, name: str) -> Detection:
     try:
-        m = matcher(node, dag)
+        m = with_score_terms(matcher(node, dag))
     except Miss as miss:
         return Detection(name, node, None, str(miss))
     except Exception as exc:  # a matcher bug must not take the model down: the site is reported

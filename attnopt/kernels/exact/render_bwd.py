@@ -224,6 +224,8 @@ def _dq_loop(spec: KernelSpec, boundary: bool) -> list[str]:
         lines.append(f"{ind}tl.store(ds_row[:, None] + cols[None, :], ds, mask={ds_mask})")
     if spec.softcap:
         lines.append(f"{ind}ds = ds * (1.0 - t * t)  # through the softcap's tanh")
+    if spec.score_mod:
+        lines.append(f"{ind}ds = tl.where(p > 0.0, ds * dmod, 0.0)  # through the score_mod (0, not NaN, where P = 0)")
     lines.append(f"{ind}dq += {dot(spec, cast(spec, 'ds'), 'k')}  # [BLOCK_M, BLOCK_D]")
     return lines
 
@@ -407,5 +409,7 @@ def _dkdv_loop(spec: KernelSpec, ind: str, bounds: tuple[str, str], what: str, c
     lines.append(f"{body}ds = p * (dp - delta[None, :])  # [BLOCK_N, BLOCK_M] dSᵀ")
     if spec.softcap:
         lines.append(f"{body}ds = ds * (1.0 - t * t)  # through the softcap's tanh")
+    if spec.score_mod:
+        lines.append(f"{body}ds = tl.where(p > 0.0, ds * dmod, 0.0)  # through the score_mod (0, not NaN, where P = 0)")
     lines.append(f"{body}dk += {dot(spec, cast(spec, 'ds'), 'q')}  # [BLOCK_N, BLOCK_D]")
     return lines

@@ -32,8 +32,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnopt.codegen.score_expr import parse
+from attnopt.codegen.score_triton import expr_pointers, expr_strides
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NAMES, CAUSAL_NONE, CAUSAL_TOP_LEFT, KernelSpec
 from attnopt.codegen.triton_text import LN2, LOG2E, and_, dot, paren, tile_loop
+from attnopt.kernels.exact.render_score_mod import score_mod_lines
 
 FLT_MAX = 3.4028234663852886e38  # the largest finite fp32
 SATURATED = 2.0**30  # base-2 score terms below -SATURATED count as a finite "masked" fill, see _add_scores
@@ -81,6 +84,8 @@ def feature_pointers(spec: KernelSpec) -> list[str]:
         names += ["RelTable", "RelBucket"]
     if spec.key_padding:
         names.append("KvLen")
+    if spec.score_mod:
+        names += expr_pointers(parse(spec.score_mod))
     return names
 
 
@@ -94,6 +99,8 @@ def feature_strides(spec: KernelSpec) -> list[str]:
         names += ["stride_slopes_b", "stride_slopes_h"]
     elif spec.bias == "relpos":
         names += ["stride_rel_n", "stride_rel_h"]
+    if spec.score_mod:
+        names += expr_strides(parse(spec.score_mod))
     return names
 
 
@@ -127,6 +134,7 @@ def header(spec: KernelSpec, summary: str) -> list[str]:
         f"# dtype {spec.dtype}, causal {CAUSAL_NAMES[spec.causal]}, mask {spec.mask}, {', '.join(extras)},",
         f"# head_dim {spec.head_dim}{d_note}, head_dim_v {spec.head_dim_v}{dv_note}, GQA group {spec.group},",
         f"# tiles {spec.block_m}x{spec.block_n}, num_warps {spec.num_warps}, num_stages {spec.num_stages}.",
+        *([f"# score_mod: {spec.score_mod}"] if spec.score_mod else []),
         "",
         "import triton",
         "import triton.language as tl",
@@ -191,6 +199,8 @@ def feature_doc(spec: KernelSpec) -> list[str]:
         lines.append("KvLen [B] int32: keys j >= KvLen[b] are masked for batch row b.")
     if spec.softcap:
         lines.append("softcap > 0: scores are softcap * tanh(scale * q·k / softcap) before mask and bias.")
+    if spec.score_mod:
+        lines.append("ModBuf<i>: the tensors the score_mod captured, read through their strides (see the header).")
     if spec.dropout:
         lines.append("Dropout keeps element (bh, i, j) where")
         lines.append("tl.rand(seed, philox_offset + (bh * seq_q + i) * seq_k + j) >= dropout_p.")
@@ -359,7 +369,12 @@ def score_lines(spec: KernelSpec, tile: Tile, ind: str, ld_ok: str, keep_terms: 
     tensors; ``keep_terms`` are the structural tests of this loop (causal diagonal, key bound)."""
     shape = tile.shape
     load_kw = f", mask={ld_ok}" if ld_ok else ""
-    if spec.softcap:
+    keep_terms = list(keep_terms)
+    if spec.score_mod:
+        lines = score_mod_lines(spec, tile, ind, ld_ok)
+        if tile.transposed and ld_ok:  # rows past seq_q must give P = 0 (not NaN) in the dK, dV sums
+            keep_terms.append(ld_ok)
+    elif spec.softcap:
         lines = [
             f"{ind}e = tl.exp2(qk * cap_scale2)  # {shape}",
             f"{ind}t = 1.0 - 2.0 / (e + 1.0)  # {shape} tanh(scale * qk / softcap)",
@@ -385,7 +400,6 @@ def score_lines(spec: KernelSpec, tile: Tile, ind: str, ld_ok: str, keep_terms: 
             f"{ind}bucket = tl.load(RelBucket + rel{load_kw}, other=0)  # {shape}",
             *_add_scores(f"tl.load(rel_base + bucket * stride_rel_n{load_kw}, other=0.0)", ind, shape),
         ]
-    keep_terms = list(keep_terms)
     if spec.mask == "bool":
         lines += [
             f"{ind}mask_ptrs = {tile_ptrs('mask', tile).format(ind=ind)}  # {shape}",
@@ -431,7 +445,7 @@ def normalizes_rows(spec: KernelSpec) -> bool:
 
 def uses_key_indices(spec: KernelSpec) -> bool:
     """Whether an interior tile (no bound or causal test) still needs the absolute key indices ``cols``."""
-    return spec.bias in ("alibi", "relpos") or spec.dropout or spec.write_ds
+    return spec.bias in ("alibi", "relpos") or spec.dropout or spec.write_ds or bool(spec.score_mod)
 
 
 def causal_test(spec: KernelSpec, tile: Tile) -> str:

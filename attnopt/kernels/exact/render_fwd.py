@@ -170,7 +170,7 @@ def folds_scale(spec: KernelSpec, keep_terms: list[str]) -> bool:
     is finite after the first tile and needs no ``-inf`` guard. The launcher makes ``c >= 0`` by moving a
     negative scale's sign onto K (:func:`attnopt.kernels.exact.triton_impl.forward`).
     """
-    return not keep_terms and spec.mask == "none" and spec.bias == "none" and not spec.softcap
+    return not keep_terms and spec.mask == "none" and spec.bias == "none" and not spec.softcap and not spec.score_mod
 
 
 def _epilogue(spec: KernelSpec) -> list[str]:

@@ -17,7 +17,10 @@ Beyond the op's surface the launchers take the score features the kernels implem
   ``rel_table[rel_buckets[j - i + Sq - 1], h]`` gathered in the kernel (T5's relative attention bias:
   ``rel_buckets = bucket_fn(arange(-(Sq - 1), Sk))``), with the table's gradient on request;
 * ``kv_lens`` ``[B]`` (integers): keys ``j >= kv_lens[b]`` are masked for batch row ``b`` (right
-  padding, the BERT/Hugging Face case) without any ``[Sq, Sk]`` mask; causal alignment still uses Sk.
+  padding, the BERT/Hugging Face case) without any ``[Sq, Sk]`` mask; causal alignment still uses Sk;
+* ``score_mod`` (a :class:`~attnopt.codegen.score_expr.ScoreExpr`) with ``mod_buffers`` (the tensors it
+  captured, in its buffer order): each scaled score passes through the expression, compiled into the kernels
+  with its derivative for the backward (:mod:`attnopt.kernels.exact.score_mod`); not with softcap or a bias.
 
 At most one of ``bias``, ``alibi_slopes`` and ``rel_table`` per call; each combines with a mask,
 causality, key padding, softcap and dropout.
@@ -41,6 +44,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from attnopt.codegen import tuning
+from attnopt.codegen.score_expr import ScoreExpr
+from attnopt.codegen.score_triton import buffer_pointer, buffer_strides
 from attnopt.codegen.spec import (
     CAUSAL_MODES,
     MAX_BATCH_HEADS,
@@ -87,6 +92,8 @@ class _Call:
     dropout_p: float
     seed: int
     philox_offset: int
+    score_mod: ScoreExpr | None = None
+    mod_buffers: tuple = ()
 
     @property
     def shape(self) -> tuple[int, int, int, int, int]:
@@ -109,7 +116,8 @@ class _Call:
             direction=direction, head_dim=d, head_dim_v=dv, dtype=dtype, causal=self.causal, mask=self.mask_kind,
             bias=self.bias_kind, key_padding=self.kv_lens is not None, softcap=self.softcap > 0.0,
             dropout=self.dropout_p > 0.0, group=self.q.shape[1] // self.k.shape[1], write_ds=write_ds,
-            strided_kv=strided_kv, **default_tiles(direction, dtype, d, dv),
+            strided_kv=strided_kv, score_mod=self.score_mod.text() if self.score_mod is not None else "",
+            **default_tiles(direction, dtype, d, dv),
         )
 
     def feature_args(self) -> dict:
@@ -132,6 +140,10 @@ class _Call:
             args["softcap"] = self.softcap
         if self.dropout_p > 0.0:
             args.update(dropout_p=self.dropout_p, seed=self.seed, philox_offset=self.philox_offset)
+        if self.score_mod is not None:
+            for buf, t in zip(self.score_mod.buffers, self.mod_buffers):
+                args[buffer_pointer(buf)] = t
+                args.update(dict(zip(buffer_strides(buf), t.stride())))
         return args
 
 
@@ -139,20 +151,21 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
             causal: int = 0, scale: float | None = None, *, softcap: float = 0.0, dropout_p: float = 0.0,
             seed: int | torch.Tensor | None = None, philox_offset: int = 0, bias: torch.Tensor | None = None,
             alibi_slopes: torch.Tensor | None = None, rel_table: torch.Tensor | None = None,
-            rel_buckets: torch.Tensor | None = None,
-            kv_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            rel_buckets: torch.Tensor | None = None, kv_lens: torch.Tensor | None = None,
+            score_mod: ScoreExpr | None = None, mod_buffers=()) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32 contiguous)``; see the module docstring.
 
     ``scale`` defaults to ``1 / sqrt(D)``. Raises ValueError for inputs the kernel does not take.
     """
     call = _prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed, philox_offset, bias,
                     alibi_slopes, rel_table, rel_buckets, kv_lens)
+    call = _with_score_mod(call, score_mod, mod_buffers)
     b, hq, _, sq, _ = call.shape
     out = torch.empty((b, hq, sq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    if call.scale < 0.0:
+    if call.scale < 0.0 and score_mod is None:
         # The forward takes the row maximum of the raw q·k and scales it (render_fwd.folds_scale), which
         # needs scale >= 0: scale * q·k = (-scale) * q·(-k). A copy of k, only for a negative scale.
         k = k.neg()
@@ -168,7 +181,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
              philox_offset: int = 0, bias: torch.Tensor | None = None, alibi_slopes: torch.Tensor | None = None,
              rel_table: torch.Tensor | None = None, rel_buckets: torch.Tensor | None = None,
              kv_lens: torch.Tensor | None = None, mask_grad: bool = False, bias_grad: bool = False,
-             rel_grad: bool = False) -> Grads:
+             rel_grad: bool = False, score_mod: ScoreExpr | None = None, mod_buffers=()) -> Grads:
     """Gradients of :func:`forward` given ``dout`` and the forward's ``out`` and ``lse``.
 
     ``mask_grad`` (additive masks), ``bias_grad`` and ``rel_grad`` ask for the gradients of the
@@ -178,6 +191,7 @@ def backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """
     call = _prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed, philox_offset, bias,
                     alibi_slopes, rel_table, rel_buckets, kv_lens)
+    call = _with_score_mod(call, score_mod, mod_buffers)
     b, hq, hkv, sq, sk = call.shape
     if mask_grad and call.mask_kind != "additive":
         raise ValueError("mask_grad needs an additive (floating point) attn_mask")
@@ -366,6 +380,24 @@ def _prepare(q, k, v, attn_mask, causal, scale, softcap, dropout_p, seed, philox
         softcap=float(softcap), dropout_p=float(dropout_p),
         seed=_seed_int(seed) if dropout_p > 0.0 else 0, philox_offset=int(philox_offset),
     )
+
+
+def _with_score_mod(call: _Call, expr: ScoreExpr | None, buffers) -> _Call:
+    """``call`` with a score_mod and its captured tensors, checked against the expression's buffers."""
+    if expr is None:
+        if buffers:
+            raise ValueError("mod_buffers without a score_mod")
+        return call
+    if call.softcap > 0.0 or call.bias_kind != "none":
+        raise ValueError("a score_mod takes no softcap or bias: write them into the score_mod")
+    buffers = tuple(buffers)
+    if len(buffers) != len(expr.buffers):
+        raise ValueError(f"the score_mod reads {len(expr.buffers)} captured tensors; got {len(buffers)} mod_buffers")
+    for buf, t in zip(expr.buffers, buffers):
+        if t.device != call.q.device or str(t.dtype).replace("torch.", "") != buf.dtype or t.dim() != buf.ndim:
+            raise ValueError(f"mod_buffers {buf.name} must be {buf.dtype} with {buf.ndim} dims on {call.q.device} "
+                             f"(as traced); got {t.dtype} {tuple(t.shape)} on {t.device}")
+    return replace(call, score_mod=expr, mod_buffers=buffers)
 
 
 def _score_view(name: str, t: torch.Tensor | None, target: tuple, device) -> torch.Tensor | None:
