@@ -20,9 +20,10 @@ from attnopt.masks.blocked import Blocked
 from attnopt.masks.global_local import GlobalLocal
 from attnopt.masks.strided import Strided
 from attnopt.masks.residue import ResidueOrder, residue_order
+from attnopt.masks.dynamic import Dynamic
 
 __all__ = [
     "EMPTY", "FULL", "KIND_BITS", "KIND_FULL", "KIND_PARTIAL", "PARTIAL", "And", "BlockMap", "BlockSparse",
-    "Blocked", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "ResidueOrder", "SlidingWindow", "Strided",
+    "Blocked", "Dynamic", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "ResidueOrder", "SlidingWindow", "Strided",
     "build", "causal", "from_dict", "from_mask_mod", "lookup", "residue_order",
 ]  # fmt: skip

@@ -1,0 +1,171 @@
+"""Dynamic-sparse attention against the dense reference of its own selection: the block-list CPU path, the
+custom ops (forward and backward, GQA, odd sizes, causal and key padding), the estimators and the selection
+rules; planted needles; allocations linear in S."""
+
+import pytest
+import torch
+
+import attnopt  # noqa: F401  (registers the ops)
+from attnopt import masks
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.kernels.dynamic import blocks, cpu, estimate, ops, reference, select
+from attnopt.masks.dynamic import ESTIMATORS
+
+F64 = dict(atol=1e-10, rtol=1e-10)
+
+
+def qkv(b=2, hq=4, hkv=2, sq=37, sk=53, d=8, dtype=torch.float64, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, s, d, generator=g, dtype=dtype).requires_grad_(grad)
+                 for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))  # fmt: skip
+
+
+def random_selection(b, h, sq, sk, bm, bn, density=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.rand(b, h, blocks.num_blocks(sq, bm), blocks.num_blocks(sk, bn), generator=g) < density
+    return blocks.from_dense(chosen)
+
+
+def _padding(b, sk):
+    kv = torch.ones(b, sk, dtype=torch.bool)
+    kv[-1, sk - 5:] = False
+    return kv
+
+
+CASES = [  # b, hq, hkv, sq, sk, bm, bn, causal, heads of the selection, padding
+    (2, 4, 2, 37, 53, 8, 16, CAUSAL_BOTTOM_RIGHT, 4, True),
+    (1, 3, 1, 45, 45, 16, 8, CAUSAL_TOP_LEFT, 3, False),
+    (2, 2, 2, 20, 33, 8, 8, CAUSAL_NONE, 1, True),
+    (1, 4, 4, 64, 64, 16, 16, CAUSAL_BOTTOM_RIGHT, 4, False),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,bm,bn,causal,hs,pad", CASES)
+def test_cpu_path_matches_dense_reference_forward_and_backward(b, hq, hkv, sq, sk, bm, bn, causal, hs, pad):
+    q, k, v = qkv(b, hq, hkv, sq, sk)
+    num, idx = random_selection(b, hs, sq, sk, bm, bn)
+    kv_valid = _padding(b, sk) if pad else None
+    out, lse = cpu.forward(q, k, v, num, idx, bm, bn, causal, kv_valid, 0.3)
+    r_out, r_lse = reference.attention_forward(q, k, v, num, idx, bm, bn, causal, kv_valid, 0.3)
+    torch.testing.assert_close(out, r_out, **F64)
+    assert torch.equal(lse.isinf(), r_lse.isinf())  # rows that see nothing: -inf in both
+    torch.testing.assert_close(lse.nan_to_num(neginf=0), r_lse.nan_to_num(neginf=0), **F64)
+    dout = torch.randn_like(out)
+    got = cpu.backward(dout, q, k, v, out, lse, num, idx, bm, bn, causal, kv_valid, 0.3)
+    want = reference.attention_backward(dout, q, k, v, r_out, r_lse, num, idx, bm, bn, causal, kv_valid, 0.3)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, **F64)
+
+
+def test_op_autograd_matches_reference_fp32_gqa():
+    q, k, v = qkv(1, 6, 2, 70, 70, 16, torch.float32, grad=True)
+    num, idx = random_selection(1, 6, 70, 70, 16, 16, 0.4)
+    out, _ = torch.ops.attnopt.block_sparse_attention(q, k, v, num, idx, None, 16, 16, CAUSAL_BOTTOM_RIGHT, 0.25)
+    ref, _ = reference.attention_forward(q, k, v, num, idx, 16, 16, CAUSAL_BOTTOM_RIGHT, None, 0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=5e-5, rtol=5e-5)
+
+
+def test_op_opcheck():
+    q, k, v = qkv(1, 4, 2, 40, 40, 8, torch.float32)
+    num, idx = random_selection(1, 4, 40, 40, 16, 16)
+    torch.library.opcheck(torch.ops.attnopt.block_sparse_attention, (q, k, v, num, idx, None, 16, 16, 2, 0.3))
+
+
+def test_bad_selection_is_refused_by_name():
+    q, k, v = qkv(1, 2, 2, 32, 32, 8, torch.float32)
+    num, idx = random_selection(1, 2, 32, 32, 16, 16)
+    with pytest.raises(ValueError, match="int32"):
+        torch.ops.attnopt.block_sparse_attention(q, k, v, num.long(), idx, None, 16, 16, 0, 0.3)
+    with pytest.raises(ValueError, match="kv_num must be"):
+        torch.ops.attnopt.block_sparse_attention(q, k, v, num[:, :, :1], idx[:, :, :1], None, 16, 16, 0, 0.3)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_estimators_are_distributions_over_allowed_blocks(estimator):
+    assert set(ESTIMATORS) == set(estimate.ESTIMATORS)
+    q, k, _ = qkv(1, 4, 2, 150, 150, 16, torch.float32)
+    p = estimate.estimate(estimator, q, k, 32, 32, 0)
+    allowed = blocks.allowed_blocks(150, 150, 32, 32, 0)
+    assert p.shape == (1, 4, 5, 5)
+    torch.testing.assert_close(p.sum(-1), torch.ones(1, 4, 5), atol=1e-5, rtol=0)
+    assert not (p[..., ~allowed] > 0).any()
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_dynamic_op_matches_reference_of_its_own_selection(estimator):
+    """The op's output and gradients equal dense attention on the block mask it chose (GQA, odd sizes, causal)."""
+    q, k, v = qkv(2, 4, 2, 77, 77, 16, torch.float32, grad=True)
+    options = (("stride", 8),) if estimator == "antidiagonal" else ()
+    mask = masks.Dynamic(estimator, block=16, threshold=0.7, options=options)
+    out, lse, num, idx = torch.ops.attnopt.dynamic_attention(q, k, v, None, CAUSAL_BOTTOM_RIGHT, 0.25, mask.key())
+    ref, _ = reference.attention_forward(q, k, v, num, idx, 16, 16, CAUSAL_BOTTOM_RIGHT, None, 0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    dout = torch.randn_like(out)
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(a, w, atol=5e-5, rtol=5e-5)
+    stats = ops.last_stats(mask.key())
+    assert 0.0 < stats["density_min"] <= stats["density_mean"] <= stats["density_max"] <= 1.0
+
+
+def test_selection_keeps_sinks_and_local_blocks_and_respects_causal():
+    probs = torch.zeros(1, 1, 8, 8)
+    probs[..., 3] = 1.0  # all mass on key block 3
+    num, idx = select.select(probs, 128, 128, 16, 16, 0, top_k=1, sink=1, local=2)
+    chosen = blocks.dense_blocks(num, idx, 8)[0, 0]
+    allowed = blocks.allowed_blocks(128, 128, 16, 16, 0)
+    assert not (chosen & ~allowed).any()
+    for i in range(8):
+        want = {0, i, max(i - 1, 0)} | ({3} if i >= 3 else set())
+        assert set(torch.nonzero(chosen[i]).flatten().tolist()) == want
+
+
+def test_threshold_reaches_the_mass_with_the_fewest_blocks():
+    probs = torch.tensor([0.05, 0.5, 0.3, 0.15]).view(1, 1, 1, 4)
+    num, idx = select.select(probs, 16, 64, 16, 16, None, threshold=0.75, sink=0, local=0)
+    assert sorted(idx[0, 0, 0, :num[0, 0, 0]].tolist()) == [1, 2]
+
+
+def _needles(s, d=32, heads=2, block=64, seed=0):
+    """Queries of block i = 3·j point at key block j (far back): the planted block is each query block's only
+    strong key block."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, s, d, generator=g) * 0.3
+    k = torch.randn(1, heads, s, d, generator=g) * 0.3
+    planted = {}
+    nb = s // block
+    for j in range(1, nb // 3):
+        i = 3 * j + 1
+        direction = torch.randn(d, generator=g)
+        direction = 4.0 * direction / direction.norm()
+        q[:, :, i * block:(i + 1) * block] += direction
+        k[:, :, j * block:(j + 1) * block] += direction
+        planted[i] = j
+    return q, k, planted
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_planted_needles_are_recalled(estimator):
+    q, k, planted = _needles(1024)
+    options = (("stride", 16),) if estimator == "antidiagonal" else ()
+    mask = masks.Dynamic(estimator, block=64, threshold=0.9, options=options)
+    num, idx = ops.select_blocks(q, k, mask, CAUSAL_BOTTOM_RIGHT)
+    chosen = blocks.dense_blocks(num, idx, 16)
+    assert all(bool(chosen[0, :, i, j].all()) for i, j in planted.items())
+
+
+def test_dynamic_policy_strings_round_trip():
+    from attnopt.policy import parse_variant
+
+    v = parse_variant("dynamic:antidiagonal,block=32x64,top_k=4,stride=8")
+    assert v.mask == masks.Dynamic("antidiagonal", block=(32, 64), top_k=4, options=(("stride", 8),))
+    assert parse_variant(v.to_string()) == v
+    assert parse_variant("dynamic").mask == masks.Dynamic()
+    with pytest.raises(ValueError, match="unknown estimator"):
+        parse_variant("dynamic:nope")
+    with pytest.raises(ValueError, match="top_k or threshold"):
+        masks.Dynamic(top_k=2, threshold=0.5)
