@@ -115,12 +115,12 @@ def test_dynamic_op_matches_reference_of_its_own_selection(estimator):
 def test_selection_keeps_sinks_and_local_blocks_and_respects_causal():
     probs = torch.zeros(1, 1, 8, 8)
     probs[..., 3] = 1.0  # all mass on key block 3
-    num, idx = select.select(probs, 128, 128, 16, 16, 0, top_k=1, sink=1, local=2)
+    num, idx = select.select(probs, 128, 128, 16, 16, 0, top_k=1, sink=1, local=2)  # 32 keys before each query
     chosen = blocks.dense_blocks(num, idx, 8)[0, 0]
     allowed = blocks.allowed_blocks(128, 128, 16, 16, 0)
     assert not (chosen & ~allowed).any()
     for i in range(8):
-        want = {0, i, max(i - 1, 0)} | ({3} if i >= 3 else set())
+        want = {0, i, max(i - 1, 0), max(i - 2, 0)} | ({3} if i >= 3 else set())
         assert set(torch.nonzero(chosen[i]).flatten().tolist()) == want
 
 
@@ -128,6 +128,9 @@ def test_threshold_reaches_the_mass_with_the_fewest_blocks():
     probs = torch.tensor([0.05, 0.5, 0.3, 0.15]).view(1, 1, 1, 4)
     num, idx = select.select(probs, 16, 64, 16, 16, None, threshold=0.75, sink=0, local=0)
     assert sorted(idx[0, 0, 0, :num[0, 0, 0]].tolist()) == [1, 2]
+    # Kept blocks 0, 1 hold 0.55 >= threshold 0.5, yet block 2 (0.3 >= (1 - 0.5) / 2) is strong enough to keep.
+    num, idx = select.select(probs, 16, 64, 16, 16, None, threshold=0.5, sink=2, local=0)
+    assert sorted(idx[0, 0, 0, :num[0, 0, 0]].tolist()) == [0, 1, 2]
 
 
 def _needles(s, d=32, heads=2, block=64, seed=0):

@@ -2,9 +2,11 @@
 
 ``probs`` ``[B, H, NQ, NK]`` is an estimator's probability mass per (query block, key block), zero where the
 site's own mask hides the whole block. Every query block keeps its *sink* blocks (the first ``sink`` key
-blocks: attention sinks) and its *local* blocks (the ``local`` key blocks ending at the one holding the query
-block's last position on the causal diagonal, aligned bottom-right), then either the ``top_k`` most probable
-others (of positive mass) or the smallest set, most probable first, whose mass (the kept blocks' included) reaches ``threshold``.
+blocks: attention sinks) and its *local* blocks (those holding the ``local · block_n`` keys before each of its
+queries on the causal diagonal, aligned bottom-right, and the diagonal itself: with ``block_m == block_n`` and
+``local=1``, the diagonal block and the one before), then either the ``top_k`` most probable others (of
+positive mass) or the smallest set, most probable first, whose mass (the kept blocks' included) reaches
+``threshold``, and every block whose mass is at least half the residual ``(1 - threshold) / 2``.
 Blocks the site's mask hides are never selected. Work is ``O(NQ · NK · log NK)``: no ``S²`` term.
 """
 
@@ -23,7 +25,7 @@ def forced_blocks(sq: int, sk: int, block_m: int, block_n: int, sink: int, local
     last = torch.clamp(rows * block_m + block_m - 1, max=sq - 1) + (sk - sq)  # the last row's diagonal key
     first = rows * block_m + (sk - sq)
     hi = torch.clamp(last // block_n, 0, nk - 1)[:, None]
-    lo = torch.clamp(first // block_n, 0, nk - 1)[:, None] - (local - 1)
+    lo = torch.clamp(torch.div(first + 1 - local * block_n, block_n, rounding_mode="floor"), 0, nk - 1)[:, None]
     local_band = (cols >= lo) & (cols <= hi) if local > 0 else torch.zeros(nq, nk, dtype=torch.bool, device=device)
     return local_band | (cols < sink)
 
@@ -41,9 +43,12 @@ def select(probs: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int, of
         score = p.masked_fill(forced, -1.0).masked_fill(~allowed, -2.0)  # kept blocks are not counted in top_k
         picked = torch.zeros_like(allowed.expand(p.shape)).scatter_(-1, score.topk(k, -1).indices, True) & (p > 0)
     else:
-        # Kept blocks first (their mass counts), then the most probable: keep until the mass reaches threshold.
+        # Kept blocks first (their mass counts), then the most probable until the mass reaches threshold; and any
+        # block holding half the residual 1 - threshold or more (an estimator that overrates the kept blocks
+        # cannot hide a strong far block behind them).
         order = torch.sort(p + forced.to(p.dtype) * 2.0, dim=-1, descending=True).indices
         sorted_p = torch.gather(p, -1, order)
         before = torch.cumsum(sorted_p, -1) - sorted_p  # mass of the blocks ranked above
         picked = torch.zeros_like(allowed.expand(p.shape)).scatter_(-1, order, before < threshold)
+        picked |= p >= (1.0 - threshold) / 2
     return from_dense((picked | forced) & allowed)
