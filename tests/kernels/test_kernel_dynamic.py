@@ -2,6 +2,8 @@
 custom ops (forward and backward, GQA, odd sizes, causal and key padding), the estimators and the selection
 rules; planted needles; allocations linear in S."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -172,3 +174,58 @@ def test_dynamic_policy_strings_round_trip():
         parse_variant("dynamic:nope")
     with pytest.raises(ValueError, match="top_k or threshold"):
         masks.Dynamic(top_k=2, threshold=0.5)
+
+
+# --- the generated Triton kernels, in Triton's CPU interpreter ---------------------------------------------
+@pytest.fixture
+def _kernel_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNOPT_CACHE_DIR", str(tmp_path))
+
+
+TRITON_CASES = [  # b, hq, hkv, sq, sk, bm, bn, causal, heads of the selection, padding, key columns per step
+    (2, 4, 2, 37, 53, 16, 16, CAUSAL_BOTTOM_RIGHT, 4, True, None),
+    (1, 3, 1, 45, 45, 32, 16, CAUSAL_TOP_LEFT, 1, False, None),
+    (1, 2, 2, 50, 70, 16, 32, CAUSAL_NONE, 2, True, 16),  # half key blocks per step (the sm_80 backward)
+]
+
+
+@pytest.mark.usefixtures("_kernel_cache")
+@pytest.mark.parametrize("b,hq,hkv,sq,sk,bm,bn,causal,hs,pad,cols", TRITON_CASES)
+def test_triton_kernels_match_dense_reference(monkeypatch, b, hq, hkv, sq, sk, bm, bn, causal, hs, pad, cols):
+    from attnopt.kernels.dynamic import render, triton_impl
+
+    if cols is not None:  # the first spec steps through half key blocks
+        real = render.specs
+        monkeypatch.setattr(triton_impl, "specs", lambda *a: [dataclasses.replace(s, block_c=cols) for s in real(*a)])
+    q, k, v = qkv(b, hq, hkv, sq, sk, 16, torch.float32)
+    num, idx = random_selection(b, hs, sq, sk, bm, bn)
+    kv_valid = _padding(b, sk) if pad else None
+    out, lse = triton_impl.forward(q, k, v, num, idx, bm, bn, causal, kv_valid, 0.3)
+    r_out, r_lse = reference.attention_forward(q, k, v, num, idx, bm, bn, causal, kv_valid, 0.3)
+    torch.testing.assert_close(out, r_out, atol=2e-5, rtol=2e-5)
+    assert torch.equal(lse.isinf(), r_lse.isinf())
+    dout = torch.randn_like(out)
+    got = triton_impl.backward(dout, q, k, v, out, lse, num, idx, bm, bn, causal, kv_valid, 0.3)
+    want = reference.attention_backward(dout, q, k, v, r_out, r_lse, num, idx, bm, bn, causal, kv_valid, 0.3)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, atol=5e-5, rtol=5e-5)
+
+
+def test_triton_refuses_blocks_it_cannot_tile():
+    from attnopt.kernels.dynamic import triton_impl
+
+    q, k, v = qkv(1, 2, 2, 40, 40, 16, torch.float32)
+    num, idx = random_selection(1, 2, 40, 40, 24, 24)
+    with pytest.raises(ValueError, match="powers of two in 16..128"):
+        triton_impl.forward(q, k, v, num, idx, 24, 24)
+
+
+def test_aot_scenarios_cover_the_dynamic_kernels():
+    from attnopt.kernels import aot_scenarios
+
+    launches = aot_scenarios.capture([s for s in aot_scenarios.scenarios() if s.family == "dynamic"])
+    assert {launch.name for launch in launches} == {"dynamic_d64_b64.fwd", "dynamic_d64_b64.bwd",
+                                                    "dynamic_d128_b64_padding.fwd", "dynamic_d128_b64_padding.bwd"}
+    spec = launches[-1].spec
+    assert aot_scenarios.arch_spec("dynamic", spec, 80).block_c == spec.block_n // 2  # sm_80: half key blocks
+    assert aot_scenarios.arch_spec("dynamic", spec, 90).block_c == spec.block_n
