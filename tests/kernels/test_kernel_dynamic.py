@@ -229,3 +229,65 @@ def test_aot_scenarios_cover_the_dynamic_kernels():
     spec = launches[-1].spec
     assert aot_scenarios.arch_spec("dynamic", spec, 80).block_c == spec.block_n // 2  # sm_80: half key blocks
     assert aot_scenarios.arch_spec("dynamic", spec, 90).block_c == spec.block_n
+
+
+# --- decode-time page selection ---------------------------------------------------------------------------
+def test_page_summaries_follow_appends():
+    from attnopt.kernels.dynamic import decode
+
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(2, 2, 75, 8, generator=g), torch.randn(2, 2, 75, 8, generator=g)
+    cache = decode.PageCache(2, 2, 8, 8, 80, page=16)
+    for a, b in ((0, 5), (5, 40), (40, 41), (41, 75)):
+        cache.append(k[:, :, a:b], v[:, :, a:b])
+    assert cache.pages == 5
+    for p in range(5):
+        part = k[:, :, p * 16:min(p * 16 + 16, 75)]
+        assert torch.equal(cache.k_min[:, :, p], part.amin(2)) and torch.equal(cache.k_max[:, :, p], part.amax(2))
+
+
+def test_page_attention_matches_dense_reference_of_its_pages_gqa():
+    from attnopt.kernels.dynamic import decode
+    from attnopt.kernels.exact import reference as exact
+
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(1, 2, 90, 16, generator=g), torch.randn(1, 2, 90, 16, generator=g)
+    cache = decode.PageCache(1, 2, 16, 16, 100, page=8)
+    cache.append(k, v)
+    q = torch.randn(1, 6, 1, 16, generator=g)
+    pages = decode.select_pages(q, cache, top_k=3)
+    assert pages.shape == (1, 2, 5) and bool((pages[..., 0] == 0).all()) and bool((pages[..., -1] == 11).all())
+    keep = torch.zeros(1, 2, 1, 90, dtype=torch.bool)
+    for h in range(2):
+        for p in pages[0, h].tolist():
+            keep[0, h, 0, p * 8:p * 8 + 8] = True
+    want, _ = exact.attention_forward(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                      keep.repeat_interleave(3, 1), scale=0.25)  # fmt: skip
+    torch.testing.assert_close(decode.page_attention(q, cache, pages, 0.25), want, atol=1e-5, rtol=1e-5)
+    # Quest's bound: a page's score is at least the best q · k inside it (summed over the group's heads).
+    lo, hi = cache.k_min[0, :, :12], cache.k_max[0, :, :12]
+    qg = q[0, :, 0].view(2, 3, 16)
+    bound = (torch.maximum(qg[:, :, None] * lo[:, None], qg[:, :, None] * hi[:, None])).sum(-1)  # [Hkv, G, N]
+    best = (qg @ k[0].transpose(-2, -1)).view(2, 3, -1)
+    best = torch.nn.functional.pad(best, (0, 6), value=float("-inf")).view(2, 3, 12, 8).amax(-1)
+    assert bool((bound >= best - 1e-5).all())
+
+
+def test_planted_retrieval_decodes_the_same_tokens_with_10_percent_of_pages():
+    from attnopt.kernels.dynamic import decode
+
+    g = torch.Generator().manual_seed(0)
+    vocab, d, s = 4096, 64, 4096
+    # Keys on a few channels each, as LLM keys concentrate on few channels (Quest's bound relies on it: with
+    # isotropic random keys, pages of 16 random keys all bound high and the planted page can rank low).
+    keys = torch.randn(vocab, d, generator=g) * (torch.rand(vocab, d, generator=g) < 0.125)
+    keys = torch.nn.functional.normalize(keys, dim=-1) * 4
+    values = torch.nn.functional.normalize(torch.randn(vocab, d, generator=g), dim=-1)
+    chain = torch.arange(12)  # tokens 0..11 planted in order; the prompt ends with token 0
+    prompt = torch.randint(100, vocab, (s,), generator=g)
+    prompt[1000:1012] = chain
+    prompt[-1] = 0
+    exact_tokens, _ = decode.retrieval_decode(prompt, keys, values, 10, (4, 2))
+    paged_tokens, _ = decode.retrieval_decode(prompt, keys, values, 10, (4, 2), top_k=s // 16 // 10)
+    assert exact_tokens == list(range(1, 11))
+    assert paged_tokens == exact_tokens
