@@ -20,6 +20,10 @@ Sections (``--sections``):
   its estimation share), the block-sparse op alone on the same selection, SDPA causal, and with ``--flex``
   compiled FlexAttention given the same blocks (``BlockMask.from_kv_blocks``); forward and forward+backward.
 * ``memory``: the peak resident memory one dynamic forward+backward adds at S and 2S (``--mem-seq``).
+* ``decode``: a toy one-layer decoder over a ``--decode-seq`` token cache (B1, 32 query heads, 8 key/value heads,
+  D128; :func:`attnopt.kernels.dynamic.decode.retrieval_decode`) with a planted chain of tokens: the tokens
+  exact decoding and page selection (10% of the pages, pages of 16) generate, and the attention time per step
+  of each (selection included).
 
 Times: best of ``--repeat`` interleaved rounds after a warm-up; the machine's load average is recorded. JSON to
 stdout and ``--out``.
@@ -39,7 +43,7 @@ from cpu import peak_mib
 import attnopt  # noqa: F401  (registers the ops)
 from attnopt import masks
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT
-from attnopt.kernels.dynamic import blocks, ops
+from attnopt.kernels.dynamic import blocks, decode, ops
 from attnopt.masks.dynamic import ESTIMATORS
 
 BLOCK = 64
@@ -231,9 +235,29 @@ def section_memory(args) -> dict:
     return out
 
 
+def section_decode(args) -> dict:
+    g = torch.Generator().manual_seed(0)
+    vocab, d, s, steps = 8192, 128, args.decode_seq, 16
+    keys = torch.randn(vocab, d, generator=g) * (torch.rand(vocab, d, generator=g) < 0.125)  # few channels each
+    keys = F.normalize(keys, dim=-1) * 4
+    values = F.normalize(torch.randn(vocab, d, generator=g), dim=-1)
+    prompt = torch.randint(100, vocab, (s,), generator=g)
+    prompt[s // 3:s // 3 + steps + 1] = torch.arange(steps + 1)  # the planted chain; the prompt ends at its start
+    prompt[-1] = 0
+    pages = max(1, s // 16 // 10)
+    runs = {name: [decode.retrieval_decode(prompt, keys, values, steps, (32, 8), top_k) for _ in range(args.repeat)]
+            for name, top_k in (("exact", None), ("pages", pages))}  # fmt: skip
+    ms = {name: round(min(t for _, t in r) / steps * 1e3, 2) for name, r in runs.items()}
+    out = {"seq": s, "pages_kept": pages, "page": 16, "ms_per_step": ms, "speedup": round(ms["exact"] / ms["pages"], 2),
+           "tokens_identical": runs["exact"][0][0] == runs["pages"][0][0],
+           "retrieved_chain": runs["exact"][0][0] == list(range(1, steps + 1))}  # fmt: skip
+    print(out, flush=True)
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default="recall,deviation,speed,memory")
+    p.add_argument("--sections", default="recall,deviation,speed,memory,decode")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--recall-seqs", default="16384,32768")
     p.add_argument("--dev-seq", type=int, default=4096)
@@ -242,17 +266,21 @@ def main():
     p.add_argument("--speed-estimator", default="pooled", choices=ESTIMATORS)
     p.add_argument("--modes", default="fwd")
     p.add_argument("--mem-seq", type=int, default=8192)
+    p.add_argument("--decode-seq", type=int, default=16384)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--flex", action="store_true", help="also compiled FlexAttention on the same blocks (slow compile)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a loaded shared box")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.recall_seqs = [int(x) for x in args.recall_seqs.split(",")]
     args.speed_seq = [int(x) for x in args.speed_seq.split(",")]
     args.modes = args.modes.split(",")
     args.dev_thresholds = [float(x) for x in args.dev_thresholds.split(",")]
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
     sections = {"recall": section_recall, "deviation": section_deviation, "speed": section_speed,
-                "memory": section_memory}  # fmt: skip
+                "memory": section_memory, "decode": section_decode}  # fmt: skip
     for name in args.sections.split(","):
         result[name] = sections[name](args)
     result["load_after"] = os.getloadavg()

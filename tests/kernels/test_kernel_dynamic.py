@@ -291,3 +291,44 @@ def test_planted_retrieval_decodes_the_same_tokens_with_10_percent_of_pages():
     paged_tokens, _ = decode.retrieval_decode(prompt, keys, values, 10, (4, 2), top_k=s // 16 // 10)
     assert exact_tokens == list(range(1, 11))
     assert paged_tokens == exact_tokens
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+class _Peak(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of live tensors made while active (weak references: freed tensors stop counting)."""
+
+    def __init__(self):
+        super().__init__()
+        import weakref
+
+        self.live, self.peak, self._ref = {}, 0, weakref.ref
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}  # fmt: skip
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                key = t.untyped_storage().data_ptr()
+                if key not in self.live:
+                    self.live[key] = (self._ref(t), t.untyped_storage().nbytes())
+        self.live = {k: (r, n) for k, (r, n) in self.live.items() if r() is not None}
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def _dynamic_peak(s: int) -> int:
+    q, k, v = qkv(1, 2, 2, s, s, 32, torch.float32, grad=True)
+    key = masks.Dynamic("pooled", block=64, top_k=4).key()
+    with _Peak() as mode:
+        out = torch.ops.attnopt.dynamic_attention(q, k, v, None, CAUSAL_BOTTOM_RIGHT, 0.2, key)[0]
+        out.sum().backward()
+    return mode.peak
+
+
+def test_peak_memory_grows_linearly_in_s():
+    """S = 8k and 16k, estimation, forward and backward: the live tensors at their peak at most double (an
+    [S, S] buffer would quadruple them; at 16k one fp32 [S, S] head alone is 1 GiB)."""
+    small, large = _dynamic_peak(8192), _dynamic_peak(16384)
+    assert large <= 2.2 * small, (small, large)
+    assert large < 16384 * 16384 * 4 / 4

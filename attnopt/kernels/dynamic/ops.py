@@ -26,7 +26,7 @@ from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
 from attnopt.kernels.dynamic import blocks, cpu
 from attnopt.kernels.dynamic.estimate import estimate
 from attnopt.kernels.dynamic.select import select
-from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
+from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype, check_qkv, contiguous, empty
 from attnopt.kernels.sparse.structure import recognize
 from attnopt.masks import Dynamic, lookup
 
@@ -94,6 +94,9 @@ def site_mask(attn_mask: Optional[Tensor], causal: int, q: Tensor, k: Tensor) ->
     if attn_mask is None:
         return causal, None
     b, hq, sq, _ = q.shape
+    padding = _key_padding(attn_mask, b, k.shape[2])
+    if padding is not None:
+        return causal, padding
     found = recognize(attn_mask, causal, b, hq, sq, k.shape[2])
     if found is None:
         dense = bool(attn_mask.all()) if attn_mask.dtype == torch.bool else bool((attn_mask == 0).all())
@@ -108,6 +111,19 @@ def site_mask(attn_mask: Optional[Tensor], causal: int, q: Tensor, k: Tensor) ->
         return CAUSAL_BOTTOM_RIGHT, kv_valid
     raise ValueError(f"dynamic sparsity does not combine with the site's sliding window {window} yet; keep the site "
                      "exact or use attnopt.Sparse('auto')")  # fmt: skip
+
+
+def _key_padding(attn_mask: Tensor, b: int, sk: int) -> Optional[Tensor]:
+    """bool [B, Sk] when ``attn_mask`` is a key padding mask broadcast over heads and rows ([B or 1, 1, 1, Sk]: bool,
+    or 0 / hidden additive), else None."""
+    if attn_mask.dim() != 4 or tuple(attn_mask.shape[1:3]) != (1, 1) or attn_mask.shape[3] != sk:
+        return None
+    row = attn_mask[:, 0, 0]
+    if row.dtype != torch.bool:
+        if not bool(((row == 0) | (row <= HIDDEN_BELOW)).all()):
+            return None
+        row = row == 0
+    return row.expand(b, sk).contiguous()
 
 
 def select_blocks(q: Tensor, k: Tensor, mask: Dynamic, causal: int = CAUSAL_NONE, scale: float | None = None):
