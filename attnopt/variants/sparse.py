@@ -388,6 +388,9 @@ class Sparse(ApproximateVariant):
 
 
 class SparseHandler(MethodHandler):
+    def run_facts(self, variant):
+        return dynamic_facts(variant.mask) if isinstance(variant.mask, masks.Dynamic) else None
+
     def cost(self, variant, shape):
         """``Sparse(mask)`` visits the tiles of ``mask`` (and causal for a causal site) and reads the site's mask
         tensor there; exact-sparse visits those of ``shape.own_mask`` and is the exact kernel when the site's
@@ -400,6 +403,17 @@ class SparseHandler(MethodHandler):
             return cost.sparse(sympy.Float(cost.mask_tiles(shape.own_mask, shape.sq, shape.sk, shape.heads)))
         mask = variant.mask & masks.causal() if shape.causal else variant.mask
         return cost.sparse(sympy.Float(cost.mask_tiles(mask, shape.sq, shape.sk, shape.heads)), shape.masked)
+
+
+def dynamic_facts(mask: masks.Dynamic) -> dict | None:
+    """The last run's achieved density (mean and per-head range, of the blocks the site's mask allows) and the
+    estimator's share of the site's time (see :func:`attnopt.kernels.dynamic.ops.last_stats`)."""
+    stats = dynamic_ops.last_stats(mask.key())
+    if stats is None:
+        return None
+    summary = (f"density {stats['density_mean']:.1%} of the allowed blocks, per head {stats['density_min']:.1%}-"
+               f"{stats['density_max']:.1%}; estimation {stats['estimate_share']:.0%} of the time")  # fmt: skip
+    return {**stats, "summary": summary}
 
 
 def dynamic_tiles(mask: masks.Dynamic, shape) -> float:

@@ -34,6 +34,10 @@ def test_dynamic_site_runs_the_dynamic_op_forward_and_backward():
     opt = attnopt.optimize(_Causal(), attnopt.Sparse(mask), (q, k, v))
     site = opt.attnopt_report.sites[0]
     assert site.decision == "sparse" and "dynamic sparse attention" in site.reason
+    facts = site.run_facts  # measured when validation ran the replacement on the example operands
+    assert 0.0 < facts["density_min"] <= facts["density_mean"] <= facts["density_max"] <= 1.0
+    assert 0.0 <= facts["estimate_share"] <= 1.0 and "of the allowed blocks" in site.reason
+    assert site.deviation is not None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = opt(*leaves)
     direct = [t.clone().requires_grad_() for t in (q, k, v)]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
-from attnopt.kernels.dynamic import blocks, cpu
+from attnopt.kernels.dynamic import blocks, cpu, triton_impl
 from attnopt.kernels.dynamic.estimate import estimate
 from attnopt.kernels.dynamic.select import select
 from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype, check_qkv, contiguous, empty
@@ -35,11 +35,8 @@ _STATS: dict[str, dict] = {}
 
 
 def _impl(q: Tensor):
-    if q.is_cuda:
-        from attnopt.kernels.dynamic import triton_impl  # imports triton: only for CUDA tensors
-
-        return triton_impl
-    return cpu
+    """The generated Triton kernels for CUDA tensors (triton is imported when one is first loaded), else the CPU path."""
+    return triton_impl if q.is_cuda else cpu
 
 
 @torch.library.custom_op(f"{_NS}::block_sparse_attention", mutates_args=())
