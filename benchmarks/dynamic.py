@@ -3,7 +3,7 @@
     python benchmarks/dynamic.py --out dynamic.json          # default: about 5 minutes on a quiet 2-core box
     python benchmarks/dynamic.py --sections speed --speed-seq 32768 --modes fwd,fwd+bwd --flex
 
-Inputs (no pretrained weights): per head one structure, mixed over the heads (``mixed``), or all needles:
+Inputs (no pretrained weights): per head a combination of these structures (``MIXED`` varies it over the heads):
 
 * needles: query block ``i = 3j + 1`` and key block ``j`` share a strong direction (a far key block that only
   that query block attends to); the planted (query block, key block) pairs are known;
@@ -12,10 +12,10 @@ Inputs (no pretrained weights): per head one structure, mixed over the heads (``
 
 Sections (``--sections``):
 
-* ``recall``: every estimator at ``threshold`` (default 0.9) on needle inputs at ``--recall-seqs``: recall of
-  the planted blocks, density (selected / allowed blocks), estimation time.
-* ``deviation``: every estimator at ``--dev-thresholds`` on mixed inputs at ``--dev-seq``: output deviation against exact causal
-  attention (max |out - exact| / max |exact|), density, recall.
+* ``recall``: every estimator at ``threshold`` (default 0.9) at ``--recall-seqs``, H4 D64, every head with
+  needles, sinks and local structure: recall of the planted blocks, density (selected / allowed), estimation time.
+* ``deviation``: every estimator at ``--dev-thresholds`` on mixed inputs at ``--dev-seq``: output deviation
+  against exact causal attention (max |out - exact| / max |exact|), density, recall.
 * ``speed``: B1 H8 D64 fp32 causal mixed inputs at ``--speed-seq``: ``dynamic_attention`` (estimation included;
   its estimation share), the block-sparse op alone on the same selection, SDPA causal, and with ``--flex``
   compiled FlexAttention given the same blocks (``BlockMask.from_kv_blocks``); forward and forward+backward.
@@ -160,7 +160,8 @@ def _flex_step(q, k, v, num, idx, backward):
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
 
-    bm = BlockMask.from_kv_blocks(num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal, seq_lengths=(q.shape[2], k.shape[2]))
+    bm = BlockMask.from_kv_blocks(num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal,
+                                  seq_lengths=(q.shape[2], k.shape[2]))
     compiled = torch.compile(flex_attention)
     return _step(lambda a, b, c: compiled(a, b, c, block_mask=bm), (q, k, v), backward)
 

@@ -54,7 +54,8 @@ class Dynamic(Mask):
         if self.top_k is None and self.threshold is None:
             object.__setattr__(self, "threshold", DEFAULT_THRESHOLD)
         check_int("Dynamic", "top_k", self.top_k, 0, allow_none=True)
-        if self.threshold is not None and not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold <= 1.0):
+        number = isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
+        if self.threshold is not None and not (number and 0.0 < self.threshold <= 1.0):
             raise ValueError(f"Dynamic.threshold is a probability mass in (0, 1]; got {self.threshold!r}")
         check_int("Dynamic", "sink", self.sink, 0)
         check_int("Dynamic", "local", self.local, 0)

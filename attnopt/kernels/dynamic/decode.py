@@ -57,7 +57,7 @@ def select_pages(q: torch.Tensor, cache: PageCache, top_k: int, sink: int = 1, r
     b, hq, _, d = q.shape
     hkv, n = cache.k.shape[1], cache.pages
     qg = q[:, :, 0].view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
-    # Σ_d max(q_d · min_d, q_d · max_d) = q⁺ · max + q⁻ · min: two small matrix products, no [N, D] temporaries.
+    # Σ_d max(q_d · min_d, q_d · max_d) = q⁺ · max + q⁻ · min: two small matrix products, no [N, D] temporary.
     score = torch.matmul(qg.clamp(min=0), cache.k_max[:, :, :n].transpose(-2, -1))
     score += torch.matmul(qg.clamp(max=0), cache.k_min[:, :, :n].transpose(-2, -1))
     score = score.sum(2)  # [B, Hkv, N]: upper bound of q · k per page, summed over the group

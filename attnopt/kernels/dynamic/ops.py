@@ -35,7 +35,7 @@ _STATS: dict[str, dict] = {}
 
 
 def _impl(q: Tensor):
-    """The generated Triton kernels for CUDA tensors (triton is imported when one is first loaded), else the CPU path."""
+    """The generated Triton kernels for CUDA tensors (triton is imported at the first load), else the CPU path."""
     return triton_impl if q.is_cuda else cpu
 
 

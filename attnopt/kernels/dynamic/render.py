@@ -7,8 +7,8 @@ per (query block, batch row · query head):
   bound), FlashAttention's online softmax in base 2 over the listed key blocks, each with the element test
   (keys past ``seq_k``, the causal rule ``j <= i + causal_offset``, key padding ``Valid[b, j]``); writes
   ``Out`` and ``Lse`` (natural log, ``-inf`` for rows that see no key: their output is 0).
-* ``bwd``: the same walk recomputes ``P = exp(S - lse)``; ``dS = P ⊙ (dO Vᵀ - delta)`` (``delta = rowsum(dO ⊙ O)``,
-  from the launcher), accumulates ``dQ`` in registers and adds ``dK = scale · dSᵀ Q``, ``dV = Pᵀ dO`` of each key
+* ``bwd``: the same walk recomputes ``P = exp(S - lse)``; ``dS = P ⊙ (dO Vᵀ - delta)``
+  (``delta = rowsum(dO ⊙ O)``, from the launcher), accumulates ``dQ`` in registers and adds ``dK = scale · dSᵀ Q``, ``dV = Pᵀ dO`` of each key
   block into fp32 ``DK``, ``DV`` [B, Hkv, seq_k, ·] with atomics (several query blocks and the GQA group share a
   key block), so the backward walks the forward's lists: no transposed lists are built.
 """
@@ -89,7 +89,8 @@ def _args(spec: DynamicSpec):
     sel = ["stride_num_b", "stride_num_h", "stride_idx_b", "stride_idx_h", "stride_idx_m"]
     scalars = ["num_heads", "group", "seq_q", "seq_k", "scale"]
     if spec.direction == "fwd":
-        return ["Q", "K", "V", "KvNum", "KvIdx"] + valid + ["Out", "Lse"], qkv + sel + [f"stride_o{d}" for d in "bhmd"], scalars
+        out = [f"stride_o{d}" for d in "bhmd"]
+        return ["Q", "K", "V", "KvNum", "KvIdx"] + valid + ["Out", "Lse"], qkv + sel + out, scalars
     grads = [f"stride_dq{d}" for d in "bhmd"] + [f"stride_dk{d}" for d in "bhnd"] + [f"stride_dv{d}" for d in "bhnd"]
     return (["Q", "K", "V", "KvNum", "KvIdx"] + valid + ["DO", "Lse", "Delta", "DQ", "DK", "DV"],
             qkv + sel + [f"stride_do{d}" for d in "bhmd"] + grads, scalars)  # fmt: skip
@@ -100,11 +101,12 @@ def render(spec: DynamicSpec) -> str:
     summary = [f"Block-list attention, {spec.direction}; dtype {spec.dtype}, causal {CAUSAL_NAMES[spec.causal]}, "
                f"key padding {spec.valid}, head_dim {spec.head_dim}, head_dim_v {spec.head_dim_v}, blocks "
                f"{spec.block_m}x{spec.block_n}."]  # fmt: skip
-    lines = module_head(spec, __name__, summary, {**tile_constants(spec), "BLOCK_R": spec.block_r, "BLOCK_C": spec.block_c,
-                                                      "LOG2E": LOG2E})
+    constants = {**tile_constants(spec), "BLOCK_R": spec.block_r, "BLOCK_C": spec.block_c, "LOG2E": LOG2E}
+    lines = module_head(spec, __name__, summary, constants)
     lines += jit_def(spec.name, *_args(spec))
     lines += ['    """Q [B, H, seq_q, D], K/V [B, H // group, seq_k, ·], KvNum [B, H or 1, NQ] int32, KvIdx '
-              '[B, H or 1, NQ, L] int32 (stride 0 on a shared head axis). Grid: (NQ * BLOCK_M // BLOCK_R, B * H)."""']  # fmt: skip
+              '[B, H or 1, NQ, L] int32 (stride 0 on a shared head axis).',
+              '    Grid: (NQ * BLOCK_M // BLOCK_R, B * H)."""']  # fmt: skip
     lines += _prologue(spec) + (_fwd(spec) if spec.direction == "fwd" else _bwd(spec))
     return "\n".join(lines) + "\n"
 
