@@ -6,7 +6,7 @@ blocks: attention sinks) and its *local* blocks (those holding the ``local · bl
 queries on the causal diagonal, aligned bottom-right, and the diagonal itself: with ``block_m == block_n`` and
 ``local=1``, the diagonal block and the one before), then either the ``top_k`` most probable others (of
 positive mass) or the smallest set, most probable first, whose mass (the kept blocks' included) reaches
-``threshold``, and every block whose mass is at least half the residual ``(1 - threshold) / 2``.
+``threshold``, and every block holding at least ``(1 - threshold) / 2`` of the mass outside the kept blocks.
 Blocks the site's mask hides are never selected. Work is ``O(NQ · NK · log NK)``: no ``S²`` term.
 """
 
@@ -44,11 +44,12 @@ def select(probs: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int, of
         picked = torch.zeros_like(allowed.expand(p.shape)).scatter_(-1, score.topk(k, -1).indices, True) & (p > 0)
     else:
         # Kept blocks first (their mass counts), then the most probable until the mass reaches threshold; and any
-        # block holding half the residual 1 - threshold or more (an estimator that overrates the kept blocks
-        # cannot hide a strong far block behind them).
+        # block holding half the residual 1 - threshold or more of the mass outside the kept blocks (a pooled
+        # estimate overrates the diagonal block, which must not hide a strong far block behind it).
         order = torch.sort(p + forced.to(p.dtype) * 2.0, dim=-1, descending=True).indices
         sorted_p = torch.gather(p, -1, order)
         before = torch.cumsum(sorted_p, -1) - sorted_p  # mass of the blocks ranked above
         picked = torch.zeros_like(allowed.expand(p.shape)).scatter_(-1, order, before < threshold)
-        picked |= p >= (1.0 - threshold) / 2
+        rest = p.masked_fill(forced, 0.0)  # the mass outside the kept blocks, renormalized
+        picked |= rest >= (1.0 - threshold) / 2 * rest.sum(-1, keepdim=True)
     return from_dense((picked | forced) & allowed)
