@@ -127,10 +127,10 @@ def test_selection_keeps_sinks_and_local_blocks_and_respects_causal():
 
 
 def test_threshold_reaches_the_mass_with_the_fewest_blocks():
-    probs = torch.tensor([0.1, 0.5, 0.3, 0.1]).view(1, 1, 1, 4)
+    probs = torch.tensor([0.1, 0.5, 0.35, 0.05]).view(1, 1, 1, 4)
     num, idx = select.select(probs, 16, 64, 16, 16, None, threshold=0.75, sink=0, local=0)
     assert sorted(idx[0, 0, 0, :num[0, 0, 0]].tolist()) == [1, 2]
-    # Kept blocks 0, 1 hold 0.6 >= threshold 0.5, yet block 2 (0.3 >= (1 - 0.5) / 2) is strong enough to keep.
+    # Kept blocks 0, 1 hold 0.6 >= threshold 0.5, yet block 2 holds 0.35 / 0.4 >= (1 - 0.5) / 2 of the rest.
     num, idx = select.select(probs, 16, 64, 16, 16, None, threshold=0.5, sink=2, local=0)
     assert sorted(idx[0, 0, 0, :num[0, 0, 0]].tolist()) == [0, 1, 2]
 
