@@ -56,6 +56,7 @@ class Site:
     original_ms: float | None = None  # the site as written, on the example inputs (median of timed calls)
     rewritten_ms: float | None = None  # its replacement, on the same operands
     runs: str = ""  # exact sites: the implementation that ran on the example inputs (SDPA dispatch), and by how much
+    run_facts: dict | None = None  # what the replacement did on the example inputs (dynamic sparsity: its density)
     tried: list[Trial] = field(default_factory=list)  # the auto policy's candidates at this site
     variant: Any = field(default=None, repr=False, compare=False)  # the variant it runs (Keep() when kept)
 

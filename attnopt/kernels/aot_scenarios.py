@@ -20,6 +20,8 @@ from unittest import mock
 import torch
 
 from attnopt.codegen import tuning
+from attnopt.kernels.dynamic import render as dynamic_render
+from attnopt.kernels.dynamic import triton_impl as dynamic
 from attnopt.kernels.exact import render as exact_render
 from attnopt.kernels.exact import triton_impl as exact
 from attnopt.kernels.linear import render as linear_render
@@ -34,7 +36,7 @@ from attnopt.masks import Neighborhood, SlidingWindow
 # (batch, query heads, sequence): B4 H16 with 4096 tokens; the tiles do not depend on them, the
 # specialization only on their divisibility by 16.
 SHAPE = (4, 16, 4096)
-FAMILIES = ("exact", "sparse", "linear", "sigmoid")
+FAMILIES = ("exact", "sparse", "linear", "sigmoid", "dynamic")
 
 # family -> (launcher module, the loader name it calls, the real loader)
 _LOADERS = {
@@ -42,6 +44,7 @@ _LOADERS = {
     "sparse": (sparse, "load_kernel", sparse_render.load_kernel),
     "linear": (linear, "load", linear_render.load),
     "sigmoid": (sigmoid, "load", sigmoid_render.load),
+    "dynamic": (dynamic, "load", dynamic_render.load),
 }
 
 
@@ -168,9 +171,24 @@ def _sigmoid(d: int, causal: bool) -> Callable[[], None]:
     return run
 
 
+def _dynamic(d: int, block: int, valid: bool) -> Callable[[], None]:
+    """Block lists of a quarter of the key blocks (their number and indices are run-time data to the kernels)."""
+    def run():
+        q, k, v = _qkv(d, group=2)
+        b, h, s = SHAPE
+        n = s // block
+        num, idx = _t(b, h, n, dtype=torch.int32), _t(b, h, n, n // 4, dtype=torch.int32)
+        valid_keys = _t(b, s, dtype=torch.bool) if valid else None
+        out, lse = dynamic.forward(q, k, v, num, idx, block, block, 2, valid_keys)
+        dynamic.backward(out, q, k, v, out, lse, num, idx, block, block, 2, valid_keys)
+
+    return run
+
+
 def scenarios() -> list[Scenario]:
     """Every family and direction: exact at D64, D128, D256 causal and not, GQA and a feature-heavy call;
-    sparse for a sliding window and a 2-D neighborhood; linear at D64 and D128; sigmoid."""
+    sparse for a sliding window and a 2-D neighborhood; linear at D64 and D128; sigmoid; dynamic (block lists, GQA)
+    at D64 and D128 with key padding."""
     side = math.isqrt(SHAPE[2])
     out = [Scenario(f"exact_d{d}{'_causal' if c else ''}", "exact", d, c, "bfloat16", _exact(d, c))
            for d in (64, 128, 256) for c in (False, True)]  # fmt: skip
@@ -183,4 +201,6 @@ def scenarios() -> list[Scenario]:
     ]
     out += [Scenario(f"linear_d{d}", "linear", d, True, "bfloat16", _linear(d, True)) for d in (64, 128)]
     out += [Scenario(f"sigmoid_d{d}", "sigmoid", d, False, "bfloat16", _sigmoid(d, False)) for d in (64, 128)]
+    out += [Scenario("dynamic_d64_b64", "dynamic", 64, True, "bfloat16", _dynamic(64, 64, False)),
+            Scenario("dynamic_d128_b64_padding", "dynamic", 128, True, "bfloat16", _dynamic(128, 64, True))]
     return out

@@ -24,9 +24,11 @@ from attnopt.masks.blocked import Blocked
 from attnopt.masks.global_local import GlobalLocal
 from attnopt.masks.strided import Strided
 from attnopt.masks.residue import ResidueOrder, residue_order
+from attnopt.masks.dynamic import Dynamic
 
 __all__ = [
     "EMPTY", "FULL", "KIND_BITS", "KIND_FULL", "KIND_PARTIAL", "PARTIAL", "And", "BlockMap", "BlockSparse",
-    "Blocked", "Document", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "ResidueOrder", "SlidingWindow",
-    "Strided", "TopLeft", "build", "causal", "from_block_mask", "from_dict", "from_mask_mod", "lookup", "residue_order",
+    "Blocked", "Document", "Dynamic", "GlobalLocal", "Mask", "MaskMod", "Neighborhood", "Or", "ResidueOrder",
+    "SlidingWindow", "Strided", "TopLeft", "build", "causal", "from_block_mask", "from_dict", "from_mask_mod", "lookup",
+    "residue_order",
 ]  # fmt: skip

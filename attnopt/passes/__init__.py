@@ -279,6 +279,7 @@ def _check_site(r: SiteRecord, values: dict, policy: Policy) -> bool:
     else:
         r.site.deviation = deviation(got, want)
         failure = None
+        _record_facts(r)
         if approximate and tol is None:
             r.site.reason += f" (approximate: measured deviation {r.site.deviation:.2e})"
         elif approximate and r.site.deviation > tol:
@@ -288,6 +289,15 @@ def _check_site(r: SiteRecord, values: dict, policy: Policy) -> bool:
     if failure:
         r.keep(failure)
     return failure is not None
+
+
+def _record_facts(r: SiteRecord) -> None:
+    """The handler's facts of the run just made (``Site.run_facts``), with a summary in the reason."""
+    facts = handler_for(r.variant).run_facts(r.variant)
+    if facts:
+        r.site.run_facts = facts
+        if "summary" in facts:
+            r.site.reason += f" ({facts['summary']})"
 
 
 def _time_site(r: SiteRecord, values: dict, root: GraphModule) -> None:

@@ -66,6 +66,11 @@ class VariantHandler:
         own loop) or ``"recurrent"`` (:func:`attnopt.generate`, through recurrent states)."""
         return "kv-cache"
 
+    def run_facts(self, variant: Any) -> dict | None:
+        """What the replacement's last run did, measured at run time (validation runs it on the site's example
+        operands; the report keeps it as ``Site.run_facts``), or None: e.g. a dynamic selection's density."""
+        return None
+
 
 class ApproximateVariant:
     """Protocol of a variant that replaces attention by a different function (sparse, linear, sigmoid).

@@ -30,12 +30,17 @@ import torch
 from torch.fx import Node
 
 from attnopt import cost, masks
+from attnopt.kernels.dynamic import ops as dynamic_ops  # noqa: F401  (registers torch.ops.attnopt.dynamic_attention)
+from attnopt.masks.dynamic import DEFAULT_THRESHOLD
 from attnopt.masks.structured import Grid
 from attnopt.patterns.canonical import tensor_meta
 from attnopt.patterns.match import emit_operands, emit_output
 from attnopt.variants.registry import ApproximateVariant, MethodHandler, register_variant
 
 AUTO = "auto"
+# auto tries dynamic selections on sites attending to at least this many keys, with these estimators.
+DYNAMIC_MIN_KEYS = 2048
+DYNAMIC_CANDIDATES = ("pooled", "vertical_slash")
 
 
 def check_mask(mask: Any) -> Any:
@@ -52,9 +57,12 @@ def check_mask(mask: Any) -> Any:
 
 def parse(text: str):
     """The mask of a string form: ``sparse``/``sparse:auto``, ``sparse:causal``, ``sparse:blocked:B``,
-    ``sparse:<mask JSON>``, ``sliding_window:W`` (causal window of W tokens) or ``sliding_window:L,R``."""
+    ``sparse:<mask JSON>``, ``sliding_window:W`` (causal window of W tokens), ``sliding_window:L,R`` or
+    ``dynamic[:estimator[,key=value...]]`` (see :func:`parse_dynamic`)."""
     head, _, arg = text.strip().partition(":")
     head, arg = head.strip().lower(), arg.strip()
+    if head == "dynamic":
+        return parse_dynamic(text, arg)
     if head == "sliding_window":
         parts = [p.strip() for p in arg.split(",")] if arg else []
         try:
@@ -78,12 +86,65 @@ def parse(text: str):
     raise ValueError(f"policy {text!r}: sparse takes auto, causal, blocked:B or a mask's JSON (mask.to_dict())")
 
 
+_DYNAMIC_INTS = ("top_k", "sink", "local")
+
+
+def _value(text: str):
+    """A policy string's option value: an int, a float, a bool or the text itself."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_dynamic(text: str, arg: str) -> masks.Dynamic:
+    """``dynamic`` (pooled, threshold 0.9), ``dynamic:ESTIMATOR`` or ``dynamic:ESTIMATOR,key=value,...`` with keys
+    ``block`` (B or BMxBN), ``top_k``, ``threshold``, ``sink``, ``local``, ``per_head`` and the estimator's own
+    options (``stride=16``), e.g. ``dynamic:vertical_slash,top_k=8,block=64``."""
+    parts = [p.strip() for p in arg.split(",") if p.strip()] if arg else []
+    estimator = parts.pop(0) if parts and "=" not in parts[0] else "pooled"
+    fields, options = {"estimator": estimator}, []
+    for part in parts:
+        key, eq, value = (x.strip() for x in part.partition("="))
+        if not eq or not value:
+            raise ValueError(f"policy {text!r}: expected key=value after the estimator; got {part!r}")
+        if key == "block":
+            fields["block"] = tuple(int(b) for b in value.lower().split("x"))
+        elif key in (*_DYNAMIC_INTS, "threshold", "per_head"):
+            fields[key] = _value(value)
+        else:
+            options.append((key, _value(value)))
+    try:
+        return masks.Dynamic(**fields, options=tuple(options))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"policy {text!r}: {exc}") from exc
+
+
+def dynamic_string(mask: masks.Dynamic) -> str:
+    """The ``dynamic:...`` form :func:`parse_dynamic` reads back (fields at their defaults left out)."""
+    default = masks.Dynamic()
+    parts = [mask.estimator]
+    if mask.block != default.block:
+        parts.append(f"block={mask.block_m}x{mask.block_n}")
+    parts += [f"{f}={getattr(mask, f)}" for f in ("top_k", "threshold", "sink", "local", "per_head")
+              if getattr(mask, f) is not None and getattr(mask, f) != getattr(default, f)]  # fmt: skip
+    parts += [f"{k}={v}" for k, v in mask.options]
+    return "dynamic:" + ",".join(parts)
+
+
 def to_string(mask) -> str:
     """The string form :func:`parse` reads back: ``sparse`` (exact-sparse), ``sparse:causal``,
     ``sliding_window:W`` (a causal window of W tokens), ``sliding_window:L,R``, ``sparse:blocked:B``, else
     ``sparse:<mask JSON>``; a mask without a dict form (a tensor, a callable) as its own text."""
     if mask == AUTO:
         return "sparse"
+    if isinstance(mask, masks.Dynamic):
+        return dynamic_string(mask)
     if mask == masks.causal():
         return "sparse:causal"
     if isinstance(mask, masks.SlidingWindow) and mask.dilation == 1 and None not in (mask.left, mask.right):
@@ -108,6 +169,9 @@ def describe(mask, match=None) -> str:
     if mask == AUTO:
         return ("exact-sparse: the site's own mask, recognized at run time as causal / sliding window / padding, "
                 "runs the sparse kernel (else the exact kernel); same function")  # fmt: skip
+    if isinstance(mask, masks.Dynamic):
+        return (f"dynamic sparse attention, {mask}: key blocks chosen from q and k at each call, within the site's "
+                "causal mask and key padding (approximate: changes the function)")  # fmt: skip
     where = ""
     if match is not None:
         mask, source = resolve(mask, match)
@@ -228,7 +292,10 @@ def resolve(mask, match):
 
 def emit(mask, graph, match, lookup):
     c = emit_operands(graph, match, lookup)
-    if mask == AUTO:
+    if isinstance(mask, masks.Dynamic):  # the block lists are estimated inside the op, at each call
+        call = graph.call_function(torch.ops.attnopt.dynamic_attention.default,
+                                   (c.q, c.k, c.v, c.mask, c.causal, c.scale, mask.key()))  # fmt: skip
+    elif mask == AUTO:
         call = graph.call_function(torch.ops.attnopt.sparse_attention_auto.default,
                                    (c.q, c.k, c.v, c.mask, c.causal, c.scale, c.softcap))  # fmt: skip
     else:
@@ -254,6 +321,8 @@ def candidates(cls, site, match) -> list:
         w = sk // frac
         if w >= 16:
             out.append(cls(masks.SlidingWindow(w - 1, 0) if site.causal != "none" else masks.SlidingWindow(w // 2, w // 2)))
+    if sk >= DYNAMIC_MIN_KEYS:  # long sites: content-based selections, kept only within the error budget
+        out += [cls(masks.Dynamic(e, threshold=DEFAULT_THRESHOLD)) for e in DYNAMIC_CANDIDATES]
     return out
 
 
@@ -319,10 +388,15 @@ class Sparse(ApproximateVariant):
 
 
 class SparseHandler(MethodHandler):
+    def run_facts(self, variant):
+        return dynamic_facts(variant.mask) if isinstance(variant.mask, masks.Dynamic) else None
+
     def cost(self, variant, shape):
         """``Sparse(mask)`` visits the tiles of ``mask`` (and causal for a causal site) and reads the site's mask
         tensor there; exact-sparse visits those of ``shape.own_mask`` and is the exact kernel when the site's
         mask is not structured (or not known)."""
+        if isinstance(variant.mask, masks.Dynamic):
+            return cost.sparse(sympy.Float(dynamic_tiles(variant.mask, shape)), shape.masked)
         if variant.exact:
             if shape.own_mask is None:
                 return cost.exact(shape.causal, shape.masked)
@@ -331,4 +405,23 @@ class SparseHandler(MethodHandler):
         return cost.sparse(sympy.Float(cost.mask_tiles(mask, shape.sq, shape.sk, shape.heads)), shape.masked)
 
 
-register_variant(Sparse, SparseHandler(), heads=("sliding_window",))
+def dynamic_facts(mask: masks.Dynamic) -> dict | None:
+    """The last run's achieved density (mean and per-head range, of the blocks the site's mask allows) and the
+    estimator's share of the site's time (see :func:`attnopt.kernels.dynamic.ops.last_stats`)."""
+    stats = dynamic_ops.last_stats(mask.key())
+    if stats is None:
+        return None
+    summary = (f"density {stats['density_mean']:.1%} of the allowed blocks, per head {stats['density_min']:.1%}-"
+               f"{stats['density_max']:.1%}; estimation {stats['estimate_share']:.0%} of the time")  # fmt: skip
+    return {**stats, "summary": summary}
+
+
+def dynamic_tiles(mask: masks.Dynamic, shape) -> float:
+    """Key tiles (of the cost model's size) per query tile a dynamic selection is expected to visit: its expected
+    share (:meth:`~attnopt.masks.Dynamic.expected_blocks`) of the tiles the site's own mask allows."""
+    allowed = cost.mask_tiles(masks.causal(), shape.sq, shape.sk) if shape.causal else -(-shape.sk // cost.BLOCK)
+    own = max(1.0, allowed * cost.BLOCK / mask.block_n)  # the same in the mask's key blocks
+    return allowed * mask.expected_blocks(own) / own
+
+
+register_variant(Sparse, SparseHandler(), heads=("sliding_window", "dynamic"))

@@ -1,0 +1,1 @@
+"""Dynamic (content-based) block-sparse attention: block lists chosen at run time, the kernels that run them."""

@@ -1,0 +1,91 @@
+"""``Dynamic``: a content-based block mask, chosen at run time from q and k by a training-free estimator.
+
+    attnopt.Sparse(attnopt.masks.Dynamic("pooled", block=64, threshold=0.9))
+    attnopt.Sparse(attnopt.masks.Dynamic("vertical_slash", top_k=8, sink=1, local=2))
+
+Per (batch row, query head, query block) the estimator scores every key block on pooled, strided or sampled
+views of q and k (never an ``[Sq, Sk]`` matrix) and the kernel attends to the ``top_k`` most probable key
+blocks, or the smallest set whose estimated mass reaches ``threshold``, plus the ``sink`` first key blocks and
+the ``local`` key blocks on the diagonal, within the site's own mask (causal, padding). ``per_head=False``
+shares one selection across the heads (the heads' probabilities averaged). ``options`` passes estimator
+parameters as ``(name, value)`` pairs (``(("stride", 16),)`` for ``antidiagonal``; see
+:mod:`attnopt.kernels.dynamic.estimate`).
+
+The mask has no element predicate (it depends on the inputs): it runs only through the dynamic kernels
+(:mod:`attnopt.kernels.dynamic`), which write the block lists at each call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from attnopt.masks.base import Mask, check_int, is_int, register_type
+
+ESTIMATORS = ("pooled", "antidiagonal", "vertical_slash", "lowbit", "lsh")
+DEFAULT_THRESHOLD = 0.9
+# The density (share of the blocks the site's mask allows) the cost model assumes for a threshold, whose
+# achieved density depends on the inputs.
+ASSUMED_DENSITY = 0.1
+
+
+@register_type
+@dataclass(frozen=True)
+class Dynamic(Mask):
+    estimator: str = "pooled"
+    block: int | tuple = 64
+    top_k: int | None = None
+    threshold: float | None = None
+    sink: int = 1
+    local: int = 1
+    per_head: bool = True
+    options: tuple = ()
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"Dynamic: unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}")
+        block = (self.block, self.block) if is_int(self.block) else tuple(self.block)
+        if len(block) != 2:
+            raise ValueError(f"Dynamic.block must be an int or (block_m, block_n); got {self.block!r}")
+        for b in block:
+            check_int("Dynamic", "block", b, 1)
+        object.__setattr__(self, "block", block)
+        if self.top_k is not None and self.threshold is not None:
+            raise ValueError("Dynamic takes top_k or threshold, not both")
+        if self.top_k is None and self.threshold is None:
+            object.__setattr__(self, "threshold", DEFAULT_THRESHOLD)
+        check_int("Dynamic", "top_k", self.top_k, 0, allow_none=True)
+        number = isinstance(self.threshold, (int, float)) and not isinstance(self.threshold, bool)
+        if self.threshold is not None and not (number and 0.0 < self.threshold <= 1.0):
+            raise ValueError(f"Dynamic.threshold is a probability mass in (0, 1]; got {self.threshold!r}")
+        check_int("Dynamic", "sink", self.sink, 0)
+        check_int("Dynamic", "local", self.local, 0)
+        if not isinstance(self.per_head, bool):
+            raise ValueError(f"Dynamic.per_head must be a bool; got {self.per_head!r}")
+        opts = tuple((str(k), v) for k, v in (self.options.items() if isinstance(self.options, dict) else self.options))
+        object.__setattr__(self, "options", opts)
+
+    @property
+    def block_m(self) -> int:
+        return self.block[0]
+
+    @property
+    def block_n(self) -> int:
+        return self.block[1]
+
+    def predicate(self, q, k, h, sq, sk, ops):
+        raise TypeError(f"{self} depends on the inputs: it has no element predicate; run it through "
+                        "attnopt.Sparse(...) or attnopt.kernels.dynamic")  # fmt: skip
+
+    def expected_blocks(self, allowed: float) -> float:
+        """Key blocks per query block the kernel is expected to visit when ``allowed`` blocks are allowed:
+        ``top_k`` plus the kept blocks, or :data:`ASSUMED_DENSITY` of the allowed ones for a threshold."""
+        if self.top_k is not None:
+            return min(allowed, self.top_k + self.sink + self.local)
+        return min(allowed, max(ASSUMED_DENSITY * allowed, self.sink + self.local))
+
+    def __str__(self) -> str:
+        rule = f"top_k={self.top_k}" if self.top_k is not None else f"threshold={self.threshold}"
+        opts = "".join(f", {k}={v}" for k, v in self.options)
+        shared = "" if self.per_head else ", shared across heads"
+        return (f"Dynamic({self.estimator}, block={self.block_m}x{self.block_n}, {rule}, sink={self.sink}, "
+                f"local={self.local}{shared}{opts})")  # fmt: skip

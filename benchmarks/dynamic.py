@@ -1,0 +1,292 @@
+"""Dynamic (content-based) sparsity on inputs with known structure, CPU (and CUDA when present).
+
+    python benchmarks/dynamic.py --out dynamic.json          # default: about 5 minutes on a quiet 2-core box
+    python benchmarks/dynamic.py --sections speed --speed-seq 32768 --modes fwd,fwd+bwd --flex
+
+Inputs (no pretrained weights): per head a combination of these structures (``MIXED`` varies it over the heads):
+
+* needles: query block ``i = 3j + 1`` and key block ``j`` share a strong direction (a far key block that only
+  that query block attends to); the planted (query block, key block) pairs are known;
+* sinks: the first keys align with every query (attention sinks);
+* local: q and k are slow random walks, so nearby keys score highest (local smoothness).
+
+Sections (``--sections``):
+
+* ``recall``: every estimator at ``threshold`` (default 0.9) at ``--recall-seqs``, H4 D64, every head with
+  needles, sinks and local structure: recall of the planted blocks, density (selected / allowed), estimation time.
+* ``deviation``: every estimator at ``--dev-thresholds`` on mixed inputs at ``--dev-seq``: output deviation
+  against exact causal attention (max |out - exact| / max |exact|), density, recall.
+* ``speed``: B1 H8 D64 fp32 causal mixed inputs at ``--speed-seq``: ``dynamic_attention`` (estimation included;
+  its estimation share), the block-sparse op alone on the same selection, SDPA causal, and with ``--flex``
+  compiled FlexAttention given the same blocks (``BlockMask.from_kv_blocks``); forward and forward+backward.
+* ``memory``: the peak resident memory one dynamic forward+backward adds at S and 2S (``--mem-seq``).
+* ``decode``: a toy one-layer decoder over a ``--decode-seq`` token cache (B1, 32 query heads, 8 key/value heads,
+  D128; :func:`attnopt.kernels.dynamic.decode.retrieval_decode`) with a planted chain of tokens: the tokens
+  exact decoding and page selection (10% of the pages, pages of 16) generate, and the attention time per step
+  of each (selection included).
+
+Times: best of ``--repeat`` interleaved rounds after a warm-up; the machine's load average is recorded. JSON to
+stdout and ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import write_json
+from cpu import peak_mib
+
+import attnopt  # noqa: F401  (registers the ops)
+from attnopt import masks
+from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT
+from attnopt.kernels.dynamic import blocks, decode, ops
+from attnopt.masks.dynamic import ESTIMATORS
+
+BLOCK = 64
+
+
+def _unit(g, d):
+    x = torch.randn(d, generator=g)
+    return x / x.norm()
+
+
+def _local(g, s, d, strength):
+    """[S, D] features whose dot products fall with distance: ``Σ_m cos(ω_m (i - j))`` (periods >= 128 tokens)."""
+    omega = torch.rand(d // 2, generator=g) * (2 * torch.pi / 128)
+    angle = torch.arange(s)[:, None] * omega
+    return strength * torch.cat([angle.cos(), angle.sin()], -1) / (d // 2) ** 0.25
+
+
+def structured(s, heads, d, kinds, seed=0, strength=9.0):
+    """``(q, k, v, planted)``: head h has the structures ``kinds[h % len(kinds)]`` (a tuple of "needles",
+    "sinks", "local"); ``planted`` maps a needle head to its {query block: key block}."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, heads, s, d, generator=g) * 0.3 for _ in range(3))
+    planted = {}
+    for h in range(heads):
+        kind = kinds[h % len(kinds)]
+        if "local" in kind:
+            loc = _local(g, s, d, 3.75)
+            q[0, h] += loc
+            k[0, h] += loc
+        if "sinks" in kind:
+            u = _unit(g, d) * 8.0
+            q[0, h] += u
+            k[0, h, :8] += u
+        if "needles" in kind:
+            pairs = {}
+            for j in range(1, s // BLOCK // 3):
+                u = _unit(g, d) * strength
+                q[0, h, (3 * j + 1) * BLOCK:(3 * j + 2) * BLOCK] += u
+                k[0, h, j * BLOCK:(j + 1) * BLOCK] += u
+                pairs[3 * j + 1] = j
+            planted[h] = pairs
+    return q, k, v, planted
+
+
+ALL = (("needles", "sinks", "local"),)
+MIXED = (("needles", "local"), ("sinks", "local"), ("needles", "sinks", "local"))
+
+
+def recall(num, idx, nk, planted) -> float:
+    chosen = blocks.dense_blocks(num, idx, nk)
+    hits = [bool(chosen[0, h if chosen.shape[1] > 1 else 0, i, j]) for h, pairs in planted.items()
+            for i, j in pairs.items()]  # fmt: skip
+    return sum(hits) / max(len(hits), 1)
+
+
+def density(num, s) -> float:
+    allowed = blocks.allowed_blocks(s, s, BLOCK, BLOCK, 0).sum().item()
+    return float(num.double().sum() / (num.shape[0] * num.shape[1] * allowed))
+
+
+def _mask(estimator, threshold):
+    return masks.Dynamic(estimator, block=BLOCK, threshold=threshold)
+
+
+def section_recall(args) -> list:
+    rows = []
+    for s in args.recall_seqs:
+        q, k, _, planted = structured(s, 4, 64, ALL)
+        for est in ESTIMATORS:
+            t0 = time.perf_counter()
+            num, idx = ops.select_blocks(q, k, _mask(est, args.threshold), CAUSAL_BOTTOM_RIGHT)
+            rows.append({"seq": s, "estimator": est, "threshold": args.threshold,
+                         "recall": recall(num, idx, s // BLOCK, planted), "density": round(density(num, s), 4),
+                         "estimate_ms": round((time.perf_counter() - t0) * 1e3, 1)})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def section_deviation(args) -> list:
+    s = args.dev_seq
+    q, k, v, planted = structured(s, 8, 64, MIXED)
+    exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    rows = []
+    for est in ESTIMATORS:
+        for threshold in args.dev_thresholds:
+            out, _, num, idx = torch.ops.attnopt.dynamic_attention(q, k, v, None, CAUSAL_BOTTOM_RIGHT, 64 ** -0.5,
+                                                                  _mask(est, threshold).key())  # fmt: skip
+            dev = float((out - exact).abs().max() / exact.abs().max())
+            rows.append({"seq": s, "estimator": est, "threshold": threshold, "deviation": dev,
+                         "density": round(density(num, s), 4), "recall": recall(num, idx, s // BLOCK, planted)})  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def _timed(steps: dict, repeat: int) -> dict:
+    for step in steps.values():
+        step()  # warm-up (and compile)
+    times = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: round(min(ts), 1) for name, ts in times.items()}
+
+
+def _flex_step(q, k, v, num, idx, backward):
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    nk = -(-k.shape[2] // BLOCK)
+    full_idx = torch.zeros(*idx.shape[:3], nk, dtype=torch.int32)
+    full_idx[..., :idx.shape[-1]] = idx
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    bm = BlockMask.from_kv_blocks(num, full_idx, BLOCK_SIZE=BLOCK, mask_mod=causal,
+                                  seq_lengths=(q.shape[2], k.shape[2]))
+    compiled = torch.compile(flex_attention)
+    return _step(lambda a, b, c: compiled(a, b, c, block_mask=bm), (q, k, v), backward)
+
+
+def _step(fn, inputs, backward):
+    if not backward:
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+    leaves = [t.detach().requires_grad_() for t in inputs]
+
+    def run_bwd():
+        out = fn(*leaves)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+    return run_bwd
+
+
+def section_speed(args) -> list:
+    rows = []
+    for s in args.speed_seq:
+        q, k, v, _ = structured(s, 8, 64, MIXED)
+        mask = _mask(args.speed_estimator, args.threshold)
+        key = mask.key()
+        with torch.no_grad():
+            _, _, num, idx = torch.ops.attnopt.dynamic_attention(q, k, v, None, CAUSAL_BOTTOM_RIGHT, 0.125, key)
+        for mode in args.modes:
+            bwd = mode == "fwd+bwd"
+            steps = {
+                "dynamic": _step(lambda a, b, c: torch.ops.attnopt.dynamic_attention(a, b, c, None, CAUSAL_BOTTOM_RIGHT,
+                                                                                     0.125, key), (q, k, v), bwd),
+                "block_sparse_same_blocks": _step(lambda a, b, c: torch.ops.attnopt.block_sparse_attention(
+                    a, b, c, num, idx, None, BLOCK, BLOCK, CAUSAL_BOTTOM_RIGHT, 0.125), (q, k, v), bwd),
+                "sdpa_causal": _step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
+                                     (q, k, v), bwd),
+            }  # fmt: skip
+            if args.flex:
+                steps["flex_same_blocks"] = _flex_step(q, k, v, num, idx, bwd)
+            try:
+                times = _timed(steps, args.repeat)
+            except Exception as exc:  # e.g. FlexAttention cannot compile here: the others still count
+                steps.pop("flex_same_blocks", None)
+                times = _timed(steps, args.repeat)
+                times["flex_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            if not bwd:  # the estimation share of the last timed dynamic forward
+                steps["dynamic"]()
+            stats = ops.last_stats(key)
+            row = {"seq": s, "mode": mode, "estimator": mask.estimator, "threshold": args.threshold, "ms": times,
+                   "density": stats["density_mean"], "density_per_head": [stats["density_min"], stats["density_max"]],
+                   "estimate_share": round(stats["estimate_share"], 3),
+                   "speedup_vs_sdpa_causal": round(times["sdpa_causal"] / times["dynamic"], 2)}  # fmt: skip
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def section_memory(args) -> dict:
+    out = {}
+    for s in (args.mem_seq, 2 * args.mem_seq):
+        q, k, v, _ = structured(s, 2, 64, MIXED)
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+        key = _mask("pooled", args.threshold).key()
+
+        def step():
+            o = torch.ops.attnopt.dynamic_attention(*leaves, None, CAUSAL_BOTTOM_RIGHT, 0.125, key)[0]
+            o.sum().backward()
+
+        step()
+        out[s] = peak_mib(step)
+    out["ratio"] = round(out[2 * args.mem_seq] / max(out[args.mem_seq], 1e-9), 2)
+    print(out, flush=True)
+    return out
+
+
+def section_decode(args) -> dict:
+    g = torch.Generator().manual_seed(0)
+    vocab, d, s, steps = 8192, 128, args.decode_seq, 16
+    keys = torch.randn(vocab, d, generator=g) * (torch.rand(vocab, d, generator=g) < 0.125)  # few channels each
+    keys = F.normalize(keys, dim=-1) * 4
+    values = F.normalize(torch.randn(vocab, d, generator=g), dim=-1)
+    prompt = torch.randint(100, vocab, (s,), generator=g)
+    prompt[s // 3:s // 3 + steps + 1] = torch.arange(steps + 1)  # the planted chain; the prompt ends at its start
+    prompt[-1] = 0
+    pages = max(1, s // 16 // 10)
+    runs = {name: [decode.retrieval_decode(prompt, keys, values, steps, (32, 8), top_k) for _ in range(args.repeat)]
+            for name, top_k in (("exact", None), ("pages", pages))}  # fmt: skip
+    ms = {name: round(min(t for _, t in r) / steps * 1e3, 2) for name, r in runs.items()}
+    out = {"seq": s, "pages_kept": pages, "page": 16, "ms_per_step": ms, "speedup": round(ms["exact"] / ms["pages"], 2),
+           "tokens_identical": runs["exact"][0][0] == runs["pages"][0][0],
+           "retrieved_chain": runs["exact"][0][0] == list(range(1, steps + 1))}  # fmt: skip
+    print(out, flush=True)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default="recall,deviation,speed,memory,decode")
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--recall-seqs", default="16384,32768")
+    p.add_argument("--dev-seq", type=int, default=4096)
+    p.add_argument("--dev-thresholds", default="0.9,0.99")
+    p.add_argument("--speed-seq", default="32768")
+    p.add_argument("--speed-estimator", default="pooled", choices=ESTIMATORS)
+    p.add_argument("--modes", default="fwd")
+    p.add_argument("--mem-seq", type=int, default=8192)
+    p.add_argument("--decode-seq", type=int, default=16384)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--flex", action="store_true", help="also compiled FlexAttention on the same blocks (slow compile)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a loaded shared box")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.recall_seqs = [int(x) for x in args.recall_seqs.split(",")]
+    args.speed_seq = [int(x) for x in args.speed_seq.split(",")]
+    args.modes = args.modes.split(",")
+    args.dev_thresholds = [float(x) for x in args.dev_thresholds.split(",")]
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "load_before": os.getloadavg()}
+    sections = {"recall": section_recall, "deviation": section_deviation, "speed": section_speed,
+                "memory": section_memory, "decode": section_decode}  # fmt: skip
+    for name in args.sections.split(","):
+        result[name] = sections[name](args)
+    result["load_after"] = os.getloadavg()
+    write_json(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
