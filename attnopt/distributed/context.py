@@ -1,0 +1,160 @@
+"""``context_parallel``: an optimized model run with its sequence sharded over a process group.
+
+Inside the block, the given buffers (``input_ids``, ``position_ids``, labels, ...) hold this rank's shard
+(head-tail load balanced by default; restored on exit, as PyTorch's own ``context_parallel`` does), and
+every attnopt attention op of the rewritten graphs computes over the whole sequence: the ops consult
+:mod:`attnopt.kernels.parallel`, where this module installs :class:`Router`. Backward passes must run
+inside the block too (they exchange key gradients).
+
+A site's mask is read on the local shard, as the model builds it: no mask (bidirectional), causal, or a
+causal sliding window (recognized from the dense mask, as exact-sparse does); the same structure then holds
+for the whole sequence. Anything else (padding, document masks, dropout) is refused by name.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from attnopt.codegen.spec import CAUSAL_NONE
+from attnopt.distributed import linear, softmax
+from attnopt.distributed.comm import TRAFFIC, Comm, acc, as_group
+from attnopt.distributed.layout import Layout
+from attnopt.distributed.softmax import Shards
+from attnopt.kernels import parallel
+from attnopt.kernels.sparse.structure import recognize
+from attnopt.masks import SlidingWindow, lookup
+
+_REFUSED_MASK = ("context parallelism runs attention sites whose mask is none, causal or a causal sliding window "
+                 "(the same on every row of the batch, no key padding); this site's mask is {what}. Pad-free "
+                 "sequences (no attention_mask) and one model-wide mask structure are what context_parallel shards")  # fmt: skip
+
+
+def site_mask(attn_mask: Tensor | None, causal: int, q: Tensor, k: Tensor) -> SlidingWindow | None:
+    """The site's mask on the whole sequence: None (every key), causal, or ``SlidingWindow(left, 0)``."""
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"context parallelism shards self-attention (as many queries as keys); this site has "
+                         f"{q.shape[2]} queries and {k.shape[2]} keys")  # fmt: skip
+    if attn_mask is None:
+        return None if causal == CAUSAL_NONE else SlidingWindow(None, 0)
+    found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if found is None:
+        raise NotImplementedError(_REFUSED_MASK.format(what="not a recognized structure"))
+    mask, kv_valid = found
+    if kv_valid is not None:
+        raise NotImplementedError(_REFUSED_MASK.format(what="key padding"))
+    return _structured(mask)
+
+
+def _structured(mask) -> SlidingWindow | None:
+    if isinstance(mask, SlidingWindow) and mask.dilation == 1 and mask.left is None and mask.right is None:
+        return None
+    if isinstance(mask, SlidingWindow) and mask.dilation == 1 and mask.right == 0:
+        return mask
+    raise NotImplementedError(_REFUSED_MASK.format(what=repr(mask)))
+
+
+def _no_dropout(dropout_p: float) -> None:
+    if dropout_p > 0.0:
+        raise NotImplementedError("context parallelism runs attention without dropout: call model.eval() or set "
+                                  "the attention dropout to 0 (the dropout mask would differ from one process)")  # fmt: skip
+
+
+class Router:
+    """The handler :mod:`attnopt.kernels.parallel` calls: each op's sharded implementation."""
+
+    def __init__(self, shards: Shards):
+        self.shards = shards
+
+    def __call__(self, op: str, args: tuple):
+        before = TRAFFIC.sent_bytes
+        result = getattr(self, op)(*args)
+        TRAFFIC.calls.append((op, TRAFFIC.sent_bytes - before))
+        return result
+
+    def attention(self, q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap):
+        _no_dropout(dropout_p)
+        return softmax.forward(self.shards, q, k, v, site_mask(attn_mask, causal, q, k), scale, softcap)
+
+    def attention_backward(self, dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad,
+                           softcap):  # fmt: skip
+        if mask_grad:
+            raise NotImplementedError("context parallelism does not train an attention mask (its gradient)")
+        mask = site_mask(attn_mask, causal, q, k)
+        return (*softmax.backward(self.shards, dout, q, k, v, out, lse, mask, scale, softcap), q.new_empty(0))
+
+    def sparse_attention_auto(self, q, k, v, attn_mask, causal, scale, softcap):
+        out, lse = softmax.forward(self.shards, q, k, v, site_mask(attn_mask, causal, q, k), scale, softcap)
+        return out, lse.to(acc(q))
+
+    def sparse_attention_auto_backward(self, dout, q, k, v, out, lse, attn_mask, causal, scale, softcap):
+        return softmax.backward(self.shards, dout, q, k, v, out, lse, site_mask(attn_mask, causal, q, k), scale,
+                                softcap)  # fmt: skip
+
+    def sparse_attention(self, q, k, v, attn_mask, kv_valid, mask, scale, softcap):
+        return softmax.forward(self.shards, q, k, v, self._sparse_mask(attn_mask, kv_valid, mask), scale, softcap)
+
+    def sparse_attention_backward(self, dout, q, k, v, out, lse, attn_mask, kv_valid, mask, scale, softcap):
+        mask = self._sparse_mask(attn_mask, kv_valid, mask)
+        return softmax.backward(self.shards, dout, q, k, v, out, lse, mask, scale, softcap)
+
+    @staticmethod
+    def _sparse_mask(attn_mask, kv_valid, mask: str) -> SlidingWindow | None:
+        if attn_mask is not None or kv_valid is not None:
+            raise NotImplementedError(_REFUSED_MASK.format(what="a dense mask or key padding beside its descriptor"))
+        return _structured(lookup(mask))
+
+    def linear_attention(self, *args):
+        return linear.forward(self.shards, *args)
+
+    def linear_attention_backward(self, *args):
+        return linear.backward(self.shards, *args)
+
+
+@contextmanager
+def context_parallel(mesh=None, *, buffers: Sequence[Tensor] = (), buffer_seq_dims: Sequence[int] = (),
+                     no_restore_buffers: Sequence[Tensor] = (), load_balance: bool = True) -> Iterator[Layout]:  # fmt: skip
+    """Runs attnopt's attention ops over a sequence sharded across ``mesh`` (a 1-D DeviceMesh, a process group,
+    or None for the default group), like ``torch.distributed.tensor.experimental.context_parallel``.
+
+    ``buffers`` (each with its sequence dimension in ``buffer_seq_dims``) are sharded in place on entry and
+    restored on exit (except those in ``no_restore_buffers``). Pass the *global* ``position_ids`` among them
+    (``torch.arange(S)`` expanded to the batch): rotary embeddings then see each token's true position. With
+    ``load_balance`` (the default) rank r holds chunks r and 2W-1-r of 2W; the sequence length must divide by
+    the chunk count. Yields the :class:`~attnopt.distributed.layout.Layout` (for :func:`unshard`).
+    """
+    if len(buffers) != len(buffer_seq_dims):
+        raise ValueError(f"context_parallel: {len(buffers)} buffers but {len(buffer_seq_dims)} buffer_seq_dims; "
+                         "give one sequence dimension per buffer")  # fmt: skip
+    comm = Comm(as_group(mesh))
+    layout = Layout(comm.world, load_balance)
+    originals = [b.clone() for b in buffers]
+    for b, dim in zip(buffers, buffer_seq_dims):
+        local = layout.shard(b, dim, comm.rank).clone()
+        b.resize_(local.shape)
+        b.copy_(local)
+    try:
+        with parallel.installed(Router(Shards(comm, layout))):
+            yield layout
+    finally:
+        keep = {id(b) for b in no_restore_buffers}
+        for b, original in zip(buffers, originals):
+            if id(b) not in keep:
+                b.resize_(original.shape)
+                b.copy_(original)
+
+
+def shard(t: Tensor, dim: int, mesh=None, load_balance: bool = True) -> Tensor:
+    """This rank's shard of the full tensor ``t`` along ``dim`` (a copy; the layout context_parallel uses)."""
+    comm = Comm(as_group(mesh))
+    return Layout(comm.world, load_balance).shard(t, dim, comm.rank).clone()
+
+
+def unshard(t: Tensor, dim: int, mesh=None, load_balance: bool = True) -> Tensor:
+    """The full tensor from every rank's shard ``t`` along ``dim`` (an all-gather; no gradient)."""
+    comm = Comm(as_group(mesh))
+    with torch.no_grad():
+        return Layout(comm.world, load_balance).to_global(comm.all_gather(t.detach()), dim)

@@ -1,0 +1,159 @@
+"""Multi-process runs for tests/distributed: ``run(world, cases, tmp)`` spawns ``world`` gloo processes on a
+FileStore, runs each named case in every process and returns ``[per rank {case: result}]``.
+
+A case builds its inputs from fixed seeds (the same on every rank), computes the single-process result
+itself and the context-parallel one, and returns relative errors (``max |a - b| / max |b|``) and the bytes
+it measured; the tests assert on them. One spawn serves every case of a world size (start-up dominates).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SEQ = 16  # divides into 2·4 chunks
+MISTRAL_WINDOW = 5  # a halo that spans chunks at 4 ranks (chunk length 2)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().abs().max() / b.detach().abs().max().clamp_min(1e-30))
+
+
+def run(world: int, cases: list[str], tmp) -> list[dict]:
+    store = os.path.join(str(tmp), f"store{world}")
+    mp.spawn(_worker, args=(world, store, cases, str(tmp)), nprocs=world, join=True)
+    return [torch.load(os.path.join(str(tmp), f"result{world}_{r}.pt")) for r in range(world)]
+
+
+def _worker(rank: int, world: int, store: str, cases: list[str], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for name in cases:
+            try:
+                results[name] = CASES[name](out_dir)
+            except Exception:  # reported to the test, which fails with the traceback
+                results[name] = {"error": traceback.format_exc()}
+            dist.barrier()
+        torch.save(results, os.path.join(out_dir, f"result{world}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------ op cases
+
+def _grads(fn, *inputs):
+    inputs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    return out, weight, inputs
+
+
+def _op_case(fn, q, k, v, seq_dim=2):
+    """Single process vs sharded: (rel error of the output, of dq, dk, dv)."""
+    import attnopt.distributed as ad
+
+    ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = fn(*ref_in)
+    weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=ref.dtype)
+    (ref * weight).sum().backward()
+    with ad.context_parallel(buffers=[], buffer_seq_dims=[]):
+        local = [ad.shard(t, seq_dim).requires_grad_(True) for t in (q, k, v)]
+        out = fn(*local)
+        (out * ad.shard(weight, seq_dim)).sum().backward()
+    got = [ad.unshard(t, seq_dim) for t in (out, *(x.grad for x in local))]
+    return [rel(g, r) for g, r in zip(got, (ref, *(x.grad for x in ref_in)))]
+
+
+def _qkv(hq=4, hkv=2, d=8, dv=8, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return (torch.randn(1, hq, SEQ, d, generator=gen, dtype=dtype), torch.randn(1, hkv, SEQ, d, generator=gen, dtype=dtype),
+            torch.randn(1, hkv, SEQ, dv, generator=gen, dtype=dtype))  # fmt: skip
+
+
+def case_ops(_out_dir):
+    from attnopt.codegen.spec import CAUSAL_NONE, CAUSAL_TOP_LEFT
+    from attnopt.distributed import TRAFFIC
+    from attnopt.masks import SlidingWindow
+
+    q, k, v = _qkv()
+    attn = torch.ops.attnopt.attention
+    win = SlidingWindow(MISTRAL_WINDOW, 0).key()
+    out = {
+        "causal": _op_case(lambda q, k, v: attn(q, k, v, None, 0.0, CAUSAL_TOP_LEFT, 0.3, None)[0], q, k, v),
+        "full": _op_case(lambda q, k, v: attn(q, k, v, None, 0.0, CAUSAL_NONE, 0.3, None)[0], q, k, v),
+        "window": _op_case(lambda q, k, v: torch.ops.attnopt.sparse_attention(q, k, v, None, None, win, 0.3)[0],
+                           q, k, v),
+    }
+    decay = torch.log(torch.tensor([0.9, 0.8, 0.95, 0.7]))
+    feats = [torch.nn.functional.elu(t) + 1 if i < 2 else t for i, t in enumerate((q, k, v))]
+    lin = torch.ops.attnopt.linear_attention
+    out["linear"] = _op_case(lambda q, k, v: lin(q, k, v, decay, True, True, 0.3, 1e-6, None, None)[0], *feats)
+    TRAFFIC.reset()
+    _op_case(lambda q, k, v: lin(q, k, v, None, True, False, 0.3, 1e-6, None, None)[0], *feats)
+    out["linear_calls"] = list(TRAFFIC.calls)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- model cases
+
+def _model(name, **overrides):
+    from attnopt import zoo
+
+    z = zoo.build(name, attn_implementation="sdpa", batch=1, seq=SEQ, **overrides)
+    return z.model, z.kwargs["input_ids"]
+
+
+def _model_case(name, policy, **overrides):
+    """Single-process optimized model vs the same one under context_parallel: rel errors of the output and of
+    every parameter gradient, and the measured bytes per routed call."""
+    import attnopt
+    import attnopt.distributed as ad
+
+    model, ids = _model(name, **overrides)
+    pos = torch.arange(SEQ)[None]
+    ref = attnopt.optimize(copy.deepcopy(model), policy, kwargs=dict(input_ids=ids, position_ids=pos), measure=False)
+    want = ref(input_ids=ids, position_ids=pos).last_hidden_state
+    weight = torch.randn(want.shape, generator=torch.Generator().manual_seed(3))
+    (want * weight).sum().backward()
+    opt = attnopt.optimize(copy.deepcopy(model), policy)
+    ids_l, pos_l, weight_l = ids.clone(), pos.clone(), weight.clone()
+    ad.TRAFFIC.reset()
+    with ad.context_parallel(buffers=[ids_l, pos_l, weight_l], buffer_seq_dims=[1, 1, 1]):
+        got = opt(input_ids=ids_l, position_ids=pos_l).last_hidden_state
+        forward_calls = list(ad.TRAFFIC.calls)
+        (got * weight_l).sum().backward()
+        got = ad.unshard(got, 1)
+    errors = {"output": rel(got, want)}
+    for (n, p), (_, r) in zip(opt.module.named_parameters(), ref.module.named_parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g)
+        errors[n] = rel(g, r.grad)
+    variants = sorted({type(s.variant).__name__ for s in opt.attnopt_report.sites})
+    return {"errors": errors, "forward_calls": forward_calls, "variants": variants,
+            "layers": model.config.num_hidden_layers, "shape": (model.config.num_key_value_heads,
+                                                                model.config.hidden_size // model.config.num_attention_heads)}  # fmt: skip
+
+
+def case_llama(_out_dir):
+    return _model_case("llama", "exact")
+
+
+def case_mistral(_out_dir):
+    return _model_case("mistral", "sparse", sliding_window=MISTRAL_WINDOW + 1)
+
+
+def case_linear(_out_dir):
+    import attnopt
+
+    return _model_case("llama", attnopt.Linear(causal=True, decay="lightning", num_layers=2))
+
+
+CASES = {"ops": case_ops, "llama": case_llama, "mistral": case_mistral, "linear": case_linear}
