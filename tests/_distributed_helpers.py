@@ -72,10 +72,10 @@ def _op_case(fn, q, k, v, seq_dim=2):
     return [rel(g, r) for g, r in zip(got, (ref, *(x.grad for x in ref_in)))]
 
 
-def _qkv(hq=4, hkv=2, d=8, dv=8, dtype=torch.float32):
+def _qkv(seq=SEQ, hq=4, hkv=2, d=8, dv=8):
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(1, hq, SEQ, d, generator=gen, dtype=dtype), torch.randn(1, hkv, SEQ, d, generator=gen, dtype=dtype),
-            torch.randn(1, hkv, SEQ, dv, generator=gen, dtype=dtype))  # fmt: skip
+    return (torch.randn(1, hq, seq, d, generator=gen), torch.randn(1, hkv, seq, d, generator=gen),
+            torch.randn(1, hkv, seq, dv, generator=gen))
 
 
 def case_ops(_out_dir):
@@ -96,19 +96,21 @@ def case_ops(_out_dir):
     feats = [torch.nn.functional.elu(t) + 1 if i < 2 else t for i, t in enumerate((q, k, v))]
     lin = torch.ops.attnopt.linear_attention
     out["linear"] = _op_case(lambda q, k, v: lin(q, k, v, decay, True, True, 0.3, 1e-6, None, None)[0], *feats)
-    TRAFFIC.reset()
-    _op_case(lambda q, k, v: lin(q, k, v, None, True, False, 0.3, 1e-6, None, None)[0], *feats)
-    out["linear_calls"] = list(TRAFFIC.calls)
+    for seq in (SEQ, 4 * SEQ):  # the bytes of a linear site do not grow with S
+        q, k, v = _qkv(seq)
+        TRAFFIC.reset()
+        _op_case(lambda q, k, v: lin(q, k, v, None, True, False, 0.3, 1e-6, None, None)[0], q.exp(), k.exp(), v)
+        out[f"linear_calls_{seq}"] = list(TRAFFIC.calls)
     return out
 
 
 # --------------------------------------------------------------------------------------------- model cases
 
-def _model(name, **overrides):
+def _model(name, dtype=torch.float32, **overrides):
     from attnopt import zoo
 
     z = zoo.build(name, attn_implementation="sdpa", batch=1, seq=SEQ, **overrides)
-    return z.model, z.kwargs["input_ids"]
+    return z.model.to(dtype), z.kwargs["input_ids"]
 
 
 def _model_case(name, policy, **overrides):
@@ -157,3 +159,75 @@ def case_linear(_out_dir):
 
 
 CASES = {"ops": case_ops, "llama": case_llama, "mistral": case_mistral, "linear": case_linear}
+
+
+# ------------------------------------------------------------------------------------- DDP, FSDP2 and DCP
+
+def _batch():
+    """Two rows of tokens: rank r trains on row r (each rank's loss is its row's mean)."""
+    _, ids = _model("llama")
+    return torch.cat([ids, ids.flip(1)])
+
+
+def _loss(module, ids):
+    out = module(input_ids=ids)
+    return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]).pow(2).mean()
+
+
+def _step(wrapped, ids, full=lambda p: p):
+    """One SGD step of ``wrapped`` on ``ids``: its gradients and the parameters after it (full tensors). The
+    gradients are compared: a step's update is below fp32's resolution of some weights (RMSNorm's 1.0)."""
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.5)
+    _loss(wrapped, ids).backward()
+    opt.step()
+    return [full(p.grad).detach() for p in wrapped.parameters()], [full(p).detach() for p in wrapped.parameters()]
+
+
+def _reference_step(model):
+    """The same step on the original model, one process, the whole batch."""
+    return _step(copy.deepcopy(model), _batch())
+
+
+def _step_errors(got, want):
+    """Largest relative error of the gradients and of the parameters after the step."""
+    return {"grads": max(rel(g, w) for g, w in zip(got[0], want[0])),
+            "params": max(rel(g, w) for g, w in zip(got[1], want[1]))}  # fmt: skip
+
+
+def case_ddp(_out_dir):
+    import attnopt
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, _ = _model("llama", torch.float64)  # Inductor's fused fp32 arithmetic rounds differently (~5e-5)
+    want = _reference_step(model)
+    ids = _batch()[dist.get_rank():dist.get_rank() + 1]
+    optimized = attnopt.optimize(copy.deepcopy(model), "exact")
+    eager = _step_errors(_step(DDP(optimized), ids), want)
+    compiled = torch.compile(DDP(copy.deepcopy(model)), backend="attnopt")
+    return {"optimize": eager, "compile": _step_errors(_step(compiled, ids), want),
+            "sites": len(optimized.attnopt_report.sites)}  # fmt: skip
+
+
+def case_fsdp(out_dir):
+    import attnopt
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = _model("llama", torch.float64)  # Inductor's fused fp32 arithmetic rounds differently (~5e-5)
+    want = _reference_step(model)
+    ids = _batch()[dist.get_rank():dist.get_rank() + 1]
+    full = lambda p: p.full_tensor()  # noqa: E731
+    optimized = attnopt.optimize(copy.deepcopy(model), "exact")
+    fully_shard(optimized)
+    eager = _step_errors(_step(optimized, ids, full), want)
+    dcp.save(optimized.state_dict(), checkpoint_id=os.path.join(out_dir, "dcp"))
+    saved = {n: t.full_tensor() for n, t in optimized.state_dict().items()}
+    if dist.get_rank() == 0:
+        torch.save(saved, os.path.join(out_dir, "dcp_expected.pt"))
+    inner = copy.deepcopy(model)
+    fully_shard(inner)
+    compiled = torch.compile(inner, backend="attnopt")
+    return {"optimize": eager, "compile": _step_errors(_step(compiled, ids, full), want)}
+
+
+CASES.update({"ddp": case_ddp, "fsdp": case_fsdp})
