@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
 
 
 @dataclass
@@ -83,8 +84,6 @@ class Comm:
 
 def as_group(mesh_or_group):
     """The process group of a 1-D DeviceMesh, a process group, or None (the default group)."""
-    from torch.distributed.device_mesh import DeviceMesh
-
     if isinstance(mesh_or_group, DeviceMesh):
         if mesh_or_group.ndim != 1:
             raise ValueError(f"context_parallel takes a 1-D DeviceMesh (the context-parallel dimension); got "

@@ -69,7 +69,7 @@ def _check_dcp_round_trip(tmp_path) -> None:
     import torch.distributed.checkpoint as dcp
 
     expected = torch.load(tmp_path / "dcp_expected.pt")
-    model, ids = h._model("llama", torch.float64)
+    model, ids = h._model("llama", torch.float64, num_hidden_layers=1)
     optimized = attnopt.optimize(model, "exact")
     state = optimized.state_dict()
     dcp.load(state, checkpoint_id=os.fspath(tmp_path / "dcp"))
