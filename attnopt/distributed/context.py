@@ -33,8 +33,13 @@ _REFUSED_MASK = ("context parallelism runs attention sites whose mask is none, c
                  "sequences (no attention_mask) and one model-wide mask structure are what context_parallel shards")  # fmt: skip
 
 
-def site_mask(attn_mask: Tensor | None, causal: int, q: Tensor, k: Tensor) -> SlidingWindow | None:
-    """The site's mask on the whole sequence: None (every key), causal, or ``SlidingWindow(left, 0)``."""
+def site_mask(attn_mask: Tensor | None, causal: int, q: Tensor, k: Tensor,
+              causal_masks: int | str | None = None) -> SlidingWindow | None:  # fmt: skip
+    """The site's mask on the whole sequence: None (every key), causal, or ``SlidingWindow(left, 0)``.
+
+    A dense mask that reads as plain causal on the shard is ambiguous (a sliding window as wide as the shard
+    looks the same): ``causal_masks`` says what it is (``"causal"``, or the window in keys); None refuses it.
+    """
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"context parallelism shards self-attention (as many queries as keys); this site has "
                          f"{q.shape[2]} queries and {k.shape[2]} keys")  # fmt: skip
@@ -46,7 +51,21 @@ def site_mask(attn_mask: Tensor | None, causal: int, q: Tensor, k: Tensor) -> Sl
     mask, kv_valid = found
     if kv_valid is not None:
         raise NotImplementedError(_REFUSED_MASK.format(what="key padding"))
+    if mask.right == 0 and (mask.left is None or mask.left >= q.shape[2] - 1):
+        return _causal_on_shard(causal_masks, q.shape[2])
     return _structured(mask)
+
+
+def _causal_on_shard(causal_masks: int | str | None, local: int) -> SlidingWindow:
+    if causal_masks == "causal":
+        return SlidingWindow(None, 0)
+    if isinstance(causal_masks, int) and not isinstance(causal_masks, bool) and causal_masks >= local:
+        return SlidingWindow(causal_masks - 1, 0)
+    raise NotImplementedError(
+        f"a site's dense mask is causal on this rank's {local} positions: it may be causal or a sliding window "
+        f"of {local} keys or more, which the shard cannot tell apart (got causal_masks={causal_masks!r}). Pass "
+        "context_parallel(..., causal_masks='causal') or causal_masks=<window in keys> (Mistral's "
+        f"config.sliding_window; a window must be at least {local}), or shard longer sequences")
 
 
 def _structured(mask) -> SlidingWindow | None:
@@ -66,8 +85,12 @@ def _no_dropout(dropout_p: float) -> None:
 class Router:
     """The handler :mod:`attnopt.kernels.parallel` calls: each op's sharded implementation."""
 
-    def __init__(self, shards: Shards):
+    def __init__(self, shards: Shards, causal_masks: int | str | None = None):
         self.shards = shards
+        self.causal_masks = causal_masks
+
+    def _mask(self, attn_mask, causal, q, k) -> SlidingWindow | None:
+        return site_mask(attn_mask, causal, q, k, self.causal_masks)
 
     def __call__(self, op: str, args: tuple):
         before = TRAFFIC.sent_bytes
@@ -77,21 +100,21 @@ class Router:
 
     def attention(self, q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap):
         _no_dropout(dropout_p)
-        return softmax.forward(self.shards, q, k, v, site_mask(attn_mask, causal, q, k), scale, softcap)
+        return softmax.forward(self.shards, q, k, v, self._mask(attn_mask, causal, q, k), scale, softcap)
 
     def attention_backward(self, dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad,
                            softcap):  # fmt: skip
         if mask_grad:
             raise NotImplementedError("context parallelism does not train an attention mask (its gradient)")
-        mask = site_mask(attn_mask, causal, q, k)
+        mask = self._mask(attn_mask, causal, q, k)
         return (*softmax.backward(self.shards, dout, q, k, v, out, lse, mask, scale, softcap), q.new_empty(0))
 
     def sparse_attention_auto(self, q, k, v, attn_mask, causal, scale, softcap):
-        out, lse = softmax.forward(self.shards, q, k, v, site_mask(attn_mask, causal, q, k), scale, softcap)
+        out, lse = softmax.forward(self.shards, q, k, v, self._mask(attn_mask, causal, q, k), scale, softcap)
         return out, lse.to(acc(q))
 
     def sparse_attention_auto_backward(self, dout, q, k, v, out, lse, attn_mask, causal, scale, softcap):
-        return softmax.backward(self.shards, dout, q, k, v, out, lse, site_mask(attn_mask, causal, q, k), scale,
+        return softmax.backward(self.shards, dout, q, k, v, out, lse, self._mask(attn_mask, causal, q, k), scale,
                                 softcap)  # fmt: skip
 
     def sparse_attention(self, q, k, v, attn_mask, kv_valid, mask, scale, softcap):
@@ -116,7 +139,8 @@ class Router:
 
 @contextmanager
 def context_parallel(mesh=None, *, buffers: Sequence[Tensor] = (), buffer_seq_dims: Sequence[int] = (),
-                     no_restore_buffers: Sequence[Tensor] = (), load_balance: bool = True) -> Iterator[Layout]:  # fmt: skip
+                     no_restore_buffers: Sequence[Tensor] = (), load_balance: bool = True,
+                     causal_masks: int | str | None = None) -> Iterator[Layout]:  # fmt: skip
     """Runs attnopt's attention ops over a sequence sharded across ``mesh`` (a 1-D DeviceMesh, a process group,
     or None for the default group), like ``torch.distributed.tensor.experimental.context_parallel``.
 
@@ -124,7 +148,8 @@ def context_parallel(mesh=None, *, buffers: Sequence[Tensor] = (), buffer_seq_di
     restored on exit (except those in ``no_restore_buffers``). Pass the *global* ``position_ids`` among them
     (``torch.arange(S)`` expanded to the batch): rotary embeddings then see each token's true position. With
     ``load_balance`` (the default) rank r holds chunks r and 2W-1-r of 2W; the sequence length must divide by
-    the chunk count. Yields the :class:`~attnopt.distributed.layout.Layout` (for :func:`unshard`).
+    the chunk count. ``causal_masks``: what a dense mask that is causal on the shard means (``"causal"``, or a
+    sliding window of that many keys); a window narrower than the shard reads itself. Yields the :class:`~attnopt.distributed.layout.Layout` (for :func:`unshard`).
     """
     if len(buffers) != len(buffer_seq_dims):
         raise ValueError(f"context_parallel: {len(buffers)} buffers but {len(buffer_seq_dims)} buffer_seq_dims; "
@@ -137,7 +162,7 @@ def context_parallel(mesh=None, *, buffers: Sequence[Tensor] = (), buffer_seq_di
         b.resize_(local.shape)
         b.copy_(local)
     try:
-        with parallel.installed(Router(Shards(comm, layout))):
+        with parallel.installed(Router(Shards(comm, layout), causal_masks)):
             yield layout
     finally:
         keep = {id(b) for b in no_restore_buffers}

@@ -116,6 +116,11 @@ def test_site_mask_reads_the_local_structure():
     padded = window[None, None] & (i < 6)[None, None, None, :]
     with pytest.raises(NotImplementedError, match="key padding"):
         ad.site_mask(padded, 0, q, q)
+    wide = (i[None, :] <= i[:, None])[None, None]  # causal, or a window of 8 keys or more: the user says which
+    with pytest.raises(NotImplementedError, match="causal_masks="):
+        ad.site_mask(wide, 0, q, q)
+    assert ad.site_mask(wide, 0, q, q, causal_masks="causal") == causal()
+    assert ad.site_mask(wide, 0, q, q, causal_masks=4096) == SlidingWindow(4095, 0)
 
 
 def test_needs_a_process_group():
