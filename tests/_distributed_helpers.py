@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 import traceback
 
 import torch
@@ -37,8 +38,10 @@ def _worker(rank: int, world: int, store: str, cases: list[str], out_dir: str) -
     try:
         for name in cases:
             torch._dynamo.reset()  # each case compiles afresh: a case must not hit another's recompile limit
+            start = time.perf_counter()
             try:
                 results[name] = CASES[name](out_dir)
+                results[name]["seconds"] = time.perf_counter() - start
             except Exception:  # reported to the test, which fails with the traceback
                 results[name] = {"error": traceback.format_exc()}
             dist.barrier()
@@ -57,19 +60,20 @@ def _grads(fn, *inputs):
     return out, weight, inputs
 
 
-def _op_case(fn, q, k, v, seq_dim=2):
-    """Single process vs sharded: (rel error of the output, of dq, dk, dv)."""
+def _op_case(fn, q, k, v, seq_dim=2, mesh=None):
+    """Single process vs sharded over ``mesh`` (the default group for None): (rel error of the output, of dq, dk,
+    dv)."""
     import attnopt.distributed as ad
 
     ref_in = [t.clone().requires_grad_(True) for t in (q, k, v)]
     ref = fn(*ref_in)
     weight = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7), dtype=ref.dtype)
     (ref * weight).sum().backward()
-    with ad.context_parallel(buffers=[], buffer_seq_dims=[]):
-        local = [ad.shard(t, seq_dim).requires_grad_(True) for t in (q, k, v)]
+    with ad.context_parallel(mesh, buffers=[], buffer_seq_dims=[]):
+        local = [ad.shard(t, seq_dim, mesh).requires_grad_(True) for t in (q, k, v)]
         out = fn(*local)
         (out * ad.shard(weight, seq_dim)).sum().backward()
-    got = [ad.unshard(t, seq_dim) for t in (out, *(x.grad for x in local))]
+    got = [ad.unshard(t, seq_dim, mesh) for t in (out, *(x.grad for x in local))]
     return [rel(g, r) for g, r in zip(got, (ref, *(x.grad for x in ref_in)))]
 
 
@@ -83,13 +87,15 @@ def case_ops(_out_dir):
     from attnopt.codegen.spec import CAUSAL_NONE, CAUSAL_TOP_LEFT
     from attnopt.distributed import TRAFFIC
     from attnopt.masks import SlidingWindow
+    from torch.distributed.device_mesh import init_device_mesh
 
     q, k, v = _qkv()
     attn = torch.ops.attnopt.attention
     win = SlidingWindow(MISTRAL_WINDOW, 0).key()
     out = {
         "causal": _op_case(lambda q, k, v: attn(q, k, v, None, 0.0, CAUSAL_TOP_LEFT, 0.3, None)[0], q, k, v),
-        "full": _op_case(lambda q, k, v: attn(q, k, v, None, 0.0, CAUSAL_NONE, 0.3, None)[0], q, k, v),
+        "full": _op_case(lambda q, k, v: attn(q, k, v, None, 0.0, CAUSAL_NONE, 0.3, None)[0], q, k, v,
+                         mesh=init_device_mesh("cpu", (dist.get_world_size(),))),
         "window": _op_case(lambda q, k, v: torch.ops.attnopt.sparse_attention(q, k, v, None, None, win, 0.3)[0],
                            q, k, v),
     }
