@@ -35,6 +35,7 @@ LAYERS = {
     "attnopt.convert_source": 4, "attnopt.convert_write": 4, "attnopt.convert_check": 4,
     "attnopt.artifact": 4, "attnopt.export": 4, "attnopt.export_dims": 4, "attnopt.onnx_functions": 4,
     "attnopt.inputs": 4, "attnopt.targets": 4, "attnopt.zoo": 4, "attnopt.cli": 4, "attnopt.cli_errors": 4,
+    "attnopt.distributed": 4,
 }
 
 # Third-party packages that may be imported inside a function: optional (triton, transformers, onnx*, matplotlib,

@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnopt.kernels import parallel
 from attnopt.kernels.exact import cpu, dispatch, reference, triton_impl
 from attnopt.kernels.exact.padding import key_padding_lengths
 from attnopt.kernels.layout import acc_dtype, check_qkv, empty
@@ -74,6 +75,9 @@ def attention_fwd(
     """Returns (out [B, Hq, Sq, Dv] in q's layout (:func:`empty_out`), lse [B, Hq, Sq] fp32, fp64 for fp64
     inputs)."""
     _check(q, k, v, attn_mask)
+    routed = parallel.route("attention", q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
+    if routed is not None:
+        return _result(q, v, *routed)
     return _result(q, v, *cpu.forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
 
 
@@ -110,6 +114,9 @@ def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
 @attention_fwd.register_kernel("cuda")
 def _(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap=0.0):
     _check(q, k, v, attn_mask)
+    routed = parallel.route("attention", q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap)
+    if routed is not None:
+        return _result(q, v, *routed)
     if q.dtype == torch.float64:
         # The generated kernels take fp16, bf16 and fp32; fp64 runs the reference on the GPU.
         return _result(q, v, *reference.attention_forward(q, k, v, attn_mask, dropout_p, causal, scale, seed, softcap))
@@ -143,6 +150,10 @@ def attention_bwd(
     softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dmask); dmask is an empty tensor unless ``mask_grad``."""
+    routed = parallel.route("attention_backward", dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed,
+                            mask_grad, softcap)  # fmt: skip
+    if routed is not None:
+        return _grads(q, k, v, *routed)
     dq, dk, dv, dmask = cpu.backward(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad,
                                      softcap)
     return _grads(q, k, v, dq, dk, dv, dmask)
@@ -160,6 +171,10 @@ def _grads(q, k, v, dq, dk, dv, dmask) -> tuple[Tensor, Tensor, Tensor, Tensor]:
 
 @attention_bwd.register_kernel("cuda")
 def _(dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed, mask_grad, softcap=0.0):
+    routed = parallel.route("attention_backward", dout, q, k, v, out, lse, attn_mask, dropout_p, causal, scale, seed,
+                            mask_grad, softcap)  # fmt: skip
+    if routed is not None:
+        return _grads(q, k, v, *routed)
     dout = dout.contiguous()  # the CUDA kernels read rows of a contiguous dout (the CPU ones take its strides)
     if q.dtype == torch.float64:
         dq, dk, dv, dmask = reference.attention_backward(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from attnopt.kernels import parallel
 from attnopt.kernels.layout import acc_dtype, contiguous, empty
 from attnopt.kernels.linear import chunked, triton_impl
 from attnopt.kernels.linear.operands import check
@@ -44,6 +45,10 @@ _PARAMS = ("Tensor? log_decay, bool causal, bool normalize, float scale, float e
                          schema=f"(Tensor q, Tensor k, Tensor v, {_PARAMS}) -> (Tensor, Tensor, Tensor, Tensor)")
 def linear_attention(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm):
     _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm)
+    routed = parallel.route("linear_attention", q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
+                            initial_norm)  # fmt: skip
+    if routed is not None:
+        return routed
     return contiguous(*chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm))
 
 
@@ -60,6 +65,10 @@ def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_
 @linear_attention.register_kernel("cuda")
 def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_norm):
     _validate(q, k, v, log_decay, causal, scale, initial_state, initial_norm)
+    routed = parallel.route("linear_attention", q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
+                            initial_norm)  # fmt: skip
+    if routed is not None:
+        return routed
     if not _cuda_ok(q, k, v):
         return contiguous(*chunked.forward(q, k, v, log_decay, causal, normalize, scale, eps, initial_state,
                                            initial_norm))  # fmt: skip
@@ -73,6 +82,10 @@ def _(q, k, v, log_decay, causal, normalize, scale, eps, initial_state, initial_
 def linear_attention_backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
                               initial_norm, dstate, dnorm):  # fmt: skip
     """Returns (dq, dk, dv, dinitial_state, dinitial_norm); the last two are empty for non-causal calls."""
+    routed = parallel.route("linear_attention_backward", dout, q, k, v, out, den, log_decay, causal, normalize, scale,
+                            eps, initial_state, initial_norm, dstate, dnorm)  # fmt: skip
+    if routed is not None:
+        return _fill_empty(q, routed)
     grads = chunked.backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
                              initial_norm, dstate, dnorm)  # fmt: skip
     return _fill_empty(q, grads)
@@ -95,6 +108,10 @@ def _(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial
 
 @linear_attention_backward.register_kernel("cuda")
 def _(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state, initial_norm, dstate, dnorm):
+    routed = parallel.route("linear_attention_backward", dout, q, k, v, out, den, log_decay, causal, normalize, scale,
+                            eps, initial_state, initial_norm, dstate, dnorm)  # fmt: skip
+    if routed is not None:
+        return _fill_empty(q, routed)
     if not _cuda_ok(q, k, v):
         grads = chunked.backward(dout, q, k, v, out, den, log_decay, causal, normalize, scale, eps, initial_state,
                                  initial_norm, dstate, dnorm)  # fmt: skip

@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnopt.kernels import parallel
 from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
 from attnopt.kernels.sparse import blockwise, triton_impl
 from attnopt.kernels.sparse.structure import recognize
@@ -119,6 +120,9 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor
                      mask: str, scale: float, softcap: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Returns (out [B, Hq, Sq, Dv], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     _check(q, k, v, kv_valid)
+    routed = parallel.route("sparse_attention", q, k, v, attn_mask, kv_valid, mask, scale, softcap)
+    if routed is not None:
+        return routed
     return contiguous(*forward(_impl(q, attn_mask), q, k, v, lookup(mask), kv_valid, attn_mask, scale, softcap))
 
 
@@ -134,6 +138,10 @@ def sparse_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out
                               attn_mask: Optional[Tensor], kv_valid: Optional[Tensor], mask: str, scale: float,
                               softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns (dq, dk, dv)."""
+    routed = parallel.route("sparse_attention_backward", dout, q, k, v, out, lse, attn_mask, kv_valid, mask, scale,
+                            softcap)  # fmt: skip
+    if routed is not None:
+        return routed
     return contiguous(*backward(_impl(q, attn_mask), dout, q, k, v, out, lse, lookup(mask), kv_valid, attn_mask, scale,
                                 softcap))  # fmt: skip
 
@@ -176,6 +184,9 @@ def sparse_attention_auto(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[T
                           softcap: float = 0.0) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Exact attention; sparse when the mask's structure is recognized. Returns (out, lse)."""
     _check(q, k, v, None)
+    routed = parallel.route("sparse_attention_auto", q, k, v, attn_mask, causal, scale, softcap)
+    if routed is not None:
+        return routed
     with torch.no_grad():
         out, lse = _auto_forward(q, k, v, attn_mask, causal, scale, softcap)
     return contiguous(out, lse.to(acc_dtype(q)))
@@ -193,6 +204,9 @@ def sparse_attention_auto_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor
                                    attn_mask: Optional[Tensor], causal: int, scale: float,
                                    softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """(dq, dk, dv): recognizes the mask again (deterministic) and takes the forward's path."""
+    routed = parallel.route("sparse_attention_auto_backward", dout, q, k, v, out, lse, attn_mask, causal, scale, softcap)
+    if routed is not None:
+        return routed
     found = recognize(attn_mask, causal, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if found is None:
         dq, dk, dv, _ = torch.ops.attnopt.attention_backward.default(
