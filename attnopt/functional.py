@@ -12,7 +12,6 @@ differentiable, compiles under ``torch.compile(fullgraph=True)`` and exports wit
 
 from __future__ import annotations
 
-import importlib
 import math
 import operator
 from typing import Any
@@ -25,14 +24,11 @@ import attnopt.kernels.sparse.ops  # noqa: F401  (registers torch.ops.attnopt.sp
 from attnopt import masks
 from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
+from attnopt.kernels.exact import score_mod as score_mod_kernels
 from attnopt.kernels.linear.reference import EPS, feature_map
 from attnopt.masks.flex import from_block_mask, is_block_mask
 from attnopt.policy import Exact, Keep, Linear, Sigmoid, Sparse, parse_variant
 from attnopt.variants.linear import rms_norm, site_log_decay
-
-# The module that compiles a score_mod into the exact kernels (its ``attention(q, k, v, score_mod, *, mask, scale,
-# enable_gqa) -> (out, lse)``), imported when a call first passes one.
-SCORE_MOD_MODULE = "attnopt.kernels.exact.score_mod"
 
 
 def attention(q, k, v, *positional, mask=None, score_mod=None, variant=None, is_causal: bool = False,
@@ -308,10 +304,10 @@ def _score_mod(q, k, v, score_mod, mask, variant, is_causal: bool, scale: float,
         raise ValueError("attnopt.attention: with a score_mod, give the mask as a descriptor, a BlockMask or a "
                          "mask_mod (a tensor mask becomes part of the score_mod: score + bias[b, h, q_idx, kv_idx])")  # fmt: skip
     mask = None if mask is None else as_descriptor(mask)
-    if is_causal:
-        mask = masks.causal("top-left") if mask is None else mask & masks.causal("top-left")
-    return importlib.import_module(SCORE_MOD_MODULE).attention(q, k, v, score_mod, mask=mask, scale=scale,
-                                                               enable_gqa=enable_gqa)  # fmt: skip
+    if is_causal and mask is not None:
+        mask, is_causal = mask & masks.causal("top-left"), False
+    return score_mod_kernels.attention(q, k, v, score_mod, mask=mask, scale=scale, enable_gqa=enable_gqa,
+                                       is_causal=is_causal)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, is_causal: bool = False, scale: float | None = None,

@@ -264,3 +264,25 @@ def test_combinations_a_variant_cannot_run_name_the_fix(call, error, match):
     q, k, v = _qkv()
     with pytest.raises(error, match=match):
         call(q, k, v)
+
+
+def _alibi_like(score, b, h, q_idx, kv_idx):
+    return score + (kv_idx - q_idx) * 0.1 * (h + 1)
+
+
+def _alibi_like_causal(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, _alibi_like(score, b, h, q_idx, kv_idx), -float("inf"))
+
+
+def test_score_mod_with_top_left_causal_matches_flex_attention_eager_and_compiled_across_sizes():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(lambda q, k, v: attnopt.attention(q, k, v, score_mod=_alibi_like, is_causal=True),
+                             fullgraph=True)  # fmt: skip
+    for sq in (37, 20, 25):  # Sq == Sk, then Sq < Sk (top-left differs from bottom-right), recompiled dynamic
+        q = torch.randn(1, 2, sq, 16)
+        k, v = torch.randn(1, 2, 37, 16), torch.randn(1, 2, 37, 16)
+        want = flex_attention(q, k, v, score_mod=_alibi_like_causal)
+        got = attnopt.attention(q, k, v, score_mod=_alibi_like, is_causal=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(compiled(q, k, v), want, atol=1e-5, rtol=1e-5)

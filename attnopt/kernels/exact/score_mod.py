@@ -33,15 +33,16 @@ from attnopt.kernels.exact import score_mod_cpu, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.score_trace import ScoreModError, buffer_paths, closure_values, resolve, trace
 from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
-from attnopt.masks import Mask, SlidingWindow
+from attnopt.masks import Mask, SlidingWindow, TopLeft
 
 __all__ = ["ScoreModError", "attention"]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, mask: Optional[Mask] = None,
-              scale: Optional[float] = None, enable_gqa: bool = False) -> tuple[Tensor, Tensor]:
+              scale: Optional[float] = None, enable_gqa: bool = False, is_causal: bool = False) -> tuple[Tensor, Tensor]:
     """``(out [B, Hq, Sq, Dv], lse [B, Hq, Sq])`` of ``softmax(score_mod(scale · q kᵀ))`` over the keys ``mask``
     lets each query see (SDPA's layout; ``scale`` defaults to ``1/sqrt(D)``; GQA with ``enable_gqa``).
+    ``is_causal`` is SDPA's causal mask (top-left aligned), run as the kernels' causal mode, with ``mask=None``.
 
     Differentiable in q, k, v and every captured tensor that requires a gradient. Raises
     :class:`ScoreModError` (a ValueError) for a score_mod that cannot be compiled, naming the op and the fix.
@@ -53,14 +54,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, score_mod, *, mask: Optional[Mask
     if mask is not None and not isinstance(mask, Mask):
         raise TypeError(f"mask must be an attnopt.masks descriptor or None; got {type(mask).__name__}")
     causal_mode = CAUSAL_NONE
-    if _is_causal(mask):
+    if is_causal:
+        if mask is not None:
+            raise ValueError("score_mod attention: pass either mask or is_causal=True, not both (combine them: "
+                             "mask & masks.causal('top-left'))")
+        causal_mode = CAUSAL_TOP_LEFT
+    elif _is_causal(mask):
         causal_mode, mask = CAUSAL_BOTTOM_RIGHT, None
+    elif isinstance(mask, TopLeft) and _is_causal(mask.window):
+        causal_mode, mask = CAUSAL_TOP_LEFT, None
     elif mask is not None and torch.compiler.is_compiling():
         # torch.compile hands a mask built inside the compiled function to the constant plan with its fields
         # lost (torch 2.13), which would be a silent wrong answer: refuse instead.
-        raise NotImplementedError("under torch.compile, attnopt.attention with a score_mod takes mask=None or "
-                                  "masks.causal(); apply another mask outside the compiled function")
-    text, paths, values = _plan(score_mod, mask, sq, k.shape[2], hq)
+        raise NotImplementedError("under torch.compile, attnopt.attention with a score_mod takes mask=None, "
+                                  "masks.causal() or masks.causal('top-left'); apply another mask outside the compiled function")
+    # the sizes matter only to a traced-in mask; without one they stay out of the plan (symbolic under compile)
+    text, paths, values = _plan(score_mod, mask, *((sq, k.shape[2], hq) if mask is not None else (0, 0, 0)))
     for now, planned in zip(closure_values(score_mod), values):
         if now != planned:  # never true in eager; under torch.compile this comparison is the guard on the value
             raise RuntimeError("score_mod's captured values changed between planning and the call")
