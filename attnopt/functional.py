@@ -25,6 +25,7 @@ from attnopt import masks
 from attnopt.kernels.exact.ops import check_mask_dtype, new_seed
 from attnopt.kernels.exact.reference import CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact import score_mod as score_mod_kernels
+from attnopt.kernels.layout import assume_constant_result
 from attnopt.kernels.linear.reference import EPS, feature_map
 from attnopt.masks.flex import from_block_mask, is_block_mask
 from attnopt.policy import Exact, Keep, Linear, Sigmoid, Sparse, parse_variant
@@ -100,7 +101,7 @@ def _check_heads(q, k) -> None:
                          "multiple of Hkv")  # fmt: skip
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _parsed(text: str):
     """The variant of a policy string (parsed in plain Python: a constant under dynamo)."""
     return parse_variant(text)
@@ -181,7 +182,7 @@ def _mask_key(mask, extra, is_causal: bool) -> str:
     return _constant_key(static(_portable(mask)), static(_portable(extra)), is_causal)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _constant_key(mask, extra, is_causal: bool) -> str:
     """:func:`_mask_key`'s work, a constant under dynamo: the descriptors are rebuilt and serialized here, in plain
     Python, once per compilation."""

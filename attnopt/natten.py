@@ -20,6 +20,7 @@ import torch
 
 import attnopt.kernels.sparse.ops  # noqa: F401  (registers torch.ops.attnopt.sparse_attention)
 from attnopt.functional import static
+from attnopt.kernels.layout import assume_constant_result
 from attnopt.masks import Neighborhood
 
 
@@ -45,7 +46,7 @@ def spatial_tile(grid: tuple) -> tuple | None:
     return tuple(tile) if math.prod(tile) > 1 else None
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _mask_key(kernel_size, stride, dilation, is_causal, grid: tuple, extra: int) -> str:
     """The sparse op's key of the neighborhood (global tokens: the additional keys, first); a constant under dynamo."""
     mask = Neighborhood(kernel_size, dilation, stride, is_causal, grid=grid, global_tokens=extra,

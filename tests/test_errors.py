@@ -100,3 +100,17 @@ def test_wrong_dtype_at_call_time_is_an_input_error_not_a_backend_failure():
     fast = attnopt.optimize(Attn().eval(), "exact")
     with pytest.raises(attnopt.InputError, match="do not fit Attn.*Double and Float.*dtype"):
         fast(torch.randn(2, 5, 16, dtype=torch.float64))
+
+
+def test_attnopts_constant_result_marks_a_function_as_torchs_decorator_does():
+    from attnopt.kernels.layout import assume_constant_result
+
+    def ours():
+        return 1
+
+    def torchs():
+        return 1
+
+    assume_constant_result(ours)
+    torch.compiler.assume_constant_result(torchs)
+    assert {k: v for k, v in vars(ours).items()} == {k: v for k, v in vars(torchs).items()} != {}

@@ -29,7 +29,7 @@ INPUTS = ("score", "b", "h", "q_idx", "kv_idx")
 VARYING = ("score", "q_idx", "kv_idx")  # inputs that differ between the elements of one head's score tile
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 INTS = ("int8", "int16", "int32", "int64", "uint8")
-DTYPES = FLOATS + INTS + ("bool",)
+VALUE_DTYPES = FLOATS + INTS + ("bool",)  # the dtypes an expression node may have
 
 # op -> number of arguments (None: any, for load)
 ARITY = {
@@ -78,7 +78,7 @@ class ScoreExpr:
         for node in self.nodes:
             if node.op not in ARITY or (ARITY[node.op] is not None and len(node.args) != ARITY[node.op]):
                 raise ValueError(f"score expression node {node} has an unknown op or the wrong number of arguments")
-            if node.dtype not in DTYPES:
+            if node.dtype not in VALUE_DTYPES:
                 raise ValueError(f"score expression node {node.name} has unknown dtype {node.dtype!r}")
             missing = [a for a in node.args if isinstance(a, str) and a not in known]
             if missing:

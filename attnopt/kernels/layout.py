@@ -44,3 +44,11 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, op: str) -> None:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}, {v.shape[1]})")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2] or not q.shape[0] == k.shape[0] == v.shape[0]:
         raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+
+
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (and with it triton) when
+    attnopt is imported: torch's decorator imports dynamo, then only marks the function, which this does
+    (``tests/test_errors.py`` checks that both mark a function the same way)."""
+    fn._dynamo_marked_constant = True
+    return fn

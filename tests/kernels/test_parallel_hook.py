@@ -37,3 +37,31 @@ def test_handlers_do_not_nest():
         with pytest.raises(RuntimeError, match="do not nest"):
             with parallel.installed(lambda op, args: None):
                 pass
+
+
+def test_a_backward_of_a_routed_forward_outside_the_block_raises():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def handler(op, args):
+        return getattr(torch.ops.attnopt, op).default(*args)
+
+    with parallel.installed(handler):
+        out, _ = torch.ops.attnopt.attention(q, k, v, None, 0.0, CAUSAL_NONE, 0.5, None)
+    with pytest.raises(RuntimeError, match="outside that block"):
+        out.sum().backward()
+
+
+def test_a_backward_inside_the_block_and_a_local_one_run():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    seen = []
+
+    def handler(op, args):
+        seen.append(op)
+        return getattr(torch.ops.attnopt, op).default(*args)
+
+    with parallel.installed(handler):
+        out, _ = torch.ops.attnopt.attention(q, k, v, None, 0.0, CAUSAL_NONE, 0.5, None)
+        out.sum().backward()
+    assert seen == ["attention", "attention_backward"]
+    local, _ = torch.ops.attnopt.attention(q.detach().clone().requires_grad_(), k, v, None, 0.0, CAUSAL_NONE, 0.5, None)
+    local.sum().backward()  # never routed: runs locally

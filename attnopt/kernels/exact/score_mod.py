@@ -32,7 +32,7 @@ from attnopt.codegen.score_expr import parse
 from attnopt.kernels.exact import score_mod_cpu, triton_impl
 from attnopt.kernels.exact.reference import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
 from attnopt.kernels.exact.score_trace import ScoreModError, buffer_paths, closure_values, resolve, trace
-from attnopt.kernels.layout import acc_dtype, check_qkv, contiguous, empty
+from attnopt.kernels.layout import acc_dtype, assume_constant_result, check_qkv, contiguous, empty
 from attnopt.masks import Mask, SlidingWindow, TopLeft
 
 __all__ = ["ScoreModError", "attention"]
@@ -88,7 +88,7 @@ def _is_causal(mask) -> bool:
     return (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0 and mask.dilation == 1)
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def _plan(score_mod, mask: Optional[Mask], sq: int, sk: int, heads: int) -> tuple:
     """``(expression text, closure paths of its buffers, captured plain values)``; ``mask`` is traced in.
 
