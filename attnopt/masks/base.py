@@ -412,5 +412,15 @@ def check_int(owner: str, name: str, value, minimum: int = 0, allow_none: bool =
         raise ValueError(f"{owner}.{name} must be {what}; got {value!r}")
 
 
+def block_pair(owner: str, block, names: str = "(block_m, block_n)") -> tuple[int, int]:
+    """``block`` (an int, or a pair of ints >= 1) as a pair ``(rows, cols)``; a clear error otherwise."""
+    pair = (block, block) if is_int(block) else tuple(block)
+    if len(pair) != 2:
+        raise ValueError(f"{owner}.block must be an int or {names}; got {block!r}")
+    for b in pair:
+        check_int(owner, "block", b, 1)
+    return pair
+
+
 def prod(xs) -> int:
     return math.prod(xs)

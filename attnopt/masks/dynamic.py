@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from attnopt.masks.base import Mask, check_int, is_int, register_type
+from attnopt.masks.base import Mask, block_pair, check_int, register_type
 
 ESTIMATORS = ("pooled", "antidiagonal", "vertical_slash", "lowbit", "lsh")
 DEFAULT_THRESHOLD = 0.9
@@ -43,12 +43,7 @@ class Dynamic(Mask):
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"Dynamic: unknown estimator {self.estimator!r}; known: {', '.join(ESTIMATORS)}")
-        block = (self.block, self.block) if is_int(self.block) else tuple(self.block)
-        if len(block) != 2:
-            raise ValueError(f"Dynamic.block must be an int or (block_m, block_n); got {self.block!r}")
-        for b in block:
-            check_int("Dynamic", "block", b, 1)
-        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "block", block_pair("Dynamic", self.block))
         if self.top_k is not None and self.threshold is not None:
             raise ValueError("Dynamic takes top_k or threshold, not both")
         if self.top_k is None and self.threshold is None:

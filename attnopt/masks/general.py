@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from attnopt.masks.base import EMPTY, FULL, PARTIAL, STATUS_DTYPE, Mask, ceil_div, check_int, is_int
+from attnopt.masks.base import EMPTY, FULL, PARTIAL, STATUS_DTYPE, Mask, block_pair, ceil_div, check_int
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,11 +40,7 @@ class BlockSparse(Mask):
         layout = layout.detach().to("cpu").contiguous()
         if layout.dim() == 2:
             layout = layout[None]
-        block = (self.block, self.block) if is_int(self.block) else tuple(self.block)
-        if len(block) != 2:
-            raise ValueError(f"BlockSparse.block must be an int or (bq, bk); got {self.block!r}")
-        for b in block:
-            check_int("BlockSparse", "block", b, 1)
+        block = block_pair("BlockSparse", self.block, "(bq, bk)")
         object.__setattr__(self, "layout", layout)
         object.__setattr__(self, "block", block)
         digest = hashlib.sha256(repr((tuple(layout.shape), block)).encode() + layout.numpy().tobytes()).hexdigest()[:16]
