@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnopt.kernels.dynamic import native
 from attnopt.kernels.dynamic.blocks import causal_offset, num_blocks, visible
 from attnopt.kernels.layout import acc_dtype
 
@@ -157,7 +158,10 @@ def _merge(results, acc):
 
 
 def forward(q, k, v, kv_num, kv_idx, block_m, block_n, causal=0, kv_valid=None, scale=None):
-    """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)``."""
+    """``(out [B, Hq, Sq, Dv] in q.dtype, lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)``: the native kernel when it
+    takes the inputs (:func:`attnopt.kernels.dynamic.native.refusal`), else the gathering path."""
+    if native.refusal(q, k, v, block_m, block_n) is None:
+        return native.forward(q, k, v, kv_num, kv_idx, block_m, block_n, causal, kv_valid, scale)
     call = _Call(q, k, v, kv_num, kv_idx, block_m, block_n, causal, kv_valid, scale)
     b, hq, nq, bm = call.b, call.hq, call.nq, call.bm
     acc = acc_dtype(q)
@@ -180,7 +184,9 @@ def forward(q, k, v, kv_num, kv_idx, block_m, block_n, causal=0, kv_valid=None, 
 
 
 def backward(dout, q, k, v, out, lse, kv_num, kv_idx, block_m, block_n, causal=0, kv_valid=None, scale=None):
-    """``(dq, dk, dv)`` of :func:`forward`, on the forward's selection."""
+    """``(dq, dk, dv)`` of :func:`forward`, on the forward's selection (native or gathering, as the forward)."""
+    if native.refusal(q, k, v, block_m, block_n) is None:
+        return native.backward(dout, q, k, v, out, lse, kv_num, kv_idx, block_m, block_n, causal, kv_valid, scale)
     call = _Call(q, k, v, kv_num, kv_idx, block_m, block_n, causal, kv_valid, scale)
     b, hq, nq, bm = call.b, call.hq, call.nq, call.bm
     acc = acc_dtype(q)
