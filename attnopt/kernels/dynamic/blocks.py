@@ -60,12 +60,15 @@ def dense_blocks(kv_num, kv_idx, nk: int) -> torch.Tensor:
 
 
 def from_dense(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(kv_num, kv_idx)`` of bool blocks ``[B, H, NQ, NK]``: indices ascending, ``L`` = the longest row."""
+    """``(kv_num, kv_idx)`` of bool blocks ``[B, H, NQ, NK]``: indices ascending, ``L`` = the longest row, padding
+    entries 0. A selected block's slot is the count of selected blocks before it (a cumulative sum and one
+    scatter: O(NQ · NK), no sort)."""
     counts = selected.sum(-1)
     length = max(int(counts.max()) if counts.numel() else 0, 1)
-    # A stable sort of "not selected" puts the selected blocks first, in ascending order.
-    order = torch.sort((~selected).to(torch.uint8), dim=-1, stable=True).indices[..., :length]
-    return counts.to(torch.int32), order.to(torch.int32).contiguous()
+    slot = torch.cumsum(selected, -1).sub_(1).masked_fill_(~selected, length)  # unselected: the spare column
+    cols = torch.arange(selected.shape[-1], dtype=torch.int32, device=selected.device).expand(selected.shape)
+    out = torch.zeros(*selected.shape[:-1], length + 1, dtype=torch.int32, device=selected.device)
+    return counts.to(torch.int32), out.scatter_(-1, slot, cols)[..., :length].contiguous()
 
 
 def visible(q_pos, k_pos, sk: int, offset: int | None) -> torch.Tensor:

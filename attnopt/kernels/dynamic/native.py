@@ -40,7 +40,7 @@ import torch
 from attnopt.codegen.cache import cache_root
 from attnopt.kernels.dynamic.blocks import causal_offset, dense_blocks, num_blocks
 
-SOURCE = Path(__file__).parent / "native" / "block_list.cpp"
+SOURCES = tuple(Path(__file__).parent / "native" / name for name in ("block_list.cpp", "select.cpp"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 BLOCKS = (16, 32, 64, 128)
 MAX_DIM = 128
@@ -56,6 +56,14 @@ class _Problem(ctypes.Structure):
                                               "L", "Hs", "causal", "offset", "threads")] + [("scale", ctypes.c_float)]  # fmt: skip
 
 
+class _Selection(ctypes.Structure):
+    """Mirror of ``struct Selection`` in select.cpp."""
+
+    _fields_ = [(n, ctypes.c_void_p) for n in ("probs", "num", "idx")] + \
+               [(n, ctypes.c_int64) for n in ("rows", "NQ", "NK", "Sq", "Sk", "bm", "bn", "causal", "offset", "top_k",
+                                              "sink", "local", "threads")] + [("threshold", ctypes.c_float)]  # fmt: skip
+
+
 def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "g++"))
 
@@ -63,14 +71,15 @@ def _compiler() -> str | None:
 def _build(cxx: str) -> Path:
     """The compiled library in the cache directory (built once per source, flags, compiler and machine)."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), *version, platform.machine()]).encode())
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\n".join([*texts, " ".join(FLAGS), *version, platform.machine()]).encode())
     target = cache_root() / "native" / f"block_list-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        done = subprocess.run([cxx, *FLAGS, *map(str, SOURCES), "-o", str(built)], capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({done.returncode}): {done.stderr.strip()[-800:]}")
         os.replace(built, target)  # atomic: concurrent builders (test workers) agree on the file
@@ -92,10 +101,12 @@ def _built() -> tuple[ctypes.CDLL | None, str | None]:
     try:
         lib = ctypes.CDLL(str(_build(cxx)))
     except (OSError, RuntimeError) as exc:
-        return None, f"building native/block_list.cpp failed: {exc}"
+        return None, f"building the native kernels (attnopt/kernels/dynamic/native/) failed: {exc}"
     for name in ("attnopt_block_list_forward", "attnopt_block_list_backward"):
         getattr(lib, name).argtypes = [_P(_Problem)]
         getattr(lib, name).restype = ctypes.c_int
+    lib.attnopt_select.argtypes = [_P(_Selection)]
+    lib.attnopt_select.restype = None
     return lib, None
 
 
@@ -114,6 +125,28 @@ def refusal(q, k, v, block_m: int, block_n: int) -> str | None:
         if dim % 16 or dim > MAX_DIM:
             return f"the native kernel takes {name}s that are multiples of 16 up to {MAX_DIM}; got {dim}"
     return unavailable()
+
+
+def select(probs: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int, offset: int | None, *,
+           top_k: int | None = None, threshold: float | None = None, sink: int = 1, local: int = 1):  # fmt: skip
+    """``(kv_num, kv_idx)`` int32 of CPU ``probs`` [B, H, NQ, NK]: the rule of
+    :func:`attnopt.kernels.dynamic.select.select` (ties aside), without its ``[B, H, NQ, NK]`` sorts."""
+    if (top_k is None) == (threshold is None):
+        raise ValueError("give exactly one of top_k (key blocks per query block) or threshold (mass in (0, 1])")
+    p = probs.float().contiguous()
+    rows, nk = p.numel() // p.shape[-1], p.shape[-1]
+    num = torch.empty(p.shape[:-1], dtype=torch.int32)
+    idx = torch.empty(p.shape, dtype=torch.int32)
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"the native selection is unavailable: {why}")
+    lib.attnopt_select(ctypes.byref(_Selection(
+        probs=p.data_ptr(), num=num.data_ptr(), idx=idx.data_ptr(), rows=rows, NQ=p.shape[2], NK=nk, Sq=sq, Sk=sk,
+        bm=block_m, bn=block_n, causal=int(offset is not None), offset=offset or 0,
+        top_k=-1 if top_k is None else int(top_k), sink=sink, local=local, threads=torch.get_num_threads(),
+        threshold=0.0 if threshold is None else float(threshold))))  # fmt: skip
+    length = max(int(num.max()) if num.numel() else 0, 1)
+    return num, idx[..., :length].contiguous()
 
 
 def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -51,5 +51,5 @@ def select(probs: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int, of
         before = torch.cumsum(sorted_p, -1) - sorted_p  # mass of the blocks ranked above
         picked = torch.zeros_like(allowed.expand(p.shape)).scatter_(-1, order, before < threshold)
         rest = p.masked_fill(forced, 0.0)  # the mass outside the kept blocks, renormalized
-        picked |= rest >= (1.0 - threshold) / 2 * rest.sum(-1, keepdim=True)
+        picked |= (rest > 0) & (rest >= (1.0 - threshold) / 2 * rest.sum(-1, keepdim=True))
     return from_dense((picked | forced) & allowed)
