@@ -20,6 +20,8 @@ from unittest import mock
 import torch
 
 from attnopt.codegen import tuning
+from attnopt.kernels.dynamic import estimate_render
+from attnopt.kernels.dynamic import estimate_triton as estimators
 from attnopt.kernels.dynamic import render as dynamic_render
 from attnopt.kernels.dynamic import triton_impl as dynamic
 from attnopt.kernels.exact import render as exact_render
@@ -36,7 +38,7 @@ from attnopt.masks import Neighborhood, SlidingWindow
 # (batch, query heads, sequence): B4 H16 with 4096 tokens; the tiles do not depend on them, the
 # specialization only on their divisibility by 16.
 SHAPE = (4, 16, 4096)
-FAMILIES = ("exact", "sparse", "linear", "sigmoid", "dynamic")
+FAMILIES = ("exact", "sparse", "linear", "sigmoid", "dynamic", "estimate")
 
 # family -> (launcher module, the loader name it calls, the real loader)
 _LOADERS = {
@@ -45,6 +47,7 @@ _LOADERS = {
     "linear": (linear, "load", linear_render.load),
     "sigmoid": (sigmoid, "load", sigmoid_render.load),
     "dynamic": (dynamic, "load", dynamic_render.load),
+    "estimate": (estimators, "load", estimate_render.load),
 }
 
 
@@ -185,10 +188,20 @@ def _dynamic(d: int, block: int, valid: bool) -> Callable[[], None]:
     return run
 
 
+def _estimate(d: int, block: int, stride: int) -> Callable[[], None]:
+    """The Triton estimators (GQA, causal) as the dynamic ops call them: ``pooled``, then ``antidiagonal``."""
+    def run():
+        q, k, _ = _qkv(d, group=2)
+        estimators.estimate("pooled", q, k, block, block, 0)
+        estimators.estimate("antidiagonal", q, k, block, block, 0, stride=stride)
+
+    return run
+
+
 def scenarios() -> list[Scenario]:
     """Every family and direction: exact at D64, D128, D256 causal and not, GQA and a feature-heavy call;
     sparse for a sliding window and a 2-D neighborhood; linear at D64 and D128; sigmoid; dynamic (block lists, GQA)
-    at D64 and D128 with key padding."""
+    at D64 and D128 with key padding; its estimators (pooled, antidiagonal with stride 16) at D64 and D128."""
     side = math.isqrt(SHAPE[2])
     out = [Scenario(f"exact_d{d}{'_causal' if c else ''}", "exact", d, c, "bfloat16", _exact(d, c))
            for d in (64, 128, 256) for c in (False, True)]  # fmt: skip
@@ -203,4 +216,5 @@ def scenarios() -> list[Scenario]:
     out += [Scenario(f"sigmoid_d{d}", "sigmoid", d, False, "bfloat16", _sigmoid(d, False)) for d in (64, 128)]
     out += [Scenario("dynamic_d64_b64", "dynamic", 64, True, "bfloat16", _dynamic(64, 64, False)),
             Scenario("dynamic_d128_b64_padding", "dynamic", 128, True, "bfloat16", _dynamic(128, 64, True))]
+    out += [Scenario(f"estimate_d{d}_b64", "estimate", d, True, "bfloat16", _estimate(d, 64, 16)) for d in (64, 128)]
     return out

@@ -43,7 +43,7 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, S, D] -> [B, H, N, D]: the mean of each block's rows (the last block's real rows only)."""
     sums = _blocks(x.float(), block).sum(3)
-    counts = torch.full((sums.shape[2],), float(block))
+    counts = torch.full((sums.shape[2],), float(block), device=x.device)
     counts[-1] = x.shape[2] - (sums.shape[2] - 1) * block
     return sums / counts[:, None]
 
@@ -61,10 +61,10 @@ def _normalized(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
 def pooled(q, k, block_m, block_n, offset, scale):
     qb = _pool(q, block_m)
     kb = _per_query_head(_pool(k, block_n), q.shape[1])
-    sizes = torch.full((kb.shape[2],), float(block_n))
+    sizes = torch.full((kb.shape[2],), float(block_n), device=q.device)
     sizes[-1] = k.shape[2] - (kb.shape[2] - 1) * block_n
     logits = torch.matmul(qb, kb.transpose(-2, -1)) * scale + sizes.log()
-    return _normalized(logits, allowed_blocks(q.shape[2], k.shape[2], block_m, block_n, offset))
+    return _normalized(logits, allowed_blocks(q.shape[2], k.shape[2], block_m, block_n, offset, q.device))
 
 
 def antidiagonal(q, k, block_m, block_n, offset, scale, stride: int = 16):
@@ -78,9 +78,10 @@ def antidiagonal(q, k, block_m, block_n, offset, scale, stride: int = 16):
     qr = _blocks(q.float(), block_m).view(b, hq, -1, stride, d).flip(3).reshape(b, hq, -1, stride * d)
     kr = _per_query_head(_blocks(k.float(), block_n).reshape(b, k.shape[1], -1, stride * d), hq)
     rows_per_q, cols_per_k = block_m // stride, block_n // stride
-    allowed = allowed_blocks(sq, sk, block_m, block_n, offset).repeat_interleave(rows_per_q, 0)
-    allowed = allowed.repeat_interleave(cols_per_k, 1) & (torch.arange(nk * cols_per_k) * stride < sk)  # real keys
-    out = torch.zeros(b, hq, nq, nk)
+    allowed = allowed_blocks(sq, sk, block_m, block_n, offset, q.device).repeat_interleave(rows_per_q, 0)
+    real = torch.arange(nk * cols_per_k, device=q.device) * stride < sk  # real keys
+    allowed = allowed.repeat_interleave(cols_per_k, 1) & real
+    out = torch.zeros(b, hq, nq, nk, device=q.device)
     step = max(rows_per_q, (1 << 24) // max(1, b * hq * kr.shape[2]) // rows_per_q * rows_per_q)
     for r0 in range(0, qr.shape[2], step):
         r1 = min(r0 + step, qr.shape[2])
@@ -95,19 +96,19 @@ def vertical_slash(q, k, block_m, block_n, offset, scale, last_q: int = 64):
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     n = min(last_q, sq)
-    rows = torch.arange(sq - n, sq)
+    rows = torch.arange(sq - n, sq, device=q.device)
     s = torch.matmul(q[:, :, sq - n:].float(), _per_query_head(k, hq).float().transpose(-2, -1)) * scale
-    keys = torch.arange(sk)
+    keys = torch.arange(sk, device=q.device)
     if offset is not None:
         s = s.masked_fill(keys[None, :] > rows[:, None] + offset, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)  # [B, H, n, Sk]
     vertical = F.pad(p.mean(2), (0, num_blocks(sk, block_n) * block_n - sk)).view(b, hq, -1, block_n).sum(-1)
     # Slash: the mass per diagonal e = row - key + Sk - 1 (0 .. Sq + Sk - 2), averaged over the last rows.
     diag = (rows[:, None] - keys[None, :] + sk - 1).expand(b, hq, n, sk).reshape(b, hq, -1)
-    w = torch.zeros(b, hq, sq + sk).scatter_add_(-1, diag, p.reshape(b, hq, -1)) / n
+    w = torch.zeros(b, hq, sq + sk, device=q.device).scatter_add_(-1, diag, p.reshape(b, hq, -1)) / n
     slash = _slash_blocks(w, sq, sk, block_m, block_n)  # [B, H, NQ, NK]
     est = (vertical[:, :, None, :] + _own_vertical(q, k, block_m, block_n, offset, scale)) / 2 + slash
-    allowed = allowed_blocks(sq, sk, block_m, block_n, offset)
+    allowed = allowed_blocks(sq, sk, block_m, block_n, offset, q.device)
     est = est.masked_fill(~allowed, 0.0)
     return est / est.sum(-1, keepdim=True).clamp_min(1e-30)
 
@@ -117,15 +118,15 @@ def _own_vertical(q, k, block_m, block_n, offset, scale):
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     nq, nk = num_blocks(sq, block_m), num_blocks(sk, block_n)
-    rows = torch.clamp(torch.arange(nq) * block_m + block_m // 2, max=sq - 1)
+    rows = torch.clamp(torch.arange(nq, device=q.device) * block_m + block_m // 2, max=sq - 1)
     kq = _per_query_head(k, hq).float()
-    out = torch.empty(b, hq, nq, nk)
+    out = torch.empty(b, hq, nq, nk, device=q.device)
     step = max(1, (1 << 24) // max(1, b * hq * sk))
     for r0 in range(0, nq, step):
         at = rows[r0:r0 + step]
         s = torch.matmul(q[:, :, at].float(), kq.transpose(-2, -1)) * scale  # [B, H, rows, Sk]
         if offset is not None:
-            s = s.masked_fill(torch.arange(sk)[None, :] > at[:, None] + offset, float("-inf"))
+            s = s.masked_fill(torch.arange(sk, device=q.device)[None, :] > at[:, None] + offset, float("-inf"))
         p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
         out[:, :, r0:r0 + step] = F.pad(p, (0, nk * block_n - sk)).view(b, hq, len(at), nk, block_n).sum(-1)
     return out
@@ -140,9 +141,9 @@ def _slash_blocks(w: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int)
     p = F.pad(torch.cumsum(w.double(), -1), (1, 0))  # P[n] at n + pad
     qq = F.pad(torch.cumsum(p, -1), (1, 0))  # Q[n] at n + pad
     nq, nk = num_blocks(sq, block_m), num_blocks(sk, block_n)
-    r0 = torch.arange(nq) * block_m
+    r0 = torch.arange(nq, device=w.device) * block_m
     r1 = torch.clamp(r0 + block_m, max=sq)
-    c = sk - torch.arange(nk) * block_n
+    c = sk - torch.arange(nk, device=w.device) * block_n
 
     def block_sum(shift):  # Σ_{r in [r0, r1)} P[r + c + shift]
         hi = (r1[:, None] + c[None, :] + shift + pad).clamp(0, qq.shape[-1] - 1)
@@ -162,7 +163,7 @@ def _quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
 def _samples(x: torch.Tensor, block: int, count: int) -> torch.Tensor:
     """[B, H, S, D] -> [B, H, N, count, D]: ``count`` evenly spaced rows of each block (clamped to S)."""
     n = num_blocks(x.shape[2], block)
-    at = torch.arange(n)[:, None] * block + (torch.arange(count) * block) // count
+    at = torch.arange(n, device=x.device)[:, None] * block + (torch.arange(count, device=x.device) * block) // count
     return x[:, :, at.clamp(max=x.shape[2] - 1)]
 
 
@@ -174,7 +175,7 @@ def lowbit(q, k, block_m, block_n, offset, scale, bits: int = 4, samples_q: int 
     ks = _quantize(_samples(_per_query_head(k, hq).float(), block_n, samples_k), bits).reshape(b, hq, -1, d)
     s = torch.matmul(qs, ks.transpose(-2, -1)) * scale  # [B, H, NQ·sq, NK·sk]
     logits = torch.logsumexp(s.view(b, hq, nq * samples_q, nk, samples_k), -1) + math.log(block_n / samples_k)
-    allowed = allowed_blocks(sq, sk, block_m, block_n, offset)
+    allowed = allowed_blocks(sq, sk, block_m, block_n, offset, q.device)
     p = _normalized(logits, allowed.repeat_interleave(samples_q, 0))
     return p.view(b, hq, nq, samples_q, nk).mean(3)
 
@@ -182,11 +183,12 @@ def lowbit(q, k, block_m, block_n, offset, scale, bits: int = 4, samples_q: int 
 def _bucket_counts(x: torch.Tensor, planes: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, S, D] -> [B, H, N, 2^bits]: how many of each block's rows fall in each SimHash bucket."""
     bits = planes.shape[-1]
-    code = ((torch.matmul(x.float(), planes) > 0).long() << torch.arange(bits)).sum(-1)  # [B, H, S]
+    code = ((torch.matmul(x.float(), planes) > 0).long() << torch.arange(bits, device=x.device)).sum(-1)  # [B, H, S]
     n = num_blocks(x.shape[2], block)
-    owner = torch.arange(x.shape[2]) // block
-    counts = torch.zeros(*x.shape[:2], n * (1 << bits))
-    return counts.scatter_add_(-1, owner * (1 << bits) + code, torch.ones(code.shape)).view(*x.shape[:2], n, -1)
+    owner = torch.arange(x.shape[2], device=x.device) // block
+    counts = torch.zeros(*x.shape[:2], n * (1 << bits), device=x.device)
+    counts.scatter_add_(-1, owner * (1 << bits) + code, torch.ones(code.shape, device=x.device))
+    return counts.view(*x.shape[:2], n, -1)
 
 
 def lsh(q, k, block_m, block_n, offset, scale, bits: int = 10, rounds: int = 2, seed: int = 0):
@@ -194,11 +196,11 @@ def lsh(q, k, block_m, block_n, offset, scale, bits: int = 10, rounds: int = 2, 
     sk = k.shape[2]
     gen = torch.Generator().manual_seed(seed)
     kq = _per_query_head(k, hq)
-    score = torch.zeros(b, hq, num_blocks(sq, block_m), num_blocks(sk, block_n))
+    score = torch.zeros(b, hq, num_blocks(sq, block_m), num_blocks(sk, block_n), device=q.device)
     for _ in range(rounds):
-        planes = torch.randn(d, bits, generator=gen)
+        planes = torch.randn(d, bits, generator=gen).to(q.device)  # on the CPU: the same planes on every device
         score += torch.matmul(_bucket_counts(q, planes, block_m), _bucket_counts(kq, planes, block_n).transpose(-2, -1))
-    score = score.masked_fill(~allowed_blocks(sq, sk, block_m, block_n, offset), 0.0)
+    score = score.masked_fill(~allowed_blocks(sq, sk, block_m, block_n, offset, q.device), 0.0)
     return score / score.sum(-1, keepdim=True).clamp_min(1e-30)
 
 

@@ -9,8 +9,9 @@ block lists of the :class:`attnopt.masks.Dynamic` descriptor ``mask`` (its :meth
 from q and k, then runs them; the lists come back so the backward reuses the forward's selection. The site's
 mask tensor must be causal and/or key padding (recognized at run time), else a ValueError says so.
 
-One implementation per op: the generated Triton kernels for CUDA tensors (:mod:`.triton_impl`), the blockwise
-path on CPU (:mod:`.cpu`). Each call of ``dynamic_attention`` records its achieved density and the
+One implementation per op: the generated Triton kernels for CUDA tensors (:mod:`.triton_impl`; the ``pooled`` and
+``antidiagonal`` estimators too, :mod:`.estimate_triton`), the blockwise path and the torch estimators on CPU
+(:mod:`.cpu`, :mod:`.estimate`). Each call of ``dynamic_attention`` records its achieved density and the
 estimator's share of its time (:func:`last_stats`), which the report reads.
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
-from attnopt.kernels.dynamic import blocks, cpu, triton_impl
+from attnopt.kernels.dynamic import blocks, cpu, estimate_triton, triton_impl
 from attnopt.kernels.dynamic.estimate import estimate
 from attnopt.kernels.dynamic.select import select
 from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype, check_qkv, contiguous, empty
@@ -34,9 +35,15 @@ _NS = "attnopt"
 _STATS: dict[str, dict] = {}
 
 
+def triton_path(q: Tensor) -> bool:
+    """Whether the generated Triton kernels run (CUDA tensors; triton is imported at the first load). A function, so
+    the interpreter tests can take the Triton path with CPU tensors."""
+    return q.is_cuda
+
+
 def _impl(q: Tensor):
-    """The generated Triton kernels for CUDA tensors (triton is imported at the first load), else the CPU path."""
-    return triton_impl if q.is_cuda else cpu
+    """The generated Triton kernels for CUDA tensors, else the CPU path."""
+    return triton_impl if triton_path(q) else cpu
 
 
 @torch.library.custom_op(f"{_NS}::block_sparse_attention", mutates_args=())
@@ -127,20 +134,21 @@ def select_blocks(q: Tensor, k: Tensor, mask: Dynamic, causal: int = CAUSAL_NONE
     """``(kv_num, kv_idx)`` int32: ``mask``'s selection for q and k (no gradient)."""
     sq, sk = q.shape[2], k.shape[2]
     offset = blocks.causal_offset(causal, sq, sk)
-    probs = estimate(mask.estimator, q, k, mask.block_m, mask.block_n, offset, scale, **dict(mask.options))
+    run = estimate_triton.estimate if triton_path(q) else estimate  # Triton kernels or torch, on q's device
+    probs = run(mask.estimator, q, k, mask.block_m, mask.block_n, offset, scale, **dict(mask.options))
     if not mask.per_head:
         probs = probs.mean(1, keepdim=True)
     num, idx = select(probs, sq, sk, mask.block_m, mask.block_n, offset, top_k=mask.top_k,
                       threshold=mask.threshold, sink=mask.sink, local=mask.local)  # fmt: skip
-    return num.to(q.device), idx.to(q.device)
+    return num, idx
 
 
 def _record(key: str, kv_num: Tensor, allowed: Tensor, seconds_estimate: float, seconds_total: float) -> None:
     """Density per head = selected blocks / blocks the site's mask allows."""
     per_head = kv_num.double().sum((0, 2)) / (kv_num.shape[0] * allowed.sum().clamp_min(1).double())
-    _STATS[key] = {"density_mean": float(per_head.mean()), "density_min": float(per_head.min()),
-                   "density_max": float(per_head.max()), "estimate_s": seconds_estimate, "total_s": seconds_total,
-                   "estimate_share": seconds_estimate / max(seconds_total, 1e-12)}  # fmt: skip
+    mean, low, high = torch.stack([per_head.mean(), per_head.min(), per_head.max()]).tolist()  # one host sync
+    _STATS[key] = {"density_mean": mean, "density_min": low, "density_max": high, "estimate_s": seconds_estimate,
+                   "total_s": seconds_total, "estimate_share": seconds_estimate / max(seconds_total, 1e-12)}
 
 
 def last_stats(mask_key: str) -> dict | None:
@@ -164,7 +172,7 @@ def dynamic_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tenso
     if q.is_cuda:
         torch.cuda.synchronize(q.device)
     allowed = blocks.allowed_blocks(q.shape[2], k.shape[2], spec.block_m, spec.block_n,
-                                    blocks.causal_offset(code, q.shape[2], k.shape[2]))  # fmt: skip
+                                    blocks.causal_offset(code, q.shape[2], k.shape[2]), q.device)  # fmt: skip
     _record(mask, num, allowed, t1 - t0, time.perf_counter() - t0)
     return contiguous(out, lse, num, idx)
 
