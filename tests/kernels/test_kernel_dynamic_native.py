@@ -7,7 +7,7 @@ import torch
 
 import attnopt  # noqa: F401  (registers the ops)
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.kernels.dynamic import blocks, cpu, native, reference
+from attnopt.kernels.dynamic import blocks, cpu, native, reference, select
 
 pytestmark = pytest.mark.skipif(native.unavailable() is not None, reason=f"native kernel: {native.unavailable()}")
 
@@ -108,3 +108,21 @@ def test_custom_op_forward_and_backward_through_native():
     torch.testing.assert_close(out, ref.float(), **F32)
     for a, w in ((q, qd), (k, kd), (v, vd)):
         torch.testing.assert_close(a.grad, w.grad.float(), **F32)
+
+
+@pytest.mark.parametrize("sq,sk,bm,bn,offset,top_k,threshold,sink,local", [
+    (300, 300, 16, 32, 0, None, 0.9, 1, 1),
+    (300, 450, 32, 16, 150, 3, None, 2, 2),
+    (130, 130, 16, 16, None, None, 0.5, 0, 0),
+    (200, 200, 64, 64, 0, None, 0.99, 1, 3),
+    (100, 60, 16, 16, -40, 2, None, 1, 1),
+])  # fmt: skip
+def test_native_selection_is_the_rule_of_select(sq, sk, bm, bn, offset, top_k, threshold, sink, local):
+    nq, nk = blocks.num_blocks(sq, bm), blocks.num_blocks(sk, bn)
+    g = torch.Generator().manual_seed(sq + sk)
+    probs = torch.softmax(torch.randn(2, 3, nq, nk, generator=g) * 3, -1)
+    rule = dict(top_k=top_k, threshold=threshold, sink=sink, local=local)
+    want = select.select(probs, sq, sk, bm, bn, offset, **rule)
+    got = native.select(probs, sq, sk, bm, bn, offset, **rule)
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(blocks.dense_blocks(*got, nk), blocks.dense_blocks(*want, nk))

@@ -117,6 +117,8 @@ def unavailable() -> str | None:
 
 def refusal(q, k, v, block_m: int, block_n: int) -> str | None:
     """Why these inputs take the gathering path, or None."""
+    if q.device.type != "cpu":
+        return f"the native kernel runs on CPU tensors; got {q.device}"
     if not (q.dtype == k.dtype == v.dtype == torch.float32):
         return f"the native kernel takes fp32; got {q.dtype}"
     if block_m not in BLOCKS or block_n not in BLOCKS:
@@ -133,6 +135,8 @@ def select(probs: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int, of
     :func:`attnopt.kernels.dynamic.select.select` (ties aside), without its ``[B, H, NQ, NK]`` sorts."""
     if (top_k is None) == (threshold is None):
         raise ValueError("give exactly one of top_k (key blocks per query block) or threshold (mass in (0, 1])")
+    if probs.device.type != "cpu":
+        raise ValueError(f"the native selection takes CPU probabilities; got {probs.device}")
     p = probs.float().contiguous()
     rows, nk = p.numel() // p.shape[-1], p.shape[-1]
     num = torch.empty(p.shape[:-1], dtype=torch.int32)
