@@ -95,6 +95,24 @@ def test_triton_path_matches_dense_reference_of_its_own_selection(monkeypatch, n
     assert kernels.seen == ["fwd", "bwd"]  # the backward reused the forward's lists on the Triton kernel
 
 
+@pytest.mark.parametrize("name", estimate.ESTIMATORS)
+def test_every_estimator_through_the_triton_kernels_matches_the_dense_reference(monkeypatch, name):
+    """Each estimator's own selection (Triton estimator or torch on the device) run by the Triton block-list
+    kernels (the interpreter), forward and backward, equals dense attention on that block mask: GQA, odd sizes."""
+    monkeypatch.setattr(ops, "triton_path", lambda q: True)
+    kernels = _Loads(monkeypatch, triton_impl, dynamic_render.load)
+    q, k, v = qkv(1, 4, 2, 83, 83, 16, grad=True, seed=1)
+    key = masks.Dynamic(name, block=16, top_k=1, sink=0, local=1).key()
+    out, _, num, idx = torch.ops.attnopt.dynamic_attention(q, k, v, None, CAUSAL_BOTTOM_RIGHT, 0.25, key)
+    assert 0 < int(num.sum()) < int(blocks.allowed_blocks(83, 83, 16, 16, 0).sum()) * 4
+    ref, _ = reference.attention_forward(q, k, v, num, idx, 16, 16, CAUSAL_BOTTOM_RIGHT, None, 0.25)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    dout = torch.randn_like(out)
+    for a, w in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(a, w, atol=5e-5, rtol=5e-5)
+    assert kernels.seen == ["fwd", "bwd"]
+
+
 class _OneDevice(TorchDispatchMode):
     """Records every op whose tensor arguments lie on more than one device (0-dim CPU scalars aside): on CUDA such
     an op fails or copies from the host. An explicit copy (``.to``) has one argument and passes."""
