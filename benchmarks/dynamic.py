@@ -17,7 +17,8 @@ Sections (``--sections``):
 * ``deviation``: every estimator at ``--dev-thresholds`` on mixed inputs at ``--dev-seq``: output deviation
   against exact causal attention (max |out - exact| / max |exact|), density, recall.
 * ``speed``: B1 H8 D64 fp32 causal mixed inputs at ``--speed-seq``: ``dynamic_attention`` (estimation included;
-  its estimation share), the block-sparse op alone on the same selection, SDPA causal, and with ``--flex``
+  its estimation share), the block-sparse op alone on the same selection, SDPA causal, attnopt's exact causal
+  attention (``attnopt.attention(..., is_causal=True)``), and with ``--flex``
   compiled FlexAttention given the same blocks (``BlockMask.from_kv_blocks``); forward and forward+backward.
 * ``memory``: the peak resident memory one dynamic forward+backward adds at S and 2S (``--mem-seq``).
 * ``decode``: a toy one-layer decoder over a ``--decode-seq`` token cache (B1, 32 query heads, 8 key/value heads,
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from _common import write_json
 from cpu import peak_mib
 
-import attnopt  # noqa: F401  (registers the ops)
+import attnopt
 from attnopt import masks
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT
 from attnopt.kernels.dynamic import blocks, decode, ops
@@ -197,6 +198,8 @@ def section_speed(args) -> list:
                     a, b, c, num, idx, None, BLOCK, BLOCK, CAUSAL_BOTTOM_RIGHT, 0.125), (q, k, v), bwd),
                 "sdpa_causal": _step(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True),
                                      (q, k, v), bwd),
+                "attnopt_exact_causal": _step(lambda a, b, c: attnopt.attention(a, b, c, is_causal=True), (q, k, v),
+                                              bwd),
             }  # fmt: skip
             if args.flex:
                 steps["flex_same_blocks"] = _flex_step(q, k, v, num, idx, bwd)
