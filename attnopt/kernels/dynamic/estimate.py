@@ -42,7 +42,11 @@ def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, S, D] -> [B, H, N, D]: the mean of each block's rows (the last block's real rows only)."""
-    sums = _blocks(x.float(), block).sum(3)
+    b, h, s, d = x.shape
+    full = s // block
+    sums = x[:, :, :full * block].float().reshape(b, h, full, block, d).sum(3)  # a view: no padded copy
+    if full * block < s:
+        sums = torch.cat([sums, x[:, :, full * block:].float().sum(2, keepdim=True)], 2)
     counts = torch.full((sums.shape[2],), float(block), device=x.device)
     counts[-1] = x.shape[2] - (sums.shape[2] - 1) * block
     return sums / counts[:, None]
