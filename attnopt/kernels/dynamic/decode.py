@@ -32,6 +32,27 @@ class PageCache:
         self.length = 0
 
     @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` tokens in all: the buffers grow to at least twice their size when they must (one
+        copy of the cache, amortized over as many appends as it held), so a decoder need not know its length."""
+        if tokens <= self.capacity:
+            return
+        pages = -(-max(tokens, 2 * self.capacity) // self.page)
+
+        def grow(t: torch.Tensor, size: int, fill: float) -> torch.Tensor:  # dim 2 to ``size``, new entries ``fill``
+            return torch.cat([t, t.new_full((*t.shape[:2], size - t.shape[2], t.shape[3]), fill)], 2)
+
+        self.k, self.v = grow(self.k, pages * self.page, 0.0), grow(self.v, pages * self.page, 0.0)
+        self.k_min, self.k_max = grow(self.k_min, pages, float("inf")), grow(self.k_max, pages, float("-inf"))
+
+    def map_rows(self, fn) -> None:
+        """Every buffer ``fn(t)`` along the batch dimension (reordering, selecting or repeating sequences)."""
+        self.k, self.v, self.k_min, self.k_max = (fn(t) for t in (self.k, self.v, self.k_min, self.k_max))
+
+    @property
     def pages(self) -> int:
         """Pages holding at least one token."""
         return -(-self.length // self.page)
