@@ -100,10 +100,10 @@ class Backend:
     def _compile(self, gm: GraphModule, example_inputs: list, name_of: Callable | None) -> Callable:
         ctx = Context(self.policy, graph_index=len(self.contexts), example_inputs=example_inputs, name_of=name_of)
         self.contexts.append(ctx)
-        with suspended():  # validation re-runs the sites: a generating model's decode session must not see it
+        with suspended():  # validation re-runs the sites, a compiler traces them: a decode session must see neither
             out = run_pipeline(gm, ctx, self.passes)
-        self.report.merge_graph(ctx.sites, ctx.misses)
-        return self.then(out, example_inputs)
+            self.report.merge_graph(ctx.sites, ctx.misses)
+            return self.then(out, example_inputs)
 
 
 def _check_globs_against_modules(policy: Policy, namer: SiteNamer) -> None:

@@ -42,7 +42,6 @@ class SessionCache(Cache):
     """
 
     length: int
-    takes_padding = True  # whether a left-padded prompt can run (its padded keys kept out of the session)
 
     def __init__(self, sites: Iterable[str]) -> None:
         Cache.__init__(self, layers=[])
@@ -160,9 +159,7 @@ class RecurrentCache(RecurrentSession, SessionCache):
 
 class PagedCache(PageSession, SessionCache):
     """The paged KV caches of the dynamic sites ``sites`` (decode selection) as a transformers cache (see
-    :class:`SessionCache`). A prompt must not be padded: the pages keep every key they are given."""
-
-    takes_padding = False
+    :class:`SessionCache`)."""
 
     def __init__(self, sites: Iterable[str]) -> None:
         PageSession.__init__(self)
@@ -246,8 +243,8 @@ def _session_view(model, cache: SessionCache) -> torch.nn.Module:
     The view shares the model's attributes (parameters, config, generation config), so transformers'
     ``generate`` runs on it unchanged; only ``view(**inputs)`` differs: the cache argument is dropped
     (the attention layers must not see it: the sites carry the session), the 2-D attention mask is cut
-    to the new tokens (padded keys of the prompt are already out of the session, or refused when the
-    session cannot keep them out), and the cache of the output is ``cache``.
+    to the new tokens (padded keys of the prompt are already out of the session), and the cache of the
+    output is ``cache``.
     """
     inner = model.module
     keyword = cache_keyword(inner)
@@ -264,10 +261,6 @@ def _session_view(model, cache: SessionCache) -> torch.nn.Module:
         tokens = new.shape[1]
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2:
-            if not cache.takes_padding and not bool(mask.all()):
-                raise ValueError(f"attnopt.generate: the prompts are padded (attention_mask has zeros), but "
-                                 f"{cache.carrier} keeps every key it is given; generate prompts of equal length "
-                                 "without padding (one batch per length)")  # fmt: skip
             kwargs["attention_mask"] = mask[:, -tokens:]
         out = cache.advance(lambda: model(**kwargs), tokens, cache.sites)
         out[keyword] = cache

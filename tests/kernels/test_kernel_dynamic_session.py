@@ -93,3 +93,23 @@ def test_reserve_grows_by_whole_pages_and_keeps_the_contents():
     cache.append(k[:, :, 10:], v[:, :, 10:])
     torch.testing.assert_close(cache.k[:, :, :30], k)
     torch.testing.assert_close(cache.k_max[:, :, 7], k[:, :, 28:30].amax(2))
+
+
+def test_padded_keys_stay_out_of_the_summaries_the_selection_and_the_attention():
+    q, k, v = _qkv(40, seed=3)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[1, :19] = False  # row 1 left-padded: pages 0-3 of 4 tokens are padding only, page 4 holds 1 real key
+    cache = decode.PageCache(2, 2, 16, 16, 40, page=4)
+    cache.append(k[:, :, :30], v[:, :, :30], valid[:, :30])
+    cache.append(k[:, :, 30:], v[:, :, 30:])  # later tokens: all real
+    assert torch.equal(cache.valid[:, :40], valid)
+    torch.testing.assert_close(cache.k_min[1, :, 4], k[1, :, 19])  # page 4's summary: its one real key
+    assert bool((cache.k_max[1, :, :4] == float("-inf")).all())
+    pages = decode.select_pages(q[:, :, 39:], cache, top_k=5, sink=0, recent=1)
+    assert torch.equal(pages[1], torch.arange(4, 10).expand(2, 6))  # 6 of 10 pages: never one of padding only
+    got = decode.page_attention(q[:, :, 39:], cache, decode.select_pages(q[:, :, 39:], cache, 10, 1, 1), SCALE)
+    g = q.shape[1] // k.shape[1]
+    want = exact.attention_forward(q[:, :, 39:], k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                   valid[:, None, None], scale=SCALE)[0]  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # every page kept: the padded keys hidden
+    torch.testing.assert_close(decode.exact_attention(q[:, :, 39:], cache, SCALE), want, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ session it is one ``torch.ops.attnopt.dynamic_attention`` call (the prefill path
 keyed by the site's name (its module path):
 
     prompt (first call):  out = dynamic_attention(q, k, v, site mask)          # the prefill path, as without a session
-                          cache = PageCache(...); cache.append(k, v)
+                          cache = PageCache(...); cache.append(k, v, real)      # real: the site mask's key padding
     one new token:        cache.append(k, v)                                   # O(T) writes, no concatenation
                           pages = select_pages(q, cache, K, sink, recent)      # [B, Hkv, n] from the page summaries
                           out = page_attention(q, cache, pages)                # exact on those pages' tokens
@@ -15,8 +15,9 @@ keyed by the site's name (its module path):
 
 So a decoder generates by feeding the prompt once and then each new token alone, with no KV cache of the
 model's own; with every page kept (K at least the cache's pages) a step is exact attention over the cache.
-:func:`attnopt.generation.generate` runs transformers' ``generate`` through such a session. The sequences of
-a batch must have equal lengths (no padding: the cache keeps every key it is given).
+:func:`attnopt.generation.generate` runs transformers' ``generate`` through such a session. A left-padded
+batch works: the prompt's padded keys (the site mask's key padding) stay out of the pages' summaries and of
+every later step.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT
 from attnopt.kernels.dynamic.decode import PageCache, page_attention, select_pages
-from attnopt.kernels.dynamic.ops import dynamic_attention
+from attnopt.kernels.dynamic.ops import dynamic_attention, site_mask
 from attnopt.kernels.session import DecodeSession, current
 from attnopt.masks import Dynamic, lookup
 
@@ -65,7 +66,7 @@ def site_attention(q, k, v, attn_mask, causal: int, scale: float, mask: str, key
         out = dynamic_attention(q, k, v, attn_mask, causal, scale, mask)[0]
         b, hkv, t, d = k.shape
         cache = session.caches[key] = PageCache(b, hkv, d, v.shape[-1], t, spec.page, k.dtype, k.device)
-        cache.append(k, v)
+        cache.append(k, v, site_mask(attn_mask, causal, q, k)[1])  # padded keys (a left-padded batch) stay out
     else:
         cache.reserve(cache.length + k.shape[2])
         cache.append(k, v)
@@ -76,6 +77,7 @@ def site_attention(q, k, v, attn_mask, causal: int, scale: float, mask: str, key
             out = page_attention(q, cache, pages, scale)
         else:  # several new tokens: the prefill path over the whole cache, each query seeing the keys up to its own
             keys, values = (t[:, :, :cache.length].contiguous() for t in (cache.k, cache.v))
-            out = dynamic_attention(q, keys, values, None, CAUSAL_BOTTOM_RIGHT, scale, mask)[0]
+            padding = None if cache.valid is None else cache.valid[:, None, None, :cache.length]  # [B, 1, 1, L]
+            out = dynamic_attention(q, keys, values, padding, CAUSAL_BOTTOM_RIGHT, scale, mask)[0]
     session.calls[key] += 1
     return out
