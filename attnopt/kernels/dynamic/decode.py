@@ -104,7 +104,7 @@ def select_pages(q: torch.Tensor, cache: PageCache, top_k: int, sink: int = 1, r
     score = torch.matmul(qg.clamp(min=0), cache.k_max[:, :, :n].transpose(-2, -1))
     score += torch.matmul(qg.clamp(max=0), cache.k_min[:, :, :n].transpose(-2, -1))
     score = score.sum(2)  # [B, Hkv, N]: upper bound of q · k per page, summed over the group
-    if cache.valid is not None:  # a page of padding only (max -inf on every channel): its bound is NaN, never chosen
+    if cache.valid is not None:  # a page of padding only (max -inf on every channel): a -inf or NaN bound, never chosen
         score = score.masked_fill(cache.k_max[:, :, :n, 0] == float("-inf"), float("-inf"))
     pos = torch.arange(n, device=q.device)
     forced = (pos < sink) | (pos >= n - recent)
