@@ -285,7 +285,10 @@ def decode_generate(s: int, steps: int) -> dict:
     """End to end through ``optimized.generate``: a random-weight Llama (2 layers, 8 query and 2 key/value heads,
     D64, SDPA) over an ``s``-token prompt; per-step time of its own generate (KV cache), of the paged caches with
     every page kept, and with 10% of the pages (pages of 16). The prefill keeps every block, so the paged runs
-    differ from the original only in the decode steps' selection."""
+    differ from the original only in the decode steps' selection. Random weights attend diffusely (no retrieval
+    structure), so 10% of the pages changes the tokens here; the toy decoder above measures retrieval. On a
+    loaded shared box run with ``--threads 1``: the original's step (its KV cache grown by concatenation) suffers
+    most from contended threads."""
     cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
                                    intermediate_size=1024, vocab_size=1024, max_position_embeddings=s + steps + 8,
                                    bos_token_id=1, eos_token_id=None, pad_token_id=0)  # fmt: skip
