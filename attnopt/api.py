@@ -67,15 +67,15 @@ class OptimizedModule(nn.Module):
     def generate(self, *args, **kwargs):
         """transformers' ``generate`` of the wrapped model, every forward through the rewritten graphs.
 
-        A model whose sites ``attnopt.Linear`` rewrote generates through their recurrent states
-        (:func:`attnopt.generate`: no KV cache); any other keeps its KV cache, and the graphs of its
-        decode steps are captured, rewritten and validated like any new input shape.
+        A model whose sites ``attnopt.Linear`` rewrote generates through their recurrent states, one whose
+        sites have a dynamic decode selection through their paged KV caches (:func:`attnopt.generate`: no KV
+        cache of the model's own); any other keeps its KV cache, and the graphs of its decode steps are
+        captured, rewritten and validated like any new input shape.
         """
         inner = self.module
         if not callable(getattr(inner, "generate", None)):
             raise AttributeError(f"{type(inner).__name__} has no generate(); call the optimized module instead")
-        if any(generation_mode(s.variant) == "recurrent"
-               for s in self.attnopt_report.sites):  # fmt: skip
+        if any(generation_mode(s.variant) != "kv-cache" for s in self.attnopt_report.sites):
             return generate(self, *args, **kwargs)
         return _forward_view(self).generate(*args, **kwargs)
 
@@ -186,9 +186,10 @@ def _forward_times(model: nn.Module, optimized: OptimizedModule, args: tuple, kw
 
 
 def generate(model: OptimizedModule, input_ids: torch.Tensor | None = None, **generate_kwargs: Any) -> Any:
-    """transformers' ``generate`` on a Hugging Face decoder whose attention sites ``attnopt.Linear`` rewrote,
-    through their recurrent states: the prompt once, then one token per step, no KV cache
-    (:func:`attnopt.generation.generate`; a site that would need a KV cache is refused by name)."""
+    """transformers' ``generate`` on a Hugging Face decoder whose attention sites ``attnopt.Linear`` rewrote (through
+    their recurrent states) or ``attnopt.Sparse(Dynamic(..., decode_top_k=K))`` rewrote (through paged KV caches,
+    each step attending to the selected pages): the prompt once, then one token per step
+    (:func:`attnopt.generation.generate`; a site that would need a KV cache of the model's is refused by name)."""
     from attnopt import generation
 
     if not isinstance(model, OptimizedModule):

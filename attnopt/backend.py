@@ -9,7 +9,8 @@ the module whose ``torch.compile`` call is compiling (a compiled function that t
 argument names sites relative to that argument). A graph sees only its own sites, so policy globs are
 checked here against the model's module paths, on the first graph: a glob that can match no module of
 the model is an error at once. :func:`attnopt.optimize` and :func:`attnopt.inspect` check the globs
-against the sites themselves once the first call's graphs are all captured.
+against the sites themselves once the first call's graphs are all captured. A graph compiled while a model
+generates through a decode session (:mod:`attnopt.kernels.session`) is compiled with the session suspended.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from attnopt.breaks import BreakWatch
+from attnopt.kernels.session import suspended
 from attnopt.naming import FrameInputs, GraphNamer, SiteNamer, compiled_root
 from attnopt.passes import FULL, INSPECT, Context, run_pipeline
 from attnopt.policy import Policy, as_policy
@@ -98,9 +100,10 @@ class Backend:
     def _compile(self, gm: GraphModule, example_inputs: list, name_of: Callable | None) -> Callable:
         ctx = Context(self.policy, graph_index=len(self.contexts), example_inputs=example_inputs, name_of=name_of)
         self.contexts.append(ctx)
-        out = run_pipeline(gm, ctx, self.passes)
-        self.report.merge_graph(ctx.sites, ctx.misses)
-        return self.then(out, example_inputs)
+        with suspended():  # validation re-runs the sites, a compiler traces them: a decode session must see neither
+            out = run_pipeline(gm, ctx, self.passes)
+            self.report.merge_graph(ctx.sites, ctx.misses)
+            return self.then(out, example_inputs)
 
 
 def _check_globs_against_modules(policy: Policy, namer: SiteNamer) -> None:

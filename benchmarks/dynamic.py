@@ -24,7 +24,9 @@ Sections (``--sections``):
 * ``decode``: a toy one-layer decoder over a ``--decode-seq`` token cache (B1, 32 query heads, 8 key/value heads,
   D128; :func:`attnopt.kernels.dynamic.decode.retrieval_decode`) with a planted chain of tokens: the tokens
   exact decoding and page selection (10% of the pages, pages of 16) generate, and the attention time per step
-  of each (selection included).
+  of each (selection included); then end to end through ``optimized.generate`` on a random-weight Llama over a
+  ``--generate-seq`` token prompt: the milliseconds per decode step of the model's own generate (KV cache), of
+  the paged caches with every page kept and with 10% of the pages (:func:`decode_generate`).
 
 Times: best of ``--repeat`` interleaved rounds after a warm-up; the machine's load average is recorded. JSON to
 stdout and ``--out``.
@@ -38,6 +40,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import transformers
 from _common import write_json
 from cpu import peak_mib
 
@@ -256,6 +259,60 @@ def section_decode(args) -> dict:
            "tokens_identical": runs["exact"][0][0] == runs["pages"][0][0],
            "retrieved_chain": runs["exact"][0][0] == list(range(1, steps + 1))}  # fmt: skip
     print(out, flush=True)
+    if args.generate_seq:
+        out["generate"] = decode_generate(args.generate_seq, args.generate_steps)
+    return out
+
+
+class _StepClock(transformers.LogitsProcessor):
+    """Records when generate asks for each token's logits processing: the gaps are the per-step times."""
+
+    def __init__(self):
+        self.times = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _generate_ms(model, ids, steps) -> tuple[float, list]:
+    """Median milliseconds per decode step of ``model.generate`` (greedy), and the generated tokens."""
+    clock = _StepClock()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=steps + 1, do_sample=False, logits_processor=[clock])
+    gaps = sorted(b - a for a, b in zip(clock.times, clock.times[1:]))
+    return round(gaps[len(gaps) // 2] * 1e3, 2), out[0, ids.shape[1]:].tolist()
+
+
+def decode_generate(s: int, steps: int) -> dict:
+    """End to end through ``optimized.generate``: a random-weight Llama (2 layers, 8 query and 2 key/value heads,
+    D64, SDPA) over an ``s``-token prompt; per-step time of its own generate (KV cache), of the paged caches with
+    every page kept, and with 10% of the pages (pages of 16). The prefill keeps every block, so the paged runs
+    differ from the original only in the decode steps' selection. Random weights attend diffusely (no retrieval
+    structure), so 10% of the pages changes the tokens here; the toy decoder above measures retrieval. On a
+    loaded shared box run with ``--threads 1``: the original's step (its KV cache grown by concatenation) suffers
+    most from contended threads."""
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
+                                   intermediate_size=1024, vocab_size=1024, max_position_embeddings=s + steps + 8,
+                                   bos_token_id=1, eos_token_id=None, pad_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, cfg.vocab_size, (1, s), generator=torch.Generator().manual_seed(0))
+    total = -(-(s + steps) // 16)
+    runs = {"original": _generate_ms(model, ids, steps)}
+    for name, top_k in (("all_pages", total), ("pages_10pct", max(1, total // 10))):
+        mask = masks.Dynamic("pooled", block=BLOCK, top_k=s // BLOCK + 1, decode_top_k=top_k, page=16)
+        opt = attnopt.optimize(model, attnopt.Sparse(mask), kwargs=dict(input_ids=ids, use_cache=False),
+                               measure=False)  # fmt: skip
+        _generate_ms(opt, ids, 2)  # compiles the decode step's graph
+        runs[name] = _generate_ms(opt, ids, steps)
+    ms = {name: r[0] for name, r in runs.items()}
+    out = {"seq": s, "steps": steps, "pages": total, "ms_per_step": ms,
+           "speedup_vs_original": round(ms["original"] / ms["pages_10pct"], 2),
+           "speedup_vs_all_pages": round(ms["all_pages"] / ms["pages_10pct"], 2),
+           "all_pages_tokens_identical": runs["all_pages"][1] == runs["original"][1],
+           "pages_10pct_tokens_identical": runs["pages_10pct"][1] == runs["original"][1]}  # fmt: skip
+    print(out, flush=True)
     return out
 
 
@@ -271,6 +328,9 @@ def main():
     p.add_argument("--modes", default="fwd")
     p.add_argument("--mem-seq", type=int, default=8192)
     p.add_argument("--decode-seq", type=int, default=16384)
+    p.add_argument("--generate-seq", type=int, default=4096, help="the decode section's optimized.generate prompt "
+                   "(0: skip)")  # fmt: skip
+    p.add_argument("--generate-steps", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--flex", action="store_true", help="also compiled FlexAttention on the same blocks (slow compile)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a loaded shared box")

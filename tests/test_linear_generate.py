@@ -8,6 +8,7 @@ import transformers
 
 import attnopt
 from attnopt import generation, zoo
+from attnopt.kernels import session as kernel_session
 from attnopt.kernels.linear import decode
 
 from conftest import rel_err
@@ -100,25 +101,26 @@ def _site(session, q, key="site"):
         return decode.site_attention(q, q, q, None, True, True, 0.25, 1e-6, key)
 
 
-def test_advance_reruns_a_call_that_compiled_and_checks_every_site_ran_once():
+def test_sites_run_statelessly_while_attnopt_compiles_and_advance_checks_every_site_ran_once():
     q = torch.rand(1, 2, 5, 4)
-    session, graphs = decode.RecurrentSession(), [0]
+    session = decode.RecurrentSession()
 
     def compiling_call():
-        """Like a first call at a new shape: the compile validates the site once more, then the call runs it."""
-        if graphs[0] == 0:
-            graphs[0] += 1
-            _site(session, q)
-        return _site(session, q)
+        """Like a first call at a new shape: the backend validates the site with the session suspended, then the
+        call runs it."""
+        with kernel_session.suspended():
+            assert torch.equal(decode.site_attention(q, q, q, None, True, True, 0.25, 1e-6, "site"),
+                               _site(decode.RecurrentSession(), q))  # fmt: skip
+        return decode.site_attention(q, q, q, None, True, True, 0.25, 1e-6, "site")
 
-    out = session.advance(compiling_call, 5, lambda: graphs[0], ["site"])
+    out = session.advance(compiling_call, 5, ["site"])
     want = decode.RecurrentSession()
     assert torch.equal(out, _site(want, q)) and torch.equal(session.states["site"][0], want.states["site"][0])
     assert session.length == 5
     with pytest.raises(RuntimeError, match=r"\['other'\] did not run through the recurrent state"):
-        session.advance(lambda: _site(session, q[:, :, :1]), 1, lambda: graphs[0], ["site", "other"])
+        session.advance(lambda: _site(session, q[:, :, :1]), 1, ["site", "other"])
     with pytest.raises(RuntimeError, match=r"ran \{'site': 2\} times"):
-        session.advance(lambda: (_site(session, q), _site(session, q)), 5, lambda: graphs[0], ["site"])
+        session.advance(lambda: (_site(session, q), _site(session, q)), 5, ["site"])
 
 
 def test_the_recurrent_cache_answers_what_generate_and_the_mask_builders_ask_of_a_cache():
@@ -126,12 +128,12 @@ def test_the_recurrent_cache_answers_what_generate_and_the_mask_builders_ask_of_
     assert isinstance(cache, transformers.cache_utils.Cache) and isinstance(cache, decode.RecurrentSession)
     assert (cache.batch_size, cache.is_initialized, cache.get_seq_length()) == (-1, False, 0)
     q = torch.rand(3, 2, 5, 4)
-    cache.advance(lambda: (_site(cache, q, "a"), _site(cache, q, "b")), 5, lambda: 0, ["a", "b"])
+    cache.advance(lambda: (_site(cache, q, "a"), _site(cache, q, "b")), 5, ["a", "b"])
     assert (cache.get_seq_length(1), cache.get_query_offset(1), cache.batch_size) == (5, 5, 3) and cache.is_initialized
     assert cache.get_mask_sizes(2, 0) == (7, 0) and cache.get_mask_sizes(torch.arange(5, 7), 0) == (7, 0)  # 5.x, 4.x
     assert cache.is_linear == [True, True] and cache.is_sliding == [False, False] and cache.get_max_length() == -1
     assert not cache.is_compileable and not cache.is_croppable
-    with pytest.raises(ValueError, match="recurrent states cannot be cropped"):
+    with pytest.raises(ValueError, match="the recurrent state cannot be cropped"):
         cache.crop(2)
 
     state = cache.states["a"][0]

@@ -11,6 +11,12 @@ shares one selection across the heads (the heads' probabilities averaged). ``opt
 parameters as ``(name, value)`` pairs (``(("stride", 16),)`` for ``antidiagonal``; see
 :mod:`attnopt.kernels.dynamic.estimate`).
 
+``decode_top_k`` adds a decode-time KV selection for :func:`attnopt.generate` (Quest): the site keeps its keys
+and values in pages of ``page`` tokens with per-page key summaries, and each one-token decode step attends
+exactly to the ``decode_top_k`` best-scoring pages plus the pages holding the ``sink`` first and the ``local``
+last key blocks (:mod:`attnopt.kernels.dynamic.session`). None (the default): the site has no decode
+selection and generates through transformers' own KV cache.
+
 The mask has no element predicate (it depends on the inputs): it runs only through the dynamic kernels
 (:mod:`attnopt.kernels.dynamic`), which write the block lists at each call.
 """
@@ -26,6 +32,7 @@ DEFAULT_THRESHOLD = 0.9
 # The density (share of the blocks the site's mask allows) the cost model assumes for a threshold, whose
 # achieved density depends on the inputs.
 ASSUMED_DENSITY = 0.1
+DEFAULT_PAGE = 16  # tokens per page of the decode selection's cache (Quest's page size)
 
 
 @register_type
@@ -39,6 +46,8 @@ class Dynamic(Mask):
     local: int = 1
     per_head: bool = True
     options: tuple = ()
+    decode_top_k: int | None = None
+    page: int = DEFAULT_PAGE
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -56,6 +65,11 @@ class Dynamic(Mask):
         check_int("Dynamic", "local", self.local, 0)
         if not isinstance(self.per_head, bool):
             raise ValueError(f"Dynamic.per_head must be a bool; got {self.per_head!r}")
+        check_int("Dynamic", "decode_top_k", self.decode_top_k, 0, allow_none=True)
+        check_int("Dynamic", "page", self.page, 1)
+        if self.decode_top_k is None and self.page != DEFAULT_PAGE:
+            raise ValueError(f"Dynamic.page={self.page} sizes the pages of the decode selection, which is off; give "
+                             "decode_top_k (the pages each decode step attends to) or leave page out")  # fmt: skip
         opts = tuple((str(k), v) for k, v in (self.options.items() if isinstance(self.options, dict) else self.options))
         object.__setattr__(self, "options", opts)
 
@@ -78,9 +92,18 @@ class Dynamic(Mask):
             return min(allowed, self.top_k + self.sink + self.local)
         return min(allowed, max(ASSUMED_DENSITY * allowed, self.sink + self.local))
 
+    def decode_pages(self) -> tuple[int, int, int]:
+        """``(top_k, sink, recent)`` pages of a decode step: ``decode_top_k`` and the pages covering the ``sink``
+        first and the ``local`` last key blocks (the same tokens the prefill selection always keeps)."""
+        if self.decode_top_k is None:
+            raise ValueError(f"{self} has no decode selection; give it decode_top_k")
+        per_block = -(-self.block_n // self.page)
+        return self.decode_top_k, self.sink * per_block, self.local * per_block
+
     def __str__(self) -> str:
         rule = f"top_k={self.top_k}" if self.top_k is not None else f"threshold={self.threshold}"
         opts = "".join(f", {k}={v}" for k, v in self.options)
         shared = "" if self.per_head else ", shared across heads"
+        decode = "" if self.decode_top_k is None else f", decode top_k={self.decode_top_k} pages of {self.page}"
         return (f"Dynamic({self.estimator}, block={self.block_m}x{self.block_n}, {rule}, sink={self.sink}, "
-                f"local={self.local}{shared}{opts})")  # fmt: skip
+                f"local={self.local}{shared}{opts}{decode})")  # fmt: skip

@@ -63,7 +63,8 @@ class VariantHandler:
 
     def generation(self, variant: Any) -> str:
         """How a model whose sites are rewritten with ``variant`` generates: ``"kv-cache"`` (transformers'
-        own loop) or ``"recurrent"`` (:func:`attnopt.generate`, through recurrent states)."""
+        own loop), ``"recurrent"`` (:func:`attnopt.generate`, through recurrent states) or ``"paged"``
+        (:func:`attnopt.generate`, through paged KV caches with a decode-time selection)."""
         return "kv-cache"
 
     def run_facts(self, variant: Any) -> dict | None:

@@ -11,6 +11,11 @@ the tiles the descriptor visits), so a causal model stays causal::
 
 That changes the function: the report calls it approximate, with its measured deviation.
 
+``Sparse(Dynamic(...))`` writes ``torch.ops.attnopt.dynamic_attention(q, k, v, site_mask, causal, scale, key)``;
+with a decode selection (``decode_top_k``) it writes
+``kernels.dynamic.session.site_attention(q, k, v, site_mask, causal, scale, key, site name)``, the same op outside
+a decode session and the paged decode step inside one (the model's generation mode is then ``"paged"``).
+
 ``Sparse("auto")`` (*exact-sparse*) keeps the function: it writes
 ``torch.ops.attnopt.sparse_attention_auto(q, k, v, site_mask, causal, scale, softcap)``, which checks
 the site's mask at each call and runs the sparse kernel only when the mask *is* a sliding window,
@@ -31,8 +36,10 @@ from torch.fx import Node
 
 from attnopt import cost, masks
 from attnopt.kernels.dynamic import ops as dynamic_ops  # noqa: F401  (registers torch.ops.attnopt.dynamic_attention)
+from attnopt.kernels.dynamic import session as dynamic_session
 from attnopt.masks.dynamic import DEFAULT_THRESHOLD
 from attnopt.masks.structured import Grid
+from attnopt.patterns import module_path
 from attnopt.patterns.canonical import tensor_meta
 from attnopt.patterns.match import emit_operands, emit_output
 from attnopt.variants.registry import ApproximateVariant, MethodHandler, register_variant
@@ -86,7 +93,7 @@ def parse(text: str):
     raise ValueError(f"policy {text!r}: sparse takes auto, causal, blocked:B or a mask's JSON (mask.to_dict())")
 
 
-_DYNAMIC_INTS = ("top_k", "sink", "local")
+_DYNAMIC_INTS = ("top_k", "sink", "local", "decode_top_k", "page")
 
 
 def _value(text: str):
@@ -104,8 +111,9 @@ def _value(text: str):
 
 def parse_dynamic(text: str, arg: str) -> masks.Dynamic:
     """``dynamic`` (pooled, threshold 0.9), ``dynamic:ESTIMATOR`` or ``dynamic:ESTIMATOR,key=value,...`` with keys
-    ``block`` (B or BMxBN), ``top_k``, ``threshold``, ``sink``, ``local``, ``per_head`` and the estimator's own
-    options (``stride=16``), e.g. ``dynamic:vertical_slash,top_k=8,block=64``."""
+    ``block`` (B or BMxBN), ``top_k``, ``threshold``, ``sink``, ``local``, ``per_head``, the decode selection's
+    ``decode_top_k`` and ``page``, and the estimator's own options (``stride=16``), e.g.
+    ``dynamic:vertical_slash,top_k=8,block=64`` or ``dynamic:pooled,decode_top_k=32,page=16``."""
     parts = [p.strip() for p in arg.split(",") if p.strip()] if arg else []
     estimator = parts.pop(0) if parts and "=" not in parts[0] else "pooled"
     fields, options = {"estimator": estimator}, []
@@ -131,7 +139,8 @@ def dynamic_string(mask: masks.Dynamic) -> str:
     parts = [mask.estimator]
     if mask.block != default.block:
         parts.append(f"block={mask.block_m}x{mask.block_n}")
-    parts += [f"{f}={getattr(mask, f)}" for f in ("top_k", "threshold", "sink", "local", "per_head")
+    fields = ("top_k", "threshold", "sink", "local", "per_head", "decode_top_k", "page")
+    parts += [f"{f}={getattr(mask, f)}" for f in fields
               if getattr(mask, f) is not None and getattr(mask, f) != getattr(default, f)]  # fmt: skip
     parts += [f"{k}={v}" for k, v in mask.options]
     return "dynamic:" + ",".join(parts)
@@ -292,6 +301,11 @@ def resolve(mask, match):
 
 def emit(mask, graph, match, lookup):
     c = emit_operands(graph, match, lookup)
+    if isinstance(mask, masks.Dynamic) and mask.decode_top_k is not None:  # paged inside a decode session
+        site = module_path(match.output) or match.output.name
+        call = graph.call_function(dynamic_session.site_attention,
+                                   (c.q, c.k, c.v, c.mask, c.causal, c.scale, mask.key(), site))  # fmt: skip
+        return emit_output(graph, match, call)
     if isinstance(mask, masks.Dynamic):  # the block lists are estimated inside the op, at each call
         call = graph.call_function(torch.ops.attnopt.dynamic_attention.default,
                                    (c.q, c.k, c.v, c.mask, c.causal, c.scale, mask.key()))  # fmt: skip
@@ -348,6 +362,8 @@ class Sparse(ApproximateVariant):
     mask: Any = "auto"
     name = _SparseName()
     exact = property(lambda self: self.mask == "auto")  # same function: validated at the dtype's tolerance
+    # a dynamic mask with a decode selection generates through its paged caches (attnopt.generate)
+    generation = property(lambda self: "paged" if getattr(self.mask, "decode_top_k", None) is not None else "kv-cache")
 
     def __post_init__(self):
         object.__setattr__(self, "mask", check_mask(self.mask))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import attnopt.kernels.linear  # noqa: F401  (registers torch.ops.attnopt.linear_attention)
+from attnopt.kernels import session as kernel_session
 from attnopt.kernels.linear import chunked, decode, reference, triton_impl
 from attnopt.kernels.linear.reference import feature_map, lightning_log_decay
 
@@ -223,7 +224,7 @@ def test_session_carries_the_state_between_calls():
         steps = [decode.site_attention(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], DECAY, True, True, 0.3,
                                        1e-6, "site") for t in range(13, 20)]  # fmt: skip
     torch.testing.assert_close(torch.cat([first, *steps], dim=2), want, **F64)
-    assert session.calls["site"] == 8 and decode._SESSION.get() is None
+    assert session.calls["site"] == 8 and kernel_session.current(decode.RecurrentSession) is None
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,9 @@ touch). A decode step scores every page against the query by Quest's upper bound
 selection and its pages are gathered once), keeps the ``top_k`` best pages plus the ``sink`` first and the
 ``recent`` last pages, and attends to the tokens of those pages exactly (softmax over them only). Reads per step:
 the summaries (``2 / page`` of the keys) and the chosen pages, not the whole cache.
+
+Key padding (a left-padded batch): ``append`` takes which tokens are real; padded ones stay out of the summaries
+and of every attention, and a page holding no real token of a sequence is never chosen by its score.
 """
 
 from __future__ import annotations
@@ -29,27 +32,67 @@ class PageCache:
         self.v = torch.zeros(batch, kv_heads, pages * page, value_dim, dtype=dtype, device=device)
         self.k_min = torch.full((batch, kv_heads, pages, head_dim), float("inf"), dtype=dtype, device=device)
         self.k_max = torch.full((batch, kv_heads, pages, head_dim), float("-inf"), dtype=dtype, device=device)
+        self.valid: torch.Tensor | None = None  # bool [B, capacity]: real tokens; None while every token is real
         self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def reserve(self, tokens: int) -> None:
+        """Room for ``tokens`` tokens in all: the buffers grow to at least twice their size when they must (one
+        copy of the cache, amortized over as many appends as it held), so a decoder need not know its length."""
+        if tokens <= self.capacity:
+            return
+        pages = -(-max(tokens, 2 * self.capacity) // self.page)
+
+        def grow(t: torch.Tensor, size: int, fill: float) -> torch.Tensor:  # dim 2 to ``size``, new entries ``fill``
+            return torch.cat([t, t.new_full((*t.shape[:2], size - t.shape[2], t.shape[3]), fill)], 2)
+
+        self.k, self.v = grow(self.k, pages * self.page, 0.0), grow(self.v, pages * self.page, 0.0)
+        self.k_min, self.k_max = grow(self.k_min, pages, float("inf")), grow(self.k_max, pages, float("-inf"))
+        if self.valid is not None:
+            self.valid = grow(self.valid[:, None, :, None], pages * self.page, True)[:, 0, :, 0]
+
+    def map_rows(self, fn) -> None:
+        """Every buffer ``fn(t)`` along the batch dimension (reordering, selecting or repeating sequences)."""
+        self.k, self.v, self.k_min, self.k_max = (fn(t) for t in (self.k, self.v, self.k_min, self.k_max))
+        self.valid = None if self.valid is None else fn(self.valid)
 
     @property
     def pages(self) -> int:
         """Pages holding at least one token."""
         return -(-self.length // self.page)
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Appends ``k`` [B, Hkv, T, D] and ``v`` [B, Hkv, T, Dv]; updates the summaries of the touched pages."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None) -> None:
+        """Appends ``k`` [B, Hkv, T, D] and ``v`` [B, Hkv, T, Dv] (``valid`` bool [B, T]: the real tokens, None: all);
+        updates the summaries of the touched pages from their real tokens."""
         t = k.shape[2]
         end = self.length + t
         if end > self.k.shape[2]:
             raise ValueError(f"PageCache: {end} tokens exceed the capacity {self.k.shape[2]}; make a larger cache")
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
+        if valid is not None and self.valid is None and not bool(valid.all()):
+            self.valid = torch.ones(k.shape[0], self.k.shape[2], dtype=torch.bool, device=k.device)
+        if self.valid is not None:
+            self.valid[:, self.length:end] = True if valid is None else valid
         first, last = self.length // self.page, -(-end // self.page)
         touched = self.k[:, :, first * self.page:last * self.page].view(*k.shape[:2], last - first, self.page, -1)
         filled = (torch.arange(first * self.page, last * self.page, device=k.device) < end).view(last - first, -1, 1)
+        if self.valid is not None:  # [B, 1, pages, page, 1]: filled and real
+            filled = filled & self.valid[:, first * self.page:last * self.page].view(-1, 1, last - first, self.page, 1)
         self.k_min[:, :, first:last] = touched.masked_fill(~filled, float("inf")).amin(3)
         self.k_max[:, :, first:last] = touched.masked_fill(~filled, float("-inf")).amax(3)
         self.length = end
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """bool like ``tokens`` [B, Hkv, N] (token positions): those past the length or padded."""
+        out = tokens >= self.length
+        if self.valid is not None:
+            real = self.valid[:, None].expand(-1, tokens.shape[1], -1).gather(2, tokens.clamp(max=self.capacity - 1))
+            out |= ~real
+        return out
 
 
 def select_pages(q: torch.Tensor, cache: PageCache, top_k: int, sink: int = 1, recent: int = 1) -> torch.Tensor:
@@ -61,6 +104,8 @@ def select_pages(q: torch.Tensor, cache: PageCache, top_k: int, sink: int = 1, r
     score = torch.matmul(qg.clamp(min=0), cache.k_max[:, :, :n].transpose(-2, -1))
     score += torch.matmul(qg.clamp(max=0), cache.k_min[:, :, :n].transpose(-2, -1))
     score = score.sum(2)  # [B, Hkv, N]: upper bound of q · k per page, summed over the group
+    if cache.valid is not None:  # a page of padding only (max -inf on every channel): a -inf or NaN bound, never chosen
+        score = score.masked_fill(cache.k_max[:, :, :n, 0] == float("-inf"), float("-inf"))
     pos = torch.arange(n, device=q.device)
     forced = (pos < sink) | (pos >= n - recent)
     score = score.masked_fill(forced, float("inf"))
@@ -78,17 +123,18 @@ def page_attention(q: torch.Tensor, cache: PageCache, pages: torch.Tensor, scale
     # index_select of [pages, page, D] views: 3-4x faster on CPU than of [pages, page·D] rows
     kp = cache.k.view(-1, page, d).index_select(0, rows).view(b, hkv, -1, d)  # [B, Hkv, n·page, D]
     vp = cache.v.view(-1, page, cache.v.shape[-1]).index_select(0, rows).view(b, hkv, -1, cache.v.shape[-1])
-    tokens = (pages[..., None] * page + torch.arange(page, device=q.device)).view(b, hkv, 1, -1)
+    tokens = (pages[..., None] * page + torch.arange(page, device=q.device)).view(b, hkv, -1)
     qg = q.view(b, hkv, hq // hkv, d)
     s = torch.matmul(qg, kp.transpose(-2, -1)) * scale  # [B, Hkv, G, n·page]
-    s = s.masked_fill(tokens >= cache.length, float("-inf"))
+    s = s.masked_fill(cache.hidden(tokens)[:, :, None], float("-inf"))
     return torch.matmul(torch.softmax(s, -1), vp).view(b, hq, 1, -1)
 
 
 def exact_attention(q: torch.Tensor, cache: PageCache, scale: float | None = None) -> torch.Tensor:
     """``[B, Hq, 1, Dv]``: the exact decode step over the whole cache (what :func:`page_attention` approximates)."""
     k, v = cache.k[:, :, :cache.length], cache.v[:, :, :cache.length]
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    mask = None if cache.valid is None else cache.valid[:, None, None, :cache.length]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, mask, scale=scale, enable_gqa=True)
 
 
 def retrieval_decode(prompt: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, steps: int, heads: tuple,
