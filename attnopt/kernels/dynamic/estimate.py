@@ -20,7 +20,7 @@ Each works on pooled, strided or sampled views of q and k and costs at most ``O(
   quantized to ``bits`` bits (symmetric, per vector), log-sum-exp per block. ``O(S² · D · sq·sk / (bm · bn))``.
 * ``lsh`` (HyperAttention's sortLSH, Routing Transformer's clusters): queries and keys hashed by SimHash
   (``rounds`` hashes of ``bits`` random hyperplanes); each hyperplane's agreement rate over a block pair
-  estimates the pair's angle (``P[agree] = 1 - θ/π``), hence its scores; near blocks exact as for ``pooled``.
+  estimates the pair's angle (``P[agree] = 1 - θ/π``), hence its mean score; spread and near blocks as ``pooled``.
   ``O(S · D · bits · rounds + NQ · NK · bits · rounds)``.
 
 Every estimator gives zero mass to blocks the site's causal rule hides entirely and rows that sum to one.
@@ -83,6 +83,13 @@ def _sizes(s: int, block: int, n: int, device=None) -> torch.Tensor:
     return sizes
 
 
+def _variance(qm, q2, km, k2, scale: float) -> torch.Tensor:
+    """``[B, H, NQ, NK]``: the variance of ``q · k · scale`` over each block pair's (query, key) pairs, channels
+    taken independent: ``Σ_d (E[q_d²] E[k_d²] - q̄_d² k̄_d²)`` from the blocks' moments (:func:`_moments`)."""
+    var = torch.matmul(q2, k2.transpose(-2, -1)) - torch.matmul(qm * qm, (km * km).transpose(-2, -1))
+    return var.clamp_min(0.0) * scale**2
+
+
 def pooled(q, k, block_m, block_n, offset, scale, rows: int = 4):
     """Mean pooling keeps ``E[q·k]`` of a block pair but loses its spread, and ``log Σ exp`` grows with the spread:
     the pair's log-mass is taken as the Gaussian (second-cumulant) value ``log n + μ + σ²/2``, ``μ = q̄ · k̄``
@@ -93,8 +100,7 @@ def pooled(q, k, block_m, block_n, offset, scale, rows: int = 4):
     qm, q2 = _moments(q, block_m, hq)
     km, k2 = _moments(k, block_n, hq)
     mean = torch.matmul(qm, km.transpose(-2, -1)) * scale
-    var = (torch.matmul(q2, k2.transpose(-2, -1)) - torch.matmul(qm * qm, (km * km).transpose(-2, -1))) * scale**2
-    logits = mean + var.clamp_min(0.0) / 2 + _sizes(k.shape[2], block_n, km.shape[2], q.device).log()
+    logits = mean + _variance(qm, q2, km, k2, scale) / 2 + _sizes(k.shape[2], block_n, km.shape[2], q.device).log()
     logits = with_near(logits, near_logmass(q, k, block_m, block_n, offset, scale, rows))
     return _normalized(logits, allowed_blocks(q.shape[2], k.shape[2], block_m, block_n, offset))
 
@@ -228,8 +234,9 @@ def lsh(q, k, block_m, block_n, offset, scale, bits: int = 16, rounds: int = 32,
     """SimHash (Charikar): for a random hyperplane the codes of q and k agree with probability ``1 - θ/π``, θ
     their angle. ``rounds`` hashes of ``bits`` hyperplanes each give every query and key a ``P = bits · rounds``
     sign code; the mean agreement over a block pair's (query, key) pairs is exact from the blocks' mean codes,
-    ``a = (1 + c̄_q · c̄_k / P) / 2``, and estimates their angle ``θ = π (1 - a)``: the pair's logit is
-    ``|q| |k| cos θ · scale + log |block|`` (RMS norms per block), softmaxed over the key blocks. Rather than
+    ``a = (1 + c̄_q · c̄_k / P) / 2``, and estimates their angle ``θ = π (1 - a)``: the pair's mean score is
+    ``|q| |k| cos θ · scale`` (RMS norms per block), and its logit adds ``log |block|`` and half the pair's score
+    variance (as ``pooled``: ``log Σ exp`` exceeds the mean score by the spread), softmaxed. Rather than
     counting whole-code bucket collisions (which a pair at a moderate angle almost never has with many bits),
     every hyperplane votes: the angle's standard error falls as ``1/√P``. The near blocks (sinks, diagonal band)
     are measured exactly on ``rows`` sampled rows (:mod:`.near`). ``O(S · D · P + NQ · NK · P)``."""
@@ -242,6 +249,9 @@ def lsh(q, k, block_m, block_n, offset, scale, bits: int = 16, rounds: int = 32,
     agree = (1.0 + torch.matmul(code_q, code_k.transpose(-2, -1)) / planes.shape[1]) / 2
     cos = torch.cos(math.pi * (1.0 - agree.clamp(0.0, 1.0)))
     logits = scale * norm_q * norm_k.transpose(-2, -1) * cos + _sizes(sk, block_n, code_k.shape[2], q.device).log()
+    qm, q2 = _moments(q, block_m, hq)
+    km, k2 = _moments(k, block_n, hq)
+    logits = logits + _variance(qm, q2, km, k2, scale) / 2  # the spread the mean angle leaves out, as pooled
     logits = with_near(logits, near_logmass(q, k, block_m, block_n, offset, scale, rows))
     return _normalized(logits, allowed_blocks(sq, sk, block_m, block_n, offset))
 
