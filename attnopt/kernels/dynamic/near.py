@@ -37,8 +37,8 @@ def near_logmass(q, k, block_m: int, block_n: int, offset: int | None, scale: fl
     hkv, sk = k.shape[1], k.shape[2]
     g, nq, nk = hq // hkv, num_blocks(sq, block_m), num_blocks(sk, block_n)
     dev = q.device
-    at = torch.arange(nq, device=dev)[:, None] * block_m + ((torch.arange(rows, device=dev) + 1) * block_m) // rows - 1
-    at = at.clamp(max=sq - 1)  # [NQ, rows]
+    spread = torch.clamp(((torch.arange(rows, device=dev) + 1) * block_m) // rows - 1, min=0)  # rows > block_m: repeats
+    at = torch.clamp(torch.arange(nq, device=dev)[:, None] * block_m + spread, max=sq - 1)  # [NQ, rows]
     # Queries [NQ, B·Hkv, G·rows, D]; keys [B·Hkv, NK, bn, D] (a view of k when bn divides Sk).
     qs = q[:, :, at].float().view(b, hkv, g, nq, rows, d).permute(3, 0, 1, 2, 4, 5).reshape(nq, b * hkv, -1, d)
     kb = (k if nk * block_n == sk else F.pad(k, (0, 0, 0, nk * block_n - sk))).float().reshape(b * hkv, nk, block_n, d)
