@@ -132,8 +132,9 @@ def antidiagonal(q, k, block_m, block_n, offset, scale, stride: int = 16):
 
 def vertical_slash(q, k, block_m, block_n, offset, scale, last_q: int = 64, probes: int = 2):
     """Beyond MInference, ``probes`` rows of every query block (evenly spaced) attend to every key too: their
-    mean key-block mass is the block's own vertical estimate, averaged with the last queries' vertical part
-    (which alone misses a far block only earlier queries attend to). ``O((last_q + NQ · probes) · S · D)``."""
+    mean key-block mass is measured on the block itself, so it weighs as much as the last queries' vertical
+    and slash parts together (which describe the last rows and miss a far block only earlier queries attend
+    to). ``O((last_q + NQ · probes) · S · D)``."""
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     n = min(last_q, sq)
@@ -154,7 +155,7 @@ def vertical_slash(q, k, block_m, block_n, offset, scale, last_q: int = 64, prob
     return est / est.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def _own_vertical(q, k, block_m, block_n, offset, scale, probes: int = 1):
+def _own_vertical(q, k, block_m, block_n, offset, scale, probes: int):
     """[B, H, NQ, NK]: the mean key-block mass of each query block's ``probes`` evenly spaced rows (rows chunked:
     ~2^24 scores at a time)."""
     b, hq, sq, _ = q.shape
@@ -228,7 +229,7 @@ def _sign_sketch(x: torch.Tensor, planes: torch.Tensor, block: int) -> tuple[tor
     norm ``[B, H, N, 1]``."""
     x = x.float()
     codes = torch.sign(torch.matmul(x, planes))  # [B, H, S, P]
-    return _pool(codes, block), _pool(x.square().sum(-1, keepdim=True), block).sqrt()
+    return _pool(codes, block), _pool(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square(), block).sqrt()
 
 
 def lsh(q, k, block_m, block_n, offset, scale, bits: int = 16, rounds: int = 32, seed: int = 0, rows: int = 4):
