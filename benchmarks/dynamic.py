@@ -14,8 +14,11 @@ Sections (``--sections``):
 
 * ``recall``: every estimator at ``threshold`` (default 0.9) at ``--recall-seqs``, H4 D64, every head with
   needles, sinks and local structure: recall of the planted blocks, density (selected / allowed), estimation time.
+  With ``--oracle`` also the ``exact`` row: the same selection rule on the exact block masses of the planted
+  query blocks (the ceiling of any estimator; about a minute per 16k tokens).
 * ``deviation``: every estimator at ``--dev-thresholds`` on mixed inputs at ``--dev-seq``: output deviation
-  against exact causal attention (max |out - exact| / max |exact|), density, recall.
+  against exact causal attention (max |out - exact| / max |exact|), density, recall; and the ``exact`` row (the
+  selection rule on the exact block masses: what a threshold can promise on these inputs).
 * ``speed``: B1 H8 D64 fp32 causal mixed inputs at ``--speed-seq``: ``dynamic_attention`` (estimation included;
   its estimation share), the block-sparse op alone on the same selection, SDPA causal, attnopt's exact causal
   attention (``attnopt.attention(..., is_causal=True)``), and with ``--flex``
@@ -47,7 +50,7 @@ from cpu import peak_mib
 import attnopt
 from attnopt import masks
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT
-from attnopt.kernels.dynamic import blocks, decode, ops
+from attnopt.kernels.dynamic import blocks, decode, ops, select
 from attnopt.masks.dynamic import ESTIMATORS
 
 BLOCK = 64
@@ -108,6 +111,27 @@ def density(num, s) -> float:
     return float(num.double().sum() / (num.shape[0] * num.shape[1] * allowed))
 
 
+def exact_block_mass(q, k, query_blocks) -> torch.Tensor:
+    """``[1, H, NQ, NK]``: the exact causal attention mass per key block, averaged over each query block's rows,
+    for ``query_blocks`` (the other rows hold all their mass on the diagonal block: they are not evaluated)."""
+    s, heads, nb = q.shape[2], q.shape[1], q.shape[2] // BLOCK
+    out = torch.zeros(1, heads, nb, nb)
+    out[0, :, torch.arange(nb), torch.arange(nb)] = 1.0
+    for i in query_blocks:
+        n = (i + 1) * BLOCK
+        rows = torch.arange(i * BLOCK, n)
+        scores = torch.matmul(q[0, :, i * BLOCK:n], k[0, :, :n].transpose(-2, -1)) * q.shape[-1] ** -0.5
+        p = torch.softmax(scores.masked_fill(torch.arange(n)[None, :] > rows[:, None], float("-inf")), -1)
+        out[0, :, i, :i + 1] = p.view(heads, BLOCK, i + 1, BLOCK).sum(-1).mean(1)
+    return out
+
+
+def _exact_selection(q, k, query_blocks, threshold):
+    s = q.shape[2]
+    probs = exact_block_mass(q, k, query_blocks)
+    return select.select(probs, s, s, BLOCK, BLOCK, 0, threshold=threshold, sink=1, local=1)
+
+
 def _mask(estimator, threshold):
     return masks.Dynamic(estimator, block=BLOCK, threshold=threshold)
 
@@ -122,6 +146,12 @@ def section_recall(args) -> list:
             rows.append({"seq": s, "estimator": est, "threshold": args.threshold,
                          "recall": recall(num, idx, s // BLOCK, planted), "density": round(density(num, s), 4),
                          "estimate_ms": round((time.perf_counter() - t0) * 1e3, 1)})  # fmt: skip
+            print(rows[-1], flush=True)
+        if args.oracle:
+            planted_rows = sorted({i for pairs in planted.values() for i in pairs})
+            num, idx = _exact_selection(q, k, planted_rows, args.threshold)
+            rows.append({"seq": s, "estimator": "exact", "threshold": args.threshold,
+                         "recall": recall(num, idx, s // BLOCK, planted)})  # fmt: skip
             print(rows[-1], flush=True)
     return rows
 
@@ -139,6 +169,15 @@ def section_deviation(args) -> list:
             rows.append({"seq": s, "estimator": est, "threshold": threshold, "deviation": dev,
                          "density": round(density(num, s), 4), "recall": recall(num, idx, s // BLOCK, planted)})  # fmt: skip
             print(rows[-1], flush=True)
+    for threshold in args.dev_thresholds:
+        num, idx = _exact_selection(q, k, range(s // BLOCK), threshold)
+        out, _ = torch.ops.attnopt.block_sparse_attention(q, k, v, num, idx, None, BLOCK, BLOCK, CAUSAL_BOTTOM_RIGHT,
+                                                          64 ** -0.5)  # fmt: skip
+        rows.append({"seq": s, "estimator": "exact", "threshold": threshold,
+                     "deviation": float((out - exact).abs().max() / exact.abs().max()),
+                     "density": round(density(num, s), 4),
+                     "recall": recall(num, idx, s // BLOCK, planted)})  # fmt: skip
+        print(rows[-1], flush=True)
     return rows
 
 
@@ -333,6 +372,7 @@ def main():
     p.add_argument("--generate-steps", type=int, default=16)
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--flex", action="store_true", help="also compiled FlexAttention on the same blocks (slow compile)")
+    p.add_argument("--oracle", action="store_true", help="recall: also the selection on exact block masses (slow)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a loaded shared box")
     p.add_argument("--out")
     args = p.parse_args()

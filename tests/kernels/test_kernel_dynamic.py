@@ -10,7 +10,7 @@ import torch
 import attnopt  # noqa: F401  (registers the ops)
 from attnopt import masks
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE, CAUSAL_TOP_LEFT
-from attnopt.kernels.dynamic import blocks, cpu, estimate, ops, reference, select
+from attnopt.kernels.dynamic import blocks, cpu, estimate, near, ops, reference, select
 from attnopt.masks.dynamic import ESTIMATORS
 
 F64 = dict(atol=1e-10, rtol=1e-10)
@@ -136,11 +136,18 @@ def test_threshold_reaches_the_mass_with_the_fewest_blocks():
 
 
 def _needles(s, d=32, heads=2, block=64, seed=0):
-    """Queries of block i = 3·j point at key block j (far back): the planted block is each query block's only
-    strong key block."""
+    """Queries of block i = 3·j + 1 point at key block j (far back), over attention sinks (the first keys align
+    with every query) and local smoothness (q and k share a slow random walk): the planted block is each query
+    block's only strong far key block, next to a strong diagonal and sink."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, s, d, generator=g) * 0.3
-    k = torch.randn(1, heads, s, d, generator=g) * 0.3
+    omega = torch.rand(d // 2, generator=g) * (2 * torch.pi / 128)  # periods of 128 tokens and more
+    angle = torch.arange(s)[:, None] * omega
+    smooth = 2.5 * torch.cat([angle.cos(), angle.sin()], -1) / (d // 2) ** 0.25  # q_i · k_j falls with |i - j|
+    q = torch.randn(1, heads, s, d, generator=g) * 0.3 + smooth
+    k = torch.randn(1, heads, s, d, generator=g) * 0.3 + smooth
+    sink = torch.randn(d, generator=g)
+    q += 2.0 * sink / sink.norm()
+    k[:, :, :4] += 2.0 * sink / sink.norm()
     planted = {}
     nb = s // block
     for j in range(1, nb // 3):
@@ -155,12 +162,71 @@ def _needles(s, d=32, heads=2, block=64, seed=0):
 
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_planted_needles_are_recalled(estimator):
-    q, k, planted = _needles(1024)
+    """Every estimator finds every planted far block at threshold 0.9 (S = 2048, sinks and local structure)."""
+    q, k, planted = _needles(2048)
     options = (("stride", 16),) if estimator == "antidiagonal" else ()
     mask = masks.Dynamic(estimator, block=64, threshold=0.9, options=options)
     num, idx = ops.select_blocks(q, k, mask, CAUSAL_BOTTOM_RIGHT)
-    chosen = blocks.dense_blocks(num, idx, 16)
+    chosen = blocks.dense_blocks(num, idx, 32)
     assert all(bool(chosen[0, :, i, j].all()) for i, j in planted.items())
+
+
+@pytest.mark.parametrize("sq,sk,bm,bn,causal,sink,local", [
+    (77, 77, 16, 16, CAUSAL_BOTTOM_RIGHT, 1, 1),  # square blocks: the shifted-view path
+    (45, 70, 8, 16, CAUSAL_BOTTOM_RIGHT, 2, 1),  # non-square blocks, Sq < Sk: the gather path
+    (40, 40, 16, 16, CAUSAL_NONE, 1, 2),
+])  # fmt: skip
+def test_near_blocks_hold_their_exact_mass_on_sampled_rows(sq, sk, bm, bn, causal, sink, local):
+    """near_logmass against the dense scores of the same rows and blocks (GQA, odd sizes)."""
+    q, k, _ = qkv(2, 4, 2, sq, sk, 8, torch.float32)
+    offset = blocks.causal_offset(causal, sq, sk)
+    got = near.near_logmass(q, k, bm, bn, offset, 0.3, rows=3, sink=sink, local=local)
+    nq, nk = blocks.num_blocks(sq, bm), blocks.num_blocks(sk, bn)
+    scores = torch.matmul(q, k.repeat_interleave(2, 1).transpose(-2, -1)) * 0.3  # [B, Hq, Sq, Sk]
+    keys = torch.arange(sk)
+    for i in range(nq):
+        rows = [min(i * bm + (t + 1) * bm // 3 - 1, sq - 1) for t in range(3)]
+        last = min(i * bm + bm - 1, sq - 1) + sk - sq
+        near_cols = set(range(min(sink, nk))) | {last // bn - t for t in range(local + 1) if last // bn - t >= 0}
+        for j in range(nk):
+            if j not in near_cols:
+                assert got[:, :, i, j].isnan().all()
+                continue
+            inside = (keys >= j * bn) & (keys < (j + 1) * bn)
+            s = scores[:, :, rows].masked_fill(~inside, float("-inf"))
+            if offset is not None:
+                s = s.masked_fill(keys[None, :] > torch.tensor(rows)[:, None] + offset, float("-inf"))
+            want = torch.logsumexp(torch.logsumexp(s, -1), -1) - torch.log(torch.tensor(3.0))
+            torch.testing.assert_close(got[:, :, i, j], want, atol=1e-5, rtol=1e-5)
+
+
+def test_pooled_far_logit_is_the_gaussian_log_mass_of_the_pair():
+    """pooled: a far block's logit is ``log n + E[s] + Var[s]/2`` over the pair's scores (channels independent),
+    a near block's its exact log-mass; one query block, key blocks 0 (sink), 1 (far), 2 and 3 (diagonal band)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, 16, 4, generator=g)
+    k = torch.randn(1, 1, 64, 4, generator=g) * torch.tensor([1.0, 0.5, 2.0, 0.1])
+    p = estimate.pooled(q, k, 16, 16, None, 0.5, rows=2)
+    exact = near.near_logmass(q, k, 16, 16, None, 0.5, rows=2)
+    assert exact[0, 0, 0, 1].isnan() and not exact[0, 0, 0, [0, 2, 3]].isnan().any()
+    qs, ks = q[0, 0], k[0, 0, 16:32]
+    var = (qs.square().mean(0) * ks.square().mean(0) - qs.mean(0).square() * ks.mean(0).square()).sum() * 0.25
+    far = 0.5 * qs.mean(0) @ ks.mean(0) + var / 2 + torch.log(torch.tensor(16.0))
+    torch.testing.assert_close(p[0, 0, 0, 1].log() - p[0, 0, 0, 0].log(), far - exact[0, 0, 0, 0])
+
+
+def test_lsh_agreement_estimates_the_angle():
+    """lsh: a query block and a key block of one repeated vector each, at angle θ: the estimated logit ratio of
+    two such key blocks follows ``|q| |k| cos θ · scale`` within the SimHash error (P = 512 hyperplanes)."""
+    d = 16
+    u, w = torch.eye(d)[0], torch.eye(d)[1]
+    key_a = torch.cos(torch.tensor(0.5)) * u + torch.sin(torch.tensor(0.5)) * w  # 0.5 rad from u
+    key_b = torch.cos(torch.tensor(1.5)) * u + torch.sin(torch.tensor(1.5)) * w  # 1.5 rad
+    q = (3.0 * u).expand(1, 1, 16, d)
+    k = torch.cat([torch.zeros(16, d), 3.0 * key_a.expand(16, d), 3.0 * key_b.expand(16, d), torch.zeros(48, d)])
+    p = estimate.lsh(q, k[None, None], 16, 16, None, 1.0, rows=1)  # key blocks 1 and 2 are far
+    want = 9.0 * (torch.cos(torch.tensor(0.5)) - torch.cos(torch.tensor(1.5)))
+    assert abs(float(p[0, 0, 0, 1].log() - p[0, 0, 0, 2].log()) - float(want)) < 0.1 * float(want)
 
 
 def test_dynamic_policy_strings_round_trip():

@@ -4,20 +4,25 @@ Each works on pooled, strided or sampled views of q and k and costs at most ``O(
 ``[Sq, Sk]`` score matrix:
 
 * ``pooled`` (SeerAttention's gate without training, BiFormer's region routing): mean-pooled queries against
-  mean-pooled keys, ``softmax(Q̄ K̄ᵀ · scale + log |block|)`` over key blocks. ``O(NQ · NK · D)``.
+  mean-pooled keys with the spread pooling loses put back: a pair's log-mass ``log |block| + μ + σ²/2``
+  (``μ = q̄ · k̄ · scale``, ``σ²`` the variance of ``q · k · scale`` over the pair from per-channel second
+  moments), softmaxed over key blocks; the near blocks (sinks, diagonal band) exact on sampled rows
+  (:mod:`.near`). ``O(NQ · NK · D)`` plus ``O(S · D · rows · (sink + local + 1))``.
 * ``antidiagonal`` (XAttention): per ``stride × stride`` tile the sum of its antidiagonal scores, from strided
   reshapes of q and k (``[S/stride, stride·D]``), softmaxed per strided row and summed into blocks.
   ``O(S² · D / stride)``.
 * ``vertical_slash`` (MInference): the last ``last_q`` queries attend to every key; the mass per key column
   ("vertical") and per diagonal ("slash") is spread over the blocks (the slash part by double prefix sums).
-  Beyond MInference, the middle query of each query block also attends to every key and adds its block's own
-  vertical mass (the last queries alone miss a key block that only earlier queries attend to).
-  ``O(last_q · S · D + S² · D / block_m)``.
+  Beyond MInference, ``probes`` rows of each query block also attend to every key: their own mass, weighted as
+  much as the last queries' vertical and slash parts together (the last queries alone miss a key block that
+  only earlier queries attend to). ``O(last_q · S · D + probes · S² · D / block_m)``.
 * ``lowbit`` (SALE, SEA): ``samples_q`` queries per query block against ``samples_k`` keys per key block, both
   quantized to ``bits`` bits (symmetric, per vector), log-sum-exp per block. ``O(S² · D · sq·sk / (bm · bn))``.
-* ``lsh`` (HyperAttention's sortLSH, Routing Transformer's clusters): queries and keys hashed by ``bits`` random
-  hyperplanes (SimHash, ``rounds`` independent hashes); a block pair's score is the share of its query/key pairs
-  that share a bucket. ``O(S · D · bits + NQ · NK · 2^bits)``.
+* ``lsh`` (HyperAttention's sortLSH, Routing Transformer's clusters): queries and keys hashed by SimHash
+  (``rounds`` hashes of ``bits`` random hyperplanes); each hyperplane's agreement rate over a block pair
+  estimates the pair's angle (``P[agree] = 1 - θ/π``), hence its mean score; spread and near blocks as ``pooled``.
+  ``O(S · D · P + NQ · NK · P)``, ``P = bits · rounds`` (512): within ``O(S² · D / block)`` from ``S = P · block``
+  (32k at the defaults); below that a fixed cost of about 0.3 ms per 1k tokens and head.
 
 Every estimator gives zero mass to blocks the site's causal rule hides entirely and rows that sum to one.
 """
@@ -30,23 +35,22 @@ import torch
 import torch.nn.functional as F
 
 from attnopt.kernels.dynamic.blocks import allowed_blocks, num_blocks
+from attnopt.kernels.dynamic.near import near_logmass, with_near
 
 ESTIMATORS = ("pooled", "antidiagonal", "vertical_slash", "lowbit", "lsh")
 
 
 def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, S, D] -> [B, H, N, block, D] (zero-padded)."""
+    """[B, H, S, D] -> [B, H, N, block, D] (zero-padded; a view when ``block`` divides S)."""
     n = num_blocks(x.shape[2], block)
-    return F.pad(x, (0, 0, 0, n * block - x.shape[2])).view(*x.shape[:2], n, block, x.shape[-1])
+    if n * block != x.shape[2]:
+        x = F.pad(x, (0, 0, 0, n * block - x.shape[2]))
+    return x.reshape(*x.shape[:2], n, block, x.shape[-1])
 
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
     """[B, H, S, D] -> [B, H, N, D]: the mean of each block's rows (the last block's real rows only)."""
-    b, h, s, d = x.shape
-    full = s // block
-    sums = x[:, :, :full * block].float().reshape(b, h, full, block, d).sum(3)  # a view: no padded copy
-    if full * block < s:
-        sums = torch.cat([sums, x[:, :, full * block:].float().sum(2, keepdim=True)], 2)
+    sums = _blocks(x.float(), block).sum(3)
     counts = torch.full((sums.shape[2],), float(block), device=x.device)
     counts[-1] = x.shape[2] - (sums.shape[2] - 1) * block
     return sums / counts[:, None]
@@ -62,12 +66,43 @@ def _normalized(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(p, nan=0.0)
 
 
-def pooled(q, k, block_m, block_n, offset, scale):
-    qb = _pool(q, block_m)
-    kb = _per_query_head(_pool(k, block_n), q.shape[1])
-    sizes = torch.full((kb.shape[2],), float(block_n), device=q.device)
-    sizes[-1] = k.shape[2] - (kb.shape[2] - 1) * block_n
-    logits = torch.matmul(qb, kb.transpose(-2, -1)) * scale + sizes.log()
+def _moments(x: torch.Tensor, block: int, hq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per block and channel the mean and the mean square of ``x`` [B, H, S, D] (``[B, Hq, N, D]`` each); the
+    mean square from every ``block // 16``-th row (16 rows per block estimate a second moment well, at a
+    fraction of the memory traffic)."""
+    x = x.float()
+    step = max(1, block // 16)
+    sizes = _sizes(x.shape[2], block, num_blocks(x.shape[2], block), x.device)
+    squares = _blocks(x, block)[:, :, :, ::step].square().sum(3) / torch.ceil(sizes / step)[:, None]
+    return _per_query_head(_pool(x, block), hq), _per_query_head(squares, hq)
+
+
+def _sizes(s: int, block: int, n: int, device=None) -> torch.Tensor:
+    """[N]: the number of real rows of each block (the last one may be short)."""
+    sizes = torch.full((n,), float(block), device=device)
+    sizes[-1] = s - (n - 1) * block
+    return sizes
+
+
+def _variance(qm, q2, km, k2, scale: float) -> torch.Tensor:
+    """``[B, H, NQ, NK]``: the variance of ``q · k · scale`` over each block pair's (query, key) pairs, channels
+    taken independent: ``Σ_d (E[q_d²] E[k_d²] - q̄_d² k̄_d²)`` from the blocks' moments (:func:`_moments`)."""
+    var = torch.matmul(q2, k2.transpose(-2, -1)) - torch.matmul(qm * qm, (km * km).transpose(-2, -1))
+    return var.clamp_min(0.0) * scale**2
+
+
+def pooled(q, k, block_m, block_n, offset, scale, rows: int = 4):
+    """Mean pooling keeps ``E[q·k]`` of a block pair but loses its spread, and ``log Σ exp`` grows with the spread:
+    the pair's log-mass is taken as the Gaussian (second-cumulant) value ``log n + μ + σ²/2``, ``μ = q̄ · k̄``
+    and ``σ² = Σ_d (E[q_d²] E[k_d²] - q̄_d² k̄_d²)``, the variance of ``q · k`` over the pairs with channels taken
+    independent (two more pooled products: ``O(NQ · NK · D)``). The near blocks (sinks, diagonal band: not
+    Gaussian, the local peak) are measured exactly on ``rows`` sampled rows (:mod:`.near`)."""
+    hq = q.shape[1]
+    qm, q2 = _moments(q, block_m, hq)
+    km, k2 = _moments(k, block_n, hq)
+    mean = torch.matmul(qm, km.transpose(-2, -1)) * scale
+    logits = mean + _variance(qm, q2, km, k2, scale) / 2 + _sizes(k.shape[2], block_n, km.shape[2], q.device).log()
+    logits = with_near(logits, near_logmass(q, k, block_m, block_n, offset, scale, rows))
     return _normalized(logits, allowed_blocks(q.shape[2], k.shape[2], block_m, block_n, offset, q.device))
 
 
@@ -83,8 +118,7 @@ def antidiagonal(q, k, block_m, block_n, offset, scale, stride: int = 16):
     kr = _per_query_head(_blocks(k.float(), block_n).reshape(b, k.shape[1], -1, stride * d), hq)
     rows_per_q, cols_per_k = block_m // stride, block_n // stride
     allowed = allowed_blocks(sq, sk, block_m, block_n, offset, q.device).repeat_interleave(rows_per_q, 0)
-    real = torch.arange(nk * cols_per_k, device=q.device) * stride < sk  # real keys
-    allowed = allowed.repeat_interleave(cols_per_k, 1) & real
+    allowed = allowed.repeat_interleave(cols_per_k, 1) & (torch.arange(nk * cols_per_k, device=q.device) * stride < sk)  # real keys
     out = torch.zeros(b, hq, nq, nk, device=q.device)
     step = max(rows_per_q, (1 << 24) // max(1, b * hq * kr.shape[2]) // rows_per_q * rows_per_q)
     for r0 in range(0, qr.shape[2], step):
@@ -96,7 +130,11 @@ def antidiagonal(q, k, block_m, block_n, offset, scale, stride: int = 16):
     return out
 
 
-def vertical_slash(q, k, block_m, block_n, offset, scale, last_q: int = 64):
+def vertical_slash(q, k, block_m, block_n, offset, scale, last_q: int = 64, probes: int = 2):
+    """Beyond MInference, ``probes`` rows of every query block (evenly spaced) attend to every key too: their
+    mean key-block mass is measured on the block itself, so it weighs as much as the last queries' vertical
+    and slash parts together (which describe the last rows and miss a far block only earlier queries attend
+    to). ``O((last_q + NQ · probes) · S · D)``."""
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     n = min(last_q, sq)
@@ -111,29 +149,32 @@ def vertical_slash(q, k, block_m, block_n, offset, scale, last_q: int = 64):
     diag = (rows[:, None] - keys[None, :] + sk - 1).expand(b, hq, n, sk).reshape(b, hq, -1)
     w = torch.zeros(b, hq, sq + sk, device=q.device).scatter_add_(-1, diag, p.reshape(b, hq, -1)) / n
     slash = _slash_blocks(w, sq, sk, block_m, block_n)  # [B, H, NQ, NK]
-    est = (vertical[:, :, None, :] + _own_vertical(q, k, block_m, block_n, offset, scale)) / 2 + slash
+    est = _own_vertical(q, k, block_m, block_n, offset, scale, probes) + (vertical[:, :, None, :] + slash) / 2
     allowed = allowed_blocks(sq, sk, block_m, block_n, offset, q.device)
     est = est.masked_fill(~allowed, 0.0)
     return est / est.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def _own_vertical(q, k, block_m, block_n, offset, scale):
-    """[B, H, NQ, NK]: the key-block mass of each query block's middle query (rows chunked: ~2^24 scores)."""
+def _own_vertical(q, k, block_m, block_n, offset, scale, probes: int):
+    """[B, H, NQ, NK]: the mean key-block mass of each query block's ``probes`` evenly spaced rows (rows chunked:
+    ~2^24 scores at a time)."""
     b, hq, sq, _ = q.shape
     sk = k.shape[2]
     nq, nk = num_blocks(sq, block_m), num_blocks(sk, block_n)
-    rows = torch.clamp(torch.arange(nq, device=q.device) * block_m + block_m // 2, max=sq - 1)
+    rows = torch.arange(nq, device=q.device)[:, None] * block_m + \
+        ((2 * torch.arange(probes, device=q.device) + 1) * block_m) // (2 * probes)
+    rows = torch.clamp(rows, max=sq - 1).flatten()  # [NQ · probes]
     kq = _per_query_head(k, hq).float()
-    out = torch.empty(b, hq, nq, nk, device=q.device)
+    out = torch.empty(b, hq, nq * probes, nk, device=q.device)
     step = max(1, (1 << 24) // max(1, b * hq * sk))
-    for r0 in range(0, nq, step):
+    for r0 in range(0, len(rows), step):
         at = rows[r0:r0 + step]
         s = torch.matmul(q[:, :, at].float(), kq.transpose(-2, -1)) * scale  # [B, H, rows, Sk]
         if offset is not None:
             s = s.masked_fill(torch.arange(sk, device=q.device)[None, :] > at[:, None] + offset, float("-inf"))
         p = torch.nan_to_num(torch.softmax(s, -1), nan=0.0)
         out[:, :, r0:r0 + step] = F.pad(p, (0, nk * block_n - sk)).view(b, hq, len(at), nk, block_n).sum(-1)
-    return out
+    return out.view(b, hq, nq, probes, nk).mean(3)
 
 
 def _slash_blocks(w: torch.Tensor, sq: int, sk: int, block_m: int, block_n: int) -> torch.Tensor:
@@ -184,28 +225,38 @@ def lowbit(q, k, block_m, block_n, offset, scale, bits: int = 4, samples_q: int 
     return p.view(b, hq, nq, samples_q, nk).mean(3)
 
 
-def _bucket_counts(x: torch.Tensor, planes: torch.Tensor, block: int) -> torch.Tensor:
-    """[B, H, S, D] -> [B, H, N, 2^bits]: how many of each block's rows fall in each SimHash bucket."""
-    bits = planes.shape[-1]
-    code = ((torch.matmul(x.float(), planes) > 0).long() << torch.arange(bits, device=x.device)).sum(-1)  # [B, H, S]
-    n = num_blocks(x.shape[2], block)
-    owner = torch.arange(x.shape[2], device=x.device) // block
-    counts = torch.zeros(*x.shape[:2], n * (1 << bits), device=x.device)
-    counts.scatter_add_(-1, owner * (1 << bits) + code, torch.ones(code.shape, device=x.device))
-    return counts.view(*x.shape[:2], n, -1)
+def _sign_sketch(x: torch.Tensor, planes: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, S, D] -> per block the mean SimHash code (``±1`` per hyperplane) ``[B, H, N, P]`` and the rows' RMS
+    norm ``[B, H, N, 1]``."""
+    x = x.float()
+    codes = torch.sign(torch.matmul(x, planes))  # [B, H, S, P]
+    return _pool(codes, block), _pool(torch.linalg.vector_norm(x, dim=-1, keepdim=True).square(), block).sqrt()
 
 
-def lsh(q, k, block_m, block_n, offset, scale, bits: int = 10, rounds: int = 2, seed: int = 0):
+def lsh(q, k, block_m, block_n, offset, scale, bits: int = 16, rounds: int = 32, seed: int = 0, rows: int = 4):
+    """SimHash (Charikar): for a random hyperplane the codes of q and k agree with probability ``1 - θ/π``, θ
+    their angle. ``rounds`` hashes of ``bits`` hyperplanes each give every query and key a ``P = bits · rounds``
+    sign code; the mean agreement over a block pair's (query, key) pairs is exact from the blocks' mean codes,
+    ``a = (1 + c̄_q · c̄_k / P) / 2``, and estimates their angle ``θ = π (1 - a)``: the pair's mean score is
+    ``|q| |k| cos θ · scale`` (RMS norms per block), and its logit adds ``log |block|`` and half the pair's score
+    variance (as ``pooled``: ``log Σ exp`` exceeds the mean score by the spread), softmaxed. Rather than
+    counting whole-code bucket collisions (which a pair at a moderate angle almost never has with many bits),
+    every hyperplane votes: the angle's standard error falls as ``1/√P``. The near blocks (sinks, diagonal band)
+    are measured exactly on ``rows`` sampled rows (:mod:`.near`). ``O(S · D · P + NQ · NK · P)``."""
     b, hq, sq, d = q.shape
     sk = k.shape[2]
     gen = torch.Generator().manual_seed(seed)
-    kq = _per_query_head(k, hq)
-    score = torch.zeros(b, hq, num_blocks(sq, block_m), num_blocks(sk, block_n), device=q.device)
-    for _ in range(rounds):
-        planes = torch.randn(d, bits, generator=gen).to(q.device)  # on the CPU: the same planes on every device
-        score += torch.matmul(_bucket_counts(q, planes, block_m), _bucket_counts(kq, planes, block_n).transpose(-2, -1))
-    score = score.masked_fill(~allowed_blocks(sq, sk, block_m, block_n, offset, q.device), 0.0)
-    return score / score.sum(-1, keepdim=True).clamp_min(1e-30)
+    planes = torch.randn(d, bits * rounds, generator=gen).to(q.device)
+    code_q, norm_q = _sign_sketch(q, planes, block_m)
+    code_k, norm_k = (_per_query_head(x, hq) for x in _sign_sketch(k, planes, block_n))
+    agree = (1.0 + torch.matmul(code_q, code_k.transpose(-2, -1)) / planes.shape[1]) / 2
+    cos = torch.cos(math.pi * (1.0 - agree.clamp(0.0, 1.0)))
+    logits = scale * norm_q * norm_k.transpose(-2, -1) * cos + _sizes(sk, block_n, code_k.shape[2], q.device).log()
+    qm, q2 = _moments(q, block_m, hq)
+    km, k2 = _moments(k, block_n, hq)
+    logits = logits + _variance(qm, q2, km, k2, scale) / 2  # the spread the mean angle leaves out, as pooled
+    logits = with_near(logits, near_logmass(q, k, block_m, block_n, offset, scale, rows))
+    return _normalized(logits, allowed_blocks(sq, sk, block_m, block_n, offset, q.device))
 
 
 _FUNCTIONS = {"pooled": pooled, "antidiagonal": antidiagonal, "vertical_slash": vertical_slash, "lowbit": lowbit,
