@@ -215,6 +215,29 @@ def test_pooled_far_logit_is_the_gaussian_log_mass_of_the_pair():
     torch.testing.assert_close(p[0, 0, 0, 1].log() - p[0, 0, 0, 0].log(), far - exact[0, 0, 0, 0])
 
 
+def test_pooled_sub_blocks_keep_the_mass_a_few_rows_give():
+    """pooled(sub=...): a query block's distribution is the mean of its sub-blocks'. Rows 0..7 of the only query
+    block attend to key block 1 and rows 8..31 to key block 2 (true mean masses 0.25 and 0.75): one pooled mean
+    over all rows misjudges the split, sub-blocks of 8 rows find it; sub = block_m is the plain estimator; a sub
+    that does not divide block_m is refused."""
+    g = torch.Generator().manual_seed(0)
+    d, u, w = 16, torch.eye(16)[0] * 6, torch.eye(16)[1] * 6
+    q = torch.randn(1, 1, 32, d, generator=g) * 0.1
+    k = torch.randn(1, 1, 64, d, generator=g) * 0.1
+    q[0, 0, :8] += u
+    q[0, 0, 8:] += w
+    k[0, 0, 16:32] += u
+    k[0, 0, 32:48] += w
+    truth = torch.softmax(q[0, 0] @ k[0, 0].T * 0.25, -1).view(32, 4, 16).sum(-1).mean(0)
+    plain = estimate.pooled(q, k, 32, 16, None, 0.25, rows=2)
+    fine = estimate.pooled(q, k, 32, 16, None, 0.25, rows=2, sub=8)
+    torch.testing.assert_close(estimate.pooled(q, k, 32, 16, None, 0.25, rows=2, sub=32), plain)
+    torch.testing.assert_close(fine[0, 0, 0], truth, atol=0.01, rtol=0)
+    assert float((plain[0, 0, 0] - truth).abs().max()) > 0.2
+    with pytest.raises(ValueError, match="sub=12 must divide block_m=32"):
+        estimate.pooled(q, k, 32, 16, None, 0.25, sub=12)
+
+
 def test_lsh_agreement_estimates_the_angle():
     """lsh: a query block and a key block of one repeated vector each, at angle θ: the estimated logit ratio of
     two such key blocks follows ``|q| |k| cos θ · scale`` within the SimHash error (P = 512 hyperplanes)."""

@@ -91,19 +91,33 @@ def _variance(qm, q2, km, k2, scale: float) -> torch.Tensor:
     return var.clamp_min(0.0) * scale**2
 
 
-def pooled(q, k, block_m, block_n, offset, scale, rows: int = 4):
+def pooled(q, k, block_m, block_n, offset, scale, rows: int = 4, sub: int | None = None):
     """Mean pooling keeps ``E[q·k]`` of a block pair but loses its spread, and ``log Σ exp`` grows with the spread:
     the pair's log-mass is taken as the Gaussian (second-cumulant) value ``log n + μ + σ²/2``, ``μ = q̄ · k̄``
     and ``σ² = Σ_d (E[q_d²] E[k_d²] - q̄_d² k̄_d²)``, the variance of ``q · k`` over the pairs with channels taken
     independent (two more pooled products: ``O(NQ · NK · D)``). The near blocks (sinks, diagonal band: not
-    Gaussian, the local peak) are measured exactly on ``rows`` sampled rows (:mod:`.near`)."""
-    hq = q.shape[1]
-    qm, q2 = _moments(q, block_m, hq)
-    km, k2 = _moments(k, block_n, hq)
+    Gaussian, the local peak) are measured exactly on ``rows`` sampled rows (:mod:`.near`).
+
+    ``sub`` (a divisor of ``block_m``) pools the queries in sub-blocks of ``sub`` rows, each with its own
+    distribution over key blocks, and a query block's is their mean: a block that only some of its rows attend
+    to keeps the mass those rows give it, which one mean over all rows dilutes (``block_m / sub`` times the
+    query-side work; each sub-block's near blocks are measured on its own sampled rows)."""
+    sub = block_m if sub is None else int(sub)
+    if sub < 1 or block_m % sub:
+        raise ValueError(f"pooled: sub={sub} must divide block_m={block_m} (rows per pooled query sub-block)")
+    hq, sq, sk = q.shape[1], q.shape[2], k.shape[2]
+    qm, q2 = _moments(q, sub, hq)  # [B, Hq, NS, D]
+    km, k2 = _moments(k, block_n, hq)  # [B, Hq, NK, D]
     mean = torch.matmul(qm, km.transpose(-2, -1)) * scale
-    logits = mean + _variance(qm, q2, km, k2, scale) / 2 + _sizes(k.shape[2], block_n, km.shape[2], q.device).log()
-    logits = with_near(logits, near_logmass(q, k, block_m, block_n, offset, scale, rows))
-    return _normalized(logits, allowed_blocks(q.shape[2], k.shape[2], block_m, block_n, offset, q.device))
+    logits = mean + _variance(qm, q2, km, k2, scale) / 2 + _sizes(sk, block_n, km.shape[2], q.device).log()
+    near = near_logmass(q, k, sub, block_n, offset, scale, rows)  # [B, Hq, NS, NK]: each sub-block's own rows
+    p = _normalized(with_near(logits, near), allowed_blocks(sq, sk, sub, block_n, offset, q.device))
+    if sub == block_m:
+        return p
+    parent = torch.arange(qm.shape[2], device=q.device) * sub // block_m  # each sub-block's query block
+    count = torch.bincount(parent, minlength=num_blocks(sq, block_m)).to(p.dtype)
+    out = p.new_zeros(*p.shape[:2], num_blocks(sq, block_m), p.shape[3])
+    return out.index_add_(2, parent, p) / count[:, None]
 
 
 def antidiagonal(q, k, block_m, block_n, offset, scale, stride: int = 16):
