@@ -21,7 +21,8 @@ Sections (``--sections``):
   needles, sinks and local structure: recall of the planted blocks, density (selected / allowed), estimation time.
   With ``--oracle`` also the ``exact`` row: the same selection rule on the exact block masses of the planted
   query blocks (the ceiling of any estimator; about a minute per 16k tokens).
-* ``deviation``: every estimator at ``--dev-thresholds`` on mixed inputs at ``--dev-seq``: output deviation
+* ``deviation``: every estimator (and ``pooled`` with ``sub=16``) at ``--dev-thresholds`` on mixed inputs at
+  ``--dev-seq``: output deviation
   against exact causal attention (max |out - exact| / max |exact|), density, recall; and the ``exact`` row (the
   selection rule on the exact block masses: what a threshold can promise on these inputs).
 * ``speed``: B1 H8 D64 fp32 causal mixed inputs at ``--speed-seq``: ``dynamic_attention`` (estimation included;
@@ -137,8 +138,12 @@ def _exact_selection(q, k, query_blocks, threshold):
     return select.select(probs, s, s, BLOCK, BLOCK, 0, threshold=threshold, sink=1, local=1)
 
 
-def _mask(estimator, threshold):
-    return masks.Dynamic(estimator, block=BLOCK, threshold=threshold)
+def _mask(estimator, threshold, options=()):
+    return masks.Dynamic(estimator, block=BLOCK, threshold=threshold, options=options)
+
+
+# The deviation section's configurations: every estimator at its defaults, and pooled on 16-row sub-blocks.
+DEVIATION_RUNS = tuple((est, ()) for est in ESTIMATORS) + (("pooled", (("sub", 16),)),)
 
 
 def section_recall(args) -> list:
@@ -166,12 +171,12 @@ def section_deviation(args) -> list:
     q, k, v, planted = structured(s, 8, 64, MIXED)
     exact = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     rows = []
-    for est in ESTIMATORS:
+    for est, options in DEVIATION_RUNS:
         for threshold in args.dev_thresholds:
             out, _, num, idx = torch.ops.attnopt.dynamic_attention(q, k, v, None, CAUSAL_BOTTOM_RIGHT, 64 ** -0.5,
-                                                                  _mask(est, threshold).key())  # fmt: skip
+                                                                  _mask(est, threshold, options).key())  # fmt: skip
             dev = float((out - exact).abs().max() / exact.abs().max())
-            rows.append({"seq": s, "estimator": est, "threshold": threshold, "deviation": dev,
+            rows.append({"seq": s, "estimator": est, "options": dict(options), "threshold": threshold, "deviation": dev,
                          "density": round(density(num, s), 4), "recall": recall(num, idx, s // BLOCK, planted)})  # fmt: skip
             print(rows[-1], flush=True)
     for threshold in args.dev_thresholds:
