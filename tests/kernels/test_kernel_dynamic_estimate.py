@@ -57,10 +57,25 @@ def test_triton_estimator_matches_torch(monkeypatch, name, b, hq, hkv, sq, sk, d
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [CAUSAL_NONE, CAUSAL_BOTTOM_RIGHT])
+def test_triton_pooled_takes_its_options(monkeypatch, causal):
+    """``rows`` (near blocks' sampled rows) and ``sub`` (query sub-blocks: the kernel pools them, torch averages
+    their distributions) on the Triton path equal the torch estimator; GQA, odd sizes."""
+    q, k, _ = qkv(1, 4, 2, 75, 70, 24, seed=2)
+    offset = blocks.causal_offset(causal, 75, 70)
+    loads = _Loads(monkeypatch, estimate_triton, estimate_render.load)
+    for params in ({"rows": 2}, {"sub": 16}, {"sub": 32, "rows": 8}):
+        got = estimate_triton.estimate("pooled", q, k, 64, 32, offset, 0.3, **params)
+        torch.testing.assert_close(got, estimate.estimate("pooled", q, k, 64, 32, offset, 0.3, **params),
+                                   atol=2e-6, rtol=1e-5)  # fmt: skip
+    assert loads.seen == ["pooled"] * 3
+
+
 def test_other_estimators_and_inputs_fall_back_to_torch(monkeypatch):
     q, k, _ = qkv(1, 2, 1, 40, 40, 16)
     loads = _Loads(monkeypatch, estimate_triton, estimate_render.load)
-    for name, bm, params in (("lowbit", 16, {}), ("pooled", 24, {}), ("antidiagonal", 16, {"stride": 3})):
+    for name, bm, params in (("lowbit", 16, {}), ("pooled", 24, {}), ("pooled", 32, {"sub": 8}),
+                             ("antidiagonal", 16, {"stride": 3})):  # fmt: skip
         why = estimate_triton.refusal(name, q, k, bm, bm, params)
         assert why is not None
         if name == "antidiagonal":  # the torch estimator names the problem

@@ -110,11 +110,20 @@ def pooled(q, k, block_m, block_n, offset, scale, rows: int = 4, sub: int | None
     km, k2 = _moments(k, block_n, hq)  # [B, Hq, NK, D]
     mean = torch.matmul(qm, km.transpose(-2, -1)) * scale
     logits = mean + _variance(qm, q2, km, k2, scale) / 2 + _sizes(sk, block_n, km.shape[2], q.device).log()
+    return pooled_probabilities(logits, q, k, block_m, block_n, offset, scale, rows, sub)
+
+
+def pooled_probabilities(logits, q, k, block_m, block_n, offset, scale, rows: int = 4, sub: int | None = None):
+    """``pooled``'s block logits ``[B, Hq, NS, NK]`` (one row per query sub-block of ``sub`` rows) made its
+    ``[B, Hq, NQ, NK]`` probabilities: near blocks exact, softmax over allowed key blocks, mean over a query
+    block's sub-blocks. Public for the Triton ``pooled``, whose kernel computes the logits only."""
+    sub = block_m if sub is None else sub
+    sq, sk = q.shape[2], k.shape[2]
     near = near_logmass(q, k, sub, block_n, offset, scale, rows)  # [B, Hq, NS, NK]: each sub-block's own rows
     p = _normalized(with_near(logits, near), allowed_blocks(sq, sk, sub, block_n, offset, q.device))
     if sub == block_m:
         return p
-    parent = torch.arange(qm.shape[2], device=q.device) * sub // block_m  # each sub-block's query block
+    parent = torch.arange(p.shape[2], device=q.device) * sub // block_m  # each sub-block's query block
     count = torch.bincount(parent, minlength=num_blocks(sq, block_m)).to(p.dtype)
     out = p.new_zeros(*p.shape[:2], num_blocks(sq, block_m), p.shape[3])
     return out.index_add_(2, parent, p) / count[:, None]

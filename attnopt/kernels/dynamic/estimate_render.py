@@ -1,22 +1,27 @@
 r"""Generated Triton kernels of the block-importance estimators: :class:`PooledSpec`, :class:`AntidiagonalSpec`.
 
-Each kernel computes, for one (tile of query blocks, batch row · query head), the same ``[NQ, NK]`` fp32
-probabilities as its torch estimator in :mod:`attnopt.kernels.dynamic.estimate` (zero on the blocks the site's
-causal rule hides, rows summing to one), reading q and k through their strides (GQA: query head ``h`` reads key
-head ``h // group``) and never materializing more than a tile of scores. Both run two passes over the key tiles a
-program's query blocks may see (the causal rule bounds the walk): the first finds each row's softmax maximum and
-sum online, the second writes the normalized probabilities.
+``antidiagonal``'s kernel computes, for one (tile of query blocks, batch row · query head), the same ``[NQ, NK]``
+fp32 probabilities as its torch estimator in :mod:`attnopt.kernels.dynamic.estimate` (zero on the blocks the
+site's causal rule hides, rows summing to one); ``pooled``'s computes that estimator's block logits, the heavy part
+(``O(S · D)`` reads, ``O(NQ · NK · D)`` products), and the launcher finishes them in torch on the device (near
+blocks, masked softmax: ``estimate.pooled_probabilities``). Both read
+q and k through their strides (GQA: query head ``h`` reads key head ``h // group``), walk only the key tiles a
+program's query blocks may see (the causal rule bounds the walk) and never materialize more than a tile of scores.
 
-* ``pooled``: the program pools its ``TILE_Q`` query blocks (the mean of each block's real rows, ``ROWS`` rows per
-  step), then per step pools ``TILE_K`` key blocks the same way and scores them, ``Q̄ K̄ᵀ · scale + log |block|``
-  (fp32, IEEE). The first pass stores the masked logits into ``Out``; the second reads them back (one barrier
-  between: another thread may own the element) and normalizes them: the key pooling runs once per program.
-* ``antidiagonal`` (XAttention): strided row ``r`` holds query rows ``r·STRIDE .. r·STRIDE + STRIDE - 1`` reversed,
-  strided column ``c`` key rows ``c·STRIDE ..`` in order, so their dot product (``STRIDE`` products of
-  ``[TILE_R, D] x [D, TILE_C]`` tiles) sums the antidiagonal of tile ``(r, c)``. Softmax per strided row over the
-  real key columns of the allowed blocks; the second pass recomputes the scores and sums the probabilities into
-  ``[query block, key block]``: over a key block's ``BLOCK_N / STRIDE`` columns, then the mean over a query
-  block's ``BLOCK_M / STRIDE`` rows (padded rows past ``seq_q`` included, as the torch estimator does).
+* ``pooled``: the program takes the moments of its ``TILE_Q`` query blocks (per channel the mean of each block's
+  real rows and the mean square of every ``max(1, block // 16)``-th row, ``ROWS`` rows per step), then per step
+  those of ``TILE_K`` key blocks the same way, and stores their logits ``Q̄ K̄ᵀ · scale + σ²/2 + log |block|``,
+  ``σ² = max(0, Q₂ K₂ᵀ - Q̄² K̄²ᵀ) · scale²``: three fp32 IEEE products ``[TILE_Q, D] x [D, TILE_K]``, each
+  summed over chunks of ``DCHUNK`` channels (an FMA dot holds its whole inner dimension in registers: one of
+  ``D = 128`` spills). A single pass: the key moments are taken once per program.
+* ``antidiagonal`` (XAttention): two passes over the key tiles (the first finds each strided row's softmax maximum
+  and sum online, the second writes the probabilities). Strided row ``r`` holds query rows ``r·STRIDE ..
+  r·STRIDE + STRIDE - 1`` reversed, strided column ``c`` key rows ``c·STRIDE ..`` in order, so their dot
+  product (``STRIDE`` products of ``[TILE_R, D] x [D, TILE_C]`` tiles) sums the antidiagonal of tile ``(r, c)``.
+  Softmax per strided row over the real key columns of the allowed blocks; the second pass recomputes the scores
+  and sums the probabilities into ``[query block, key block]``: over a key block's ``BLOCK_N / STRIDE`` columns,
+  then the mean over a query block's ``BLOCK_M / STRIDE`` rows (padded rows past ``seq_q`` included, as the torch
+  estimator does).
 """
 
 from __future__ import annotations
@@ -119,7 +124,8 @@ def render(spec) -> str:
     constants = {"BLOCK_M": spec.block_m, "BLOCK_N": spec.block_n, "HEAD_DIM": spec.head_dim,
                  "BLOCK_D": spec.block_d, "LOG2E": LOG2E}  # fmt: skip
     if spec.kind == "pooled":
-        constants.update(TILE_Q=spec.tile_q, TILE_K=spec.tile_k, ROWS=spec.rows)
+        constants.update(TILE_Q=spec.tile_q, TILE_K=spec.tile_k, ROWS=spec.rows, QSTEP=max(1, spec.block_m // 16),
+                         KSTEP=max(1, spec.block_n // 16), DC=spec.block_d // _chunks(spec))  # fmt: skip
         grid = "cdiv(NQ, TILE_Q)"
     else:
         rows_per_q, cols_per_k = spec.block_m // spec.stride, spec.block_n // spec.stride  # a block's strided rows
@@ -128,8 +134,9 @@ def render(spec) -> str:
         grid = "cdiv(NQ * ROWS_PER_Q, TILE_R)"
     lines = module_head(spec, __name__, summary, constants)
     lines += jit_def(spec.name, *_args(spec))
+    written = "block logits" if spec.kind == "pooled" else "probabilities"
     lines += ['    """Q [B, H, seq_q, D], K [B, H // group, seq_k, D], Out [B, H, NQ, NK] fp32 zeros (NQ = cdiv(seq_q, '
-              'BLOCK_M), NK = cdiv(seq_k, BLOCK_N)).',
+              f'BLOCK_M), NK = cdiv(seq_k, BLOCK_N)) to receive the {written}.',
               f'    Grid: ({grid}, B * H)."""']  # fmt: skip
     lines += _prologue(spec)
     lines += _pooled(spec) if spec.kind == "pooled" else _antidiagonal(spec)
@@ -153,8 +160,6 @@ def _prologue(spec) -> list[str]:
         "    o_base = Out + off_b * stride_ob + off_h * stride_oh",
         "    nq = tl.cdiv(seq_q, BLOCK_M)",
         "    nk = tl.cdiv(seq_k, BLOCK_N)",
-        "    offs_d = tl.arange(0, BLOCK_D)",
-        "    d_ok = offs_d < HEAD_DIM",
     ]
     first = "pid_t * TILE_Q" if spec.kind == "pooled" else "pid_t * QB"
     per = "TILE_Q" if spec.kind == "pooled" else "QB"
@@ -178,47 +183,67 @@ def _online(ind: str) -> list[str]:
     ]
 
 
-def _pool(var: str, ptr: str, stride_row: str, seq: str, block: str, tile: str, ind: str) -> list[str]:
-    """``{var}bar`` fp32 [tile, BLOCK_D]: the mean of the real rows of blocks ``{var}blk`` (``ROWS`` per step)."""
-    return [
-        f"{ind}{var}sum = tl.zeros([{tile}, BLOCK_D], tl.float32)",
+DCHUNK = 32  # channels per chunk of the pooled moments and products (fp32 FMA dots hold K in registers)
+
+
+def _chunks(spec: PooledSpec) -> int:
+    return max(1, spec.block_d // DCHUNK)
+
+
+def _moments(var: str, ptr: str, block: str, tile: str, chunks: int, ind: str) -> list[str]:
+    """``{var}bar{c}`` and ``{var}sq{c}`` fp32 [tile, DC] per channel chunk ``c``: per block of ``{var}blk`` the
+    mean of its real rows and the mean square of every ``{var.upper()}STEP``-th one (``ROWS`` rows per step;
+    padded rows load zeros)."""
+    step, seq, x = f"{var.upper()}STEP", f"seq_{var}", "q" if var == "q" else "k"
+    row = "stride_qm" if var == "q" else "stride_kn"
+    lines = [f"{ind}{var}{m}{c} = tl.zeros([{tile}, DC], tl.float32)" for c in range(chunks) for m in ("sum", "sq")]
+    lines += [
         f"{ind}for r in range(0, {block}, ROWS):",
         f"{ind}    at = {var}blk[:, None] * {block} + r + tl.arange(0, ROWS)[None, :]  # [{tile}, ROWS] rows",
-        f"{ind}    x = tl.load({ptr} + at.to(tl.int64)[:, :, None] * {stride_row} + offs_d[None, None, :] * "
-        f"stride_{'q' if var == 'q' else 'k'}d,",
-        f"{ind}                mask=(at < {seq})[:, :, None] & d_ok[None, None, :], other=0.0)",
-        f"{ind}    {var}sum += tl.sum(x.to(tl.float32), 1)",
-        f"{ind}{var}count = tl.maximum(tl.minimum({seq} - {var}blk * {block}, {block}), 1).to(tl.float32)",
-        f"{ind}{var}bar = {var}sum / {var}count[:, None]",
+        f"{ind}    sampled = ((r + tl.arange(0, ROWS)) % {step} == 0)[None, :, None]",
     ]
+    for c in range(chunks):
+        lines += [
+            f"{ind}    x = tl.load({ptr} + at.to(tl.int64)[:, :, None] * {row}",
+            f"{ind}                + offs_c{c}[None, None, :] * stride_{x}d,",
+            f"{ind}                mask=(at < {seq})[:, :, None] & (offs_c{c} < HEAD_DIM)[None, None, :],",
+            f"{ind}                other=0.0).to(tl.float32)",
+            f"{ind}    {var}sum{c} += tl.sum(x, 1)",
+            f"{ind}    {var}sq{c} += tl.sum(tl.where(sampled, x * x, 0.0), 1)",
+        ]
+    lines += [
+        f"{ind}{var}count = tl.maximum(tl.minimum({seq} - {var}blk * {block}, {block}), 1)",
+        f"{ind}{var}inv = 1.0 / {var}count.to(tl.float32)[:, None]",
+        f"{ind}{var}inv_sq = 1.0 / (({var}count + {step} - 1) // {step}).to(tl.float32)[:, None]",
+    ]
+    for c in range(chunks):
+        lines += [f"{ind}{var}bar{c} = {var}sum{c} * {var}inv", f"{ind}{var}sq{c} = {var}sq{c} * {var}inv_sq"]
+    return lines
 
 
 def _pooled(spec: PooledSpec) -> list[str]:
-    keep = ["(kblk < nk)[None, :]"]
-    if spec.causal:
-        keep.append("((kblk * BLOCK_N)[None, :] <= last_q[:, None] + causal_offset)")
     out_ptr = "o_base + qblk.to(tl.int64)[:, None] * stride_om + kblk[None, :] * stride_on"
-    lines = ["    qblk = pid_t * TILE_Q + tl.arange(0, TILE_Q)  # [TILE_Q] query blocks"]
-    lines += _pool("q", "q_base", "stride_qm", "seq_q", "BLOCK_M", "TILE_Q", "    ")
+    chunks = _chunks(spec)
+    lines = [f"    offs_c{c} = {c * DCHUNK} + tl.arange(0, DC)  # channel chunk {c}" for c in range(chunks)]
+    lines += ["    qblk = pid_t * TILE_Q + tl.arange(0, TILE_Q)  # [TILE_Q] query blocks"]
+    lines += _moments("q", "q_base", "BLOCK_M", "TILE_Q", chunks, "    ")
     lines += [
-        "    last_q = tl.minimum(qblk * BLOCK_M + BLOCK_M - 1, seq_q - 1)",
-        "    m_i = tl.full([TILE_Q], float('-inf'), tl.float32)",
-        "    l_i = tl.zeros([TILE_Q], tl.float32)",
         "    for t in range(0, tl.cdiv(hi, TILE_K)):",
         "        kblk = t * TILE_K + tl.arange(0, TILE_K)  # [TILE_K] key blocks",
-        *_pool("k", "k_base", "stride_kn", "seq_k", "BLOCK_N", "TILE_K", "        "),
-        "        s = tl.dot(qbar, tl.trans(kbar), input_precision='ieee') * scale + tl.log(kcount)[None, :]",
-        f"        s = tl.where({' & '.join(keep)}, s * LOG2E, float('-inf'))  # [TILE_Q, TILE_K], base 2",
-        *_online("        "),
+        *_moments("k", "k_base", "BLOCK_N", "TILE_K", chunks, "        "),
+        "        mean = tl.zeros([TILE_Q, TILE_K], tl.float32)",
+        "        var = tl.zeros([TILE_Q, TILE_K], tl.float32)",
+    ]
+    for c in range(chunks):  # Σ over chunks of [TILE_Q, DC] x [DC, TILE_K] fp32 products
+        lines += [
+            f"        mean += tl.dot(qbar{c}, tl.trans(kbar{c}), input_precision='ieee')",
+            f"        var += tl.dot(qsq{c}, tl.trans(ksq{c}), input_precision='ieee')",
+            f"        var -= tl.dot(qbar{c} * qbar{c}, tl.trans(kbar{c} * kbar{c}), input_precision='ieee')",
+        ]
+    lines += [
+        "        var = tl.maximum(var, 0.0) * (scale * scale * 0.5)  # σ²/2",
+        "        s = mean * scale + var + tl.log(kcount.to(tl.float32))[None, :]",
         f"        tl.store({out_ptr}, s, mask=(qblk < nq)[:, None] & (kblk < nk)[None, :])",
-        "    tl.debug_barrier()  # the second pass reads logits other threads stored",
-        "    m_safe = tl.where(m_i == float('-inf'), 0.0, m_i)",
-        "    inv_l = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # rows with no block allowed: 0",
-        "    for t in range(0, tl.cdiv(hi, TILE_K)):",
-        "        kblk = t * TILE_K + tl.arange(0, TILE_K)",
-        "        ok = (qblk < nq)[:, None] & (kblk < nk)[None, :]",
-        f"        s = tl.load({out_ptr}, mask=ok, other=float('-inf'))",
-        f"        tl.store({out_ptr}, tl.exp2(s - m_safe[:, None]) * inv_l[:, None], mask=ok)",
     ]
     return lines
 
@@ -247,6 +272,8 @@ def _scores(spec: AntidiagonalSpec, ind: str) -> list[str]:
 def _antidiagonal(spec: AntidiagonalSpec) -> list[str]:
     out_ptr = "o_base + qblk.to(tl.int64)[:, None] * stride_om + kblk[None, :] * stride_on"
     return [
+        "    offs_d = tl.arange(0, BLOCK_D)",
+        "    d_ok = offs_d < HEAD_DIM",
         "    rr = pid_t * TILE_R + tl.arange(0, TILE_R)  # [TILE_R] strided query rows",
         "    last_q = tl.minimum((rr // ROWS_PER_Q) * BLOCK_M + BLOCK_M - 1, seq_q - 1)",
         "    qk_scale = scale / STRIDE * LOG2E",

@@ -20,7 +20,7 @@ from attnopt.kernels.dynamic.estimate_render import MAX_HEAD_DIM, AntidiagonalSp
 from attnopt.kernels.launch import launch_first
 
 ESTIMATORS = ("pooled", "antidiagonal")
-POOL_ELEMENTS = 8192  # elements of a pooling step's [tile, ROWS, BLOCK_D] load (64 fp32 registers a thread at 4 warps)
+POOL_ELEMENTS = 4096  # elements of a pooling step's [tile, ROWS, BLOCK_D] rows (32 fp32 registers a thread, 4 warps)
 
 
 def refusal(name: str, q, k, block_m: int, block_n: int, params: dict) -> str | None:
@@ -33,12 +33,23 @@ def refusal(name: str, q, k, block_m: int, block_n: int, params: dict) -> str | 
     for b in (block_m, block_n):
         if b < 16 or b > 128 or b & (b - 1):
             return f"the Triton estimators take blocks that are powers of two in 16..128; got {block_m}x{block_n}"
-    allowed = {"pooled": set(), "antidiagonal": {"stride"}}[name]
+    allowed = {"pooled": {"rows", "sub"}, "antidiagonal": {"stride"}}[name]
     if set(params) - allowed:
         return f"{name} takes no options {sorted(set(params) - allowed)} (the torch estimator names the problem)"
+    if name == "pooled":
+        return _pooled_refusal(block_m, params.get("rows", 4), params.get("sub"))
     stride = params.get("stride", 16)
     if name == "antidiagonal" and (not isinstance(stride, int) or stride < 1 or block_m % stride or block_n % stride):
         return f"antidiagonal: stride {stride} must divide block_m {block_m} and block_n {block_n}"
+    return None
+
+
+def _pooled_refusal(block_m: int, rows, sub) -> str | None:
+    """Why the Triton ``pooled`` does not take these options (the torch estimator runs them), or None."""
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 1:
+        return f"pooled: rows must be a positive int; got {rows!r}"
+    if sub is not None and (not isinstance(sub, int) or sub < 16 or sub & (sub - 1) or block_m % sub):
+        return f"the Triton pooled takes sub-blocks that are powers of two from 16 dividing block_m; got sub={sub!r}"
     return None
 
 
@@ -109,11 +120,17 @@ def _empty(q, k, block_m, block_n) -> torch.Tensor:
                        device=q.device)  # fmt: skip
 
 
-def pooled(q, k, block_m: int, block_n: int, offset: int | None, scale: float) -> torch.Tensor:
-    """The ``pooled`` estimator (see :func:`attnopt.kernels.dynamic.estimate.pooled`) by the Triton kernel."""
-    candidates = pooled_specs(dtype_name(q.dtype), q.shape[-1], offset is not None, block_m, block_n)
-    nq = num_blocks(q.shape[2], block_m)
-    return _run(candidates, lambda spec: -(-nq // spec.tile_q), q, k, _empty(q, k, block_m, block_n), offset, scale)
+def pooled(q, k, block_m: int, block_n: int, offset: int | None, scale: float, rows: int = 4,
+           sub: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The ``pooled`` estimator (see :func:`attnopt.kernels.dynamic.estimate.pooled`): its block logits (per query
+    sub-block of ``sub`` rows) by the Triton kernel, the near blocks, the masked softmax and the mean over
+    sub-blocks by torch on q's device (``O(NQ · NK)`` elementwise and the near blocks' small matmuls)."""
+    block_q = block_m if sub is None else sub
+    candidates = pooled_specs(dtype_name(q.dtype), q.shape[-1], offset is not None, block_q, block_n)
+    nq = num_blocks(q.shape[2], block_q)
+    logits = _run(candidates, lambda spec: -(-nq // spec.tile_q), q, k, _empty(q, k, block_q, block_n), offset,
+                  scale)  # fmt: skip
+    return torch_estimators.pooled_probabilities(logits, q, k, block_m, block_n, offset, scale, rows, sub)
 
 
 def antidiagonal(q, k, block_m: int, block_n: int, offset: int | None, scale: float, stride: int = 16):

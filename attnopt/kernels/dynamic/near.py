@@ -42,8 +42,9 @@ def near_logmass(q, k, block_m: int, block_n: int, offset: int | None, scale: fl
     # Queries [NQ, B·Hkv, G·rows, D]; keys [B·Hkv, NK, bn, D] (a view of k when bn divides Sk).
     qs = q[:, :, at].float().view(b, hkv, g, nq, rows, d).permute(3, 0, 1, 2, 4, 5).reshape(nq, b * hkv, -1, d)
     kb = (k if nk * block_n == sk else F.pad(k, (0, 0, 0, nk * block_n - sk))).float().reshape(b * hkv, nk, block_n, d)
-    last = torch.clamp(torch.arange(nq, device=dev) * block_m + block_m - 1, max=sq - 1) + (sk - sq)
-    hi = torch.clamp(torch.div(last, block_n, rounding_mode="floor"), 0, nk - 1)  # [NQ]
+    # The band's last key block per query block, on the device and, for _scores_at to inspect without a device
+    # sync (meta tensors included), on the host.
+    hi, hi_host = (_band_end(sq, sk, block_m, block_n, device) for device in (dev, "cpu"))
     cols, lses = [], []
     for j in range(min(sink, nk)):  # one key block for all: one matmul
         s = torch.matmul(qs.transpose(0, 1).reshape(b * hkv, -1, d), kb[:, j].transpose(-2, -1))
@@ -51,7 +52,7 @@ def near_logmass(q, k, block_m: int, block_n: int, offset: int | None, scale: fl
         lses.append(_lse(s.view(b * hkv, nq, -1, block_n).transpose(0, 1) * scale, cols[-1], at, block_n, sk, offset))
     for t in range(local + 1):
         j = hi - t  # [NQ]
-        lses.append(_lse(_scores_at(qs, kb, j) * scale, j, at, block_n, sk, offset))
+        lses.append(_lse(_scores_at(qs, kb, j, hi_host - t) * scale, j, at, block_n, sk, offset))
         cols.append(torch.where(j >= sink, j, nk))  # a band block that is a sink counts once; nk: dropped
     # The mean over the sampled rows of each block's summed exp, in log space.
     lse = torch.stack(lses, -1).view(nq, b, hkv, g, rows, len(lses))
@@ -60,19 +61,27 @@ def near_logmass(q, k, block_m: int, block_n: int, offset: int | None, scale: fl
     return out.scatter_(-1, torch.stack(cols, -1).expand(b, hq, nq, len(cols)), lse)[..., :nk]
 
 
-def _scores_at(qs: torch.Tensor, kb: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """``[NQ, B·Hkv, G·rows, bn]``: query block i's sampled rows against key block ``j[i]`` (scores of a ``j``
-    outside ``0 .. NK-1`` are garbage, hidden by the caller). When the valid ``j`` run over consecutive blocks
-    (square blocks: the common case) each (batch row, head) is one matmul on a view of the keys, no copy."""
+def _band_end(sq: int, sk: int, block_m: int, block_n: int, device) -> torch.Tensor:
+    """``[NQ]``: the key block holding the diagonal key of each query block's last row (clamped to the blocks)."""
+    nq, nk = num_blocks(sq, block_m), num_blocks(sk, block_n)
+    last = torch.clamp(torch.arange(nq, device=device) * block_m + block_m - 1, max=sq - 1) + (sk - sq)
+    return torch.clamp(torch.div(last, block_n, rounding_mode="floor"), 0, nk - 1)
+
+
+def _scores_at(qs: torch.Tensor, kb: torch.Tensor, j: torch.Tensor, j_host: torch.Tensor) -> torch.Tensor:
+    """``[NQ, B·Hkv, G·rows, bn]``: query block i's sampled rows against key block ``j[i]`` (``j_host``: the same
+    on the host; scores of a ``j`` outside ``0 .. NK-1`` are garbage, hidden by the caller). When the valid ``j``
+    run over consecutive blocks (square blocks: the common case) each (batch row, head) is one matmul on a view of
+    the keys, no copy."""
     nk = kb.shape[1]
-    live = torch.nonzero((j >= 0) & (j < nk)).flatten()
+    live = torch.nonzero((j_host >= 0) & (j_host < nk)).flatten()
     i0 = int(live[0]) if len(live) else 0
     i1 = i0 + len(live)
-    run = len(live) > 0 and bool((j[i0:i1] == j[i0] + torch.arange(i1 - i0, device=j.device)).all())
+    run = len(live) > 0 and bool((j_host[i0:i1] == j_host[i0] + torch.arange(i1 - i0)).all())
     if not run:
         return torch.matmul(qs, kb[:, j.clamp(0, nk - 1)].transpose(0, 1).transpose(-2, -1))
     out = qs.new_zeros(qs.shape[0], qs.shape[1], qs.shape[2], kb.shape[2])
-    j0 = int(j[i0])
+    j0 = int(j_host[i0])
     for bh in range(qs.shape[1]):
         out[i0:i1, bh] = torch.matmul(qs[i0:i1, bh], kb[bh, j0:j0 + i1 - i0].transpose(-2, -1))
     return out
