@@ -17,6 +17,7 @@ from attnopt.codegen.spec import dtype_name, inputs_refusal
 from attnopt.kernels.dynamic import estimate as torch_estimators
 from attnopt.kernels.dynamic.blocks import num_blocks
 from attnopt.kernels.dynamic.estimate_render import MAX_HEAD_DIM, AntidiagonalSpec, PooledSpec, load
+from attnopt.kernels.dynamic.render import block_refusal
 from attnopt.kernels.launch import launch_first
 
 ESTIMATORS = ("pooled", "antidiagonal")
@@ -30,9 +31,9 @@ def refusal(name: str, q, k, block_m: int, block_n: int, params: dict) -> str | 
     found = inputs_refusal(q, k, k, MAX_HEAD_DIM)
     if found:
         return found
-    for b in (block_m, block_n):
-        if b < 16 or b > 128 or b & (b - 1):
-            return f"the Triton estimators take blocks that are powers of two in 16..128; got {block_m}x{block_n}"
+    found = block_refusal(block_m, block_n)
+    if found:
+        return found
     allowed = {"pooled": {"rows", "sub"}, "antidiagonal": {"stride"}}[name]
     if set(params) - allowed:
         return f"{name} takes no options {sorted(set(params) - allowed)} (the torch estimator names the problem)"

@@ -23,6 +23,14 @@ from attnopt.codegen.triton_text import LOG2E, TL_DTYPES, dot, jit_def, module_h
 
 DIRECTIONS = ("fwd", "bwd")
 MAX_HEAD_DIM = 256
+TILE_BLOCKS = (16, 32, 64, 128)  # a selection's blocks are the generated kernels' tiles (block lists, estimators)
+
+
+def block_refusal(block_m: int, block_n: int) -> str | None:
+    """Why the generated dynamic kernels cannot tile blocks ``block_m x block_n``, or None."""
+    if block_m in TILE_BLOCKS and block_n in TILE_BLOCKS:
+        return None
+    return f"the Triton kernels take blocks that are powers of two in 16..128; got {block_m}x{block_n}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,19 +13,13 @@ import contextlib
 import torch
 
 from attnopt.codegen.spec import dtype_name, inputs_refusal
-from attnopt.kernels.dynamic.render import MAX_HEAD_DIM, load, specs
+from attnopt.kernels.dynamic.render import MAX_HEAD_DIM, block_refusal, load, specs
 from attnopt.kernels.launch import device_capability, launch_first
 
 
 def refusal(q, k, v, block_m: int, block_n: int) -> str | None:
     """Why the kernels cannot take these inputs, or None."""
-    found = inputs_refusal(q, k, v, MAX_HEAD_DIM)
-    if found:
-        return found
-    for b in (block_m, block_n):
-        if b < 16 or b > 128 or b & (b - 1):
-            return f"the Triton kernels take blocks that are powers of two in 16..128; got {block_m}x{block_n}"
-    return None
+    return inputs_refusal(q, k, v, MAX_HEAD_DIM) or block_refusal(block_m, block_n)
 
 
 def _check(q, k, v, block_m, block_n) -> None:

@@ -124,14 +124,14 @@ static void transpose_rows(const float* X, int64_t q0, int64_t rows, int64_t K, 
     for (int64_t d = 0; d < K; ++d) T[d * bm + r] = X[(q0 + r) * K + d] * mul;
 }
 
-// Hides, in ST [bn][bm], the elements the site's own mask or the sequence ends hide; returns false when none is.
-static bool mask_tile(const Problem& p, int64_t b, int64_t q0, int64_t rows, int64_t k0, float* ST) {
+// Hides, in ST [bn][bm], the elements the site's own mask or the sequence ends hide (a full tile: none).
+static void mask_tile(const Problem& p, int64_t b, int64_t q0, int64_t rows, int64_t k0, float* ST) {
   const int64_t bm = p.bm, bn = p.bn;
   bool full = rows == bm && k0 + bn <= p.Sk && !(p.causal && k0 + bn - 1 > q0 + p.offset);
   const uint8_t* valid = p.valid ? p.valid + b * p.Sk : nullptr;
   if (full && valid)
     for (int64_t c = 0; c < bn && full; ++c) full = valid[k0 + c] != 0;
-  if (full) return false;
+  if (full) return;
   for (int64_t c = 0; c < bn; ++c) {
     int64_t key = k0 + c;
     float* row = ST + c * bm;
@@ -143,7 +143,6 @@ static bool mask_tile(const Problem& p, int64_t b, int64_t q0, int64_t rows, int
     for (int64_t r = 0; r < bm; ++r)
       if (r < first || r >= rows) row[r] = NEG_INF;
   }
-  return true;
 }
 
 static int64_t selection(const Problem& p, int64_t b, int64_t h, int64_t m, const int32_t** list) {
