@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from attnopt.codegen.spec import CAUSAL_BOTTOM_RIGHT, CAUSAL_NONE
-from attnopt.kernels.dynamic import blocks, cpu, native, estimate_triton, triton_impl
+from attnopt.kernels.dynamic import blocks, cpu, estimate_triton, native, triton_impl
 from attnopt.kernels.dynamic.estimate import estimate
 from attnopt.kernels.dynamic.select import select
 from attnopt.kernels.layout import HIDDEN_BELOW, acc_dtype, check_qkv, contiguous, empty
@@ -139,9 +139,8 @@ def select_blocks(q: Tensor, k: Tensor, mask: Dynamic, causal: int = CAUSAL_NONE
     if not mask.per_head:
         probs = probs.mean(1, keepdim=True)
     rule = native.select if probs.device.type == "cpu" and native.unavailable() is None else select  # same rule
-    num, idx = rule(probs, sq, sk, mask.block_m, mask.block_n, offset, top_k=mask.top_k,
-                    threshold=mask.threshold, sink=mask.sink, local=mask.local)  # fmt: skip
-    return num, idx
+    return rule(probs, sq, sk, mask.block_m, mask.block_n, offset, top_k=mask.top_k, threshold=mask.threshold,
+                sink=mask.sink, local=mask.local)  # fmt: skip
 
 
 def _record(key: str, kv_num: Tensor, allowed: Tensor, seconds_estimate: float, seconds_total: float) -> None:
